@@ -1,0 +1,180 @@
+"""The spec, executed: a literal numpy transcription of spec/generator.md, noise.md and rule.md.
+
+It exists to be obviously right, not fast: tests hold every other implementation (torch on CPU and CUDA,
+later kernels) to its bits, and tools/make_vectors.py writes the spec's test vectors with it. It shares
+no code with the torch path on purpose, so one mistake cannot hide in both.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+MASK32 = 0xFFFFFFFF
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+GAUSS16_SHA256 = "33888ab6f4616c9a0d6bba520458612f7f70d5be5df01e655e1fe972d49d478b"
+CANONICAL_NAN = {"F32": 0x7FC00000, "BF16": 0x7FC0, "F16": 0x7E00}
+BITS_DTYPE = {"F32": np.uint32, "BF16": np.uint16, "F16": np.uint16}
+
+
+# --- bits: Philox4x32-10 -------------------------------------------------------------------------
+
+def philox4x32_10(ctr: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
+    """One Philox call on Python integers, exactly as Random123 defines it."""
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for _ in range(10):
+        p0 = PHILOX_M[0] * c0
+        p1 = PHILOX_M[1] * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0, p1 & MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & MASK32)
+        k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
+    return c0, c1, c2, c3
+
+
+def _mulhilo(m: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = np.uint64(m) * x  # both factors < 2^32, so the u64 product is exact
+    return p >> np.uint64(32), p & np.uint64(MASK32)
+
+
+def philox_blocks(seed: int, t: int, k: int, blocks: np.ndarray) -> np.ndarray:
+    """Philox outputs (n, 4) as uint64 for counters (b mod 2^32, b >> 32, k, t) under key = seed."""
+    b = blocks.astype(np.uint64)
+    c0, c1 = b & np.uint64(MASK32), b >> np.uint64(32)
+    c2 = np.full_like(b, k)
+    c3 = np.full_like(b, t)
+    k0, k1 = seed & MASK32, seed >> 32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo(PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ np.uint64(k0), lo1, hi0 ^ c3 ^ np.uint64(k1), lo0
+        k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
+    return np.stack([c0, c1, c2, c3], axis=1)
+
+
+def random_u16(seed: int, t: int, k: int, index: np.ndarray) -> np.ndarray:
+    """Element i's 16 bits: half (i & 1) of word ((i & 7) >> 1) of block i >> 3."""
+    i = np.asarray(index, dtype=np.uint64)
+    words = philox_blocks(seed, t, k, i >> np.uint64(3))
+    j = (i & np.uint64(7)).astype(np.int64)
+    word = words[np.arange(len(i)), j >> 1]
+    return ((word >> (np.uint64(16) * (j & 1).astype(np.uint64))) & np.uint64(0xFFFF)).astype(np.uint16)
+
+
+# --- noise ---------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def gauss16_table() -> np.ndarray:
+    """The spec's table as float32 values, checked against the hash the spec publishes."""
+    data = (Path(__file__).parent / "gaussian16.bin").read_bytes()
+    if hashlib.sha256(data).hexdigest() != GAUSS16_SHA256:
+        raise RuntimeError("gaussian16.bin does not match the spec's SHA-256: the package is damaged")
+    bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << np.uint32(16)
+    return bits.view(np.float32)
+
+
+def noise(name: str, seed: int, t: int, k: int, index: np.ndarray) -> np.ndarray:
+    u = random_u16(seed, t, k, index)
+    if name == "gaussian16":
+        return gauss16_table()[u]
+    if name == "rademacher16":
+        return np.where(u < 32768, np.float32(-1.0), np.float32(1.0))
+    raise ValueError(f"unknown noise {name!r}")
+
+
+# --- host arithmetic (binary64) ------------------------------------------------------------------
+
+def round_significant(x: float, bits: int) -> float:
+    """RS(x, n): x rounded to n significant bits, to nearest, ties to even."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    m, e = math.frexp(x)
+    return math.ldexp(round(m * (1 << bits)), e - bits)  # round() on a float is ties-to-even
+
+
+def grad_bits(g: float) -> int:
+    """The bfloat16 bits a writer records for projected gradient g."""
+    if not math.isfinite(g):
+        raise ValueError("non-finite projected gradient")
+    q = 0.0 if abs(g) < 2.0**-100 else round_significant(g, 8)
+    if abs(q) >= 2.0**127:
+        raise ValueError("projected gradient too large for bfloat16")
+    return int(np.array([q], dtype=np.float32).view(np.uint32)[0] >> 16)
+
+
+def grad_value(bits: int) -> float:
+    return float(np.array([bits << 16], dtype=np.uint32).view(np.float32)[0])
+
+
+def coefficient(lr: float, bits: int) -> float:
+    c = round_significant(lr * grad_value(bits), 16)
+    if abs(c) < 2.0**-100:
+        return 0.0
+    if abs(c) > 2.0**100:
+        raise ValueError("update coefficient beyond 2^100")
+    return c
+
+
+# --- element arithmetic (binary32) ---------------------------------------------------------------
+
+def to_f32(bits: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "F32":
+        return bits.astype(np.uint32).view(np.float32)
+    if dtype == "BF16":
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    if dtype == "F16":
+        return bits.astype(np.uint16).view(np.float16).astype(np.float32)  # widening is exact
+    raise ValueError(dtype)
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """R_D: binary32 values to dtype D's bits, with rule.md's roundings written out on the bit patterns."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _round_to(np.asarray(x, dtype=np.float32), dtype)
+
+
+def _round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    u = x.view(np.uint32).astype(np.uint64)
+    nan = (u & np.uint64(0x7FFFFFFF)) > np.uint64(0x7F800000)
+    if dtype == "F32":
+        out = u
+    elif dtype == "BF16":
+        out = (u + np.uint64(0x7FFF) + ((u >> np.uint64(16)) & np.uint64(1))) >> np.uint64(16)
+    elif dtype == "F16":
+        sign = (u >> np.uint64(16)) & np.uint64(0x8000)
+        a = u & np.uint64(0x7FFFFFFF)
+        normal = (a + np.uint64(0x0FFF) + ((a >> np.uint64(13)) & np.uint64(1))) >> np.uint64(13)
+        normal = normal - np.uint64(112 << 10)  # rebias the exponent: 127 - 15 = 112
+        magnitude = np.abs(x.astype(np.float64))
+        tiny = np.rint(magnitude * 2.0**24).astype(np.uint64)  # subnormal: units of 2^-24, ties to even
+        h = np.where(a < np.uint64(0x38800000), tiny, normal)  # below 2^-14: subnormal range
+        h = np.where(a >= np.uint64(0x477FF000), np.uint64(0x7C00), h)  # >= 65520 rounds to infinity
+        out = sign | h
+    else:
+        raise ValueError(dtype)
+    out = np.where(nan, np.uint64(CANONICAL_NAN[dtype]), out)
+    return out.astype(BITS_DTYPE[dtype])
+
+
+def phases(bits: np.ndarray, dtype: str, z: np.ndarray, eps: float, c: float) -> list[np.ndarray]:
+    """One step on elements: the bits after P1, P2 and P3."""
+    with np.errstate(invalid="ignore", over="ignore"):  # inf and NaN inputs are cases, not accidents
+        a = np.float32(eps) * z  # exact
+        b = np.float32(c) * z  # exact
+        p1 = round_to(to_f32(bits, dtype) + a, dtype)
+        p2 = round_to(to_f32(p1, dtype) - (a + a), dtype)
+        p3 = round_to((to_f32(p2, dtype) + a) - b, dtype)
+    return [p1, p2, p3]
+
+
+def replay(bits: np.ndarray, dtype: str, *, seed: int, k: int, noise_name: str, eps: float, lr: float,
+           grads: list[int], start: int = 0) -> np.ndarray:
+    """Elements start.. of tensor k after every step in `grads` (bf16 bits), NaNs canonical."""
+    index = np.arange(start, start + bits.size, dtype=np.uint64)
+    for t, gb in enumerate(grads):
+        z = noise(noise_name, seed, t, k, index)
+        bits = phases(bits, dtype, z, eps, coefficient(lr, gb))[2]
+    return bits

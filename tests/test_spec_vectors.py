@@ -1,0 +1,186 @@
+"""Every implementation against spec/vectors, bit for bit, and the torch path against the reference."""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mezo_replay import philox, reference as R, rule, steps
+from mezo_replay.noise import GAUSS16_SHA256, noise
+from mezo_replay.rule import MezoSGD
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = ROOT / "spec" / "vectors"
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TORCH_DTYPE = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+INT_VIEW = {"F32": torch.int32, "BF16": torch.int16, "F16": torch.int16}
+
+
+def load(name: str) -> dict:
+    return json.loads((VECTORS / f"{name}.json").read_text())
+
+
+def bits_to_torch(bits: np.ndarray, dtype: str, device: str) -> torch.Tensor:
+    ints = torch.from_numpy(bits.astype(R.BITS_DTYPE[dtype]).view(np.int32 if dtype == "F32" else np.int16))
+    return ints.view(TORCH_DTYPE[dtype]).to(device)
+
+
+def torch_to_bits(t: torch.Tensor, dtype: str) -> np.ndarray:
+    x = t.detach().cpu().contiguous()
+    nan = torch.isnan(x).numpy().reshape(-1)
+    bits = x.view(INT_VIEW[dtype]).numpy().reshape(-1).view(R.BITS_DTYPE[dtype]).copy()
+    bits[nan] = R.CANONICAL_NAN[dtype]
+    return bits
+
+
+def test_table_files_match_the_spec_hash():
+    spec_table = (ROOT / "spec" / "gaussian16.bin").read_bytes()
+    pkg_table = (ROOT / "mezo_replay" / "gaussian16.bin").read_bytes()
+    assert hashlib.sha256(spec_table).hexdigest() == GAUSS16_SHA256 == R.GAUSS16_SHA256
+    assert spec_table == pkg_table
+    assert GAUSS16_SHA256 in (ROOT / "spec" / "noise.md").read_text()
+
+
+def test_table_properties_stated_in_noise_md():
+    z = R.gauss16_table()
+    assert np.array_equal(z[::-1], -z)
+    assert (z[:32768] < 0).all() and (z[32768:] > 0).all()
+    assert float(z[32768]) == 1.9073486328125e-05 and float(z[65535]) == 4.3125
+    assert ((z.view(np.uint32) & 0xFFFF) == 0).all()  # 8 significant bits: bfloat16 values
+    assert f"{float(np.var(z.astype(np.float64))):.8f}" == "0.99998565"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_philox_known_answers(device):
+    for case in load("philox")["cases"]:
+        ctr = [int(c, 16) for c in case["counter"]]
+        key = tuple(int(k, 16) for k in case["key"])
+        out = [int(o, 16) for o in case["output"]]
+        assert list(R.philox4x32_10(tuple(ctr), key)) == out
+        got = philox.philox4x32_10(*(torch.tensor([c], dtype=torch.int64, device=device) for c in ctr), key)
+        assert [int(w.item()) for w in got] == out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_vectors(device):
+    for case in load("noise")["cases"]:
+        seed, t, k, i = int(case["seed"]), case["step"], case["tensor"], int(case["element"])
+        idx = np.array([i], dtype=np.uint64)
+        assert int(R.random_u16(seed, t, k, idx)[0]) == case["u"]
+        assert int(philox.random_u16(seed, t, k, i, 1, device).item()) == case["u"]
+        g = noise("gaussian16", seed, t, k, i, 1, device).item()
+        assert struct.unpack("<I", struct.pack("<f", g))[0] == int(case["gaussian16"], 16)
+        assert float(R.noise("gaussian16", seed, t, k, idx)[0]) == g
+        assert noise("rademacher16", seed, t, k, i, 1, device).item() == case["rademacher16"]
+
+
+def test_noise_ranges_agree_with_reference_across_block_boundaries():
+    for start, count in [(0, 1), (3, 5), (7, 2), (5, 37), (2**32 - 5, 19), (2**40 + 1, 8)]:
+        idx = np.arange(start, start + count, dtype=np.uint64)
+        for name in ("gaussian16", "rademacher16"):
+            want = R.noise(name, 99, 3, 4, idx)
+            got = noise(name, 99, 3, 4, start, count).numpy()
+            assert want.view(np.uint32).tolist() == got.view(np.uint32).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rule_element_vectors(device):
+    cases = load("rule")["elements"]
+    assert len(cases) > 70
+    for case in cases:
+        dtype = case["dtype"]
+        w = np.array([int(case["w"], 16)], dtype=R.BITS_DTYPE[dtype])
+        z = np.array([int(case["z"], 16)], dtype=np.uint32).view(np.float32)
+        want = [int(case[p], 16) for p in ("p1", "p2", "p3")]
+        assert [int(b[0]) for b in R.phases(w, dtype, z, case["eps"], case["c"])] == want, case
+        t = bits_to_torch(w, dtype, device)
+        zt = torch.from_numpy(z.copy()).to(device)
+        rule.perturb_(t, zt, case["eps"])
+        assert int(torch_to_bits(t, dtype)[0]) == want[0], case
+        rule.perturb_(t, zt, -2.0 * case["eps"])
+        assert int(torch_to_bits(t, dtype)[0]) == want[1], case
+        rule.restore_update_(t, zt, case["eps"], case["c"])
+        assert int(torch_to_bits(t, dtype)[0]) == want[2], case
+
+
+def test_rule_host_vectors():
+    host = load("rule")["host"]
+    for case in host["round_significant"]:
+        assert R.round_significant(case["x"], case["bits"]) == case["result"]
+        assert rule.round_significant(case["x"], case["bits"]) == case["result"]
+    for case in host["grad_bits"]:
+        assert R.grad_bits(case["g"]) == int(case["bits"], 16) == rule.encode_grad(case["g"])
+    for case in host["coefficient"]:
+        sgd = MezoSGD(lr=case["lr"], eps=2.0**-10, seed=0)
+        assert R.coefficient(case["lr"], int(case["grad_bits"], 16)) == case["c"]
+        assert sgd.coefficient(int(case["grad_bits"], 16)) == case["c"]
+    for g in host["invalid_grad"]:
+        with pytest.raises(ValueError):
+            rule.encode_grad(g)
+    for case in host["invalid_coefficient"]:
+        with pytest.raises(ValueError, match="2\\^100"):
+            MezoSGD(lr=case["lr"], eps=2.0**-10, seed=0).coefficient(int(case["grad_bits"], 16))
+
+
+def test_quantised_hyperparameters_round_trip_through_json():
+    sgd = MezoSGD.create(lr=1e-6, eps=1e-3, seed=2**63 + 5)
+    assert sgd.eps == rule.round_significant(1e-3, 16) and sgd.eps != 1e-3
+    again = MezoSGD.from_header(json.loads(json.dumps(sgd.header_fields())))
+    assert again == sgd
+    for bad in (dict(lr=1e-6, eps=0.0), dict(lr=0.0, eps=1e-3), dict(lr=1e-6, eps=float("inf"))):
+        with pytest.raises(ValueError):
+            MezoSGD.create(seed=0, **bad)
+
+
+def random_bits(dtype: str, n: int, seed: int) -> np.ndarray:
+    """Values a model holds, plus the awkward ones: zeros, subnormals, huge, inf, NaN."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n).astype(np.float32) * np.float32(0.05)
+    bits = R.round_to(x, dtype)
+    specials = {"F32": [0, 0x80000000, 1, 0x80000005, 0x7F7FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000, 0x00400000],
+                "BF16": [0, 0x8000, 1, 0x8005, 0x7F7F, 0x7F80, 0xFF80, 0x7FC0, 0x0040],
+                "F16": [0, 0x8000, 1, 0x8005, 0x7BFF, 0x7C00, 0xFC00, 0x7E00, 0x0200]}[dtype]
+    bits[: len(specials)] = specials
+    return bits
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
+@pytest.mark.parametrize("noise_name", ["gaussian16", "rademacher16"])
+def test_torch_replay_equals_reference(device, dtype, noise_name):
+    """Odd sizes and odd slice sizes, so slices and Philox blocks never line up."""
+    n = 1237
+    bits = random_bits(dtype, n, seed=n)
+    sgd = MezoSGD.create(lr=2e-3, eps=1e-3, seed=77, noise=noise_name)
+    grads = [rule.encode_grad(g) for g in (0.5, -3.25, 1e-35, 40.0, -0.001, 0.0, 7.0)]
+    want = R.replay(bits, dtype, seed=sgd.seed, k=5, noise_name=noise_name, eps=sgd.eps, lr=sgd.lr, grads=grads)
+    t = bits_to_torch(bits, dtype, device).reshape(1, n)
+    steps.replay_tensor_(t, sgd, 5, [sgd.coefficient(g) for g in grads], slice_size=100)
+    assert torch_to_bits(t, dtype).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
+def test_training_phases_equal_replay(dtype):
+    """Phase by phase (as training runs them) and fused (as replay runs them) agree, for any slicing."""
+    bits = random_bits(dtype, 531, seed=1)
+    sgd = MezoSGD.create(lr=1e-2, eps=1e-3, seed=3)
+    grads = [rule.encode_grad(g) for g in (2.0, -1.5, 0.25)]
+    a = bits_to_torch(bits, dtype, "cpu")
+    b = a.clone().reshape(9, 59).t()  # non-contiguous view: indices stay row-major of the logical tensor
+    b_ref = a.clone().reshape(9, 59)
+    for t, g in enumerate(grads):
+        c = sgd.coefficient(g)
+        steps.perturb_tensor_(a, sgd, t, 2, sgd.eps, slice_size=64)
+        steps.perturb_tensor_(a, sgd, t, 2, -2.0 * sgd.eps, slice_size=64)
+        steps.restore_update_tensor_(a, sgd, t, 2, c, slice_size=64)
+    steps.replay_tensor_(b_ref, sgd, 2, [sgd.coefficient(g) for g in grads], slice_size=50)
+    assert torch_to_bits(a, dtype).tolist() == torch_to_bits(b_ref, dtype).tolist()
+    c = bits_to_torch(bits, dtype, "cpu").reshape(9, 59).t().contiguous().t()  # same logical tensor, other strides
+    steps.replay_tensor_(c, sgd, 2, [sgd.coefficient(g) for g in grads])
+    assert torch_to_bits(c.contiguous(), dtype).tolist() == torch_to_bits(b_ref, dtype).tolist()
+    del b

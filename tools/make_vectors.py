@@ -1,0 +1,125 @@
+"""Writes the spec's element-level test vectors (spec/vectors/{philox,noise,rule}.json) from the literal
+reference implementation. Run after any change to the spec's arithmetic; tests hold every
+implementation to these files, and the diff shows what a change moved.
+
+    python tools/make_vectors.py
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from mezo_replay import reference as R
+
+SPEC = Path(__file__).resolve().parent.parent / "spec" / "vectors"
+
+# Random123's published known answers (kat_vectors, philox4x32 10 rounds).
+PHILOX_KAT = [
+    ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+    ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+    ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
+     [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+]
+
+
+def hx(v: int, width: int) -> str:
+    return f"0x{v:0{width}x}"
+
+
+def f32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def philox() -> dict:
+    cases = []
+    for ctr, key, out in PHILOX_KAT:
+        assert list(R.philox4x32_10(tuple(ctr), tuple(key))) == out, "reference fails Random123's KAT"
+        cases.append({"counter": [hx(c, 8) for c in ctr], "key": [hx(k, 8) for k in key],
+                      "output": [hx(o, 8) for o in out]})
+    return {"about": "Philox4x32-10 known answers from Random123 (counter, key -> output words)",
+            "cases": cases}
+
+
+def noise() -> dict:
+    coords = [(0, 0, 0, i) for i in range(16)]
+    coords += [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (42, 7, 3, 1000)]
+    coords += [(2**32 + 1, 5, 2, 2**32 - 1), (2**32 + 1, 5, 2, 2**32), (2**32 + 1, 5, 2, 2**35 + 9),
+               (2**64 - 1, 2**32 - 1, 2**32 - 1, 2**64 - 1), (123456789, 19999, 300, 7 * 2**40 + 3)]
+    cases = []
+    for seed, t, k, i in coords:
+        idx = np.array([i], dtype=np.uint64)
+        u = int(R.random_u16(seed, t, k, idx)[0])
+        g = float(R.noise("gaussian16", seed, t, k, idx)[0])
+        r = float(R.noise("rademacher16", seed, t, k, idx)[0])
+        cases.append({"seed": str(seed), "step": t, "tensor": k, "element": str(i), "u": u,
+                      "gaussian16": hx(f32_bits(g), 8), "rademacher16": r})
+    return {"about": "16-bit draws and noise values (binary32 bits) for (seed, step, tensor, element); "
+                     "seed and element are decimal strings", "cases": cases}
+
+
+def rule() -> dict:
+    table = R.gauss16_table()
+    zs = [float(table[32768]), float(table[65535]), float(table[0]), float(table[40000]), 1.0, -1.0]
+    eps_values = [R.round_significant(1e-3, 16), 0.5, 2.0**-60, 2.0**60, R.round_significant(0.1, 16)]
+    c_values = [0.0, R.round_significant(3.3e-5, 16), -R.round_significant(1e-7, 16), 2.0**-100, -2.0**100]
+    special = {
+        "F32": [0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x3F800000, 0x7F7FFFFF, 0xFF7FFFFF,
+                0x7F800000, 0xFF800000, 0x7FC00000, 0xFFA00001, 0x3A83126F],
+        "BF16": [0x0000, 0x8000, 0x0001, 0x807F, 0x3F80, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80, 0x7FC0, 0xFFA1,
+                 0x3A83],
+        "F16": [0x0000, 0x8000, 0x0001, 0x83FF, 0x3C00, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7E00, 0xFE01,
+                0x1419],
+    }
+    rng = np.random.default_rng(20261123)
+    cases = []
+    for dtype, ws in special.items():
+        width = 8 if dtype == "F32" else 4
+        pool = ws + [int(v) for v in rng.integers(0, 2**(4 * width), size=12)]
+        for n, w in enumerate(pool):
+            z = zs[n % len(zs)]
+            eps = eps_values[n % len(eps_values)]
+            c = c_values[(n // 2) % len(c_values)]
+            bits = np.array([w], dtype=R.BITS_DTYPE[dtype])
+            out = R.phases(bits, dtype, np.array([z], dtype=np.float32), eps, c)
+            cases.append({"dtype": dtype, "w": hx(w, width), "z": hx(f32_bits(z), 8), "eps": eps, "c": c,
+                          "p1": hx(int(out[0][0]), width), "p2": hx(int(out[1][0]), width),
+                          "p3": hx(int(out[2][0]), width)})
+    # Near-ties: w one half-ulp (of D) away from w + a, so P1 hits a rounding tie of D exactly.
+    for dtype, w in (("BF16", 0x3F80), ("F16", 0x3C00)):
+        width = 4
+        half_ulp = 2.0**-8 if dtype == "BF16" else 2.0**-11
+        for z, eps in ((1.0, half_ulp), (-1.0, half_ulp), (1.0, 3 * half_ulp)):
+            bits = np.array([w], dtype=np.uint16)
+            out = R.phases(bits, dtype, np.array([z], dtype=np.float32), eps, 0.0)
+            cases.append({"dtype": dtype, "w": hx(w, width), "z": hx(f32_bits(z), 8), "eps": eps, "c": 0.0,
+                          "p1": hx(int(out[0][0]), width), "p2": hx(int(out[1][0]), width),
+                          "p3": hx(int(out[2][0]), width)})
+    host_rs = [(1e-3, 16), (1e-6, 24), (0.1, 8), (-2.5, 1), (1.5, 1), (3.0, 1), (2.0**-1074, 8), (1e300, 16)]
+    grads = [0.0, -0.0, 1.0, -1.2345, 1e-31, -1e-31, 7.7e-30, 1.0e38, 123.456, 0.0078125 * 1.00390625]
+    coeff = [(1e-6, 0x3F80), (R.round_significant(1e-3, 24), 0xC2F7), (2.0**-100, 0x0001), (1.0, 0x0000),
+             (1e-30, 0x7F7F)]
+    host = {
+        "round_significant": [{"x": x, "bits": b, "result": R.round_significant(x, b)} for x, b in host_rs],
+        "grad_bits": [{"g": g, "bits": hx(R.grad_bits(g), 4)} for g in grads],
+        "coefficient": [{"lr": R.round_significant(lr, 24), "grad_bits": hx(b, 4),
+                         "c": R.coefficient(R.round_significant(lr, 24), b)} for lr, b in coeff],
+        "invalid_grad": [float("inf"), float("nan"), 3.0e38],
+        "invalid_coefficient": [{"lr": R.round_significant(1e-7, 24), "grad_bits": "0x7f7f"}],
+    }
+    return {"about": "rule.md: element phases (bits of D after P1, P2, P3 for w, z, eps, c; z as binary32 "
+                     "bits; NaN results canonical) and host arithmetic (binary64 values, exact repr)",
+            "elements": cases, "host": host}
+
+
+def main() -> None:
+    SPEC.mkdir(parents=True, exist_ok=True)
+    for name, fn in (("philox", philox), ("noise", noise), ("rule", rule)):
+        (SPEC / f"{name}.json").write_text(json.dumps(fn(), indent=1) + "\n")
+        print("wrote", SPEC / f"{name}.json")
+
+
+if __name__ == "__main__":
+    main()
