@@ -114,11 +114,55 @@ def rule() -> dict:
             "elements": cases, "host": host}
 
 
+def tiny() -> None:
+    """spec/vectors/tiny: a base with one tensor per dtype (special values included) and a frozen one,
+    a trajectory recorded by the real optimizer from a fixed loss sequence, and the expected result."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from mezo_replay.fingerprint import tensor_fingerprint
+    from mezo_replay.optimizer import MeZO
+
+    out = SPEC / "tiny"
+    out.mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(5)
+    base = {
+        "a.weight": (torch.randn(3, 5, generator=g) * 0.1),
+        "b.bias": (torch.randn(19, generator=g) * 0.01).to(torch.bfloat16),
+        "c.scale": (torch.randn(2, 2, 3, generator=g) * 0.1).to(torch.float16),
+        "d.frozen": torch.arange(4, dtype=torch.float32),
+    }
+    base["a.weight"][0, :4] = torch.tensor([0.0, -0.0, 1e-45, float("inf")])
+    base["b.bias"][:3] = torch.tensor([-0.0, 1e-40, float("nan")], dtype=torch.bfloat16)
+    base["c.scale"][0, 0] = torch.tensor([6e-8, -65504.0, 0.0], dtype=torch.float16)
+    save_file(base, str(out / "base.safetensors"), metadata={"format": "pt"})
+    params = {n: t.clone().requires_grad_(n != "d.frozen") for n, t in base.items()}
+    losses = iter([2.0, 1.9, 1.7, 1.75, 1.5, 1.52, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1])
+    opt = MeZO(params.items(), lr=0.05, eps=1e-3, seed=2**40 + 11)
+    (out / "traj.mzt").unlink(missing_ok=True)
+    opt.record(out / "traj.mzt", base_source="base.safetensors", steps_per_chunk=4,
+               metadata={"purpose": "spec test vector"})
+    for _ in range(6):
+        opt.step(lambda: next(losses))
+    opt.close()
+    expected = {"about": "tuned tensors after all steps of traj.mzt on base.safetensors: fingerprint "
+                         "(format.md) and SHA-256 of the raw little-endian bytes, NaNs canonical",
+                "steps": 6,
+                "tensors": {n: {"fingerprint": tensor_fingerprint(p.detach()),
+                                "sha256": hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy()).hexdigest()}
+                            for n, p in zip(opt.names, opt.params)}}
+    (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+    print("wrote", out)
+
+
 def main() -> None:
     SPEC.mkdir(parents=True, exist_ok=True)
     for name, fn in (("philox", philox), ("noise", noise), ("rule", rule)):
         (SPEC / f"{name}.json").write_text(json.dumps(fn(), indent=1) + "\n")
         print("wrote", SPEC / f"{name}.json")
+    tiny()
 
 
 if __name__ == "__main__":
