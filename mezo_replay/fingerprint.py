@@ -1,0 +1,110 @@
+"""Tensor and base fingerprints, exactly as spec/format.md (*Fingerprints*) defines them.
+
+A fingerprint must not depend on where or how a tensor is stored: not on its device, its strides, or
+the payload of its NaNs (which differ between CPUs and GPUs). So the hash covers the dtype, the shape
+and the row-major little-endian bit patterns with every NaN replaced by its dtype's canonical quiet NaN.
+Tensors can be many GiB, so the data is hashed in slices and never copied whole more than once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+# Both directions in one table: DTYPE_NAMES[torch.bfloat16] == "BF16", DTYPE_NAMES["BF16"] is torch.bfloat16.
+DTYPE_NAMES: dict = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+DTYPE_NAMES.update({name: dtype for dtype, name in list(DTYPE_NAMES.items())})
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # use with fullmatch: "$" would accept a trailing newline
+
+# dtype -> (unsigned word type, exponent mask, mantissa mask, canonical quiet NaN)
+_BITS = {
+    "F32": (np.uint32, 0x7F800000, 0x007FFFFF, 0x7FC00000),
+    "BF16": (np.uint16, 0x7F80, 0x007F, 0x7FC0),
+    "F16": (np.uint16, 0x7C00, 0x03FF, 0x7E00),
+}
+_INT_VIEW = {"F32": torch.int32, "BF16": torch.int16, "F16": torch.int16}  # same-width view for bit ops
+_SLICE_BYTES = 4 << 20
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = DTYPE_NAMES.get(dtype)
+    if not isinstance(name, str):
+        raise ValueError(f"unsupported tensor dtype {dtype}: fingerprints cover float32, bfloat16 and float16")
+    return name
+
+
+def canonicalize_nan_(t: torch.Tensor) -> torch.Tensor:
+    """Replace every NaN of `t` in place by its dtype's canonical quiet NaN, so outputs are portable."""
+    name = _dtype_name(t.dtype)
+    mask = torch.isnan(t)
+    if bool(mask.any()):  # detach(): parameters that require grad are fixed in place too
+        t.detach().view(_INT_VIEW[name]).masked_fill_(mask, _BITS[name][3])
+    return t
+
+
+def _start(dtype: str, shape: Sequence[int]) -> hashlib._Hash:
+    if dtype not in _BITS:
+        raise ValueError(f"unsupported dtype {dtype!r}: expected F32, BF16 or F16")
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        raise ValueError(f"negative dimension in shape {dims}")
+    h = hashlib.sha256(b"mzt-tensor\0" + dtype.encode() + b"\0")
+    h.update(struct.pack(f"<I{len(dims)}Q", len(dims), *dims))
+    return h
+
+
+def _update(h: hashlib._Hash, dtype: str, words: np.ndarray) -> None:
+    """Hash one slice of bit patterns (unsigned words of the dtype's width), NaNs canonicalised."""
+    word, exp, man, canon = _BITS[dtype]
+    nan = ((words & word(exp)) == word(exp)) & ((words & word(man)) != 0)
+    if nan.any():
+        words = np.where(nan, word(canon), words)
+    h.update(np.ascontiguousarray(words, dtype=np.dtype(word).newbyteorder("<")).data)
+
+
+def tensor_fingerprint(t: torch.Tensor) -> str:
+    """The spec's fingerprint of `t`, on any device and layout; `t` itself is left untouched."""
+    name = _dtype_name(t.dtype)
+    h = _start(name, t.shape)
+    flat = t.detach().contiguous().reshape(-1).view(_INT_VIEW[name])  # at most one copy, on t's device
+    step = _SLICE_BYTES // flat.element_size()
+    for i in range(0, flat.numel(), step):
+        _update(h, name, flat[i:i + step].cpu().numpy().view(_BITS[name][0]))
+    return h.hexdigest()
+
+
+def fingerprint_raw(dtype: str, shape: Sequence[int], data: bytes | memoryview | np.ndarray) -> str:
+    """The fingerprint of raw little-endian tensor bytes (a safetensors slice), without building a tensor."""
+    h = _start(dtype, shape)
+    word = np.dtype(_BITS[dtype][0]).newbyteorder("<")
+    if isinstance(data, np.ndarray):
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    else:
+        raw = np.frombuffer(data, dtype=np.uint8)
+    expected = math.prod(int(d) for d in shape) * word.itemsize
+    if raw.size != expected:
+        raise ValueError(f"{dtype}{list(shape)} needs {expected} bytes, got {raw.size}")
+    words = raw.view(word)
+    step = _SLICE_BYTES // word.itemsize
+    for i in range(0, words.size, step):
+        _update(h, dtype, words[i:i + step])
+    return h.hexdigest()
+
+
+def base_fingerprint(names: Sequence[str], fps: Sequence[str]) -> str:
+    """One hash naming the base's tuned tensors and their contents, to check a base before replaying."""
+    if len(names) != len(fps):
+        raise ValueError(f"{len(names)} names but {len(fps)} fingerprints")
+    h = hashlib.sha256()
+    for name, fp in zip(names, fps):
+        if not isinstance(fp, str) or not SHA256_HEX.fullmatch(fp):
+            raise ValueError(f"fingerprint of {name!r} is not 64 lowercase hex digits: {fp!r}")
+        h.update(name.encode("utf-8") + b"\0" + bytes.fromhex(fp))
+    return h.hexdigest()

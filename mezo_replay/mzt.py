@@ -1,0 +1,658 @@
+"""The `.mzt` trajectory file: writer and reader, exactly as spec/format.md defines it.
+
+Training appends to the file as it goes and fsyncs after each chunk, so a crash leaves a readable
+prefix. Files also arrive from strangers, so the reader trusts nothing: every declared size is checked
+against the spec's limits and the bytes actually left before anything is allocated or decompressed,
+JSON nesting is bounded before parsing, and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+import zstandard
+
+from .errors import CorruptChunkError, LimitError, OutputExistsError, TrajectoryError, UnsupportedError
+from .fingerprint import SHA256_HEX, base_fingerprint
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+MAGIC = b"\x89MZT\r\n\x1a\n"
+FORMAT_VERSION = 1
+PREAMBLE = struct.Struct("<8sII")      # magic, version, flags
+CHUNK_HEAD = struct.Struct("<I4sI")    # length, type, crc
+
+MAX_CHUNK_BYTES = 64 << 20             # compressed payload
+MAX_WINDOW_BYTES = 1 << 27
+MAX_HEADER_BYTES = 256 << 20           # HEAD decompressed
+MAX_FPRT_BYTES = 128 << 20             # FPRT decompressed
+MAX_STEPS_PER_CHUNK = 1 << 20
+MAX_STEP_PAYLOAD = 8 + 2 * MAX_STEPS_PER_CHUNK
+MAX_LOSS_PAYLOAD = 8 + 4 * MAX_STEPS_PER_CHUNK
+MAX_STEPS = 2**32 - 1
+MAX_TENSORS = 1 << 20
+MAX_NAME_BYTES = 1024
+MAX_RANK = 8
+MAX_ELEMENTS = 1 << 48                 # exclusive
+MAX_METADATA_PAIRS = 4096
+MAX_METADATA_KEY_BYTES = 256
+MAX_METADATA_VALUE_BYTES = 65536
+MAX_JSON_DEPTH = 32
+
+GAUSSIAN16_SHA256 = "33888ab6f4616c9a0d6bba520458612f7f70d5be5df01e655e1fe972d49d478b"  # spec/noise.md
+DTYPES = ("F32", "BF16", "F16")
+# The objects that change replayed bits: a name or key outside these sets needs a newer reader.
+KNOWN: dict[str, dict[str, set[str]]] = {
+    "generator": {"philox4x32-10": {"name", "seed"}},
+    "noise": {"gaussian16": {"name", "table_sha256"}, "rademacher16": {"name"}},
+    "rule": {"mezo-sgd": {"name", "eps", "lr", "schedule", "grad_encoding"}},
+}
+_HEADER_KEYS = ("creator", "generator", "noise", "rule", "tensors", "base", "records", "metadata")
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+# --- header ---------------------------------------------------------------------------------------
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and float(x) == x
+
+
+def _significant_bits_at_most(x: float, n: int) -> bool:
+    m, _ = math.frexp(x)
+    return (m * 2.0**n).is_integer()
+
+
+def _utf8(s: str, what: str) -> bytes:
+    try:
+        return s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TrajectoryError(f"{what} is not valid UTF-8 (it holds a lone surrogate)") from None
+
+
+def _known_object(header: dict, key: str) -> dict:
+    obj = header[key]
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise TrajectoryError(f"header {key!r} must be an object with a string 'name'")
+    allowed = KNOWN[key].get(obj["name"])
+    if allowed is None:
+        raise UnsupportedError(f"unknown {key} {obj['name']!r} (this mezo-replay knows {sorted(KNOWN[key])}): "
+                               f"the file needs a newer mezo-replay")
+    if unknown := sorted(obj.keys() - allowed):
+        raise UnsupportedError(f"{key} {obj['name']!r} has keys {unknown} that this mezo-replay does not know: "
+                               f"the file needs a newer mezo-replay")
+    if missing := sorted(allowed - obj.keys()):
+        raise TrajectoryError(f"{key} {obj['name']!r} lacks the keys {missing}")
+    return obj
+
+
+def _check_rule(rule: dict) -> None:
+    eps, lr = rule["eps"], rule["lr"]
+    if not (_is_number(eps) and 2.0**-60 <= eps <= 2.0**60 and _significant_bits_at_most(eps, 16)):
+        raise TrajectoryError(f"rule eps {eps!r} is not a number in [2^-60, 2^60] with at most 16 significant bits")
+    if not (_is_number(lr) and 2.0**-100 <= lr <= 2.0**100 and _significant_bits_at_most(lr, 24)):
+        raise TrajectoryError(f"rule lr {lr!r} is not a number in [2^-100, 2^100] with at most 24 significant bits")
+    schedule = rule["schedule"]
+    if not isinstance(schedule, dict):
+        raise TrajectoryError("rule schedule must be an object")
+    if schedule != {"name": "constant"}:
+        raise UnsupportedError(f"rule schedule {schedule!r} is not {{'name': 'constant'}}: "
+                               f"the file needs a newer mezo-replay")
+    if rule["grad_encoding"] != "bf16":
+        raise UnsupportedError(f"rule grad_encoding {rule['grad_encoding']!r} is not 'bf16': "
+                               f"the file needs a newer mezo-replay")
+
+
+def _check_tensors(tensors: object) -> tuple[list[str], list[str]]:
+    if not isinstance(tensors, list):
+        raise TrajectoryError("header 'tensors' must be an array")
+    if len(tensors) > MAX_TENSORS:
+        raise LimitError(f"header lists {len(tensors)} tensors, over the limit of {MAX_TENSORS}")
+    names, fps, previous = [], [], b""
+    for k, t in enumerate(tensors):
+        where = f"tensors[{k}]"
+        if not isinstance(t, dict) or not all(key in t for key in ("name", "dtype", "shape", "sha256")):
+            raise TrajectoryError(f"{where} must be an object with name, dtype, shape and sha256")
+        name, dtype, shape, sha = t["name"], t["dtype"], t["shape"], t["sha256"]
+        if not isinstance(name, str) or not name:
+            raise TrajectoryError(f"{where} name must be a non-empty string")
+        raw = _utf8(name, f"{where} name")
+        if len(raw) > MAX_NAME_BYTES:
+            raise LimitError(f"{where} name is {len(raw)} bytes, over the limit of {MAX_NAME_BYTES}")
+        if k and raw == previous:
+            raise TrajectoryError(f"tensor name {name!r} is listed twice (tensors[{k - 1}] and {where})")
+        if k and raw < previous:
+            raise TrajectoryError(f"tensor names are not sorted by UTF-8 bytes: {where} {name!r} "
+                                  f"comes after {previous.decode()!r}")
+        if dtype not in DTYPES:
+            cls = UnsupportedError if isinstance(dtype, str) else TrajectoryError
+            raise cls(f"{where} ({name!r}) has dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise TrajectoryError(f"{where} ({name!r}) shape must be an array of non-negative integers")
+        if len(shape) > MAX_RANK:
+            raise LimitError(f"{where} ({name!r}) has rank {len(shape)}, over the limit of {MAX_RANK}")
+        if math.prod(shape) >= MAX_ELEMENTS:
+            raise LimitError(f"{where} ({name!r}) has {math.prod(shape)} elements, the limit is below 2^48")
+        if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
+            raise TrajectoryError(f"{where} ({name!r}) sha256 is not 64 lowercase hex digits")
+        names.append(name)
+        fps.append(sha)
+        previous = raw
+    return names, fps
+
+
+def validate_header(header: dict) -> None:
+    """Refuse any header a replay could misread; raise UnsupportedError where a newer reader is needed."""
+    if not isinstance(header, dict):
+        raise TrajectoryError("the header is not a JSON object")
+    if missing := [key for key in _HEADER_KEYS if key not in header]:
+        raise TrajectoryError(f"the header lacks the required keys {missing}")
+    if not isinstance(header["creator"], str):
+        raise TrajectoryError("header 'creator' must be a string")
+    seed = _known_object(header, "generator")["seed"]
+    if not isinstance(seed, str) or not re.fullmatch(r"0|[1-9][0-9]{0,19}", seed) or int(seed) >= 2**64:
+        raise TrajectoryError(f"generator seed {seed!r} is not a decimal string of an integer in [0, 2^64)")
+    noise = _known_object(header, "noise")
+    if noise["name"] == "gaussian16" and noise["table_sha256"] != GAUSSIAN16_SHA256:
+        raise UnsupportedError(f"noise table_sha256 {noise['table_sha256']!r} is not the spec's gaussian16 table "
+                               f"({GAUSSIAN16_SHA256})")
+    _check_rule(_known_object(header, "rule"))
+    names, fps = _check_tensors(header["tensors"])
+
+    base = header["base"]
+    if not isinstance(base, dict) or not all(key in base for key in ("fingerprint", "source", "revision")):
+        raise TrajectoryError("header 'base' must be an object with fingerprint, source and revision")
+    for key in ("source", "revision"):
+        if base[key] is not None and not isinstance(base[key], str):
+            raise TrajectoryError(f"base {key} must be a string or null")
+    if base["fingerprint"] != base_fingerprint(names, fps):
+        raise TrajectoryError("base fingerprint does not match the fingerprints of the listed tensors "
+                              "(the header is inconsistent)")
+    records = header["records"]
+    if not isinstance(records, dict) or not isinstance(records.get("losses"), bool):
+        raise TrajectoryError("header 'records' must be an object with a boolean 'losses'")
+
+    metadata = header["metadata"]
+    if not isinstance(metadata, dict):
+        raise TrajectoryError("header 'metadata' must be an object")
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise LimitError(f"metadata has {len(metadata)} pairs, over the limit of {MAX_METADATA_PAIRS}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key:
+            raise TrajectoryError(f"metadata {key!r} must map a non-empty string to a string")
+        if len(_utf8(key, "a metadata key")) > MAX_METADATA_KEY_BYTES:
+            raise LimitError(f"metadata key {key[:40]!r}... is over {MAX_METADATA_KEY_BYTES} bytes")
+        if len(_utf8(value, f"metadata {key!r}")) > MAX_METADATA_VALUE_BYTES:
+            raise LimitError(f"metadata value of {key!r} is over {MAX_METADATA_VALUE_BYTES} bytes")
+
+
+# --- JSON and chunk payloads ------------------------------------------------------------------------
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+
+
+def _reject(what: str) -> object:
+    raise ValueError(f"{what} is not valid JSON here")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("a JSON object repeats a key")
+    return obj
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    return value if math.isfinite(value) else _reject(text)  # type: ignore[return-value]
+
+
+def _json_loads(data: bytes) -> object:
+    """Parse untrusted JSON: nesting is measured before the (recursive) parser sees it."""
+    # Strings removed and both bracket kinds unified, each pass of replace() drops exactly the
+    # innermost level, so the pass count is the depth; at most 33 fast passes whatever the input.
+    brackets = _JSON_STRING.sub(b"", data).translate(_BRACKETS, _NOT_BRACKET)
+    depth = 0
+    while brackets:
+        inner = brackets.replace(b"[]", b"")
+        if inner == brackets:
+            raise ValueError("unbalanced brackets: not valid JSON")
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise LimitError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        brackets = inner
+    return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject,
+                      parse_float=_parse_float)
+
+
+def _json_dumps(obj: object) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def invalid_steps(grad_bits: np.ndarray, lr: float) -> np.ndarray:
+    """Indices of steps rule.md forbids: non-finite or >= 2^127 gradients, |c| = |RS(lr * gq, 16)| > 2^100."""
+    g = (grad_bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    bad = ~np.isfinite(g) | (np.abs(g) >= 2.0**127)
+    m, e = np.frexp(lr * np.where(bad, 0.0, g))  # lr * gq is exact in binary64
+    bad |= np.abs(np.ldexp(np.rint(np.ldexp(m, 16)), e - 16)) > 2.0**100
+    return np.flatnonzero(bad)
+
+
+def _encode_steps(first: int, bits: np.ndarray) -> bytes:
+    return struct.pack("<II", first, bits.size) + (bits >> 8).astype(np.uint8).tobytes() + \
+        (bits & 0xFF).astype(np.uint8).tobytes()
+
+
+def _encode_losses(first: int, values: np.ndarray) -> bytes:
+    u = values.astype(np.float32).view(np.uint32)
+    return struct.pack("<II", first, u.size) + b"".join((u >> s).astype(np.uint8).tobytes() for s in (24, 16, 8, 0))
+
+
+class _Corrupt(Exception):
+    """Internal: why the chunk being read is corrupt (the caller adds index and offset)."""
+
+    def __init__(self, reason: str, ctype: str | None = None) -> None:
+        super().__init__(reason)
+        self.ctype = ctype
+
+
+def _counted(payload: bytes, width: int) -> tuple[int, np.ndarray]:
+    """Split a STEP/loss payload into first_step and its byte planes, checking the declared count."""
+    if len(payload) < 8:
+        raise _Corrupt(f"payload is {len(payload)} bytes, shorter than its 8-byte prefix")
+    first, count = struct.unpack_from("<II", payload)
+    if not 1 <= count <= MAX_STEPS_PER_CHUNK:
+        raise _Corrupt(f"count {count} is outside 1..{MAX_STEPS_PER_CHUNK}")
+    if len(payload) != 8 + width * count:
+        raise _Corrupt(f"payload is {len(payload)} bytes, but count {count} needs {8 + width * count}")
+    return first, np.frombuffer(payload, np.uint8, offset=8).reshape(width, count)
+
+
+def _decompress(dctx: zstandard.ZstdDecompressor, payload: bytes, limit: int) -> bytes:
+    """Exactly one checksummed zstd frame of declared size <= limit, and nothing after it."""
+    if payload[:4] != _ZSTD_MAGIC:
+        raise _Corrupt("payload is not a zstd frame")
+    try:
+        params = zstandard.get_frame_parameters(payload)
+    except zstandard.ZstdError as e:
+        raise _Corrupt(f"bad zstd frame header ({e})") from None
+    size = params.content_size
+    if size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise _Corrupt("zstd frame does not declare its content size")
+    if size > limit:
+        raise _Corrupt(f"zstd frame declares {size} bytes of content, over this chunk type's limit of {limit}")
+    if params.window_size > MAX_WINDOW_BYTES:
+        raise _Corrupt(f"zstd window of {params.window_size} bytes is over the limit of {MAX_WINDOW_BYTES}")
+    if not params.has_checksum or params.dict_id:
+        raise _Corrupt("zstd frame lacks a content checksum or needs a dictionary")
+    dobj = dctx.decompressobj()
+    try:
+        out = dobj.decompress(payload)  # libzstd stops at the declared content size
+    except zstandard.ZstdError as e:
+        raise _Corrupt(f"zstd: {e}") from None
+    if not dobj.eof:
+        raise _Corrupt("zstd frame is incomplete")
+    if dobj.unused_data:
+        raise _Corrupt(f"{len(dobj.unused_data)} bytes follow the zstd frame")
+    if len(out) != size:
+        raise _Corrupt(f"zstd frame holds {len(out)} bytes but declares {size}")
+    return out
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+@dataclass
+class CorruptInfo:
+    index: int
+    type: str
+    offset: int
+    reason: str
+
+
+@dataclass
+class Trajectory:
+    path: Path
+    header: dict
+    grad_bits: np.ndarray               # uint16, one per step
+    losses: np.ndarray | None           # float32, NaN where no loss chunk covered the step
+    fingerprints: dict[int, list[str]]  # step -> tensor fingerprints
+    truncated: bool                     # the file ends inside a chunk (a torn write)
+    corrupt: CorruptInfo | None         # only with strict=False
+    file_bytes: int
+    step_bytes: int                     # 12-byte heads + payloads of all STEP chunks
+    valid_bytes: int                    # end of the last chunk used: where an append continues
+
+    @property
+    def steps(self) -> int:
+        return int(self.grad_bits.size)
+
+    @property
+    def final_fingerprint(self) -> list[str] | None:
+        return self.fingerprints.get(self.steps)
+
+    @property
+    def bytes_per_step(self) -> float:
+        return self.step_bytes / self.steps if self.steps else 0.0
+
+
+def _check_preamble(path: Path, pre: bytes) -> None:
+    if not pre:
+        raise TrajectoryError(f"{path} is empty, not a .mzt trajectory")
+    magic = pre[:len(MAGIC)]
+    if magic != MAGIC[:len(magic)]:
+        if magic[1:4] == b"MZT":
+            raise TrajectoryError(f"{path}: its magic bytes were altered (probably by a text-mode or 7-bit "
+                                  f"transfer): copy the file again in binary mode")
+        raise TrajectoryError(f"{path} is not a .mzt trajectory (bad magic bytes)")
+    if len(pre) < PREAMBLE.size:
+        raise TrajectoryError(f"{path} is truncated inside its {PREAMBLE.size}-byte preamble: nothing to recover")
+    _, version, flags = PREAMBLE.unpack(pre)
+    if version != FORMAT_VERSION:
+        raise UnsupportedError(f"{path} has format version {version}; this mezo-replay reads version "
+                               f"{FORMAT_VERSION}" + (": upgrade mezo-replay" if version > FORMAT_VERSION else ""))
+    if flags:
+        raise UnsupportedError(f"{path} has preamble flags 0x{flags:08x}, not 0: it needs a newer mezo-replay "
+                               f"or is damaged")
+
+
+def _read_chunk(f: BinaryIO, offset: int, size: int) -> tuple[str, bytes] | None:
+    """The next chunk's type and CRC-checked payload, or None if the file ends inside it."""
+    head = f.read(CHUNK_HEAD.size)
+    if len(head) < CHUNK_HEAD.size:
+        return None
+    length, raw_type, crc = CHUNK_HEAD.unpack(head)
+    if not (raw_type.isalpha() and raw_type.isascii()):
+        raise _Corrupt("the type is not four ASCII letters", repr(raw_type)[2:-1])
+    ctype = raw_type.decode("ascii")
+    if length > MAX_CHUNK_BYTES:
+        raise _Corrupt(f"declares a {length}-byte payload, over the limit of {MAX_CHUNK_BYTES}", ctype)
+    if length > size - offset - CHUNK_HEAD.size:
+        return None  # checked before reading: never allocate what the file cannot hold
+    payload = f.read(length)
+    if len(payload) < length:
+        return None  # the file shrank while we read it
+    if zlib.crc32(payload, zlib.crc32(raw_type)) != crc:
+        raise _Corrupt("CRC mismatch", ctype)
+    return ctype, payload
+
+
+def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
+    """Read a trajectory: truncation is reported, corruption raises (strict) or is reported (not strict)."""
+    path = Path(path)
+    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES)
+    header: dict = {}
+    bits: list[np.ndarray] = []
+    losses: list[tuple[int, np.ndarray]] = []
+    fingerprints: dict[int, list[str]] = {}
+    steps = step_bytes = index = 0
+    truncated, corrupt = False, None
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        _check_preamble(path, f.read(PREAMBLE.size))
+        offset = PREAMBLE.size
+        while offset < size or index == 0:
+            ctype = "?"
+            try:
+                chunk = _read_chunk(f, offset, size)
+                if chunk is None:
+                    if index == 0:
+                        raise TrajectoryError(f"{path} is truncated inside its HEAD chunk (file is {size} bytes): "
+                                              f"nothing to recover")
+                    truncated = True
+                    break
+                ctype, payload = chunk
+                if (index == 0) != (ctype == "HEAD"):
+                    raise _Corrupt("the first chunk must be HEAD, and only the first")
+                if ctype == "HEAD":
+                    header = _decode_head(dctx, payload, path)
+                    lr = float(header["rule"]["lr"])
+                elif ctype == "STEP":
+                    first, (hi, lo) = _counted(_decompress(dctx, payload, MAX_STEP_PAYLOAD), 2)
+                    if first != steps:
+                        raise _Corrupt(f"first_step is {first}, but {steps} steps precede it (a gap or overlap)")
+                    if first + hi.size > MAX_STEPS:
+                        raise _Corrupt(f"more than {MAX_STEPS} steps in the file")
+                    chunk_bits = (hi.astype(np.uint16) << 8) | lo
+                    if (bad := invalid_steps(chunk_bits, lr)).size:
+                        raise _Corrupt(f"step {first + bad[0]} records gradient bits 0x{chunk_bits[bad[0]]:04x}, "
+                                       f"which rule.md forbids")
+                    bits.append(chunk_bits)
+                    steps += hi.size
+                    step_bytes += CHUNK_HEAD.size + len(payload)
+                elif ctype == "FPRT":
+                    fprt = _decode_fprt(dctx, payload, steps, len(header["tensors"]))
+                    if fingerprints.setdefault(steps, fprt) != fprt:
+                        raise _Corrupt(f"contradicts the fingerprint recorded earlier for step {steps}")
+                elif ctype == "loss":
+                    first, planes = _counted(_decompress(dctx, payload, MAX_LOSS_PAYLOAD), 4)
+                    if first + planes.shape[1] > steps:
+                        raise _Corrupt(f"covers steps up to {first + planes.shape[1]}, but only {steps} are recorded")
+                    u = planes.astype(np.uint32)
+                    losses.append((first, (u[0] << 24 | u[1] << 16 | u[2] << 8 | u[3]).view(np.float32)))
+                elif ctype[0].isupper():
+                    raise UnsupportedError(f"{path}: chunk {index} at byte offset {offset} has the critical type "
+                                           f"{ctype!r}, unknown to this mezo-replay: it needs a newer version")
+            except _Corrupt as e:
+                ctype = e.ctype or ctype
+                if strict or index == 0:
+                    raise CorruptChunkError(path, index, ctype, offset, str(e), steps_before=steps) from None
+                corrupt = CorruptInfo(index, ctype, offset, str(e))
+                break
+            offset += CHUNK_HEAD.size + len(payload)
+            index += 1
+
+    loss_array = None
+    if header["records"]["losses"]:
+        loss_array = np.full(steps, np.nan, dtype=np.float32)
+        for first, values in losses:
+            loss_array[first:first + values.size] = values
+    grad_bits = np.concatenate(bits) if bits else np.zeros(0, dtype=np.uint16)
+    return Trajectory(path, header, grad_bits, loss_array, fingerprints, truncated, corrupt, size, step_bytes, offset)
+
+
+def _decode_head(dctx: zstandard.ZstdDecompressor, payload: bytes, path: Path) -> dict:
+    try:
+        header = _json_loads(_decompress(dctx, payload, MAX_HEADER_BYTES))
+        validate_header(header)  # type: ignore[arg-type]
+    except TrajectoryError as e:
+        raise type(e)(f"{path}: HEAD: {e}") from None
+    except ValueError as e:
+        raise _Corrupt(f"bad JSON ({e})") from None
+    return header  # type: ignore[return-value]
+
+
+def _decode_fprt(dctx: zstandard.ZstdDecompressor, payload: bytes, steps: int, n_tensors: int) -> list[str]:
+    try:
+        obj = _json_loads(_decompress(dctx, payload, MAX_FPRT_BYTES))
+    except (ValueError, LimitError) as e:
+        raise _Corrupt(f"bad JSON ({e})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("tensors"), list) or type(obj.get("step")) is not int:
+        raise _Corrupt('payload is not {"step": N, "tensors": [...]}')
+    if obj["step"] != steps:
+        raise _Corrupt(f"step is {obj['step']}, but {steps} steps precede it")
+    fps = obj["tensors"]
+    if len(fps) != n_tensors or not all(isinstance(s, str) and SHA256_HEX.fullmatch(s) for s in fps):
+        raise _Corrupt(f"tensors must be {n_tensors} lowercase hex SHA-256 strings, one per tuned tensor")
+    return fps
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported here (e.g. Windows): the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class TrajectoryWriter:
+    """Appends steps to a `.mzt` file; every flush leaves a complete, fsynced, readable file."""
+
+    def __init__(self, path: PathLike, header: dict, *, overwrite: bool = False, steps_per_chunk: int = 256):
+        self._check_steps_per_chunk(steps_per_chunk)
+        path = Path(path)
+        self._cctx = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True)
+        validate_header(header)
+        try:
+            data = _json_dumps(header)
+        except UnicodeEncodeError:
+            raise TrajectoryError("the header holds a string that is not valid UTF-8 (a lone surrogate)") from None
+        except (TypeError, ValueError, RecursionError) as e:
+            raise TrajectoryError(f"the header cannot be written as JSON: {e}") from None
+        if len(data) > MAX_HEADER_BYTES:
+            raise LimitError(f"the header is {len(data)} bytes of JSON, over the limit of {MAX_HEADER_BYTES}")
+        try:
+            validate_header(_json_loads(data))  # and what the reader will see: JSON depth, no tuple surprises
+        except ValueError as e:
+            raise TrajectoryError(f"the header is not valid JSON: {e}") from None
+        head = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0) + self._chunk(b"HEAD", data)
+        if not overwrite and os.path.lexists(path):
+            raise OutputExistsError(f"{path} already exists: pass --overwrite to replace it")
+        # Written beside the target and renamed over it, so `path` is never a half-written file.
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        f = open(tmp, "xb")
+        try:
+            f.write(head)
+            f.flush()
+            os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.absolute().parent)
+        self._setup(path, f, header, 0, steps_per_chunk)
+
+    @staticmethod
+    def _check_steps_per_chunk(steps_per_chunk: int) -> None:
+        if not 1 <= steps_per_chunk <= MAX_STEPS_PER_CHUNK:
+            raise ValueError(f"steps_per_chunk must be in 1..{MAX_STEPS_PER_CHUNK}, not {steps_per_chunk}")
+
+    def _setup(self, path: Path, f: BinaryIO, header: dict, steps: int, steps_per_chunk: int) -> None:
+        self.path, self._file, self._spc = path, f, steps_per_chunk
+        self._has_losses = bool(header["records"]["losses"])
+        self._n_tensors = len(header["tensors"])
+        self._lr = float(header["rule"]["lr"])
+        self._flushed = steps
+        self._bits: list[int] = []
+        self._losses: list[float] = []
+        if not hasattr(self, "_cctx"):
+            self._cctx = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True)
+
+    @classmethod
+    def open_append(cls, path: PathLike, *, steps_per_chunk: int = 256) -> "TrajectoryWriter":
+        """Continue a trajectory (resume): a torn trailing chunk is cut off, a corrupt file is refused."""
+        cls._check_steps_per_chunk(steps_per_chunk)
+        traj = read_trajectory(path, strict=True)
+        f = open(traj.path, "ab")
+        try:
+            if traj.valid_bytes < os.fstat(f.fileno()).st_size:
+                f.truncate(traj.valid_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            f.close()
+            raise
+        writer = cls.__new__(cls)
+        writer._setup(traj.path, f, traj.header, traj.steps, steps_per_chunk)
+        return writer
+
+    @property
+    def steps(self) -> int:
+        return self._flushed + len(self._bits)
+
+    def _chunk(self, ctype: bytes, data: bytes) -> bytes:
+        payload = self._cctx.compress(data)
+        if len(payload) > MAX_CHUNK_BYTES:
+            raise LimitError(f"a {ctype.decode()} chunk compresses to {len(payload)} bytes, over {MAX_CHUNK_BYTES}")
+        return CHUNK_HEAD.pack(len(payload), ctype, zlib.crc32(payload, zlib.crc32(ctype))) + payload
+
+    def _write(self, data: bytes) -> None:
+        if self._file is None:
+            raise ValueError(f"the writer of {self.path} is closed")
+        try:
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except BaseException:
+            # A partial write may have left a torn chunk: appending after it would corrupt the file,
+            # so stop here; open_append() cuts the torn bytes off.
+            self._file.close()
+            self._file = None
+            raise
+
+    def append_step(self, grad_bits: int, loss: float | None = None) -> None:
+        """Record one step; buffered, and written out every steps_per_chunk steps."""
+        if self._file is None:
+            raise ValueError(f"the writer of {self.path} is closed")
+        if isinstance(grad_bits, bool) or not isinstance(grad_bits, (int, np.integer)) or not 0 <= grad_bits <= 0xFFFF:
+            raise ValueError(f"grad_bits must be a bfloat16 bit pattern in 0..65535, not {grad_bits!r}")
+        if (loss is None) == self._has_losses:
+            raise ValueError("a loss is required for every step" if self._has_losses
+                             else "the header says records.losses is false: pass no loss")
+        if self.steps >= MAX_STEPS:
+            raise LimitError(f"a trajectory holds at most {MAX_STEPS} steps")
+        if invalid_steps(np.array([grad_bits], dtype=np.uint16), self._lr).size:
+            raise ValueError(f"gradient bits 0x{int(grad_bits):04x} are not finite, >= 2^127, or make |lr * g| "
+                             f"exceed 2^100 (rule.md): refusing to record the step")
+        self._bits.append(int(grad_bits))
+        if loss is not None:
+            self._losses.append(float(loss))
+        if len(self._bits) >= self._spc:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write pending steps (and their losses) as chunks and fsync; the file is then complete."""
+        if not self._bits:
+            return
+        bits = np.array(self._bits, dtype=np.uint16)
+        data = self._chunk(b"STEP", _encode_steps(self._flushed, bits))
+        if self._has_losses:
+            data += self._chunk(b"loss", _encode_losses(self._flushed, np.array(self._losses, dtype=np.float32)))
+        self._write(data)
+        self._flushed += bits.size
+        self._bits.clear()
+        self._losses.clear()
+
+    def write_fingerprint(self, tensor_fps: list[str]) -> None:
+        """Record the tuned tensors' fingerprints after every step so far (a checkpoint or the end)."""
+        if len(tensor_fps) != self._n_tensors or not all(isinstance(s, str) and SHA256_HEX.fullmatch(s)
+                                                         for s in tensor_fps):
+            raise ValueError(f"expected {self._n_tensors} lowercase hex SHA-256 strings, one per tuned tensor")
+        self.flush()
+        self._write(self._chunk(b"FPRT", _json_dumps({"step": self.steps, "tensors": list(tensor_fps)})))
+
+    def close(self) -> None:
+        """Flush and close; closing twice is harmless."""
+        if self._file is None:
+            return
+        try:
+            self.flush()
+        finally:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def __enter__(self) -> "TrajectoryWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # also on an exception: what was recorded is valid and worth keeping
