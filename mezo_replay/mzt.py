@@ -123,8 +123,8 @@ def _check_tensors(tensors: object) -> tuple[list[str], list[str]]:
         if not isinstance(t, dict) or not all(key in t for key in ("name", "dtype", "shape", "sha256")):
             raise TrajectoryError(f"{where} must be an object with name, dtype, shape and sha256")
         name, dtype, shape, sha = t["name"], t["dtype"], t["shape"], t["sha256"]
-        if not isinstance(name, str) or not name:
-            raise TrajectoryError(f"{where} name must be a non-empty string")
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise TrajectoryError(f"{where} name must be a non-empty string without NUL characters")
         raw = _utf8(name, f"{where} name")
         if len(raw) > MAX_NAME_BYTES:
             raise LimitError(f"{where} name is {len(raw)} bytes, over the limit of {MAX_NAME_BYTES}")
@@ -367,12 +367,21 @@ def _check_preamble(path: Path, pre: bytes) -> None:
                                f"or is damaged")
 
 
+def _zeros_to_end(f: BinaryIO) -> bool:
+    while block := f.read(1 << 20):
+        if block.count(0) != len(block):
+            return False
+    return True
+
+
 def _read_chunk(f: BinaryIO, offset: int, size: int) -> tuple[str, bytes] | None:
     """The next chunk's type and CRC-checked payload, or None if the file ends inside it."""
     head = f.read(CHUNK_HEAD.size)
     if len(head) < CHUNK_HEAD.size:
         return None
     length, raw_type, crc = CHUNK_HEAD.unpack(head)
+    if head == bytes(CHUNK_HEAD.size) and _zeros_to_end(f):
+        return None  # a crash can leave zero-filled blocks after the last write: that is truncation
     if not (raw_type.isalpha() and raw_type.isascii()):
         raise _Corrupt("the type is not four ASCII letters", repr(raw_type)[2:-1])
     ctype = raw_type.decode("ascii")

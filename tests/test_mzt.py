@@ -593,3 +593,32 @@ def test_open_append_refuses_a_corrupt_file(tmp_path: Path) -> None:
     with pytest.raises(CorruptChunkError):
         TrajectoryWriter.open_append(path)
     assert path.read_bytes() == bytes(data)
+
+
+def test_zero_filled_tail_after_a_crash_is_truncation(tmp_path):
+    """Some filesystems leave zero blocks past the last write after a crash: recoverable, appendable."""
+    from mezo_replay.mzt import TrajectoryWriter, read_trajectory
+    from tests.test_roundtrip import tiny_model, train_steps
+    import torch
+
+    train_steps(tiny_model("gpt2", torch.float32), tmp_path / "t.mzt", steps=4)
+    data = (tmp_path / "t.mzt").read_bytes()
+    (tmp_path / "z.mzt").write_bytes(data + bytes(4096))
+    traj = read_trajectory(tmp_path / "z.mzt")
+    assert traj.truncated and traj.steps == 4 and traj.final_fingerprint is not None
+    w = TrajectoryWriter.open_append(tmp_path / "z.mzt")
+    w.close()
+    assert (tmp_path / "z.mzt").read_bytes() == data
+    (tmp_path / "nz.mzt").write_bytes(data + bytes(4000) + b"\x01" + bytes(95))
+    with pytest.raises(Exception, match="corrupt"):
+        read_trajectory(tmp_path / "nz.mzt")
+
+
+def test_nul_in_tensor_name_is_refused():
+    from mezo_replay.errors import TrajectoryError
+    from mezo_replay.mzt import validate_header
+
+    header = make_header()
+    header["tensors"][0]["name"] = "a\0b"
+    with pytest.raises(TrajectoryError, match="NUL"):
+        validate_header(header)
