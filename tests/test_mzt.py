@@ -622,3 +622,19 @@ def test_nul_in_tensor_name_is_refused():
     header["tensors"][0]["name"] = "a\0b"
     with pytest.raises(TrajectoryError, match="NUL"):
         validate_header(header)
+
+
+def test_step_records_cost_at_most_two_bytes_per_step(tmp_path):
+    """The MeZO paper's figure: projected gradients drawn as MeZO's are (Gaussian, one scale), at the
+    default flush interval. (The embedded training run's own figure is printed by `train` and `info`.)"""
+    from mezo_replay.mzt import TrajectoryWriter, read_trajectory
+    from mezo_replay.rule import encode_grad
+
+    rng = np.random.default_rng(0)
+    with TrajectoryWriter(tmp_path / "g.mzt", make_header(losses=False)) as w:
+        for g in rng.standard_normal(20_000) * 3.7:
+            w.append_step(encode_grad(float(g)))
+    traj = read_trajectory(tmp_path / "g.mzt")
+    assert traj.steps == 20_000
+    print(f"bytes/step: {traj.bytes_per_step:.3f}")
+    assert traj.bytes_per_step <= 2.0
