@@ -1,8 +1,9 @@
 """Bits: Philox4x32-10 as spec/generator.md addresses it, vectorised in torch for CPU and CUDA.
 
-torch has no unsigned 32-bit arithmetic, so words live in int64 tensors and the 32x32 -> 64-bit
-products are assembled from 16-bit halves, which keeps every intermediate below 2^49 (no overflow,
-no sign tricks) and makes the same integer code exact on any device.
+torch has no unsigned 32-bit arithmetic, so words live in int64 tensors. A 32x32-bit product needs 64
+bits; int64 multiplication wraps modulo 2^64 on every torch backend (two's complement), so the product's
+bit pattern is exact and its high and low words are read off with a shift and a mask. Random123's
+known answers (spec/vectors/philox.json, whose all-ones case overflows int64) are tested on each device.
 """
 from __future__ import annotations
 
@@ -14,10 +15,8 @@ _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 
 
 def _mulhilo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    p_lo = (x & 0xFFFF) * m
-    p_hi = (x >> 16) * m
-    mid = p_lo + ((p_hi & 0xFFFF) << 16)
-    return (p_hi >> 16) + (mid >> 32), mid & MASK32
+    p = x * m  # the 64-bit product, wrapped into int64's range: same bits
+    return (p >> 32) & MASK32, p & MASK32
 
 
 def philox4x32_10(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
