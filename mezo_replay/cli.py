@@ -78,6 +78,9 @@ def main() -> None:
               help="JSONL with 'prompt' and 'completion' fields. Default: the embedded sentiment task.")
 @click.option("--eval-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="JSONL for evaluation, same fields. Default: the embedded task's eval split.")
+@click.option("--prompt-key", default="prompt", show_default=True, help="JSONL field holding the prompt.")
+@click.option("--completion-key", default="completion", show_default=True,
+              help="JSONL field holding the completion (the loss is on its tokens only).")
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("traj.mzt"),
               show_default=True, help="Trajectory file to write.")
 @click.option("--steps", type=click.IntRange(1, 2**32 - 1), help="MeZO steps. [default: embedded setting]")
@@ -93,7 +96,8 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing trajectory file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def train(model: Path | None, train_file: Path | None, eval_file: Path | None, out: Path, steps: int | None,
+def train(model: Path | None, train_file: Path | None, eval_file: Path | None, prompt_key: str,
+          completion_key: str, out: Path, steps: int | None,
           lr: float | None, eps: float | None, batch_size: int | None, seed: int | None, dtype: str, noise: str,
           eval_every: int | None, device: str, overwrite: bool, quiet: bool) -> None:
     """Fine-tune a causal LM with MeZO and record the trajectory.
@@ -106,6 +110,11 @@ def train(model: Path | None, train_file: Path | None, eval_file: Path | None, o
     from .train import TrainConfig, relpath, train as run
 
     d = embedded.DEFAULTS
+    if quiet:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     with _user_errors():
         default_train, default_eval = embedded.load_task()
         cfg = TrainConfig(
@@ -114,13 +123,17 @@ def train(model: Path | None, train_file: Path | None, eval_file: Path | None, o
             eval_examples=load_jsonl(eval_file) if eval_file else ([] if train_file else default_eval),
             out=out, steps=steps or d["steps"], lr=lr or d["lr"], eps=eps or d["eps"],
             batch_size=batch_size or d["batch_size"], seed=d["seed"] if seed is None else seed,
-            max_length=d["max_length"], dtype=dtype, noise=noise,
+            max_length=d["max_length"], prompt_key=prompt_key, completion_key=completion_key, dtype=dtype,
+            noise=noise,
             eval_every=d.get("eval_every", 0) if eval_every is None else eval_every,
             overwrite=overwrite, device=_device(device))
-        bar = tqdm(total=cfg.steps, desc="MeZO", unit="step", disable=quiet, dynamic_ncols=True)
+        bars: list[tqdm] = []  # made at the first step, so model loading prints before it
         smooth: list[float] = []
 
         def on_step(step: int, loss: float, ev: float | None) -> None:
+            if not bars:
+                bars.append(tqdm(total=cfg.steps, desc="MeZO", unit="step", disable=quiet, dynamic_ncols=True))
+            bar = bars[0]
             smooth.append(loss)
             post = {"loss": f"{sum(smooth[-20:]) / len(smooth[-20:]):.4f}"}
             if ev is not None:
@@ -133,7 +146,8 @@ def train(model: Path | None, train_file: Path | None, eval_file: Path | None, o
         try:
             result = run(cfg, on_step)
         finally:
-            bar.close()
+            for bar in bars:
+                bar.close()
     traj = read_trajectory(result.trajectory)
     if result.evals:
         (s0, e0), (s1, e1) = result.evals[0], result.evals[-1]
@@ -255,7 +269,8 @@ def info(trajectory: Path, as_json: bool) -> None:
             + (f" @ {s['base']['revision']}" if s["base"].get("revision") else ""),
             f"             fingerprint {s['base']['fingerprint']}",
             f"  tuned      {s['tensors']:,} tensors, {s['parameters']:,} parameters ({', '.join(s['dtypes'])})",
-            f"  rule       {r['name']}: lr {r['lr']!r}, eps {r['eps']!r}, schedule {r['schedule']['name']}",
+            f"  rule       {r['name']}: lr {r['lr']:.6g}, eps {r['eps']:.6g}, schedule {r['schedule']['name']} "
+            f"(exact values: --json)",
             f"  noise      {s['noise']['name']} from {s['generator']['name']}, seed {s['generator']['seed']}",
         ]
         if "loss_first" in s:

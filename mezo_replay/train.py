@@ -35,6 +35,8 @@ class TrainConfig:
     batch_size: int = 16
     seed: int = 0
     max_length: int = 128
+    prompt_key: str = "prompt"
+    completion_key: str = "completion"
     dtype: str = "fp32"
     noise: str = "gaussian16"
     eval_every: int = 0
@@ -60,6 +62,7 @@ def load_model(path: Path, dtype: str, device: str) -> tuple[Any, Any]:
 
     if not path.is_dir():
         raise MezoReplayError(f"--model {path}: not a directory (a Hugging Face model folder is expected)")
+    BaseCheckpoint.open(path)  # a clear error for a folder without (safetensors) weights, before transformers
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     return model.to(device).eval(), tokenizer
@@ -98,14 +101,15 @@ def evaluate(model: Any, batches: list[Batch]) -> float:
 def train(cfg: TrainConfig, on_step: Callable[[int, float, float | None], None] | None = None) -> TrainResult:
     """Runs cfg.steps MeZO steps; Ctrl-C stops cleanly with a complete, verifiable trajectory."""
     torch.set_flush_denormal(False)  # the spec's arithmetic keeps subnormals
-    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
     if cfg.out.exists() and not cfg.overwrite:
         raise MezoReplayError(f"{cfg.out} exists: pass --overwrite to replace it")
     if not cfg.train_examples:
         raise DataError("the training set is empty")
+    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set = encode_prompt_completion(tokenizer, cfg.train_examples, max_length=cfg.max_length)
-    eval_set = encode_prompt_completion(tokenizer, cfg.eval_examples, max_length=cfg.max_length)
+    keys = {"max_length": cfg.max_length, "prompt_key": cfg.prompt_key, "completion_key": cfg.completion_key}
+    train_set = encode_prompt_completion(tokenizer, cfg.train_examples, **keys)
+    eval_set = encode_prompt_completion(tokenizer, cfg.eval_examples, **keys)
     eval_batches = [make_batch(eval_set[i:i + cfg.eval_batch_size], pad)
                     for i in range(0, len(eval_set), cfg.eval_batch_size)]
     base = prepare_base(model, cfg.model, cfg.dtype, cfg.out, cfg.overwrite)
