@@ -8,14 +8,16 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import MezoReplayError
-from .mzt import Trajectory, read_trajectory
+
+if TYPE_CHECKING:  # torch loads only when a command needs it, so --help answers at once
+    from .mzt import Trajectory
 
 FAIL = 1
 
@@ -107,6 +109,7 @@ def train(model: Path | None, train_file: Path | None, eval_file: Path | None, p
     """
     from . import embedded
     from .data import load_jsonl
+    from .mzt import read_trajectory
     from .train import TrainConfig, relpath, train as run
 
     d = embedded.DEFAULTS
@@ -250,6 +253,8 @@ def info(trajectory: Path, as_json: bool) -> None:
     A truncated file is summarised with the steps that can be recovered; a corrupt one too, with exit
     status 1 and the damaged chunk named.
     """
+    from .mzt import read_trajectory
+
     with _user_errors():
         traj = read_trajectory(trajectory, strict=False)
     s = summary(traj)
