@@ -24,6 +24,7 @@ import zstandard
 
 from .errors import CorruptChunkError, LimitError, OutputExistsError, TrajectoryError, UnsupportedError
 from .fingerprint import SHA256_HEX, base_fingerprint
+from .rule import MezoSGD
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -55,22 +56,14 @@ DTYPES = ("F32", "BF16", "F16")
 KNOWN: dict[str, dict[str, set[str]]] = {
     "generator": {"philox4x32-10": {"name", "seed"}},
     "noise": {"gaussian16": {"name", "table_sha256"}, "rademacher16": {"name"}},
-    "rule": {"mezo-sgd": {"name", "eps", "lr", "schedule", "grad_encoding"}},
+    "rule": {"mezo-sgd": {"name", "eps", "lr", "schedule", "grad_encoding", "weight_decay"}},
 }
+_OPTIONAL = {"weight_decay"}
 _HEADER_KEYS = ("creator", "generator", "noise", "rule", "tensors", "base", "records", "metadata")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 # --- header ---------------------------------------------------------------------------------------
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and float(x) == x
-
-
-def _significant_bits_at_most(x: float, n: int) -> bool:
-    m, _ = math.frexp(x)
-    return (m * 2.0**n).is_integer()
-
 
 def _utf8(s: str, what: str) -> bytes:
     try:
@@ -90,26 +83,22 @@ def _known_object(header: dict, key: str) -> dict:
     if unknown := sorted(obj.keys() - allowed):
         raise UnsupportedError(f"{key} {obj['name']!r} has keys {unknown} that this mezo-replay does not know: "
                                f"the file needs a newer mezo-replay")
-    if missing := sorted(allowed - obj.keys()):
+    if missing := sorted(allowed - _OPTIONAL - obj.keys()):
         raise TrajectoryError(f"{key} {obj['name']!r} lacks the keys {missing}")
     return obj
 
 
-def _check_rule(rule: dict) -> None:
-    eps, lr = rule["eps"], rule["lr"]
-    if not (_is_number(eps) and 2.0**-60 <= eps <= 2.0**60 and _significant_bits_at_most(eps, 16)):
-        raise TrajectoryError(f"rule eps {eps!r} is not a number in [2^-60, 2^60] with at most 16 significant bits")
-    if not (_is_number(lr) and 2.0**-100 <= lr <= 2.0**100 and _significant_bits_at_most(lr, 24)):
-        raise TrajectoryError(f"rule lr {lr!r} is not a number in [2^-100, 2^100] with at most 24 significant bits")
-    schedule = rule["schedule"]
-    if not isinstance(schedule, dict):
-        raise TrajectoryError("rule schedule must be an object")
-    if schedule != {"name": "constant"}:
-        raise UnsupportedError(f"rule schedule {schedule!r} is not {{'name': 'constant'}}: "
+def _check_rule(header: dict) -> MezoSGD:
+    """The numbers of rule.md (eps, lr, schedule, weight decay), checked by the rule's own code."""
+    if header["rule"]["grad_encoding"] != "bf16":
+        raise UnsupportedError(f"rule grad_encoding {header['rule']['grad_encoding']!r} is not 'bf16': "
                                f"the file needs a newer mezo-replay")
-    if rule["grad_encoding"] != "bf16":
-        raise UnsupportedError(f"rule grad_encoding {rule['grad_encoding']!r} is not 'bf16': "
-                               f"the file needs a newer mezo-replay")
+    try:
+        return MezoSGD.from_header(header)
+    except ValueError as e:
+        if "newer" in str(e) or "unknown schedule" in str(e):
+            raise UnsupportedError(f"rule: {e}") from None
+        raise TrajectoryError(f"rule: {e}") from None
 
 
 def _check_tensors(tensors: object) -> tuple[list[str], list[str]]:
@@ -166,8 +155,11 @@ def validate_header(header: dict) -> None:
     if noise["name"] == "gaussian16" and noise["table_sha256"] != GAUSSIAN16_SHA256:
         raise UnsupportedError(f"noise table_sha256 {noise['table_sha256']!r} is not the spec's gaussian16 table "
                                f"({GAUSSIAN16_SHA256})")
-    _check_rule(_known_object(header, "rule"))
+    _known_object(header, "rule")
+    rule = _check_rule(header)
     names, fps = _check_tensors(header["tensors"])
+    if rule.weight_decay and not all(isinstance(t.get("decay"), bool) for t in header["tensors"]):
+        raise TrajectoryError("with a weight_decay, every tensor entry needs a boolean 'decay'")
 
     base = header["base"]
     if not isinstance(base, dict) or not all(key in base for key in ("fingerprint", "source", "revision")):
@@ -241,12 +233,16 @@ def _json_dumps(obj: object) -> bytes:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
-def invalid_steps(grad_bits: np.ndarray, lr: float) -> np.ndarray:
-    """Indices of steps rule.md forbids: non-finite or >= 2^127 gradients, |c| = |RS(lr * gq, 16)| > 2^100."""
-    g = (grad_bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
-    bad = ~np.isfinite(g) | (np.abs(g) >= 2.0**127)
-    m, e = np.frexp(lr * np.where(bad, 0.0, g))  # lr * gq is exact in binary64
-    bad |= np.abs(np.ldexp(np.rint(np.ldexp(m, 16)), e - 16)) > 2.0**100
+def invalid_steps(grad_bits: np.ndarray, rule: MezoSGD, first_step: int = 0) -> np.ndarray:
+    """Indices of steps rule.md forbids: non-finite or >= 2^127 gradients, |c| > 2^100, d >= 1."""
+    g = (grad_bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    bad = ~np.isfinite(g) | (np.abs(g.astype(np.float64)) >= 2.0**127)
+    for j in np.flatnonzero(~bad):
+        try:
+            rule.coefficient(first_step + int(j), int(grad_bits[j]))
+            rule.decay(first_step + int(j))
+        except ValueError:
+            bad[j] = True
     return np.flatnonzero(bad)
 
 
@@ -426,7 +422,7 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                     raise _Corrupt("the first chunk must be HEAD, and only the first")
                 if ctype == "HEAD":
                     header = _decode_head(dctx, payload, path)
-                    lr = float(header["rule"]["lr"])
+                    rule = MezoSGD.from_header(header)
                 elif ctype == "STEP":
                     first, (hi, lo) = _counted(_decompress(dctx, payload, MAX_STEP_PAYLOAD), 2)
                     if first != steps:
@@ -434,7 +430,7 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                     if first + hi.size > MAX_STEPS:
                         raise _Corrupt(f"more than {MAX_STEPS} steps in the file")
                     chunk_bits = (hi.astype(np.uint16) << 8) | lo
-                    if (bad := invalid_steps(chunk_bits, lr)).size:
+                    if (bad := invalid_steps(chunk_bits, rule, first)).size:
                         raise _Corrupt(f"step {first + bad[0]} records gradient bits 0x{chunk_bits[bad[0]]:04x}, "
                                        f"which rule.md forbids")
                     bits.append(chunk_bits)
@@ -559,7 +555,7 @@ class TrajectoryWriter:
         self.path, self._file, self._spc = path, f, steps_per_chunk
         self._has_losses = bool(header["records"]["losses"])
         self._n_tensors = len(header["tensors"])
-        self._lr = float(header["rule"]["lr"])
+        self._rule = MezoSGD.from_header(header)
         self._flushed = steps
         self._bits: list[int] = []
         self._losses: list[float] = []
@@ -619,7 +615,7 @@ class TrajectoryWriter:
                              else "the header says records.losses is false: pass no loss")
         if self.steps >= MAX_STEPS:
             raise LimitError(f"a trajectory holds at most {MAX_STEPS} steps")
-        if invalid_steps(np.array([grad_bits], dtype=np.uint16), self._lr).size:
+        if invalid_steps(np.array([grad_bits], dtype=np.uint16), self._rule, self.steps).size:
             raise ValueError(f"gradient bits 0x{int(grad_bits):04x} are not finite, >= 2^127, or make |lr * g| "
                              f"exceed 2^100 (rule.md): refusing to record the step")
         self._bits.append(int(grad_bits))

@@ -22,10 +22,16 @@ from . import __version__
 from .errors import MezoReplayError
 from .fingerprint import DTYPE_NAMES, base_fingerprint, canonicalize_nan_, tensor_fingerprint
 from .mzt import TrajectoryWriter
-from .rule import MezoSGD, encode_grad
+from .rule import MezoSGD, Schedule, encode_grad
 from .steps import perturb_tensor_, restore_update_tensor_
 
 Closure = Callable[[], "torch.Tensor | float"]
+
+
+def default_no_decay(name: str, p: torch.Tensor) -> bool:
+    """MeZO's rule (no decay on biases and layer norms), also catching norms by shape: 1-d tensors."""
+    lowered = name.lower()
+    return p.dim() < 2 or any(s in lowered for s in ("bias", "layer_norm", "layernorm"))
 
 
 class NonFiniteLossError(MezoReplayError):
@@ -40,7 +46,8 @@ class MeZO:
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], *, lr: float, eps: float = 1e-3,
-                 seed: int = 0, noise: str = "gaussian16",
+                 seed: int = 0, noise: str = "gaussian16", schedule: Schedule | None = None,
+                 weight_decay: float = 0.0, no_decay: Callable[[str, torch.Tensor], bool] | None = None,
                  on_nonfinite: Literal["raise", "skip"] = "raise") -> None:
         chosen: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
@@ -60,7 +67,10 @@ class MeZO:
             raise ValueError("no trainable floating-point parameters to tune")
         self.names = sorted(chosen, key=lambda n: n.encode("utf-8"))
         self.params = [chosen[n] for n in self.names]
-        self.rule = MezoSGD.create(lr=lr, eps=eps, seed=seed, noise=noise)
+        self.rule = MezoSGD.create(lr=lr, eps=eps, seed=seed, noise=noise, schedule=schedule,
+                                   weight_decay=weight_decay)
+        exempt = no_decay or default_no_decay
+        self.decay = [bool(self.rule.weight_decay) and not exempt(n, p) for n, p in zip(self.names, self.params)]
         self.on_nonfinite = on_nonfinite
         self.step_count = 0
         self.last_grad_bits: int | None = None
@@ -82,14 +92,16 @@ class MeZO:
         loss_plus = float(closure())
         self._perturb(-2.0 * eps)
         loss_minus = float(closure())
+        t = self.step_count
+        d = self.rule.decay(t)
         bits, failure = 0, None
         try:
             bits = encode_grad((loss_plus - loss_minus) / (2.0 * eps))
-            c = self.rule.coefficient(bits)
-        except ValueError as e:  # non-finite loss or a diverged step: restore only, and say so
+            c = self.rule.coefficient(t, bits)
+        except ValueError as e:  # non-finite loss or a diverged step: no gradient step, and say so
             bits, c, failure = 0, 0.0, e
         for k, p in enumerate(self.params):
-            restore_update_tensor_(p.data, self.rule, self.step_count, k, c)
+            restore_update_tensor_(p.data, self.rule, t, k, c, d if self.decay[k] else 0.0)
         loss = (loss_plus + loss_minus) / 2.0
         if self.writer is not None:
             self.writer.append_step(bits, loss if self.writer_records_losses else None)
@@ -112,6 +124,9 @@ class MeZO:
             raise MezoReplayError("a trajectory must start before the first step")
         tensors = [{"name": n, "dtype": DTYPE_NAMES[p.dtype], "shape": list(p.shape), "sha256": fp}
                    for n, p, fp in zip(self.names, self.params, self._base_fingerprints)]
+        if self.rule.weight_decay:
+            for entry, decay in zip(tensors, self.decay):
+                entry["decay"] = decay
         return {
             "creator": f"mezo-replay {__version__}",
             **self.rule.header_fields(),

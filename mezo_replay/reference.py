@@ -110,12 +110,50 @@ def grad_value(bits: int) -> float:
 
 
 def coefficient(lr: float, bits: int) -> float:
+    """c for a step whose learning rate is lr (lr_t of the schedule)."""
     c = round_significant(lr * grad_value(bits), 16)
     if abs(c) < 2.0**-100:
         return 0.0
     if abs(c) > 2.0**100:
         raise ValueError("update coefficient beyond 2^100")
     return c
+
+
+COS_K = [float.fromhex(h) for h in (
+    "0x1.0000000000000p+0", "-0x1.3bd3cc9be45dep+2", "0x1.03c1f081b5ac4p+2", "-0x1.55d3c7e3cbffap+0",
+    "0x1.e1f506891babbp-3", "-0x1.a6d1f2a204a8cp-6", "0x1.f9d38a3763cc3p-10", "-0x1.b6e24f44b128fp-14",
+    "0x1.20c62c2f2d7f5p-18", "-0x1.2a0c591af8314p-23", "0x1.ef6e308d6d1c4p-29", "-0x1.52ae4120fde27p-34",
+    "0x1.838d8f4321800p-40")]
+
+
+def cos_pi(p: float) -> float:
+    if p > 0.5:
+        return -cos_pi(1.0 - p)
+    q = p * p
+    r = COS_K[12]
+    for k in range(11, -1, -1):
+        r = r * q + COS_K[k]
+    return r
+
+
+def lr_at(rule: dict, t: int) -> float:
+    """lr_t: the rule's lr times the schedule's multiplier f(t), rounded to 24 bits."""
+    sched = rule["schedule"]
+    w, total = sched.get("warmup_steps", 0), sched.get("total_steps", 0)
+    if t < w:
+        f = (t + 1) / (w + 1)
+    else:
+        p = min(1.0, (t - w) / max(1, total - w))
+        f = {"constant": 1.0, "linear": 1.0 - p, "cosine": 0.5 * (1.0 + cos_pi(p))}[sched["name"]]
+    lr = round_significant(rule["lr"] * f, 24)
+    return 0.0 if lr < 2.0**-100 else lr
+
+
+def decay_factor(rule: dict, t: int) -> float:
+    d = round_significant(lr_at(rule, t) * rule.get("weight_decay", 0.0), 12)
+    if d >= 1.0:
+        raise ValueError("lr * weight_decay >= 1")
+    return 0.0 if d < 2.0**-40 else d
 
 
 # --- element arithmetic (binary32) ---------------------------------------------------------------
@@ -159,22 +197,33 @@ def _round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     return out.astype(BITS_DTYPE[dtype])
 
 
-def phases(bits: np.ndarray, dtype: str, z: np.ndarray, eps: float, c: float) -> list[np.ndarray]:
+def decay(s: np.ndarray, d: float) -> np.ndarray:
+    """DECAY(s) of rule.md: split s into 12-bit halves so that both products are exact."""
+    if d == 0.0:
+        return s
+    s_hi = (s.view(np.uint32) & np.uint32(0xFFFFF000)).view(np.float32)
+    s_lo = s - s_hi
+    decayed = (s - np.float32(d) * s_hi) - np.float32(d) * s_lo
+    return np.where(np.isfinite(s) & (np.abs(s) >= np.float32(2.0**-60)), decayed, s)
+
+
+def phases(bits: np.ndarray, dtype: str, z: np.ndarray, eps: float, c: float, d: float = 0.0) -> list[np.ndarray]:
     """One step on elements: the bits after P1, P2 and P3."""
     with np.errstate(invalid="ignore", over="ignore"):  # inf and NaN inputs are cases, not accidents
         a = np.float32(eps) * z  # exact
         b = np.float32(c) * z  # exact
         p1 = round_to(to_f32(bits, dtype) + a, dtype)
         p2 = round_to(to_f32(p1, dtype) - (a + a), dtype)
-        p3 = round_to((to_f32(p2, dtype) + a) - b, dtype)
+        p3 = round_to(decay(to_f32(p2, dtype) + a, d) - b, dtype)
     return [p1, p2, p3]
 
 
-def replay(bits: np.ndarray, dtype: str, *, seed: int, k: int, noise_name: str, eps: float, lr: float,
-           grads: list[int], start: int = 0) -> np.ndarray:
-    """Elements start.. of tensor k after every step in `grads` (bf16 bits), NaNs canonical."""
+def replay(bits: np.ndarray, dtype: str, *, seed: int, k: int, noise_name: str, rule: dict, grads: list[int],
+           decayed: bool = False, start: int = 0) -> np.ndarray:
+    """Elements start.. of tensor k after every step in `grads` (bf16 bits); `rule` is the header's."""
     index = np.arange(start, start + bits.size, dtype=np.uint64)
     for t, gb in enumerate(grads):
         z = noise(noise_name, seed, t, k, index)
-        bits = phases(bits, dtype, z, eps, coefficient(lr, gb))[2]
+        d = decay_factor(rule, t) if decayed else 0.0
+        bits = phases(bits, dtype, z, rule["eps"], coefficient(lr_at(rule, t), gb), d)[2]
     return bits

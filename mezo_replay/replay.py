@@ -20,7 +20,7 @@ from .fingerprint import DTYPE_NAMES, canonicalize_nan_, tensor_fingerprint
 from .mzt import Trajectory, read_trajectory
 from .rule import MezoSGD
 from .safetensors_io import BaseCheckpoint, CheckpointWriter
-from .steps import replay_tensor_
+from .steps import StepConstants, replay_tensor_, step_constants
 
 Progress = Callable[[int], None]
 
@@ -43,6 +43,7 @@ class ReplayPlan:
     steps: int
     names: list[str]
     expected: list[str] | None  # fingerprints recorded for `steps`, if any
+    constants: list[StepConstants]  # (c, d) of each step, shared by every tensor
 
     @property
     def element_steps(self) -> int:
@@ -68,7 +69,9 @@ def plan(base: str | os.PathLike[str] | BaseCheckpoint, trajectory: str | os.Pat
             raise BaseMismatchError(f"wrong base: tensor {name!r} is {e.dtype}{list(e.shape)} in {ckpt.path}, "
                                     f"the trajectory tuned {t['dtype']}{list(t['shape'])}")
         names.append(name)
-    return ReplayPlan(ckpt, traj, MezoSGD.from_header(traj.header), steps, names, traj.fingerprints.get(steps))
+    rule = MezoSGD.from_header(traj.header)
+    return ReplayPlan(ckpt, traj, rule, steps, names, traj.fingerprints.get(steps),
+                      step_constants(rule, traj.grad_bits[:steps]))
 
 
 def read_base(p: ReplayPlan, index: int) -> torch.Tensor:
@@ -85,9 +88,9 @@ def replay_named(p: ReplayPlan, index: int, device: str | torch.device = "cpu",
                  progress: Progress | None = None) -> torch.Tensor:
     """Tuned tensor `index` of the plan after its steps."""
     w = read_base(p, index)
-    coefficients = [p.rule.coefficient(int(b)) for b in p.trajectory.grad_bits[:p.steps]]
     w = w.to(device)
-    replay_tensor_(w, p.rule, index, coefficients, progress=progress)
+    replay_tensor_(w, p.rule, index, p.constants, decay=bool(p.trajectory.header["tensors"][index].get("decay")),
+                   progress=progress)
     return canonicalize_nan_(w.cpu())
 
 

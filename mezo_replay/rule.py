@@ -1,23 +1,29 @@
-"""The update rule `mezo-sgd` (spec/rule.md): host arithmetic in binary64 and the element phases in torch.
+"""The update rule `mezo-sgd` (spec/rule.md): its hyperparameters and the per-step host arithmetic.
 
-The element phases never multiply two numbers whose product could need rounding: eps and the step
-coefficient carry at most 16 significant bits and z at most 8, so every product is exact in binary32.
-That is what makes the same code give the same bits on a CPU, a GPU, or under a compiler that fuses
-multiply-adds: there is nothing left for an FMA to round differently.
+Everything here is binary64 arithmetic on the host, done the same way by training and replay: the
+learning rate of a step, the coefficient c applied to z, and the decay factor d. The element phases
+that use them live in steps.py. eps and c carry at most 16 significant bits, d at most 12, so the
+products the element phases form are exact in binary32 and immune to fused multiply-add.
 """
 from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from .noise import GAUSS16_SHA256, NOISES
 
 MAX_SEED = 2**64 - 1
+SCHEDULES = ("constant", "linear", "cosine")
 _TINY, _HUGE = 2.0**-100, 2.0**100
+
+# K[k]: the binary64 values nearest (-1)^k pi^(2k) / (2k)! (spec/rule.md, COS_PI).
+_COS_K = [float.fromhex(h) for h in (
+    "0x1.0000000000000p+0", "-0x1.3bd3cc9be45dep+2", "0x1.03c1f081b5ac4p+2", "-0x1.55d3c7e3cbffap+0",
+    "0x1.e1f506891babbp-3", "-0x1.a6d1f2a204a8cp-6", "0x1.f9d38a3763cc3p-10", "-0x1.b6e24f44b128fp-14",
+    "0x1.20c62c2f2d7f5p-18", "-0x1.2a0c591af8314p-23", "0x1.ef6e308d6d1c4p-29", "-0x1.52ae4120fde27p-34",
+    "0x1.838d8f4321800p-40")]
 
 
 def round_significant(x: float, bits: int) -> float:
@@ -26,6 +32,17 @@ def round_significant(x: float, bits: int) -> float:
         return x
     m, e = math.frexp(x)
     return math.ldexp(round(m * (1 << bits)), e - bits)  # round() of a float is ties-to-even
+
+
+def cos_pi(p: float) -> float:
+    """COS_PI(p) on [0, 1]: a polynomial, so the same bits everywhere (CPython never fuses * and +)."""
+    if p > 0.5:
+        return -cos_pi(1.0 - p)
+    q = p * p
+    r = _COS_K[12]
+    for k in range(11, -1, -1):
+        r = r * q + _COS_K[k]
+    return r
 
 
 def encode_grad(g: float) -> int:
@@ -42,6 +59,53 @@ def decode_grad(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0]
 
 
+def _int(x: Any, what: str, lo: int, hi: int) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi:
+        raise ValueError(f"{what} must be an integer in [{lo}, {hi}], got {x!r}")
+    return x
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate multiplier of each step: warmup, then constant, linear or cosine decay."""
+
+    name: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 0
+
+    def validated(self) -> Schedule:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.name!r}; known: {', '.join(SCHEDULES)}")
+        _int(self.total_steps, "schedule total_steps", 0, 2**32 - 1)
+        _int(self.warmup_steps, "schedule warmup_steps", 0, self.total_steps)
+        if self.name != "constant" and self.total_steps < 1:
+            raise ValueError(f"a {self.name} schedule needs total_steps >= 1")
+        return self
+
+    @classmethod
+    def from_header(cls, obj: dict[str, Any]) -> Schedule:
+        unknown = set(obj) - {"name", "warmup_steps", "total_steps"}
+        if unknown:
+            raise ValueError(f"unknown schedule keys {sorted(unknown)}: the file needs a newer mezo-replay")
+        return cls(obj.get("name"), obj.get("warmup_steps", 0), obj.get("total_steps", 0)).validated()
+
+    def header(self) -> dict[str, Any]:
+        if self.name == "constant" and self.warmup_steps == 0:
+            return {"name": "constant"}
+        return {"name": self.name, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+    def multiplier(self, t: int) -> float:
+        w, total = self.warmup_steps, self.total_steps
+        if t < w:
+            return (t + 1) / (w + 1)
+        p = min(1.0, (t - w) / max(1, total - w))
+        if self.name == "linear":
+            return 1.0 - p
+        if self.name == "cosine":
+            return 0.5 * (1.0 + cos_pi(p))
+        return 1.0
+
+
 @dataclass(frozen=True)
 class MezoSGD:
     """The rule's hyperparameters exactly as a trajectory stores them (already quantised)."""
@@ -50,62 +114,80 @@ class MezoSGD:
     eps: float
     seed: int
     noise: str = "gaussian16"
+    schedule: Schedule = field(default_factory=Schedule)
+    weight_decay: float = 0.0
 
     @classmethod
-    def create(cls, *, lr: float, eps: float, seed: int, noise: str = "gaussian16") -> MezoSGD:
-        """Quantises user values the way the spec requires writers to: eps to 16 bits, lr to 24."""
-        return cls(lr=round_significant(float(lr), 24), eps=round_significant(float(eps), 16),
-                   seed=int(seed), noise=noise).validated()
+    def create(cls, *, lr: float, eps: float, seed: int, noise: str = "gaussian16",
+               schedule: Schedule | None = None, weight_decay: float = 0.0) -> MezoSGD:
+        """Quantises user values as the spec requires writers to: eps to 16 bits, lr and wd to 24."""
+        return cls(lr=round_significant(float(lr), 24), eps=round_significant(float(eps), 16), seed=int(seed),
+                   noise=noise, schedule=schedule or Schedule(),
+                   weight_decay=round_significant(float(weight_decay), 24)).validated()
 
     def validated(self) -> MezoSGD:
         if self.noise not in NOISES:
             raise ValueError(f"unknown noise {self.noise!r}; known: {', '.join(NOISES)}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
-        if not (math.isfinite(self.eps) and 2.0**-60 <= self.eps <= 2.0**60
+        _int(self.seed, "seed", 0, MAX_SEED)
+        if not (isinstance(self.eps, float) and math.isfinite(self.eps) and 2.0**-60 <= self.eps <= 2.0**60
                 and round_significant(self.eps, 16) == self.eps):
-            raise ValueError(f"eps must be positive, in [2^-60, 2^60], with <= 16 significant bits: {self.eps!r}")
-        if not (math.isfinite(self.lr) and _TINY <= self.lr <= _HUGE
+            raise ValueError(f"eps must be in [2^-60, 2^60] with at most 16 significant bits, got {self.eps!r}")
+        if not (isinstance(self.lr, float) and math.isfinite(self.lr) and _TINY <= self.lr <= _HUGE
                 and round_significant(self.lr, 24) == self.lr):
-            raise ValueError(f"lr must be positive, in [2^-100, 2^100], with <= 24 significant bits: {self.lr!r}")
+            raise ValueError(f"lr must be in [2^-100, 2^100] with at most 24 significant bits, got {self.lr!r}")
+        wd = self.weight_decay
+        if not (isinstance(wd, float) and math.isfinite(wd) and 0.0 <= wd <= _HUGE
+                and round_significant(wd, 24) == wd):
+            raise ValueError(f"weight_decay must be in [0, 2^100] with at most 24 significant bits, got {wd!r}")
+        self.schedule.validated()
         return self
 
     @classmethod
     def from_header(cls, header: dict[str, Any]) -> MezoSGD:
+        """Raises ValueError for anything rule.md does not allow (mzt turns it into a file error)."""
         rule, gen, noise = header["rule"], header["generator"], header["noise"]
-        return cls(lr=float(rule["lr"]), eps=float(rule["eps"]), seed=int(gen["seed"]),
-                   noise=noise["name"]).validated()
+        numbers = {k: rule.get(k, 0.0) for k in ("lr", "eps", "weight_decay")}
+        for k, v in numbers.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"rule {k} must be a number, got {v!r}")
+        schedule = rule["schedule"]
+        if not isinstance(schedule, dict):
+            raise ValueError("rule schedule must be an object")
+        seed = gen["seed"]
+        if not (isinstance(seed, str) and seed.isdigit() and seed.isascii() and (seed == "0" or seed[0] != "0")):
+            raise ValueError(f"generator seed must be a decimal string, got {seed!r}")
+        return cls(lr=float(numbers["lr"]), eps=float(numbers["eps"]), seed=int(seed), noise=noise["name"],
+                   schedule=Schedule.from_header(schedule),
+                   weight_decay=float(numbers["weight_decay"])).validated()
 
     def header_fields(self) -> dict[str, Any]:
         noise: dict[str, Any] = {"name": self.noise}
         if self.noise == "gaussian16":
             noise["table_sha256"] = GAUSS16_SHA256
-        return {
-            "generator": {"name": "philox4x32-10", "seed": str(self.seed)},
-            "noise": noise,
-            "rule": {"name": "mezo-sgd", "eps": self.eps, "lr": self.lr,
-                     "schedule": {"name": "constant"}, "grad_encoding": "bf16"},
-        }
+        rule: dict[str, Any] = {"name": "mezo-sgd", "eps": self.eps, "lr": self.lr,
+                                "schedule": self.schedule.header(), "grad_encoding": "bf16"}
+        if self.weight_decay:
+            rule["weight_decay"] = self.weight_decay
+        return {"generator": {"name": "philox4x32-10", "seed": str(self.seed)}, "noise": noise, "rule": rule}
 
-    def coefficient(self, grad_bits: int) -> float:
-        """c = RS(lr * gq, 16); lr * gq is exact in binary64 (24 + 8 significant bits)."""
-        c = round_significant(self.lr * decode_grad(grad_bits), 16)
+    def lr_at(self, t: int) -> float:
+        lr = round_significant(self.lr * self.schedule.multiplier(t), 24)
+        return 0.0 if lr < _TINY else lr
+
+    def coefficient(self, t: int, grad_bits: int) -> float:
+        """c = RS(lr_t * gq, 16); lr_t * gq is exact in binary64 (24 + 8 significant bits)."""
+        c = round_significant(self.lr_at(t) * decode_grad(grad_bits), 16)
         if abs(c) < _TINY:
             return 0.0
         if abs(c) > _HUGE:
-            raise ValueError(f"update coefficient {c:g} is beyond 2^100: the step diverged")
+            raise ValueError(f"step {t}: update coefficient {c:g} is beyond 2^100: the step diverged")
         return c
 
-
-# --- element phases, in place on a flat slice of a parameter ---------------------------------------
-
-# R_D is torch's copy_ from float32: bf16 and f16 round to nearest even and keep subnormals.
-
-def perturb_(w: torch.Tensor, z: torch.Tensor, scale: float) -> None:
-    """P1 (scale = eps) and P2 (scale = -2 eps): w = R_D(fl32(w + scale*z)); scale*z is exact."""
-    w.copy_(w.to(torch.float32) + z * scale)
-
-
-def restore_update_(w: torch.Tensor, z: torch.Tensor, eps: float, c: float) -> None:
-    """P3: w = R_D(fl32(fl32(w + eps*z) - c*z)), the restore and the update in one pass."""
-    w.copy_((w.to(torch.float32) + z * eps) - z * c)
+    def decay(self, t: int) -> float:
+        """d = RS(lr_t * wd, 12): the decoupled weight-decay factor of step t (0 when negligible)."""
+        d = round_significant(self.lr_at(t) * self.weight_decay, 12)
+        if d < 2.0**-40:
+            return 0.0
+        if d >= 1.0:
+            raise ValueError(f"step {t}: lr * weight_decay = {d:g} >= 1 would flip the weights' sign")
+        return d

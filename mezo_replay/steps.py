@@ -1,8 +1,10 @@
-"""Applying the rule's phases to whole tensors, slice by slice, for training and for replay alike.
+"""The element phases of spec/rule.md in torch, applied to whole tensors slice by slice, for training
+and for replay alike.
 
 Training and replay run this same code, so they cannot disagree. Slicing bounds the temporaries
 (noise and Philox words) to a few slices' worth, whatever the tensor's size, and is invisible in the
 result because every element's noise depends only on its own index (spec/generator.md).
+R_D is torch's copy_ from float32: bf16 and f16 round to nearest even and keep subnormals.
 """
 from __future__ import annotations
 
@@ -11,7 +13,29 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .noise import noise
-from .rule import MezoSGD, perturb_, restore_update_
+from .rule import MezoSGD
+
+StepConstants = tuple[float, float]  # (c, d) of one step: update coefficient and decay factor
+
+
+def perturb_(w: torch.Tensor, z: torch.Tensor, scale: float) -> None:
+    """P1 (scale = eps) and P2 (scale = -2 eps): w = R_D(fl32(w + scale*z)); scale*z is exact."""
+    w.copy_(w.to(torch.float32) + z * scale)
+
+
+def _decay(s: torch.Tensor, d: float) -> torch.Tensor:
+    """DECAY(s): s - d*s_hi - d*s_lo with 12-bit halves, so both products are exact binary32 numbers."""
+    hi = (s.view(torch.int32) & -4096).view(torch.float32)  # clear the low 12 bits of the pattern
+    decayed = (s - hi * d) - (s - hi) * d
+    return torch.where(torch.isfinite(s) & (s.abs() >= 2.0**-60), decayed, s)
+
+
+def restore_update_(w: torch.Tensor, z: torch.Tensor, eps: float, c: float, d: float = 0.0) -> None:
+    """P3: w = R_D(fl32(DECAY(fl32(w + eps*z)) - c*z)), the restore, decay and update in one pass."""
+    s = w.to(torch.float32) + z * eps
+    if d:
+        s = _decay(s, d)
+    w.copy_(s - z * c)
 
 
 def default_slice(device: torch.device) -> int:
@@ -46,21 +70,27 @@ def perturb_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, scale
     _in_place(w, run)
 
 
-def restore_update_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, c: float,
+def restore_update_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, c: float, d: float = 0.0,
                            slice_size: int | None = None) -> None:
-    """P3 of one step on one tuned tensor."""
+    """P3 of one step on one tuned tensor (d: its decay factor, 0 for tensors without decay)."""
     size = slice_size or default_slice(w.device)
 
     def run(t: torch.Tensor) -> None:
         for start, s in _flat_slices(t, size):
             z = noise(rule.noise, rule.seed, step, index, start, s.numel(), t.device)
-            restore_update_(s, z, rule.eps, c)
+            restore_update_(s, z, rule.eps, c, d)
 
     _in_place(w, run)
 
 
-def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, coefficients: Sequence[float], *,
-                   first_step: int = 0, slice_size: int | None = None,
+def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0) -> list[StepConstants]:
+    """(c, d) for each recorded step, computed once and shared by every tensor of a replay."""
+    return [(rule.coefficient(first_step + j, int(b)), rule.decay(first_step + j))
+            for j, b in enumerate(grad_bits)]
+
+
+def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequence[StepConstants], *,
+                   decay: bool = False, first_step: int = 0, slice_size: int | None = None,
                    progress: Callable[[int], None] | None = None) -> None:
     """Steps first_step, first_step+1, ... of one tuned tensor, in place.
 
@@ -71,12 +101,12 @@ def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, coefficients: Seq
 
     def run(t: torch.Tensor) -> None:
         for start, s in _flat_slices(t, size):
-            for j, c in enumerate(coefficients):
+            for j, (c, d) in enumerate(constants):
                 z = noise(rule.noise, rule.seed, first_step + j, index, start, s.numel(), t.device)
                 perturb_(s, z, rule.eps)
                 perturb_(s, z, -2.0 * rule.eps)
-                restore_update_(s, z, rule.eps, c)
+                restore_update_(s, z, rule.eps, c, d if decay else 0.0)
             if progress is not None:
-                progress(s.numel() * len(coefficients))
+                progress(s.numel() * len(constants))
 
     _in_place(w, run)

@@ -45,8 +45,8 @@ def lm_closure(model, device="cpu", seed=0):
     return lambda: model(input_ids=ids, labels=ids).loss.float()
 
 
-def train_steps(model, traj_path, steps, *, lr=5e-3, eps=1e-3, seed=7, snapshot_at=None, device="cpu"):
-    opt = MeZO(model.named_parameters(), lr=lr, eps=eps, seed=seed)
+def train_steps(model, traj_path, steps, *, lr=5e-3, eps=1e-3, seed=7, snapshot_at=None, device="cpu", **rule):
+    opt = MeZO(model.named_parameters(), lr=lr, eps=eps, seed=seed, **rule)
     opt.record(traj_path, base_source="test", steps_per_chunk=3)
     snap = None
     for s in range(steps):
@@ -149,7 +149,7 @@ def test_reference_agrees_on_a_real_model(tmp_path):
         w = base.read(t["name"])
         bits = w.view(torch.int16).numpy().reshape(-1).view(np.uint16)
         got = R.replay(bits, t["dtype"], seed=int(h["generator"]["seed"]), k=k, noise_name=h["noise"]["name"],
-                       eps=h["rule"]["eps"], lr=h["rule"]["lr"], grads=[int(b) for b in traj.grad_bits])
+                       rule=h["rule"], grads=[int(b) for b in traj.grad_bits], decayed=bool(t.get("decay")))
         want = opt.params[k].detach().view(torch.int16).numpy().reshape(-1).view(np.uint16)
         assert got.tolist() == want.tolist(), t["name"]
 
@@ -185,3 +185,21 @@ def test_cuda_training_reconstructs_on_cpu_and_cuda(tmp_path, dtype):
         for name, p in zip(opt.names, opt.params):
             assert tensor_bytes(got[name]) == tensor_bytes(p), (device, name)
     assert DTYPE_NAMES[opt.params[0].dtype] == {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_schedule_and_weight_decay_round_trip(tmp_path, dtype):
+    from mezo_replay.rule import Schedule
+
+    model = tiny_model("gpt2", DTYPES[dtype])
+    model.save_pretrained(tmp_path / "base")
+    opt, _ = train_steps(model, tmp_path / "t.mzt", steps=6, lr=2e-2, weight_decay=0.5,
+                         schedule=Schedule("linear", warmup_steps=2, total_steps=6))
+    h = read_trajectory(tmp_path / "t.mzt").header
+    decay = {t["name"]: t["decay"] for t in h["tensors"]}
+    assert decay["transformer.h.0.attn.c_attn.weight"] is True
+    assert decay["transformer.h.0.attn.c_attn.bias"] is False and decay["transformer.ln_f.weight"] is False
+    assert h["rule"]["weight_decay"] == 0.5 and h["rule"]["schedule"]["name"] == "linear"
+    got = out_tensors(replay.reconstruct(replay.plan(tmp_path / "base", tmp_path / "t.mzt"), tmp_path / "out"))
+    for name, p in zip(opt.names, opt.params):
+        assert tensor_bytes(got[name]) == tensor_bytes(p), name

@@ -97,14 +97,15 @@ def test_rule_element_vectors(device):
         w = np.array([int(case["w"], 16)], dtype=R.BITS_DTYPE[dtype])
         z = np.array([int(case["z"], 16)], dtype=np.uint32).view(np.float32)
         want = [int(case[p], 16) for p in ("p1", "p2", "p3")]
-        assert [int(b[0]) for b in R.phases(w, dtype, z, case["eps"], case["c"])] == want, case
+        d = case.get("d", 0.0)
+        assert [int(b[0]) for b in R.phases(w, dtype, z, case["eps"], case["c"], d)] == want, case
         t = bits_to_torch(w, dtype, device)
         zt = torch.from_numpy(z.copy()).to(device)
-        rule.perturb_(t, zt, case["eps"])
+        steps.perturb_(t, zt, case["eps"])
         assert int(torch_to_bits(t, dtype)[0]) == want[0], case
-        rule.perturb_(t, zt, -2.0 * case["eps"])
+        steps.perturb_(t, zt, -2.0 * case["eps"])
         assert int(torch_to_bits(t, dtype)[0]) == want[1], case
-        rule.restore_update_(t, zt, case["eps"], case["c"])
+        steps.restore_update_(t, zt, case["eps"], case["c"], d)
         assert int(torch_to_bits(t, dtype)[0]) == want[2], case
 
 
@@ -118,13 +119,22 @@ def test_rule_host_vectors():
     for case in host["coefficient"]:
         sgd = MezoSGD(lr=case["lr"], eps=2.0**-10, seed=0)
         assert R.coefficient(case["lr"], int(case["grad_bits"], 16)) == case["c"]
-        assert sgd.coefficient(int(case["grad_bits"], 16)) == case["c"]
+        assert sgd.coefficient(0, int(case["grad_bits"], 16)) == case["c"]
+    for case in host["cos_pi"]:
+        assert R.cos_pi(case["p"]) == case["result"] == rule.cos_pi(case["p"])
+    for case in host["schedules"]:
+        sgd = MezoSGD(lr=case["lr"], eps=2.0**-10, seed=0, schedule=rule.Schedule.from_header(case["schedule"]),
+                      weight_decay=case["weight_decay"]).validated()
+        for st in case["steps"]:
+            assert (sgd.lr_at(st["t"]), sgd.decay(st["t"])) == (st["lr_t"], st["d"]), (case["schedule"], st)
+            ref_rule = {"lr": case["lr"], "weight_decay": case["weight_decay"], "schedule": case["schedule"]}
+            assert (R.lr_at(ref_rule, st["t"]), R.decay_factor(ref_rule, st["t"])) == (st["lr_t"], st["d"])
     for g in host["invalid_grad"]:
         with pytest.raises(ValueError):
             rule.encode_grad(g)
     for case in host["invalid_coefficient"]:
         with pytest.raises(ValueError, match="2\\^100"):
-            MezoSGD(lr=case["lr"], eps=2.0**-10, seed=0).coefficient(int(case["grad_bits"], 16))
+            MezoSGD(lr=case["lr"], eps=2.0**-10, seed=0).coefficient(0, int(case["grad_bits"], 16))
 
 
 def test_quantised_hyperparameters_round_trip_through_json():
@@ -158,10 +168,28 @@ def test_torch_replay_equals_reference(device, dtype, noise_name):
     bits = random_bits(dtype, n, seed=n)
     sgd = MezoSGD.create(lr=2e-3, eps=1e-3, seed=77, noise=noise_name)
     grads = [rule.encode_grad(g) for g in (0.5, -3.25, 1e-35, 40.0, -0.001, 0.0, 7.0)]
-    want = R.replay(bits, dtype, seed=sgd.seed, k=5, noise_name=noise_name, eps=sgd.eps, lr=sgd.lr, grads=grads)
+    want = R.replay(bits, dtype, seed=sgd.seed, k=5, noise_name=noise_name, rule=sgd.header_fields()["rule"], grads=grads)
     t = bits_to_torch(bits, dtype, device).reshape(1, n)
-    steps.replay_tensor_(t, sgd, 5, [sgd.coefficient(g) for g in grads], slice_size=100)
+    steps.replay_tensor_(t, sgd, 5, steps.step_constants(sgd, grads), slice_size=100)
     assert torch_to_bits(t, dtype).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
+def test_torch_replay_with_schedule_and_decay_equals_reference(device, dtype):
+    n = 997
+    bits = random_bits(dtype, n, seed=3)
+    sgd = MezoSGD.create(lr=0.02, eps=1e-3, seed=5, weight_decay=0.3,
+                         schedule=rule.Schedule("cosine", warmup_steps=2, total_steps=9))
+    grads = [rule.encode_grad(g) for g in (0.5, -3.25, 2.0, 40.0, -0.001, 0.0, 7.0, -1.0, 0.3)]
+    want = R.replay(bits, dtype, seed=sgd.seed, k=1, noise_name=sgd.noise, rule=sgd.header_fields()["rule"],
+                    grads=grads, decayed=True)
+    t = bits_to_torch(bits, dtype, device)
+    steps.replay_tensor_(t, sgd, 1, steps.step_constants(sgd, grads), decay=True, slice_size=128)
+    assert torch_to_bits(t, dtype).tolist() == want.tolist()
+    plain = R.replay(bits, dtype, seed=sgd.seed, k=1, noise_name=sgd.noise, rule=sgd.header_fields()["rule"],
+                     grads=grads)
+    assert plain.tolist() != want.tolist()  # decay changed something: the test can fail
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
@@ -174,27 +202,28 @@ def test_training_phases_equal_replay(dtype):
     b = a.clone().reshape(9, 59).t()  # non-contiguous view: indices stay row-major of the logical tensor
     b_ref = a.clone().reshape(9, 59)
     for t, g in enumerate(grads):
-        c = sgd.coefficient(g)
+        c = sgd.coefficient(t, g)
         steps.perturb_tensor_(a, sgd, t, 2, sgd.eps, slice_size=64)
         steps.perturb_tensor_(a, sgd, t, 2, -2.0 * sgd.eps, slice_size=64)
         steps.restore_update_tensor_(a, sgd, t, 2, c, slice_size=64)
-    steps.replay_tensor_(b_ref, sgd, 2, [sgd.coefficient(g) for g in grads], slice_size=50)
+    steps.replay_tensor_(b_ref, sgd, 2, steps.step_constants(sgd, grads), slice_size=50)
     assert torch_to_bits(a, dtype).tolist() == torch_to_bits(b_ref, dtype).tolist()
     c = bits_to_torch(bits, dtype, "cpu").reshape(9, 59).t().contiguous().t()  # same logical tensor, other strides
-    steps.replay_tensor_(c, sgd, 2, [sgd.coefficient(g) for g in grads])
+    steps.replay_tensor_(c, sgd, 2, steps.step_constants(sgd, grads))
     assert torch_to_bits(c.contiguous(), dtype).tolist() == torch_to_bits(b_ref, dtype).tolist()
     del b
 
 
-def test_tiny_end_to_end_vector(tmp_path):
-    """spec/vectors/tiny: the numpy reference and the torch reconstruct both land on expected.json."""
+@pytest.mark.parametrize("name", ["tiny", "tiny-cosine-decay"])
+def test_tiny_end_to_end_vector(tmp_path, name):
+    """spec/vectors/tiny*: the numpy reference and the torch reconstruct both land on expected.json."""
     import hashlib
 
     from mezo_replay import replay
     from mezo_replay.mzt import read_trajectory
     from mezo_replay.safetensors_io import BaseCheckpoint
 
-    tiny = VECTORS / "tiny"
+    tiny = VECTORS / name
     expected = json.loads((tiny / "expected.json").read_text())
     traj = read_trajectory(tiny / "traj.mzt")
     h = traj.header
@@ -204,7 +233,7 @@ def test_tiny_end_to_end_vector(tmp_path):
         bits = base.read_bytes(t["name"])
         w = np.frombuffer(bits, dtype=R.BITS_DTYPE[t["dtype"]]).copy()
         got = R.replay(w, t["dtype"], seed=int(h["generator"]["seed"]), k=k, noise_name=h["noise"]["name"],
-                       eps=h["rule"]["eps"], lr=h["rule"]["lr"], grads=[int(b) for b in traj.grad_bits])
+                       rule=h["rule"], grads=[int(b) for b in traj.grad_bits], decayed=bool(t.get("decay")))
         assert hashlib.sha256(got.tobytes()).hexdigest() == expected["tensors"][t["name"]]["sha256"], t["name"]
     out = replay.reconstruct(replay.plan(tiny / "base.safetensors", tiny / "traj.mzt"), tmp_path / "o.safetensors")
     result = BaseCheckpoint.open(out)

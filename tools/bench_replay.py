@@ -13,7 +13,7 @@ import torch
 
 from mezo_replay import reference as R
 from mezo_replay.rule import MezoSGD, encode_grad
-from mezo_replay.steps import replay_tensor_
+from mezo_replay.steps import replay_tensor_, step_constants
 
 TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -31,11 +31,11 @@ def main() -> None:
     w = (torch.randn(args.elements, generator=torch.Generator().manual_seed(0)) * 0.02).to(TORCH[args.dtype])
 
     t = w.clone().to(args.device)
-    replay_tensor_(t[:1024].clone(), sgd, 0, [sgd.coefficient(g) for g in grads[:1]])  # warm-up
+    replay_tensor_(t[:1024].clone(), sgd, 0, step_constants(sgd, grads[:1]))  # warm-up
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    replay_tensor_(t, sgd, 0, [sgd.coefficient(g) for g in grads])
+    replay_tensor_(t, sgd, 0, step_constants(sgd, grads))
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     torch_s = time.perf_counter() - start
@@ -44,7 +44,7 @@ def main() -> None:
     bits = w[:n_ref].contiguous().view(torch.int16 if args.dtype != "F32" else torch.int32).numpy()
     bits = bits.view(R.BITS_DTYPE[args.dtype]).copy()
     start = time.perf_counter()
-    ref = R.replay(bits, args.dtype, seed=sgd.seed, k=0, noise_name=sgd.noise, eps=sgd.eps, lr=sgd.lr, grads=grads)
+    ref = R.replay(bits, args.dtype, seed=sgd.seed, k=0, noise_name=sgd.noise, rule=sgd.header_fields()["rule"], grads=grads)
     ref_s = (time.perf_counter() - start) * args.elements / n_ref
 
     got = t[:n_ref].cpu().contiguous().view(torch.int16 if args.dtype != "F32" else torch.int32).numpy()

@@ -97,6 +97,26 @@ def rule() -> dict:
             cases.append({"dtype": dtype, "w": hx(w, width), "z": hx(f32_bits(z), 8), "eps": eps, "c": 0.0,
                           "p1": hx(int(out[0][0]), width), "p2": hx(int(out[1][0]), width),
                           "p3": hx(int(out[2][0]), width)})
+    # Decay: the same special values through P3 with a decay factor (rule.md DECAY).
+    for dtype, ws in special.items():
+        width = 8 if dtype == "F32" else 4
+        for n, w in enumerate(ws[:10] + [int(v) for v in rng.integers(0, 2**(4 * width), size=6)]):
+            z, eps = zs[n % len(zs)], eps_values[n % 2]
+            c, d = c_values[1 + n % 2], [2.0**-40, R.round_significant(1e-3, 12), 0.75][n % 3]
+            bits = np.array([w], dtype=R.BITS_DTYPE[dtype])
+            out = R.phases(bits, dtype, np.array([z], dtype=np.float32), eps, c, d)
+            cases.append({"dtype": dtype, "w": hx(w, width), "z": hx(f32_bits(z), 8), "eps": eps, "c": c, "d": d,
+                          "p1": hx(int(out[0][0]), width), "p2": hx(int(out[1][0]), width),
+                          "p3": hx(int(out[2][0]), width)})
+    schedules = []
+    for sched in ({"name": "constant"}, {"name": "constant", "warmup_steps": 3, "total_steps": 10},
+                  {"name": "linear", "warmup_steps": 2, "total_steps": 10},
+                  {"name": "cosine", "warmup_steps": 0, "total_steps": 7},
+                  {"name": "cosine", "warmup_steps": 100, "total_steps": 20000}):
+        rule = {"lr": R.round_significant(3e-4, 24), "weight_decay": R.round_significant(0.1, 24), "schedule": sched}
+        ts = sorted({0, 1, 2, 3, 5, 6, 7, 9, 10, 11, 99, 100, 101, 5000, 10050, 19999, 20000})
+        schedules.append({"lr": rule["lr"], "weight_decay": rule["weight_decay"], "schedule": sched,
+                          "steps": [{"t": t, "lr_t": R.lr_at(rule, t), "d": R.decay_factor(rule, t)} for t in ts]})
     host_rs = [(1e-3, 16), (1e-6, 24), (0.1, 8), (-2.5, 1), (1.5, 1), (3.0, 1), (2.0**-1074, 8), (1e300, 16)]
     grads = [0.0, -0.0, 1.0, -1.2345, 1e-31, -1e-31, 7.7e-30, 1.0e38, 123.456, 0.0078125 * 1.00390625]
     coeff = [(1e-6, 0x3F80), (R.round_significant(1e-3, 24), 0xC2F7), (2.0**-100, 0x0001), (1.0, 0x0000),
@@ -106,15 +126,19 @@ def rule() -> dict:
         "grad_bits": [{"g": g, "bits": hx(R.grad_bits(g), 4)} for g in grads],
         "coefficient": [{"lr": R.round_significant(lr, 24), "grad_bits": hx(b, 4),
                          "c": R.coefficient(R.round_significant(lr, 24), b)} for lr, b in coeff],
+        "cos_pi": [{"p": p, "result": R.cos_pi(p)} for p in (0.0, 1e-9, 0.1, 0.25, 1 / 3, 0.5, 0.5 + 2**-53, 0.75, 0.9,
+                                                              1.0)],
+        "schedules": schedules,
         "invalid_grad": [float("inf"), float("nan"), 3.0e38],
         "invalid_coefficient": [{"lr": R.round_significant(1e-7, 24), "grad_bits": "0x7f7f"}],
     }
-    return {"about": "rule.md: element phases (bits of D after P1, P2, P3 for w, z, eps, c; z as binary32 "
-                     "bits; NaN results canonical) and host arithmetic (binary64 values, exact repr)",
+    return {"about": "rule.md: element phases (bits of D after P1, P2, P3 for w, z, eps, c and the decay factor "
+                     "d, 0 if absent; z as binary32 bits; NaN results canonical) and host arithmetic (binary64 "
+                     "values, exact repr): RS, gradient encoding, coefficient, COS_PI, lr_t and d per schedule",
             "elements": cases, "host": host}
 
 
-def tiny() -> None:
+def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0) -> None:
     """spec/vectors/tiny: a base with one tensor per dtype (special values included) and a frozen one,
     a trajectory recorded by the real optimizer from a fixed loss sequence, and the expected result."""
     import hashlib
@@ -125,7 +149,7 @@ def tiny() -> None:
     from mezo_replay.fingerprint import tensor_fingerprint
     from mezo_replay.optimizer import MeZO
 
-    out = SPEC / "tiny"
+    out = SPEC / name
     out.mkdir(exist_ok=True)
     g = torch.Generator().manual_seed(5)
     base = {
@@ -140,7 +164,7 @@ def tiny() -> None:
     save_file(base, str(out / "base.safetensors"), metadata={"format": "pt"})
     params = {n: t.clone().requires_grad_(n != "d.frozen") for n, t in base.items()}
     losses = iter([2.0, 1.9, 1.7, 1.75, 1.5, 1.52, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1])
-    opt = MeZO(params.items(), lr=0.05, eps=1e-3, seed=2**40 + 11)
+    opt = MeZO(params.items(), lr=0.05, eps=1e-3, seed=2**40 + 11, schedule=schedule, weight_decay=weight_decay)
     (out / "traj.mzt").unlink(missing_ok=True)
     opt.record(out / "traj.mzt", base_source="base.safetensors", steps_per_chunk=4,
                metadata={"purpose": "spec test vector"})
@@ -163,6 +187,9 @@ def main() -> None:
         (SPEC / f"{name}.json").write_text(json.dumps(fn(), indent=1) + "\n")
         print("wrote", SPEC / f"{name}.json")
     tiny()
+    from mezo_replay.rule import Schedule
+
+    tiny("tiny-cosine-decay", schedule=Schedule("cosine", warmup_steps=2, total_steps=6), weight_decay=0.5)
 
 
 if __name__ == "__main__":
