@@ -73,44 +73,92 @@ def main() -> None:
 
 # --- train ---------------------------------------------------------------------------------------
 
+def _label_words(value: str | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    try:
+        words = json.loads(value)
+    except json.JSONDecodeError:
+        words = None
+    if not isinstance(words, dict) or not all(isinstance(v, str) for v in words.values()):
+        raise click.BadParameter('a JSON object from label to word, e.g. \'{"0": " terrible", "1": " great"}\'')
+    return {str(k): v for k, v in words.items()}
+
+
 @main.command()
 @click.option("--model", type=click.Path(path_type=Path, file_okay=False),
               help="Local Hugging Face causal-LM folder. Default: the embedded tiny Llama.")
-@click.option("--train-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="JSONL with 'prompt' and 'completion' fields. Default: the embedded sentiment task.")
-@click.option("--eval-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="JSONL for evaluation, same fields. Default: the embedded task's eval split.")
-@click.option("--prompt-key", default="prompt", show_default=True, help="JSONL field holding the prompt.")
-@click.option("--completion-key", default="completion", show_default=True,
-              help="JSONL field holding the completion (the loss is on its tokens only).")
+@click.option("--data", help="Training data: a .jsonl/.json/.csv/.parquet file or a Hugging Face data set "
+              "name (needs `datasets`). Default: the embedded sentiment task.")
+@click.option("--eval-data", help="Evaluation data (a file); for a data set name its validation split is used.")
+@click.option("--task", "task_kind", type=click.Choice(["prompt-completion", "label-words", "lm"]),
+              default="prompt-completion", show_default=True,
+              help="prompt-completion: loss on the completion only; label-words: MeZO's prompt-based "
+                   "classification; lm: plain language modelling on a text column.")
+@click.option("--template", help="Build the prompt from columns, e.g. '{sentence} It was'.")
+@click.option("--label-words", help='For label-words: JSON label -> word, e.g. \'{"0": " terrible", "1": " great"}\'.')
+@click.option("--text-key", default="text", show_default=True, help="Column of the text (lm task).")
+@click.option("--prompt-key", default="prompt", show_default=True, help="Column of the prompt.")
+@click.option("--completion-key", default="completion", show_default=True, help="Column of the completion.")
+@click.option("--label-key", default="label", show_default=True, help="Column of the label (label-words).")
+@click.option("--objective", type=click.Choice(["ce", "accuracy", "f1"]), default="ce", show_default=True,
+              help="What MeZO minimises: cross-entropy, or (label-words) 1 - accuracy or 1 - macro-F1, "
+                   "which MeZO can optimise directly since it needs no gradient.")
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("traj.mzt"),
               show_default=True, help="Trajectory file to write.")
-@click.option("--steps", type=click.IntRange(1, 2**32 - 1), help="MeZO steps. [default: embedded setting]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate (constant).")
+@click.option("--resume", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Continue this trajectory: its steps are replayed onto the base, checked, and training "
+                   "goes on to --steps. Settings must match the original run.")
+@click.option("--steps", type=click.IntRange(1, 2**32 - 1), help="Total MeZO steps. [default: embedded setting]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
 @click.option("--eps", type=click.FloatRange(min=0, min_open=True), help="Perturbation scale.")
+@click.option("--schedule", type=click.Choice(["constant", "linear", "cosine"]), default="constant",
+              show_default=True, help="Learning-rate schedule after warmup.")
+@click.option("--warmup-steps", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Decoupled weight decay (MeZO's rule: not on biases, norms or other 1-d tensors).")
+@click.option("--tune", multiple=True, help="Tune only parameters matching this glob (repeatable), "
+              "e.g. 'layers.*.self_attn'.")
+@click.option("--freeze", multiple=True, help="Do not tune parameters matching this glob (repeatable).")
 @click.option("--batch-size", type=click.IntRange(1), help="Examples per step.")
+@click.option("--max-length", type=click.IntRange(2), help="Tokens per example (longer prompts are cut "
+              "from the left).")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Run seed: noise and batch order.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Parameter dtype to train in (a base in that dtype is saved if the model's differs).")
 @click.option("--noise", type=click.Choice(["gaussian16", "rademacher16"]), default="gaussian16",
               show_default=True, help="Perturbation distribution (spec/noise.md).")
 @click.option("--eval-every", type=click.IntRange(0), help="Evaluate every N steps (0: only at the ends).")
+@click.option("--flush-every", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
+              help="Steps per checksummed chunk: a hard crash loses at most this many steps.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write JSON lines (one per step and per evaluation) to this file, or - for stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing trajectory file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def train(model: Path | None, train_file: Path | None, eval_file: Path | None, prompt_key: str,
-          completion_key: str, out: Path, steps: int | None,
-          lr: float | None, eps: float | None, batch_size: int | None, seed: int | None, dtype: str, noise: str,
-          eval_every: int | None, device: str, overwrite: bool, quiet: bool) -> None:
+def train(model: Path | None, data: str | None, eval_data: str | None, task_kind: str, template: str | None,
+          label_words: str | None, text_key: str, prompt_key: str, completion_key: str, label_key: str,
+          objective: str, out: Path, resume: Path | None, steps: int | None, lr: float | None, eps: float | None,
+          schedule: str, warmup_steps: int, weight_decay: float, tune: tuple[str, ...], freeze: tuple[str, ...],
+          batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
+          eval_every: int | None, flush_every: int, device: str, log_path: str | None, overwrite: bool,
+          quiet: bool) -> None:
     """Fine-tune a causal LM with MeZO and record the trajectory.
 
     With no options it fine-tunes the tiny Llama that ships with mezo-replay on a small sentiment task
-    (about a minute on two CPU cores) and prints the command that rebuilds the tuned weights.
+    (about 90 seconds on two CPU cores) and prints the command that rebuilds the tuned weights.
+
+    \b
+    Examples:
+      mezo-replay train --model ./my-llama --data train.jsonl --eval-data dev.jsonl --steps 20000
+      mezo-replay train --model ./opt --data sst2.csv --task label-words --template '{sentence} It was' \\
+          --label-words '{"0": " terrible", "1": " great"}' --objective accuracy
+      mezo-replay train --resume traj.mzt --steps 20000      # after a crash or Ctrl-C
     """
     from . import embedded
-    from .data import load_jsonl
+    from .data import load_splits
     from .mzt import read_trajectory
-    from .train import TrainConfig, relpath, train as run
+    from .train import StepReport, TrainConfig, relpath, train as run
 
     d = embedded.DEFAULTS
     if quiet:
@@ -119,49 +167,60 @@ def train(model: Path | None, train_file: Path | None, eval_file: Path | None, p
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
     with _user_errors():
-        default_train, default_eval = embedded.load_task()
+        if data is None and eval_data is not None:
+            raise MezoReplayError("--eval-data needs --data (without --data the embedded task is used)")
+        train_examples, eval_examples = load_splits(data, eval_data) if data else embedded.load_task()
+        options = {"text_key": text_key, "prompt_key": prompt_key, "completion_key": completion_key,
+                   "template": template, "label_key": label_key, "label_words": _label_words(label_words)}
         cfg = TrainConfig(
-            model=model or embedded.MODEL_DIR,
-            train_examples=load_jsonl(train_file) if train_file else default_train,
-            eval_examples=load_jsonl(eval_file) if eval_file else ([] if train_file else default_eval),
-            out=out, steps=steps or d["steps"], lr=lr or d["lr"], eps=eps or d["eps"],
+            model=model or embedded.MODEL_DIR, train_examples=train_examples, eval_examples=eval_examples,
+            out=resume or out, steps=steps or d["steps"], lr=lr or d["lr"], eps=eps or d["eps"],
             batch_size=batch_size or d["batch_size"], seed=d["seed"] if seed is None else seed,
-            max_length=d["max_length"], prompt_key=prompt_key, completion_key=completion_key, dtype=dtype,
-            noise=noise,
-            eval_every=d.get("eval_every", 0) if eval_every is None else eval_every,
-            overwrite=overwrite, device=_device(device))
+            task=task_kind, task_options=options, objective=objective,
+            max_length=max_length or d["max_length"], dtype=dtype, noise=noise, schedule=schedule,
+            warmup_steps=warmup_steps, weight_decay=weight_decay, tune=tune, freeze=freeze,
+            eval_every=d.get("eval_every", 0) if eval_every is None else eval_every, flush_every=flush_every,
+            resume=resume is not None, overwrite=overwrite, device=_device(device))
         bars: list[tqdm] = []  # made at the first step, so model loading prints before it
-        smooth: list[float] = []
 
-        def on_step(step: int, loss: float, ev: float | None) -> None:
+        def on_step(r: StepReport) -> None:
             if not bars:
-                bars.append(tqdm(total=cfg.steps, desc="MeZO", unit="step", disable=quiet, dynamic_ncols=True))
+                bars.append(tqdm(total=r.steps, initial=r.step - 1, desc="MeZO", unit="step", disable=quiet,
+                                 dynamic_ncols=True))
             bar = bars[0]
-            smooth.append(loss)
-            post = {"loss": f"{sum(smooth[-20:]) / len(smooth[-20:]):.4f}"}
-            if ev is not None:
-                post["eval"] = f"{ev:.4f}"
-                if quiet:
-                    click.echo(f"step {step}: eval loss {ev:.4f}")
+            post = {"loss": f"{r.loss:.4f}", "lr": f"{r.lr:.2e}", "mzt": f"{r.trajectory_bytes / 1024:.1f}kB"}
+            if r.evals is not None:
+                post.update({f"eval_{k}": f"{v:.4f}" for k, v in r.evals.items()})
+                if quiet and log_path != "-":
+                    click.echo(f"step {r.step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in r.evals.items()))
             bar.set_postfix(post, refresh=False)
             bar.update(1)
 
+        log = None if log_path is None else (sys.stdout if log_path == "-" else open(log_path, "a"))
         try:
-            result = run(cfg, on_step)
+            result = run(cfg, on_step, log)
         finally:
             for bar in bars:
                 bar.close()
+            if log is not None and log is not sys.stdout:
+                log.close()
     traj = read_trajectory(result.trajectory)
-    if result.evals:
-        (s0, e0), (s1, e1) = result.evals[0], result.evals[-1]
-        click.echo(f"eval loss: {e0:.4f} at step {s0} -> {e1:.4f} at step {s1}")
+    say = (lambda msg: click.echo(msg, err=True)) if log_path == "-" else click.echo
+    if result.resumed_from:
+        say(f"resumed at step {result.resumed_from}: replayed and checked against the base")
+    if traj.evals:  # from the file, so a resumed run reports the whole run
+        first, last = traj.evals[0], traj.evals[-1]
+        e0, e1 = first["metrics"], last["metrics"]
+        say(f"eval {', '.join(f'{k} {e0[k]:.4f} -> {e1[k]:.4f}' for k in e1 if k in e0)} "
+            f"(steps {first['step']} -> {last['step']})")
     if result.interrupted:
-        click.echo(f"interrupted: the trajectory holds the {traj.steps} steps done so far, with their fingerprint")
-    click.echo(f"wrote {relpath(result.trajectory)}: {traj.steps} steps, {traj.file_bytes:,} bytes "
-               f"({traj.bytes_per_step:.2f} bytes/step of step records)")
+        say(f"stopped: the trajectory holds the {traj.steps} steps done so far, with their fingerprint; "
+            f"continue with --resume {relpath(result.trajectory)}")
+    say(f"wrote {relpath(result.trajectory)}: {traj.steps} steps, {traj.file_bytes:,} bytes "
+        f"({traj.bytes_per_step:.2f} bytes/step of step records)")
     tuned = result.trajectory.with_name(result.trajectory.stem + "-tuned")
     cmd = ["mezo-replay", "reconstruct", relpath(result.base), relpath(result.trajectory), "-o", relpath(tuned)]
-    click.echo("rebuild the tuned weights with:\n  " + shlex.join(cmd))
+    say("rebuild the tuned weights with:\n  " + shlex.join(cmd))
 
 
 # --- reconstruct / verify ------------------------------------------------------------------------
@@ -223,6 +282,15 @@ def verify(base: Path, trajectory: Path, tuned: Path | None, step: int | None, d
 
 # --- info ----------------------------------------------------------------------------------------
 
+def _schedule_text(sched: dict[str, Any]) -> str:
+    text = f"{sched['name']} schedule"
+    if sched.get("total_steps"):
+        text += f" over {sched['total_steps']:,} steps"
+    if sched.get("warmup_steps"):
+        text += f", {sched['warmup_steps']:,} warmup"
+    return text
+
+
 def summary(traj: Trajectory) -> dict[str, Any]:
     h = traj.header
     params = sum(math.prod(t["shape"]) for t in h["tensors"])
@@ -235,7 +303,7 @@ def summary(traj: Trajectory) -> dict[str, Any]:
         "fingerprint_steps": sorted(traj.fingerprints),
         "base": h["base"], "creator": h["creator"], "generator": h["generator"], "noise": h["noise"],
         "rule": h["rule"], "tensors": len(h["tensors"]), "parameters": params,
-        "dtypes": sorted({t["dtype"] for t in h["tensors"]}), "metadata": h["metadata"],
+        "dtypes": sorted({t["dtype"] for t in h["tensors"]}), "metadata": h["metadata"], "evals": traj.evals,
     }
     if traj.losses is not None and traj.steps:
         k = max(1, traj.steps // 10)
@@ -274,12 +342,15 @@ def info(trajectory: Path, as_json: bool) -> None:
             + (f" @ {s['base']['revision']}" if s["base"].get("revision") else ""),
             f"             fingerprint {s['base']['fingerprint']}",
             f"  tuned      {s['tensors']:,} tensors, {s['parameters']:,} parameters ({', '.join(s['dtypes'])})",
-            f"  rule       {r['name']}: lr {r['lr']:.6g}, eps {r['eps']:.6g}, schedule {r['schedule']['name']} "
-            f"(exact values: --json)",
+            f"  rule       {r['name']}: lr {r['lr']:.6g}, eps {r['eps']:.6g}, {_schedule_text(r['schedule'])}"
+            + (f", weight decay {r['weight_decay']:.6g}" if r.get("weight_decay") else "") + " (exact: --json)",
             f"  noise      {s['noise']['name']} from {s['generator']['name']}, seed {s['generator']['seed']}",
         ]
         if "loss_first" in s:
             lines.append(f"  loss       {s['loss_first']:.4f} (first 10% of steps) -> {s['loss_last']:.4f} (last 10%)")
+        for e in s["evals"]:
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in e["metrics"].items())
+            lines.append(f"  eval       step {e['step']:>7,} ({e['split']}): {metrics}")
         lines += [f"  meta       {k}: {v}" for k, v in s["metadata"].items()]
         click.echo("\n".join(lines))
     if traj.corrupt is not None:

@@ -1,4 +1,4 @@
-"""Prompt/completion data for causal language models: encoding, batching, batch order, loss.
+"""Data for causal language models: loading, prompt/completion encoding, batching, batch order, loss.
 
 The loss MeZO measures is the mean cross-entropy of the completion tokens given the prompt
 (MeZO's prompt-based fine-tuning), so an example is encoded as ``input_ids`` for prompt +
@@ -7,12 +7,15 @@ completion with ``labels`` equal to the input ids on the completion tokens and -
 
 from __future__ import annotations
 
+import csv
 import functools
 import inspect
 import json
 import os
+import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -25,10 +28,14 @@ __all__ = [
     "IGNORE_INDEX",
     "Batch",
     "DataError",
+    "Encoded",
     "batch_order",
     "causal_lm_loss",
+    "completion_nll",
     "encode_prompt_completion",
+    "load_examples",
     "load_jsonl",
+    "load_splits",
     "make_batch",
 ]
 
@@ -37,15 +44,24 @@ class DataError(MezoReplayError, ValueError):
     """A data set or example that cannot be used (missing key, bad JSON line, empty completion)."""
 
 
+class Encoded(NamedTuple):
+    """One encoded example; ``label`` is the class index for classification tasks (else None)."""
+    input_ids: list[int]
+    labels: list[int]  # -100 where no token is scored
+    label: int | None = None
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (batch, seq) int64
     attention_mask: torch.Tensor  # (batch, seq) int64, 1 on real tokens, 0 on padding
     labels: torch.Tensor  # (batch, seq) int64, -100 outside the completion and on padding
+    class_labels: torch.Tensor | None = None  # (batch,) int64 class indices (classification tasks)
 
     def to(self, device) -> "Batch":
+        cls = None if self.class_labels is None else self.class_labels.to(device)
         return Batch(self.input_ids.to(device), self.attention_mask.to(device),
-                     self.labels.to(device))
+                     self.labels.to(device), cls)
 
     @property
     def n_label_tokens(self) -> int:
@@ -59,7 +75,7 @@ class Batch:
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSON-lines file: one JSON object per line; blank lines are skipped."""
     rows: list[dict] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -72,6 +88,158 @@ def load_jsonl(path: str | os.PathLike) -> list[dict]:
                                 f"found {type(row).__name__}")
             rows.append(row)
     return rows
+
+
+def _load_json(path: Path) -> list[dict]:
+    """A JSON array of objects; JSON lines saved as .json and a single object are read too (as the
+    Hugging Face json loader does), since both are common under that extension."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":
+            return load_jsonl(path)
+        raise DataError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    data = [data] if isinstance(data, dict) else data
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, found {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: element {i} of the array is {type(row).__name__}, "
+                            f"expected a JSON object")
+    return data
+
+
+def _load_csv(path: Path, delimiter: str = ",") -> list[dict]:
+    """A CSV file with a header row; every value is a string (labels too: compare them via str)."""
+    rows: list[dict] = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return rows
+            if len(set(header)) != len(header):
+                raise DataError(f"{path}:1: repeated column names in the header {header}")
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{reader.line_num}: {len(row)} fields, "
+                                    f"but the header has {len(header)}")
+                rows.append(dict(zip(header, row)))
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: bad CSV: {e}") from None
+    return rows
+
+
+def _load_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow's errors have no common base worth naming
+        raise DataError(f"{path}: not a readable parquet file: {_one_line(e)}") from e
+
+
+_LOADERS = {".jsonl": load_jsonl, ".json": _load_json, ".csv": _load_csv,
+            ".tsv": lambda p: _load_csv(p, "\t"), ".parquet": _load_parquet}
+_EXTS = ", ".join(_LOADERS)
+# A missing path with one of these suffixes is a missing file, not a Hugging Face data set name.
+_FILE_SUFFIXES = set(_LOADERS) | {".txt", ".gz", ".zip", ".xz", ".bz2", ".zst", ".arrow", ".xlsx"}
+_HF_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _is_local(source: str | os.PathLike) -> bool:
+    if isinstance(source, os.PathLike) or os.path.exists(os.path.expanduser(source)):
+        return True
+    return (not _HF_NAME.fullmatch(source)
+            or Path(source.partition(":")[0]).suffix.lower() in _FILE_SUFFIXES)
+
+
+def _hf_load(source: str, split: str | None) -> Any:
+    """``datasets.load_dataset`` on "name" or "name:config"; it honours HF_HUB_OFFLINE and HF_HOME."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source!r} is not a local file, and reading Hugging Face data sets needs "
+                        f"the datasets package: pip install datasets") from None
+    name, _, config = source.partition(":")
+    try:
+        return datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # network, missing data set/config/split: all one-line user errors
+        what = f" (split {split!r})" if split else ""
+        raise DataError(f"{source}: cannot load the Hugging Face data set{what}: "
+                        f"{_one_line(e)}") from e
+
+
+def _rows(ds: Any) -> list[dict]:
+    return ds.to_list() if hasattr(ds, "to_list") else [dict(r) for r in ds]
+
+
+def load_examples(source: str | os.PathLike, *, split: str | None = None) -> list[dict]:
+    """The examples (dicts of columns) of a local .jsonl/.json/.csv/.tsv/.parquet file or of a
+    Hugging Face data set "name", "org/name" or "name:config" (split ``split``, default "train").
+
+    An existing path, a path-like string or a known file extension means a local file, where
+    ``split`` is ignored; anything else shaped like a Hub name goes to ``datasets``."""
+    if not _is_local(source):
+        return _rows(_hf_load(str(source), split or "train"))
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; expected a data file ({_EXTS})")
+    loader = _LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise DataError(f"{path}: unknown file type {path.suffix or '(no extension)'!r}; "
+                        f"expected one of {_EXTS} or a Hugging Face data set name")
+    try:
+        return loader(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def load_splits(train: str | os.PathLike, eval: str | os.PathLike | None = None, *,
+                eval_split_names: Sequence[str] = ("validation", "eval", "test"),
+                ) -> tuple[list[dict], list[dict]]:
+    """The (train, eval) examples; an empty eval list means no evaluation.
+
+    A local ``train`` file has no splits: ``eval`` is a second source or none.  A Hugging Face
+    ``train`` gives its "train" split and, unless ``eval`` names another source, the first of
+    ``eval_split_names`` it has (none: no eval set).  A Hugging Face ``eval`` source gives the
+    first of ``eval_split_names`` it has."""
+    def first_eval(dd: Any, source: str, required: bool) -> list[dict]:
+        for name in eval_split_names:
+            if name in dd:
+                return _rows(dd[name])
+        if required:
+            raise DataError(f"{source}: has none of the splits {list(eval_split_names)} "
+                            f"(its splits: {list(dd)})")
+        return []
+
+    if _is_local(train):
+        train_rows, eval_rows = load_examples(train), []
+    else:
+        dd = _hf_load(str(train), None)
+        if "train" not in dd:
+            raise DataError(f"{train}: has no 'train' split (its splits: {list(dd)})")
+        train_rows = _rows(dd["train"])
+        eval_rows = first_eval(dd, str(train), False) if eval is None else []
+    if eval is not None:
+        eval_rows = (load_examples(eval) if _is_local(eval)
+                     else first_eval(_hf_load(str(eval), None), str(eval), True))
+        if not eval_rows:
+            raise DataError(f"the eval set {eval} is empty")
+    if not train_rows:
+        raise DataError(f"the training set {train} is empty")
+    return train_rows, eval_rows
 
 
 def _get_text(example: Mapping[str, str], key: str, index: int) -> str:
@@ -92,6 +260,17 @@ def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+
+def n_appended_specials(tokenizer) -> int:
+    """How many special tokens the tokenizer appends after every text (e.g. an EOS): they end a
+    text, so a prompt that is to be continued must not carry them."""
+    (tail,) = _ids(tokenizer, [""])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    n_pre = 0
+    while n_pre < len(tail) and tail[n_pre] == bos:
+        n_pre += 1
+    return len(tail) - n_pre
 
 
 def encode_prompt_completion(
@@ -126,11 +305,7 @@ def encode_prompt_completion(
         prompts.append(prompt)
         completions.append(completion)
     # Special tokens the tokenizer appends to every text (an EOS) are not part of the prompt.
-    (tail,) = _ids(tokenizer, [""])
-    n_pre = 0
-    while n_pre < len(tail) and tail[n_pre] == bos:
-        n_pre += 1
-    n_post = len(tail) - n_pre
+    n_post = n_appended_specials(tokenizer)
     fulls = _ids(tokenizer, [p + c for p, c in zip(prompts, completions)])
     heads = _ids(tokenizer, prompts)
     out: list[tuple[list[int], list[int]]] = []
@@ -162,16 +337,22 @@ def encode_prompt_completion(
     return out
 
 
-def make_batch(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
-    """Stack encoded examples into one right-padded batch."""
+def make_batch(encoded: Sequence[Encoded | tuple[Sequence[int], Sequence[int]]],
+               pad_id: int) -> Batch:
+    """Stack encoded examples (``Encoded`` or ``(input_ids, labels)`` pairs) into one right-padded
+    batch; right padding is what lets a task find each row's last real position from the mask."""
     if len(encoded) == 0:
         raise ValueError("make_batch needs at least one example")
-    width = max(len(ids) for ids, _ in encoded)
+    classes = [e[2] if len(e) > 2 else None for e in encoded]
+    if len({c is None for c in classes}) > 1:
+        raise ValueError("either every example of a batch has a class label or none has")
+    width = max(len(e[0]) for e in encoded)
     n = len(encoded)
     input_ids = torch.full((n, width), int(pad_id), dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, lab) in enumerate(encoded):
+    for row, e in enumerate(encoded):
+        ids, lab = e[0], e[1]
         if len(ids) != len(lab):
             raise ValueError(f"example {row}: {len(ids)} input ids but {len(lab)} labels")
         if len(ids) == 0:
@@ -180,7 +361,9 @@ def make_batch(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: i
         input_ids[row, :k] = torch.as_tensor(list(ids), dtype=torch.long)
         attention_mask[row, :k] = 1
         labels[row, :k] = torch.as_tensor(list(lab), dtype=torch.long)
-    return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    cls = None if classes[0] is None else torch.tensor(classes, dtype=torch.long)
+    return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                 class_labels=cls)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import re
 import secrets
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -37,6 +37,7 @@ MAX_CHUNK_BYTES = 64 << 20             # compressed payload
 MAX_WINDOW_BYTES = 1 << 27
 MAX_HEADER_BYTES = 256 << 20           # HEAD decompressed
 MAX_FPRT_BYTES = 128 << 20             # FPRT decompressed
+MAX_EVAL_BYTES = 1 << 20               # eval decompressed
 MAX_STEPS_PER_CHUNK = 1 << 20
 MAX_STEP_PAYLOAD = 8 + 2 * MAX_STEPS_PER_CHUNK
 MAX_LOSS_PAYLOAD = 8 + 4 * MAX_STEPS_PER_CHUNK
@@ -329,6 +330,7 @@ class Trajectory:
     file_bytes: int
     step_bytes: int                     # 12-byte heads + payloads of all STEP chunks
     valid_bytes: int                    # end of the last chunk used: where an append continues
+    evals: list[dict] = field(default_factory=list)  # {"step", "split", "metrics"} in file order
 
     @property
     def steps(self) -> int:
@@ -401,6 +403,7 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
     bits: list[np.ndarray] = []
     losses: list[tuple[int, np.ndarray]] = []
     fingerprints: dict[int, list[str]] = {}
+    evals: list[dict] = []
     steps = step_bytes = index = 0
     truncated, corrupt = False, None
     with open(path, "rb") as f:
@@ -440,6 +443,8 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                     fprt = _decode_fprt(dctx, payload, steps, len(header["tensors"]))
                     if fingerprints.setdefault(steps, fprt) != fprt:
                         raise _Corrupt(f"contradicts the fingerprint recorded earlier for step {steps}")
+                elif ctype == "eval":
+                    evals.append(_decode_eval(dctx, payload, steps))
                 elif ctype == "loss":
                     first, planes = _counted(_decompress(dctx, payload, MAX_LOSS_PAYLOAD), 4)
                     if first + planes.shape[1] > steps:
@@ -464,7 +469,8 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
         for first, values in losses:
             loss_array[first:first + values.size] = values
     grad_bits = np.concatenate(bits) if bits else np.zeros(0, dtype=np.uint16)
-    return Trajectory(path, header, grad_bits, loss_array, fingerprints, truncated, corrupt, size, step_bytes, offset)
+    return Trajectory(path, header, grad_bits, loss_array, fingerprints, truncated, corrupt, size, step_bytes, offset,
+                      evals)
 
 
 def _decode_head(dctx: zstandard.ZstdDecompressor, payload: bytes, path: Path) -> dict:
@@ -491,6 +497,26 @@ def _decode_fprt(dctx: zstandard.ZstdDecompressor, payload: bytes, steps: int, n
     if len(fps) != n_tensors or not all(isinstance(s, str) and SHA256_HEX.fullmatch(s) for s in fps):
         raise _Corrupt(f"tensors must be {n_tensors} lowercase hex SHA-256 strings, one per tuned tensor")
     return fps
+
+
+def _check_eval(obj: object, steps: int) -> dict:
+    """{"step": N, "split": str, "metrics": {str: finite number}} with N <= steps; raises ValueError."""
+    if not isinstance(obj, dict) or set(obj) != {"step", "split", "metrics"}:
+        raise ValueError('payload is not {"step": N, "split": ..., "metrics": {...}}')
+    step, split, metrics = obj["step"], obj["split"], obj["metrics"]
+    if type(step) is not int or not 0 <= step <= steps:
+        raise ValueError(f"step {step!r} is not in 0..{steps}, the steps recorded before it")
+    if not isinstance(split, str) or not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and type(v) in (int, float) and math.isfinite(v) for k, v in metrics.items()):
+        raise ValueError("split must be a string and metrics a map of names to finite numbers")
+    return obj
+
+
+def _decode_eval(dctx: zstandard.ZstdDecompressor, payload: bytes, steps: int) -> dict:
+    try:
+        return _check_eval(_json_loads(_decompress(dctx, payload, MAX_EVAL_BYTES)), steps)
+    except (ValueError, LimitError) as e:
+        raise _Corrupt(str(e)) from None
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -559,6 +585,7 @@ class TrajectoryWriter:
         self._flushed = steps
         self._bits: list[int] = []
         self._losses: list[float] = []
+        self._evals: list[bytes] = []
         if not hasattr(self, "_cctx"):
             self._cctx = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True)
 
@@ -583,6 +610,10 @@ class TrajectoryWriter:
     @property
     def steps(self) -> int:
         return self._flushed + len(self._bits)
+
+    @property
+    def records_losses(self) -> bool:
+        return self._has_losses
 
     def _chunk(self, ctype: bytes, data: bytes) -> bytes:
         payload = self._cctx.compress(data)
@@ -624,18 +655,30 @@ class TrajectoryWriter:
         if len(self._bits) >= self._spc:
             self.flush()
 
+    def add_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        """Record evaluation results on the weights after `step` steps. Kept until the next flush, so that
+        evaluating often does not cut the step records into small, poorly compressed chunks."""
+        obj = _check_eval({"step": step, "split": split, "metrics": {k: float(v) for k, v in metrics.items()}},
+                          self.steps)
+        self._evals.append(self._chunk(b"eval", _json_dumps(obj)))
+
     def flush(self) -> None:
-        """Write pending steps (and their losses) as chunks and fsync; the file is then complete."""
-        if not self._bits:
+        """Write pending steps (their losses, then pending evals) as chunks and fsync; the file is then
+        complete."""
+        data = b""
+        if self._bits:
+            bits = np.array(self._bits, dtype=np.uint16)
+            data = self._chunk(b"STEP", _encode_steps(self._flushed, bits))
+            if self._has_losses:
+                data += self._chunk(b"loss", _encode_losses(self._flushed, np.array(self._losses, dtype=np.float32)))
+        data += b"".join(self._evals)
+        if not data:
             return
-        bits = np.array(self._bits, dtype=np.uint16)
-        data = self._chunk(b"STEP", _encode_steps(self._flushed, bits))
-        if self._has_losses:
-            data += self._chunk(b"loss", _encode_losses(self._flushed, np.array(self._losses, dtype=np.float32)))
         self._write(data)
-        self._flushed += bits.size
+        self._flushed += len(self._bits)
         self._bits.clear()
         self._losses.clear()
+        self._evals.clear()
 
     def write_fingerprint(self, tensor_fps: list[str]) -> None:
         """Record the tuned tensors' fingerprints after every step so far (a checkpoint or the end)."""

@@ -145,6 +145,13 @@ class MeZO:
         self.writer_records_losses = bool(header["records"]["losses"])
         return self.writer
 
+    def attach(self, writer: TrajectoryWriter, steps_done: int) -> None:
+        """Continues an existing trajectory (resume): the weights must already equal a replay of its
+        `steps_done` steps, which is how train.py's resume leaves them."""
+        if writer.steps != steps_done:
+            raise ValueError(f"the trajectory holds {writer.steps} steps, not {steps_done}")
+        self.writer, self.writer_records_losses, self.step_count = writer, writer.records_losses, steps_done
+
     def close(self) -> None:
         """Ends the trajectory with the fingerprint of the weights as they are now (NaNs made canonical)."""
         for p in self.params:

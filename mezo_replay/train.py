@@ -1,24 +1,40 @@
-"""A MeZO fine-tune of a Hugging Face causal LM on prompt/completion data, recorded as a trajectory.
+"""A MeZO fine-tune of a Hugging Face causal LM, recorded as a trajectory, crash-safe and resumable.
 
 The embedded default (`mezo-replay train` with no arguments) goes through exactly this path with the
 tiny model and task that ship in mezo_replay/embedded, so the default run proves the real one.
+
+Crash safety comes from the file format (append-only, checksummed chunks, flushed every
+`flush_every` steps) and from stopping only between steps: SIGINT and SIGTERM set a flag that the loop
+reads after each step, so the weights in memory always equal a replay of the recorded steps, and the
+final fingerprint can be written. A resumed run replays the recorded steps onto the base, checks them,
+and continues with the same batches (data.batch_order is a pure function of seed and step), so it ends
+on the same bytes as a run that was never interrupted.
 """
 from __future__ import annotations
 
+import fnmatch
+import json
 import math
 import os
-from collections.abc import Callable, Sequence
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-from .data import Batch, DataError, batch_order, causal_lm_loss, encode_prompt_completion, make_batch
+from .data import Batch, DataError, batch_order
 from .errors import MezoReplayError
 from .fingerprint import DTYPE_NAMES
+from .mzt import TrajectoryWriter, read_trajectory
 from .optimizer import MeZO
+from .rule import Schedule
 from .safetensors_io import BaseCheckpoint
+from .steps import replay_tensor_, step_constants
+from .tasks import Task, check_objective, make_task
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,25 +42,42 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class TrainConfig:
     model: Path
-    train_examples: Sequence[dict[str, str]]
-    eval_examples: Sequence[dict[str, str]]
+    train_examples: Sequence[dict[str, Any]]
+    eval_examples: Sequence[dict[str, Any]]
     out: Path
     steps: int
     lr: float
     eps: float = 1e-3
     batch_size: int = 16
     seed: int = 0
+    task: str = "prompt-completion"
+    task_options: dict[str, Any] = field(default_factory=dict)  # make_task keyword arguments
+    objective: str = "ce"
     max_length: int = 128
-    prompt_key: str = "prompt"
-    completion_key: str = "completion"
     dtype: str = "fp32"
     noise: str = "gaussian16"
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    tune: Sequence[str] = ()
+    freeze: Sequence[str] = ()
     eval_every: int = 0
     eval_batch_size: int = 64
+    flush_every: int = 256
+    resume: bool = False
     overwrite: bool = False
-    steps_per_chunk: int = 256
     device: str = "cpu"
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StepReport:
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    trajectory_bytes: int
+    evals: dict[str, float] | None = None
 
 
 @dataclass
@@ -53,7 +86,8 @@ class TrainResult:
     base: Path
     model: Any
     optimizer: MeZO
-    evals: list[tuple[int, float]]
+    evals: list[tuple[int, dict[str, float]]]
+    resumed_from: int
     interrupted: bool
 
 
@@ -85,6 +119,21 @@ def prepare_base(model: Any, model_dir: Path, dtype: str, out: Path, overwrite: 
     return base_dir
 
 
+def select_parameters(model: Any, tune: Sequence[str], freeze: Sequence[str]) -> None:
+    """--tune keeps only parameters matching a pattern, --freeze drops those matching one. A pattern is
+    a glob matched anywhere in the name ('layers.*.self_attn' picks every layer's attention)."""
+    names = [n for n, _ in model.named_parameters()]
+    for flag, patterns in (("--tune", tune), ("--freeze", freeze)):
+        for pat in patterns:
+            if not any(fnmatch.fnmatchcase(n, f"*{pat}*") for n in names):
+                raise MezoReplayError(f"{flag} {pat!r} matches no parameter (e.g. {names[0]!r})")
+    for name, p in model.named_parameters():
+        chosen = not tune or any(fnmatch.fnmatchcase(name, f"*{pat}*") for pat in tune)
+        if any(fnmatch.fnmatchcase(name, f"*{pat}*") for pat in freeze):
+            chosen = False
+        p.requires_grad_(chosen)
+
+
 def check_names(opt: MeZO, base: Path) -> None:
     entries = BaseCheckpoint.open(base).entries
     for name in opt.names:
@@ -93,54 +142,151 @@ def check_names(opt: MeZO, base: Path) -> None:
                                   f"reconstruct could not find it")
 
 
-def evaluate(model: Any, batches: list[Batch]) -> float:
-    return sum(float(causal_lm_loss(model, b)) * b.n_label_tokens for b in batches) / sum(
-        b.n_label_tokens for b in batches)
+def _resume(opt: MeZO, path: Path, flush_every: int) -> int:
+    """Replays the trajectory's steps onto the optimizer's (base) weights, checks them, and reopens the
+    file for appending. Refuses a trajectory from another base or other settings."""
+    traj = read_trajectory(path)
+    fresh = opt.header()
+    old = traj.header
+    for key in ("generator", "noise", "rule"):
+        if old[key] != fresh[key]:
+            diff = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in _differences(old[key], fresh[key]))
+            raise MezoReplayError(f"--resume refused: {path} was trained with other settings ({key} {diff})")
+    old_names = [t["name"] for t in old["tensors"]]
+    if old_names != opt.names:
+        raise MezoReplayError(f"--resume refused: {path} tunes {len(old_names)} tensors, these settings "
+                              f"{len(opt.names)} (check --tune/--freeze)")
+    if [t["sha256"] for t in old["tensors"]] != [t["sha256"] for t in fresh["tensors"]] or \
+            [t.get("decay") for t in old["tensors"]] != [t.get("decay") for t in fresh["tensors"]]:
+        raise MezoReplayError(f"--resume refused: the model is not the base {path} was trained from "
+                              f"(fingerprint mismatch)")
+    n = traj.steps
+    constants = step_constants(opt.rule, traj.grad_bits)
+    for k, p in enumerate(opt.params):
+        replay_tensor_(p.data, opt.rule, k, constants, decay=opt.decay[k])
+    expected = traj.fingerprints.get(n)
+    if expected is not None and expected != opt.fingerprints():
+        raise MezoReplayError(f"--resume: replaying {path} does not reproduce its fingerprint at step {n}")
+    opt.attach(TrajectoryWriter.open_append(path, steps_per_chunk=flush_every), n)
+    return n
 
 
-def train(cfg: TrainConfig, on_step: Callable[[int, float, float | None], None] | None = None) -> TrainResult:
-    """Runs cfg.steps MeZO steps; Ctrl-C stops cleanly with a complete, verifiable trajectory."""
+def _differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(a.keys() | b.keys(), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM end the run after the current step; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.set = True
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[_StopFlag]:
+    flag = _StopFlag()
+    previous = {s: signal.signal(s, flag) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
+          log: IO[str] | None = None) -> TrainResult:
+    """Runs MeZO until cfg.steps steps are recorded; returns with a complete, verifiable trajectory."""
     torch.set_flush_denormal(False)  # the spec's arithmetic keeps subnormals
-    if cfg.out.exists() and not cfg.overwrite:
-        raise MezoReplayError(f"{cfg.out} exists: pass --overwrite to replace it")
+    if cfg.resume and not cfg.out.exists():
+        raise MezoReplayError(f"--resume {cfg.out}: no such file")
+    if not cfg.resume and cfg.out.exists() and not cfg.overwrite:
+        raise MezoReplayError(f"{cfg.out} exists: pass --overwrite to replace it, or --resume to continue it")
     if not cfg.train_examples:
         raise DataError("the training set is empty")
+    check_objective(cfg.task, cfg.objective)
     model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
+    task: Task = make_task(cfg.task, tokenizer=tokenizer, max_length=cfg.max_length, **cfg.task_options)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    keys = {"max_length": cfg.max_length, "prompt_key": cfg.prompt_key, "completion_key": cfg.completion_key}
-    train_set = encode_prompt_completion(tokenizer, cfg.train_examples, **keys)
-    eval_set = encode_prompt_completion(tokenizer, cfg.eval_examples, **keys)
-    eval_batches = [make_batch(eval_set[i:i + cfg.eval_batch_size], pad)
+    train_set = task.encode(tokenizer, cfg.train_examples)
+    eval_set = task.encode(tokenizer, cfg.eval_examples) if cfg.eval_examples else []
+    eval_batches = [task.make_batch(eval_set[i:i + cfg.eval_batch_size], pad)
                     for i in range(0, len(eval_set), cfg.eval_batch_size)]
-    base = prepare_base(model, cfg.model, cfg.dtype, cfg.out, cfg.overwrite)
-    opt = MeZO(model.named_parameters(), lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise)
+    select_parameters(model, cfg.tune, cfg.freeze)
+    base = prepare_base(model, cfg.model, cfg.dtype, cfg.out, cfg.overwrite or cfg.resume)
+    schedule = Schedule(cfg.schedule, cfg.warmup_steps, cfg.steps if cfg.schedule != "constant" or
+                        cfg.warmup_steps else 0)
+    opt = MeZO(model.named_parameters(), lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise,
+               schedule=schedule.validated(), weight_decay=cfg.weight_decay)
     check_names(opt, base)
-    opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.steps_per_chunk,
-               base_source=str(base), metadata={"task": "prompt-completion causal LM",
-                                                "batch_size": str(cfg.batch_size), **cfg.metadata})
-    evals: list[tuple[int, float]] = []
-    if eval_batches:
-        evals.append((0, evaluate(model, eval_batches)))
+    if cfg.resume:
+        start = _resume(opt, cfg.out, cfg.flush_every)
+        if start >= cfg.steps:
+            opt.close()
+            raise MezoReplayError(f"--resume: {cfg.out} already holds {start} steps (--steps {cfg.steps})")
+    else:
+        start = 0
+        meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
+                "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
+                **cfg.metadata}
+        opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every, base_source=str(base),
+                   metadata=meta)
+
+    def evaluate(step: int) -> dict[str, float]:
+        metrics = task.evaluate(model, eval_batches)
+        assert opt.writer is not None
+        opt.writer.add_eval(step, "eval", metrics)
+        evals.append((step, metrics))
+        _log(log, {"event": "eval", "step": step, **metrics})
+        return metrics
+
+    evals: list[tuple[int, dict[str, float]]] = []
     interrupted = False
+    started = time.monotonic()
     try:
-        for step in range(cfg.steps):
-            batch = make_batch([train_set[i] for i in batch_order(len(train_set), cfg.batch_size, cfg.seed, step)],
-                               pad).to(cfg.device)
-            loss = opt.step(lambda: causal_lm_loss(model, batch))
-            ev = None
-            done = step + 1
-            if eval_batches and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-                ev = evaluate(model, eval_batches)
-                evals.append((done, ev))
-            if on_step is not None:
-                on_step(done, loss, ev)
-    except KeyboardInterrupt:
-        interrupted = True
+        with _stop_on_signals() as stop:
+            if eval_batches and start == 0:
+                evaluate(0)
+            for step in range(start, cfg.steps):
+                idx = batch_order(len(train_set), cfg.batch_size, cfg.seed, step)
+                batch: Batch = task.make_batch([train_set[i] for i in idx], pad).to(cfg.device)
+                loss = opt.step(lambda: task.objective(model, batch, cfg.objective))
+                done = step + 1
+                metrics = None
+                if eval_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+                    metrics = evaluate(done)
+                size = os.path.getsize(cfg.out)
+                lr = opt.rule.lr_at(step)
+                _log(log, {"event": "step", "step": done, "loss": loss, "lr": lr, "trajectory_bytes": size,
+                           "elapsed_s": round(time.monotonic() - started, 3)})
+                if on_step is not None:
+                    on_step(StepReport(done, cfg.steps, loss, lr, size, metrics))
+                if stop.set:
+                    interrupted = True
+                    break
+    except KeyboardInterrupt:  # a second Ctrl-C: mid-step, so the weights may be perturbed
+        if opt.writer is not None:
+            opt.writer.close()  # the recorded steps stay valid; no fingerprint of half-stepped weights
+            opt.writer = None
+        raise
     finally:
         opt.close()
-    if evals and not math.isfinite(evals[-1][1]):
-        raise MezoReplayError("evaluation loss is not finite: lower --lr")
-    return TrainResult(cfg.out, base, model, opt, evals, interrupted)
+    if evals and not all(math.isfinite(v) for v in evals[-1][1].values()):
+        raise MezoReplayError("evaluation is not finite: lower --lr")
+    return TrainResult(cfg.out, base, model, opt, evals, start, interrupted)
+
+
+def _log(stream: IO[str] | None, record: dict[str, Any]) -> None:
+    if stream is not None:
+        stream.write(json.dumps(record) + "\n")
+        stream.flush()
 
 
 def relpath(p: Path) -> str:

@@ -253,3 +253,147 @@ def test_causal_lm_loss_matches_full_logits_and_ignores_padding(embedded):
     # Each example alone (no padding) gives the same per-token losses: mean of singles == batch.
     singles = [causal_lm_loss(model, make_batch([e], tok.pad_token_id)).item() for e in enc]
     assert loss.item() == pytest.approx(sum(singles) / len(singles), rel=1e-4, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data sources: load_examples / load_splits
+# ---------------------------------------------------------------------------------------------
+
+import sys  # noqa: E402
+import types  # noqa: E402
+
+from mezo_replay.data import Encoded, load_examples, load_splits  # noqa: E402
+
+ROWS = [{"text": "good, really", "label": 1}, {"text": 'said "no"', "label": 0}]
+STR_ROWS = [{k: str(v) for k, v in r.items()} for r in ROWS]
+
+
+def one_line_error(fn, *args, match: str, **kw) -> str:
+    with pytest.raises(DataError, match=match) as info:
+        fn(*args, **kw)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_load_examples_local_formats(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    (tmp_path / "a.json").write_text(json.dumps(ROWS, indent=2), encoding="utf-8")
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in ROWS), encoding="utf-8")
+    (tmp_path / "one.json").write_text(json.dumps(ROWS[0]), encoding="utf-8")
+    # A BOM (as spreadsheet programs write), a quoted comma, quotes and a blank line.
+    (tmp_path / "a.csv").write_text('\ufefftext,label\n"good, really",1\n\n"said ""no""",0\n',
+                                    encoding="utf-8")
+    (tmp_path / "a.tsv").write_text('text\tlabel\ngood, really\t1\n"said ""no"""\t0\n',
+                                    encoding="utf-8")
+    assert load_examples(tmp_path / "a.jsonl") == ROWS
+    assert load_examples(str(tmp_path / "a.json")) == ROWS
+    assert load_examples(tmp_path / "lines.json") == ROWS
+    assert load_examples(tmp_path / "one.json") == ROWS[:1]
+    assert load_examples(tmp_path / "a.csv") == STR_ROWS  # CSV values are strings
+    assert load_examples(tmp_path / "a.tsv") == STR_ROWS
+    assert load_examples(tmp_path / "a.jsonl", split="ignored") == ROWS
+
+
+def test_load_examples_file_errors(tmp_path):
+    one_line_error(load_examples, tmp_path / "nope.jsonl", match="nope.jsonl: no such file")
+    # Path-like or file-like strings are files, not Hugging Face data set names.
+    one_line_error(load_examples, "missing.csv", match="missing.csv: no such file")
+    one_line_error(load_examples, str(tmp_path / "x" / "nope"), match="no such file")
+    (tmp_path / "d.txt").write_text("hello\n")
+    one_line_error(load_examples, tmp_path / "d.txt", match=r"unknown file type '\.txt'.*\.jsonl")
+    one_line_error(load_examples, tmp_path, match="is a directory")
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": oops}\n', encoding="utf-8")
+    one_line_error(load_examples, p, match=r"bad\.jsonl:4: not valid JSON")
+    p = tmp_path / "bad.json"
+    p.write_text('[\n  {"text": "a"},\n  {"text": }\n]\n', encoding="utf-8")
+    one_line_error(load_examples, p, match=r"bad\.json:3: not valid JSON")
+    p.write_text('[{"text": "a"}, 3]', encoding="utf-8")
+    one_line_error(load_examples, p, match="element 1 of the array is int")
+    p = tmp_path / "bad.csv"
+    p.write_text("text,label\na,1\nb,0,extra\n", encoding="utf-8")
+    one_line_error(load_examples, p, match=r"bad\.csv:3: 3 fields, but the header has 2")
+    p.write_bytes(b"text\n\xff\xfe\n")
+    one_line_error(load_examples, p, match="not UTF-8")
+
+
+def test_parquet(tmp_path, monkeypatch):
+    path = tmp_path / "a.parquet"
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        path.write_bytes(b"PAR1")
+    else:
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+        assert load_examples(path) == ROWS
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    one_line_error(load_examples, path, match=r"needs pyarrow: pip install pyarrow")
+
+
+def test_hugging_face_name_without_datasets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    for name in ("org/name", "sst2", "glue:sst2"):
+        one_line_error(load_examples, name, match=r"pip install datasets")
+        one_line_error(load_splits, name, match=r"pip install datasets")
+
+
+class FakeSplit(list):
+    def to_list(self):
+        return [dict(r) for r in self]
+
+
+def fake_datasets(monkeypatch, splits: dict[str, dict[str, list]]):
+    """A stand-in for the datasets package: {name: {split: rows}}; records its calls."""
+    calls = []
+
+    def load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        if path not in splits:
+            raise FileNotFoundError(f"Dataset '{path}' doesn't exist on the Hub\nor cannot be accessed")
+        dd = {k: FakeSplit(v) for k, v in splits[path].items()}
+        return dd if split is None else dd[split]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_hugging_face_splits(monkeypatch):
+    tr, va, te = [{"x": 1}], [{"x": 2}], [{"x": 3}]
+    calls = fake_datasets(monkeypatch, {"org/a": {"train": tr, "validation": va, "test": te},
+                                        "b": {"train": tr, "test": te}, "c": {"test": te},
+                                        "d": {"train": tr}, "e": {"train": []}})
+    assert load_examples("org/a:cfg", split="test") == te
+    assert calls[-1] == ("org/a", "cfg", "test")
+    assert load_examples("b") == tr and calls[-1] == ("b", None, "train")
+    assert load_splits("org/a") == (tr, va)
+    assert load_splits("b") == (tr, te)
+    assert load_splits("d") == (tr, [])  # no eval split: no eval set
+    assert load_splits("org/a", eval_split_names=("test",)) == (tr, te)
+    assert load_splits("d", "b") == (tr, te)  # a Hugging Face eval source: its first eval split
+    one_line_error(load_splits, "d", "d", match=r"d: has none of the splits \['validation'")
+    one_line_error(load_splits, "c", match=r"c: has no 'train' split \(its splits: \['test'\]\)")
+    one_line_error(load_splits, "e", match="the training set e is empty")
+    one_line_error(load_examples, "org/missing", match=r"org/missing: cannot load .*FileNotFoundError")
+
+
+def test_load_splits_local(tmp_path):
+    train, ev, empty = tmp_path / "t.jsonl", tmp_path / "e.csv", tmp_path / "empty.jsonl"
+    train.write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-8")
+    ev.write_text("text,label\nx,0\n", encoding="utf-8")
+    empty.write_text("\n", encoding="utf-8")
+    assert load_splits(train) == ([ROWS[0]], [])
+    assert load_splits(str(train), str(ev)) == ([ROWS[0]], [{"text": "x", "label": "0"}])
+    one_line_error(load_splits, empty, match=r"the training set .*empty\.jsonl is empty")
+    one_line_error(load_splits, train, empty, match=r"the eval set .*empty\.jsonl is empty")
+    one_line_error(load_splits, train, tmp_path / "no.jsonl", match="no such file")
+
+
+def test_make_batch_carries_class_labels():
+    b = make_batch([Encoded([0, 5, 6], [-100] * 3, 1), Encoded([0, 9], [-100] * 2, 0)], pad_id=2)
+    assert b.class_labels.tolist() == [1, 0] and b.class_labels.dtype == torch.long
+    assert b.to("cpu").class_labels.tolist() == [1, 0]
+    assert make_batch([Encoded([0, 5], [-100, 5])], pad_id=2).class_labels is None
+    with pytest.raises(ValueError, match="class label"):
+        make_batch([Encoded([0], [-100], 1), ([0], [-100])], pad_id=2)

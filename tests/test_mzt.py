@@ -643,3 +643,23 @@ def test_step_records_cost_at_most_two_bytes_per_step(tmp_path):
     assert traj.steps == 20_000
     print(f"bytes/step: {traj.bytes_per_step:.3f}")
     assert traj.bytes_per_step <= 2.0
+
+
+def test_eval_records_ride_with_the_next_flush(tmp_path):
+    from mezo_replay.mzt import TrajectoryWriter, read_trajectory
+
+    with TrajectoryWriter(tmp_path / "e.mzt", make_header(losses=False), steps_per_chunk=8) as w:
+        w.add_eval(0, "eval", {"loss": 2.5})
+        for i in range(10):
+            w.append_step(0x3F80)
+            if i == 4:
+                w.add_eval(5, "eval", {"loss": 1.25, "accuracy": 0.5})
+        with pytest.raises(ValueError, match="step 11"):
+            w.add_eval(11, "eval", {"loss": 1.0})
+        with pytest.raises(ValueError, match="finite"):
+            w.add_eval(3, "eval", {"loss": float("nan")})
+    traj = read_trajectory(tmp_path / "e.mzt")
+    assert traj.evals == [{"step": 0, "split": "eval", "metrics": {"loss": 2.5}},
+                          {"step": 5, "split": "eval", "metrics": {"loss": 1.25, "accuracy": 0.5}}]
+    types = [c[1] for c in chunk_offsets((tmp_path / "e.mzt").read_bytes())]
+    assert types == [b"HEAD", b"STEP", b"eval", b"eval", b"STEP"]  # evals did not split the step records

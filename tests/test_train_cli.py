@@ -75,6 +75,6 @@ def test_train_refuses_bad_inputs(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("Error:") and "no-weights" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "x.mzt").exists()
     (tmp_path / "bad.jsonl").write_text('{"prompt": "Review: fine. Sentiment:"}\n')
-    r = cli("train", "--train-file", "bad.jsonl", "--steps", "2", "-q", "-o", "y.mzt", cwd=tmp_path)
+    r = cli("train", "--data", "bad.jsonl", "--steps", "2", "-q", "-o", "y.mzt", cwd=tmp_path)
     assert r.returncode == 1 and "completion" in r.stderr and not (tmp_path / "y.mzt").exists()
 
