@@ -87,7 +87,7 @@ def _label_words(value: str | None) -> dict[str, str] | None:
 
 @main.command()
 @click.option("--model", type=click.Path(path_type=Path, file_okay=False),
-              help="Local Hugging Face causal-LM folder. Default: the embedded tiny Llama.")
+              help="Local Hugging Face model folder: a causal LM, or a masked LM for label-words. Default: the embedded tiny Llama.")
 @click.option("--data", help="Training data: a .jsonl/.json/.csv/.parquet file or a Hugging Face data set "
               "name (needs `datasets`). Default: the embedded sentiment task.")
 @click.option("--eval-data", help="Evaluation data (a file); for a data set name its validation split is used.")

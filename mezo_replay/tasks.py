@@ -211,7 +211,8 @@ class PromptCompletion(_TokenCE):
 
 @dataclass
 class LabelWords:
-    """Class c's score is the logit of label word c at the prompt's last position."""
+    """Class c's score is the logit of label word c at the prompt's last position (causal LM), or at
+    its mask token (masked LM: MeZO's RoBERTa setting, e.g. template "{sentence} It was {mask}.")."""
     labels: tuple[str, ...]  # label values (as str), in class order
     words: tuple[str, ...]
     word_ids: tuple[int, ...]
@@ -220,10 +221,15 @@ class LabelWords:
     template: str | None = None
     max_length: int = 128
     kind: str = "label-words"
+    mask_id: int | None = None  # masked LM: score at this token instead of the last one
     objectives = OBJECTIVES
 
     def encode(self, tokenizer, examples: Sequence[Mapping[str, Any]]) -> list[Encoded]:
-        _check_columns(examples, _source_columns(self.prompt_key, self.template) + [self.label_key])
+        columns = _source_columns(self.prompt_key, self.template)
+        if self.mask_id is not None:
+            columns = [c for c in columns if c != "mask"]
+            examples = [{**ex, "mask": tokenizer.mask_token} for ex in examples]
+        _check_columns(examples, columns + [self.label_key])
         index = {v: c for c, v in enumerate(self.labels)}
         classes = []
         for i, ex in enumerate(examples):
@@ -237,6 +243,15 @@ class LabelWords:
         bos = getattr(tokenizer, "bos_token_id", None)
         out = []
         for i, (ids, cls) in enumerate(zip(_ids(tokenizer, prompts), classes)):
+            if self.mask_id is not None:
+                if ids.count(self.mask_id) != 1:
+                    raise DataError(f"example {i}: the prompt {prompts[i][:60]!r} must hold exactly one mask "
+                                    f"token (put {{mask}} in --template)")
+                if len(ids) > self.max_length:
+                    raise DataError(f"example {i}: the prompt is {len(ids)} tokens, over --max-length "
+                                    f"{self.max_length}")
+                out.append(Encoded(ids, [IGNORE_INDEX] * len(ids), cls))
+                continue
             ids = ids[:len(ids) - n_post]  # the label word continues the prompt: no EOS before it
             if not ids:
                 raise DataError(f"example {i}: the prompt {prompts[i][:40]!r} encodes to no tokens")
@@ -258,6 +273,12 @@ class LabelWords:
             raise ValueError("the batch has no class labels: build it with the label-words task")
         device = next(model.parameters()).device
         input_ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+        words = torch.tensor(self.word_ids, dtype=torch.long, device=device)
+        if self.mask_id is not None:
+            at = (input_ids == self.mask_id).int().argmax(1)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            rows = logits[torch.arange(len(at), device=device), at]
+            return rows.index_select(-1, words).float(), batch.class_labels.to(device)
         last = mask.sum(1) - 1
         keep = torch.unique(last)  # sorted
         if _accepts_logits_to_keep(type(model)):
@@ -267,7 +288,6 @@ class LabelWords:
             logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
             logits = logits.index_select(1, keep)
         rows = logits[torch.arange(len(last), device=device), torch.searchsorted(keep, last)]
-        words = torch.tensor(self.word_ids, dtype=torch.long, device=device)
         return rows.index_select(-1, words).float(), batch.class_labels.to(device)
 
     @torch.no_grad()
@@ -328,7 +348,7 @@ def _label_words(tokenizer, label_words: Mapping[Any, str],
 def make_task(kind: str, *, tokenizer, text_key: str = "text", prompt_key: str = "prompt",
               completion_key: str = "completion", template: str | None = None,
               label_key: str = "label", label_words: Mapping[Any, str] | None = None,
-              max_length: int = 128) -> Task:
+              max_length: int = 128, masked: bool = False) -> Task:
     """The task of ``kind``.  ``template`` (e.g. "Review: {text} Sentiment:") builds the text (lm)
     or prompt (other kinds) from the example's columns instead of reading one column.  Label words
     are checked against ``tokenizer`` here, before any data is read; ``encode`` must be given the
@@ -341,9 +361,17 @@ def make_task(kind: str, *, tokenizer, text_key: str = "text", prompt_key: str =
         _template_fields(template)
     if (label_words is not None) != (kind == "label-words"):
         raise ValueError("label_words are required by, and only used by, the label-words task")
+    if masked and kind != "label-words":
+        raise ValueError(f"a masked language model supports the label-words task, not {kind!r}")
+    mask_id = None
+    if masked:
+        if tokenizer.mask_token is None or template is None or "{mask}" not in template:
+            raise ValueError("a masked language model needs a tokenizer with a mask token and a --template "
+                             "with {mask} where the label word goes, e.g. '{sentence} It was {mask}.'")
+        mask_id = tokenizer.mask_token_id
     if kind == "lm":
         return LanguageModeling(text_key, template, max_length)
     if kind == "prompt-completion":
         return PromptCompletion(prompt_key, completion_key, template, max_length)
     labels, words, word_ids = _label_words(tokenizer, label_words)
-    return LabelWords(labels, words, word_ids, label_key, prompt_key, template, max_length)
+    return LabelWords(labels, words, word_ids, label_key, prompt_key, template, max_length, mask_id=mask_id)

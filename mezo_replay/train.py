@@ -1,4 +1,4 @@
-"""A MeZO fine-tune of a Hugging Face causal LM, recorded as a trajectory, crash-safe and resumable.
+"""A MeZO fine-tune of a Hugging Face language model (causal or masked), recorded as a trajectory, crash-safe and resumable.
 
 The embedded default (`mezo-replay train` with no arguments) goes through exactly this path with the
 tiny model and task that ship in mezo_replay/embedded, so the default run proves the real one.
@@ -91,15 +91,18 @@ class TrainResult:
     interrupted: bool
 
 
-def load_model(path: Path, dtype: str, device: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(path: Path, dtype: str, device: str) -> tuple[Any, Any, bool]:
+    """(model, tokenizer, masked): a causal LM, or a masked LM when the folder's config says so."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     if not path.is_dir():
         raise MezoReplayError(f"--model {path}: not a directory (a Hugging Face model folder is expected)")
     BaseCheckpoint.open(path)  # a clear error for a folder without (safetensors) weights, before transformers
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    return model.to(device).eval(), tokenizer
+    masked = any(a.endswith("ForMaskedLM") for a in AutoConfig.from_pretrained(path).architectures or [])
+    auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=DTYPES[dtype])
+    return model.to(device).eval(), tokenizer, masked
 
 
 def prepare_base(model: Any, model_dir: Path, dtype: str, out: Path, overwrite: bool) -> Path:
@@ -212,8 +215,9 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     if not cfg.train_examples:
         raise DataError("the training set is empty")
     check_objective(cfg.task, cfg.objective)
-    model, tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
-    task: Task = make_task(cfg.task, tokenizer=tokenizer, max_length=cfg.max_length, **cfg.task_options)
+    model, tokenizer, masked = load_model(cfg.model, cfg.dtype, cfg.device)
+    task: Task = make_task(cfg.task, tokenizer=tokenizer, max_length=cfg.max_length, masked=masked,
+                           **cfg.task_options)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_set = task.encode(tokenizer, cfg.train_examples)
     eval_set = task.encode(tokenizer, cfg.eval_examples) if cfg.eval_examples else []
