@@ -1,6 +1,6 @@
 """mezo-replay: a MeZO fine-tune as a few kilobytes of seeded steps, replayed bit for bit on any device.
 
-    from mezo_replay import MeZO, read_trajectory, plan, reconstruct
+    from mezo_replay import MeZO, fit, read_trajectory, plan, reconstruct
 
 Names are imported on first use, so the command line starts without loading torch.
 """
@@ -16,7 +16,7 @@ _EXPORTS = {
     "Trajectory": "mzt", "TrajectoryWriter": "mzt", "read_trajectory": "mzt",
     "plan": "replay", "reconstruct": "replay", "verify": "replay",
     "BaseMismatchError": "replay", "VerificationError": "replay",
-    "MezoReplayError": "errors",
+    "MezoReplayError": "errors", "fit": "train", "Schedule": "rule",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from .mzt import Trajectory, TrajectoryWriter, read_trajectory
     from .optimizer import MeZO, NonFiniteLossError
     from .replay import BaseMismatchError, VerificationError, plan, reconstruct, verify
+    from .rule import Schedule
+    from .train import fit
 
 
 def __getattr__(name: str) -> Any:

@@ -204,6 +204,36 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
             signal.signal(s, h)
 
 
+def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.Tensor | float]], *,
+        after_step: Callable[[int, float], None] | None = None) -> bool:
+    """Runs `opt` from its current step to `steps`, then closes it (writing the final fingerprint).
+
+    The loop `mezo-replay train` uses, for people who bring their own model and data: `closure_for(t)`
+    returns the closure of step t (the loss on step t's batch); `after_step(done, loss)` runs after each
+    step. SIGINT and SIGTERM stop it cleanly between steps, so the trajectory always ends complete and
+    verifiable; returns True if a signal stopped it. A second Ctrl-C interrupts mid-step: the recorded
+    steps stay valid, but no final fingerprint is written for half-stepped weights.
+    """
+    interrupted = False
+    try:
+        with _stop_on_signals() as stop:
+            for step in range(opt.step_count, steps):
+                loss = opt.step(closure_for(step))
+                if after_step is not None:
+                    after_step(step + 1, loss)
+                if stop.set:
+                    interrupted = True
+                    break
+    except KeyboardInterrupt:
+        if opt.writer is not None:
+            opt.writer.close()
+            opt.writer = None
+        raise
+    finally:
+        opt.close()
+    return interrupted
+
+
 def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
           log: IO[str] | None = None) -> TrainResult:
     """Runs MeZO until cfg.steps steps are recorded; returns with a complete, verifiable trajectory."""
@@ -252,36 +282,27 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
         return metrics
 
     evals: list[tuple[int, dict[str, float]]] = []
-    interrupted = False
     started = time.monotonic()
-    try:
-        with _stop_on_signals() as stop:
-            if eval_batches and start == 0:
-                evaluate(0)
-            for step in range(start, cfg.steps):
-                idx = batch_order(len(train_set), cfg.batch_size, cfg.seed, step)
-                batch: Batch = task.make_batch([train_set[i] for i in idx], pad).to(cfg.device)
-                loss = opt.step(lambda: task.objective(model, batch, cfg.objective))
-                done = step + 1
-                metrics = None
-                if eval_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-                    metrics = evaluate(done)
-                size = os.path.getsize(cfg.out)
-                lr = opt.rule.lr_at(step)
-                _log(log, {"event": "step", "step": done, "loss": loss, "lr": lr, "trajectory_bytes": size,
-                           "elapsed_s": round(time.monotonic() - started, 3)})
-                if on_step is not None:
-                    on_step(StepReport(done, cfg.steps, loss, lr, size, metrics))
-                if stop.set:
-                    interrupted = True
-                    break
-    except KeyboardInterrupt:  # a second Ctrl-C: mid-step, so the weights may be perturbed
-        if opt.writer is not None:
-            opt.writer.close()  # the recorded steps stay valid; no fingerprint of half-stepped weights
-            opt.writer = None
-        raise
-    finally:
-        opt.close()
+
+    def closure_for(step: int) -> Callable[[], torch.Tensor]:
+        idx = batch_order(len(train_set), cfg.batch_size, cfg.seed, step)
+        batch: Batch = task.make_batch([train_set[i] for i in idx], pad).to(cfg.device)
+        return lambda: task.objective(model, batch, cfg.objective)
+
+    def after_step(done: int, loss: float) -> None:
+        metrics = None
+        if eval_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+            metrics = evaluate(done)
+        size = os.path.getsize(cfg.out)
+        lr = opt.rule.lr_at(done - 1)
+        _log(log, {"event": "step", "step": done, "loss": loss, "lr": lr, "trajectory_bytes": size,
+                   "elapsed_s": round(time.monotonic() - started, 3)})
+        if on_step is not None:
+            on_step(StepReport(done, cfg.steps, loss, lr, size, metrics))
+
+    if eval_batches and start == 0:
+        evaluate(0)
+    interrupted = fit(opt, cfg.steps, closure_for, after_step=after_step)
     if evals and not all(math.isfinite(v) for v in evals[-1][1].values()):
         raise MezoReplayError("evaluation is not finite: lower --lr")
     return TrainResult(cfg.out, base, model, opt, evals, start, interrupted)
