@@ -86,8 +86,11 @@ def _label_words(value: str | None) -> dict[str, str] | None:
 
 
 @main.command()
-@click.option("--model", type=click.Path(path_type=Path, file_okay=False),
-              help="Local Hugging Face model folder: a causal LM, or a masked LM for label-words. Default: the embedded tiny Llama.")
+@click.option("--model", help="A Hugging Face model folder, a Hub id org/name[@revision] (through the Hugging "
+              "Face cache; the commit sha is recorded), or a .safetensors file with --config. A causal LM, or a "
+              "masked LM for label-words. Default: the embedded tiny Llama.")
+@click.option("--config", "config_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="With a .safetensors --model: the folder holding its config.json and tokenizer.")
 @click.option("--data", help="Training data: a .jsonl/.json/.csv/.parquet file or a Hugging Face data set "
               "name (needs `datasets`). Default: the embedded sentiment task.")
 @click.option("--eval-data", help="Evaluation data (a file); for a data set name its validation split is used.")
@@ -136,7 +139,7 @@ def _label_words(value: str | None) -> dict[str, str] | None:
               help="Write JSON lines (one per step and per evaluation) to this file, or - for stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing trajectory file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def train(model: Path | None, data: str | None, eval_data: str | None, task_kind: str, template: str | None,
+def train(model: str | None, config_dir: Path | None, data: str | None, eval_data: str | None, task_kind: str, template: str | None,
           label_words: str | None, text_key: str, prompt_key: str, completion_key: str, label_key: str,
           objective: str, out: Path, resume: Path | None, steps: int | None, lr: float | None, eps: float | None,
           schedule: str, warmup_steps: int, weight_decay: float, tune: tuple[str, ...], freeze: tuple[str, ...],
@@ -173,7 +176,7 @@ def train(model: Path | None, data: str | None, eval_data: str | None, task_kind
         options = {"text_key": text_key, "prompt_key": prompt_key, "completion_key": completion_key,
                    "template": template, "label_key": label_key, "label_words": _label_words(label_words)}
         cfg = TrainConfig(
-            model=model or embedded.MODEL_DIR, train_examples=train_examples, eval_examples=eval_examples,
+            model=model or embedded.MODEL_DIR, config=config_dir, train_examples=train_examples, eval_examples=eval_examples,
             out=resume or out, steps=steps or d["steps"], lr=lr or d["lr"], eps=eps or d["eps"],
             batch_size=batch_size or d["batch_size"], seed=d["seed"] if seed is None else seed,
             task=task_kind, task_options=options, objective=objective,
@@ -218,7 +221,8 @@ def train(model: Path | None, data: str | None, eval_data: str | None, task_kind
             f"continue with --resume {relpath(result.trajectory)}")
     say(f"wrote {relpath(result.trajectory)}: {traj.steps} steps, {traj.file_bytes:,} bytes "
         f"({traj.bytes_per_step:.2f} bytes/step of step records)")
-    tuned = result.trajectory.with_name(result.trajectory.stem + "-tuned")
+    tuned = result.trajectory.with_name(result.trajectory.stem + "-tuned" + (".safetensors" if result.base.is_file()
+                                                                            else ""))
     cmd = ["mezo-replay", "reconstruct", relpath(result.base), relpath(result.trajectory), "-o", relpath(tuned)]
     say("rebuild the tuned weights with:\n  " + shlex.join(cmd))
 

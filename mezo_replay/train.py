@@ -29,6 +29,7 @@ import torch
 from .data import Batch, DataError, batch_order
 from .errors import MezoReplayError
 from .fingerprint import DTYPE_NAMES
+from .hub import resolve_model
 from .mzt import TrajectoryWriter, read_trajectory
 from .optimizer import MeZO
 from .rule import Schedule
@@ -41,7 +42,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class TrainConfig:
-    model: Path
+    model: str | Path  # a folder, a .safetensors file (with `config`), or a Hub id org/name[@revision]
     train_examples: Sequence[dict[str, Any]]
     eval_examples: Sequence[dict[str, Any]]
     out: Path
@@ -67,6 +68,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     device: str = "cpu"
+    config: Path | None = None  # the config/tokenizer folder of a bare .safetensors model
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -105,13 +107,13 @@ def load_model(path: Path, dtype: str, device: str) -> tuple[Any, Any, bool]:
     return model.to(device).eval(), tokenizer, masked
 
 
-def prepare_base(model: Any, model_dir: Path, dtype: str, out: Path, overwrite: bool) -> Path:
-    """The checkpoint the trajectory's base is: the model folder itself when its weights are stored in
-    the training dtype, otherwise a copy saved in that dtype beside the trajectory."""
-    stored = BaseCheckpoint.open(model_dir)
+def prepare_base(model: Any, weights: Path, dtype: str, out: Path, overwrite: bool) -> Path:
+    """The checkpoint the trajectory's base is: the model's own weights (folder or file) when they are
+    stored in the training dtype, otherwise a copy saved in that dtype beside the trajectory."""
+    stored = BaseCheckpoint.open(weights)
     wanted = DTYPE_NAMES[DTYPES[dtype]]
     if all(e.dtype == wanted for e in stored.entries.values() if e.dtype in ("F32", "BF16", "F16")):
-        return model_dir
+        return weights
     base_dir = out.with_name(f"{out.stem}.base-{dtype}")
     if base_dir.exists() and not overwrite:
         raise MezoReplayError(f"{base_dir} exists: pass --overwrite to replace it")
@@ -245,7 +247,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     if not cfg.train_examples:
         raise DataError("the training set is empty")
     check_objective(cfg.task, cfg.objective)
-    model, tokenizer, masked = load_model(cfg.model, cfg.dtype, cfg.device)
+    src = resolve_model(cfg.model, cfg.config)
+    model, tokenizer, masked = load_model(src.path, cfg.dtype, cfg.device)
     task: Task = make_task(cfg.task, tokenizer=tokenizer, max_length=cfg.max_length, masked=masked,
                            **cfg.task_options)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -254,7 +257,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     eval_batches = [task.make_batch(eval_set[i:i + cfg.eval_batch_size], pad)
                     for i in range(0, len(eval_set), cfg.eval_batch_size)]
     select_parameters(model, cfg.tune, cfg.freeze)
-    base = prepare_base(model, cfg.model, cfg.dtype, cfg.out, cfg.overwrite or cfg.resume)
+    base = prepare_base(model, src.weights, cfg.dtype, cfg.out, cfg.overwrite or cfg.resume)
     schedule = Schedule(cfg.schedule, cfg.warmup_steps, cfg.steps if cfg.schedule != "constant" or
                         cfg.warmup_steps else 0)
     opt = MeZO(model.named_parameters(), lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise,
@@ -269,8 +272,10 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
         start = 0
         meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
                 "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
-                **cfg.metadata}
-        opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every, base_source=str(base),
+                "base_model": src.source + (f"@{src.revision}" if src.revision else ""), **cfg.metadata}
+        same = base == src.weights  # else: a copy cast to the training dtype, named by its path
+        opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every,
+                   base_source=src.source if same else str(base), base_revision=src.revision if same else None,
                    metadata=meta)
 
     def evaluate(step: int) -> dict[str, float]:
