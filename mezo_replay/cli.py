@@ -94,16 +94,18 @@ def _label_words(value: str | None) -> dict[str, str] | None:
 @click.option("--data", help="Training data: a .jsonl/.json/.csv/.parquet file or a Hugging Face data set "
               "name (needs `datasets`). Default: the embedded sentiment task.")
 @click.option("--eval-data", help="Evaluation data (a file); for a data set name its validation split is used.")
-@click.option("--task", "task_kind", type=click.Choice(["prompt-completion", "label-words", "lm"]),
+@click.option("--task", "task_kind", type=click.Choice(["prompt-completion", "label-words", "classify-head", "lm"]),
               default="prompt-completion", show_default=True,
               help="prompt-completion: loss on the completion only; label-words: MeZO's prompt-based "
-                   "classification; lm: plain language modelling on a text column.")
+                   "classification; classify-head: a sequence classifier with a new head (its initial "
+                   "values travel in the trajectory); lm: plain language modelling on a text column.")
 @click.option("--template", help="Build the prompt from columns, e.g. '{sentence} It was'.")
 @click.option("--label-words", help='For label-words: JSON label -> word, e.g. \'{"0": " terrible", "1": " great"}\'.')
-@click.option("--text-key", default="text", show_default=True, help="Column of the text (lm task).")
+@click.option("--text-key", default="text", show_default=True, help="Column of the text (lm, classify-head).")
 @click.option("--prompt-key", default="prompt", show_default=True, help="Column of the prompt.")
 @click.option("--completion-key", default="completion", show_default=True, help="Column of the completion.")
-@click.option("--label-key", default="label", show_default=True, help="Column of the label (label-words).")
+@click.option("--label-key", default="label", show_default=True,
+              help="Column of the label (label-words, classify-head).")
 @click.option("--objective", type=click.Choice(["ce", "accuracy", "f1"]), default="ce", show_default=True,
               help="What MeZO minimises: cross-entropy, or (label-words) 1 - accuracy or 1 - macro-F1, "
                    "which MeZO can optimise directly since it needs no gradient.")

@@ -38,6 +38,7 @@ MAX_WINDOW_BYTES = 1 << 27
 MAX_HEADER_BYTES = 256 << 20           # HEAD decompressed
 MAX_FPRT_BYTES = 128 << 20             # FPRT decompressed
 MAX_EVAL_BYTES = 1 << 20               # eval decompressed
+MAX_INIT_DATA = 64 << 20               # INIT data bytes per chunk
 MAX_STEPS_PER_CHUNK = 1 << 20
 MAX_STEP_PAYLOAD = 8 + 2 * MAX_STEPS_PER_CHUNK
 MAX_LOSS_PAYLOAD = 8 + 4 * MAX_STEPS_PER_CHUNK
@@ -135,6 +136,8 @@ def _check_tensors(tensors: object) -> tuple[list[str], list[str]]:
             raise LimitError(f"{where} ({name!r}) has {math.prod(shape)} elements, the limit is below 2^48")
         if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
             raise TrajectoryError(f"{where} ({name!r}) sha256 is not 64 lowercase hex digits")
+        if not isinstance(t.get("init", False), bool):
+            raise TrajectoryError(f"{where} ({name!r}) init must be a boolean")
         names.append(name)
         fps.append(sha)
         previous = raw
@@ -171,6 +174,8 @@ def validate_header(header: dict) -> None:
     if base["fingerprint"] != base_fingerprint(names, fps):
         raise TrajectoryError("base fingerprint does not match the fingerprints of the listed tensors "
                               "(the header is inconsistent)")
+    if not isinstance(header.get("config", {}), dict):
+        raise TrajectoryError("header 'config' must be an object (a config.json)")
     records = header["records"]
     if not isinstance(records, dict) or not isinstance(records.get("losses"), bool):
         raise TrajectoryError("header 'records' must be an object with a boolean 'losses'")
@@ -331,6 +336,7 @@ class Trajectory:
     step_bytes: int                     # 12-byte heads + payloads of all STEP chunks
     valid_bytes: int                    # end of the last chunk used: where an append continues
     evals: list[dict] = field(default_factory=list)  # {"step", "split", "metrics"} in file order
+    inits: dict[int, bytes] = field(default_factory=dict)  # tensor index -> initial bytes (new tensors)
 
     @property
     def steps(self) -> int:
@@ -404,6 +410,8 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
     losses: list[tuple[int, np.ndarray]] = []
     fingerprints: dict[int, list[str]] = {}
     evals: list[dict] = []
+    inits: dict[int, bytearray] = {}
+    init_needed: dict[int, int] = {}  # index -> bytes, for tensors marked init
     steps = step_bytes = index = 0
     truncated, corrupt = False, None
     with open(path, "rb") as f:
@@ -426,7 +434,20 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                 if ctype == "HEAD":
                     header = _decode_head(dctx, payload, path)
                     rule = MezoSGD.from_header(header)
+                    init_needed = {k: math.prod(t["shape"]) * _ITEMSIZE[t["dtype"]]
+                                   for k, t in enumerate(header["tensors"]) if t.get("init")}
+                elif ctype == "INIT":
+                    if bits:
+                        raise _Corrupt("INIT after the first STEP chunk")
+                    k, at, data = _decode_init(dctx, payload)
+                    got = inits.setdefault(k, bytearray()) if k in init_needed else None
+                    if got is None or at != len(got) or at + len(data) > init_needed[k]:
+                        raise _Corrupt(f"tensor {k} is not marked init, or these bytes ({at}..{at + len(data)}) "
+                                       f"do not continue its initial value in order")
+                    got += data
                 elif ctype == "STEP":
+                    if not bits:
+                        _check_inits_complete(path, inits, init_needed)
                     first, (hi, lo) = _counted(_decompress(dctx, payload, MAX_STEP_PAYLOAD), 2)
                     if first != steps:
                         raise _Corrupt(f"first_step is {first}, but {steps} steps precede it (a gap or overlap)")
@@ -463,6 +484,8 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
             offset += CHUNK_HEAD.size + len(payload)
             index += 1
 
+    if not bits:  # no STEP chunk: the initial values must still be whole to replay zero steps
+        _check_inits_complete(path, inits, init_needed)
     loss_array = None
     if header["records"]["losses"]:
         loss_array = np.full(steps, np.nan, dtype=np.float32)
@@ -470,7 +493,26 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
             loss_array[first:first + values.size] = values
     grad_bits = np.concatenate(bits) if bits else np.zeros(0, dtype=np.uint16)
     return Trajectory(path, header, grad_bits, loss_array, fingerprints, truncated, corrupt, size, step_bytes, offset,
-                      evals)
+                      evals, {k: bytes(v) for k, v in inits.items()})
+
+
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
+_INIT_HEAD = struct.Struct("<IQ")
+
+
+def _decode_init(dctx: zstandard.ZstdDecompressor, payload: bytes) -> tuple[int, int, bytes]:
+    data = _decompress(dctx, payload, _INIT_HEAD.size + MAX_INIT_DATA)
+    if len(data) < _INIT_HEAD.size:
+        raise _Corrupt("payload shorter than its index and offset")
+    k, at = _INIT_HEAD.unpack_from(data)
+    return k, at, data[_INIT_HEAD.size:]
+
+
+def _check_inits_complete(path: Path, inits: dict[int, bytearray], needed: dict[int, int]) -> None:
+    for k, n in needed.items():
+        if len(inits.get(k, b"")) != n:
+            raise TrajectoryError(f"{path}: the initial value of new tensor {k} is incomplete "
+                                  f"({len(inits.get(k, b''))} of {n} bytes): nothing can be replayed")
 
 
 def _decode_head(dctx: zstandard.ZstdDecompressor, payload: bytes, path: Path) -> dict:
@@ -654,6 +696,14 @@ class TrajectoryWriter:
             self._losses.append(float(loss))
         if len(self._bits) >= self._spc:
             self.flush()
+
+    def write_init(self, index: int, data: bytes | memoryview) -> None:
+        """The initial value of new tensor `index` (marked init in the header), before any step."""
+        if self.steps or self._flushed:
+            raise ValueError("initial values must be written before the first step")
+        data = memoryview(data).cast("B")
+        for at in range(0, max(len(data), 1), MAX_INIT_DATA):
+            self._write(self._chunk(b"INIT", _INIT_HEAD.pack(index, at) + bytes(data[at:at + MAX_INIT_DATA])))
 
     def add_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
         """Record evaluation results on the weights after `step` steps. Kept until the next flush, so that

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -118,15 +118,26 @@ class MeZO:
         return [tensor_fingerprint(p.detach()) for p in self.params]
 
     def header(self, *, base_source: str | None = None, base_revision: str | None = None,
-               metadata: Mapping[str, str] | None = None, record_losses: bool = True) -> dict[str, Any]:
-        """The HEAD of a trajectory starting from the weights as they were when this optimizer was made."""
+               metadata: Mapping[str, str] | None = None, record_losses: bool = True,
+               new_tensors: Collection[str] = (), config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The HEAD of a trajectory starting from the weights as they were when this optimizer was made.
+
+        `new_tensors` names tuned tensors absent from the base (a new classification head): their initial
+        values travel in the trajectory. `config` is the tuned model's config.json when it differs from the
+        base's, so that a reconstruction loads as the right model class."""
         if self.step_count:
             raise MezoReplayError("a trajectory must start before the first step")
+        if unknown := set(new_tensors) - set(self.names):
+            raise ValueError(f"new_tensors {sorted(unknown)} are not tuned parameters")
         tensors = [{"name": n, "dtype": DTYPE_NAMES[p.dtype], "shape": list(p.shape), "sha256": fp}
                    for n, p, fp in zip(self.names, self.params, self._base_fingerprints)]
         if self.rule.weight_decay:
             for entry, decay in zip(tensors, self.decay):
                 entry["decay"] = decay
+        for entry in tensors:
+            if entry["name"] in new_tensors:
+                entry["init"] = True
+        extra = {"config": dict(config)} if config is not None else {}
         return {
             "creator": f"mezo-replay {__version__}",
             **self.rule.header_fields(),
@@ -135,6 +146,7 @@ class MeZO:
                      "source": base_source, "revision": base_revision},
             "records": {"losses": record_losses},
             "metadata": dict(metadata or {}),
+            **extra,
         }
 
     def record(self, path: str | os.PathLike[str], *, overwrite: bool = False, steps_per_chunk: int = 256,
@@ -143,6 +155,10 @@ class MeZO:
         header = self.header(**header_args)
         self.writer = TrajectoryWriter(path, header, overwrite=overwrite, steps_per_chunk=steps_per_chunk)
         self.writer_records_losses = bool(header["records"]["losses"])
+        for k, entry in enumerate(header["tensors"]):
+            if entry.get("init"):
+                t = self.params[k].detach().cpu().contiguous().reshape(-1)
+                self.writer.write_init(k, t.view(torch.uint8).numpy().tobytes())
         return self.writer
 
     def attach(self, writer: TrajectoryWriter, steps_done: int) -> None:

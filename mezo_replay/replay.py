@@ -62,6 +62,12 @@ def plan(base: str | os.PathLike[str] | BaseCheckpoint, trajectory: str | os.Pat
     names = []
     for t in traj.header["tensors"]:
         name = t["name"]
+        if t.get("init"):  # a new tensor (e.g. a classifier head): its initial value is in the trajectory
+            if name in ckpt.entries:
+                raise BaseMismatchError(f"wrong base: {ckpt.path} already has {name!r}, which the trajectory "
+                                        f"adds as a new tensor")
+            names.append(name)
+            continue
         if name not in ckpt.entries:
             raise BaseMismatchError(f"wrong base: tuned tensor {name!r} is not in {ckpt.path}")
         e = ckpt.entries[name]
@@ -77,6 +83,14 @@ def plan(base: str | os.PathLike[str] | BaseCheckpoint, trajectory: str | os.Pat
 def read_base(p: ReplayPlan, index: int) -> torch.Tensor:
     """Tuned tensor `index` as the base holds it, refused unless it is the one training started from."""
     name = p.names[index]
+    entry = p.trajectory.header["tensors"][index]
+    if entry.get("init"):
+        raw = bytearray(p.trajectory.inits[index])
+        w = torch.frombuffer(raw, dtype=torch.uint8).view(DTYPE_NAMES[entry["dtype"]]).reshape(entry["shape"]) \
+            if raw else torch.empty(entry["shape"], dtype=DTYPE_NAMES[entry["dtype"]])
+        if tensor_fingerprint(w) != entry["sha256"]:
+            raise VerificationError(f"the initial value of {name!r} in the trajectory does not match its fingerprint")
+        return w
     w = p.base.read(name)
     if tensor_fingerprint(w) != p.trajectory.header["tensors"][index]["sha256"]:
         raise BaseMismatchError(f"wrong base: tensor {name!r} in {p.base.path} differs from the one the "
@@ -105,7 +119,9 @@ def reconstruct(p: ReplayPlan, out: str | os.PathLike[str], *, overwrite: bool =
     """Writes the checkpoint at step p.steps, mirroring the base's layout; returns the output path."""
     metadata = {"mezo_replay.steps": str(p.steps),
                 "mezo_replay.base_fingerprint": p.trajectory.header["base"]["fingerprint"]}
-    with CheckpointWriter(p.base, out, overwrite=overwrite, metadata=metadata) as writer:
+    new = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in p.trajectory.header["tensors"] if t.get("init")}
+    with CheckpointWriter(p.base, out, overwrite=overwrite, metadata=metadata, new_tensors=new,
+                          config=p.trajectory.header.get("config")) as writer:
         for index, name in enumerate(p.names):
             w = replay_named(p, index, device, progress)
             _check(p, index, tensor_fingerprint(w))

@@ -340,10 +340,16 @@ class CheckpointWriter:
     (`.<name>.tmp-<random>`), and commit() renames it into place; on abort or exception nothing remains.
 
     commit() is final: if it refuses (e.g. a tensor was never written) the writer aborts.
+
+    `new_tensors` (name -> (dtype, shape)) are tensors the base lacks, such as a classifier's head: they are
+    appended after the data of the base's last file (and added to the index). `config` replaces the
+    base's config.json in a directory output.
     """
 
     def __init__(self, base: BaseCheckpoint, out: str | Path, *, overwrite: bool = False,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None,
+                 new_tensors: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         self._state = "open"
         self._made_tmp = False
         self._out_fh: dict[Path, BinaryIO] = {}  # base file -> its output file
@@ -355,6 +361,16 @@ class CheckpointWriter:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
             raise TypeError("metadata must map str to str")
         self._check_out()
+        self._entries = dict(base.entries)
+        last = base.files[-1]
+        end = base._data_span[last][1]
+        for name, (dtype, shape) in (new_tensors or {}).items():
+            if name in self._entries or dtype not in _DTYPES or _DTYPES[dtype][0] is None:
+                raise CheckpointError(f"{self.out}: new tensor {_r(name)} is already in the base or has an "
+                                      f"unsupported dtype {dtype!r}")
+            size = math.prod(shape) * _DTYPES[dtype][0]
+            self._entries[name] = TensorEntry(name, dtype, tuple(shape), last, end, end + size)
+            end += size
         self._tmp = self.out.parent / f".{self.out.name}.tmp-{secrets.token_hex(4)}"
         try:
             if base.is_dir:
@@ -363,6 +379,14 @@ class CheckpointWriter:
                 carried = base.aux_files() + ([base.index_file] if base.index_file else [])
                 for f in carried:  # the index is copied verbatim: offsets and shard names don't change
                     shutil.copyfile(f, self._tmp / f.name)
+                if base.index_file and new_tensors:
+                    index = json.loads(base.index_file.read_bytes())
+                    index.setdefault("weight_map", {}).update({n: last.name for n in new_tensors})
+                    added = sum(self._entries[n].nbytes for n in new_tensors)
+                    index.setdefault("metadata", {})["total_size"] = index["metadata"].get("total_size", 0) + added
+                    (self._tmp / base.index_file.name).write_text(json.dumps(index, indent=2) + "\n")
+                if config is not None:
+                    (self._tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
                 targets = {f: self._tmp / f.name for f in base.files}
             else:
                 targets = {base.files[0]: self._tmp}
@@ -372,7 +396,9 @@ class CheckpointWriter:
                 self._made_tmp = True
                 self._out_fh[src] = fh
                 _write_at(fh, memoryview(header), 0)
-                data_start, data_end = base._data_span[src]
+                data_start = base._data_span[src][0]
+                data_end = max(e.end for e in self._entries.values() if e.file == src) if any(
+                    e.file == src for e in self._entries.values()) else base._data_span[src][1]
                 self._shift[src] = len(header) - data_start
                 fh.truncate(data_end + self._shift[src])  # full size up front: writes may come in any order
         except BaseException:
@@ -403,7 +429,7 @@ class CheckpointWriter:
         meta = {**self.base.metadata[src.name], **extra}
         header: dict[str, Any] = {"__metadata__": meta} if meta else {}
         data_start = self.base._data_span[src][0]
-        for e in self.base.entries.values():
+        for e in self._entries.values():
             if e.file == src:
                 header[e.name] = {"dtype": e.dtype, "shape": list(e.shape),
                                   "data_offsets": [e.start - data_start, e.end - data_start]}
@@ -414,7 +440,7 @@ class CheckpointWriter:
     def _claim(self, name: str) -> TensorEntry:
         if self._state != "open":
             raise CheckpointError(f"{self.out}: writer is already {self._state}")
-        e = self.base.entries.get(name)
+        e = self._entries.get(name)
         if e is None:
             raise CheckpointError(f"{self.out}: the base has no tensor named {_r(name)}")
         if name in self._written:
@@ -453,10 +479,10 @@ class CheckpointWriter:
         if self._state != "open":
             raise CheckpointError(f"{self.out}: writer is already {self._state}")
         try:
-            missing = [n for n in self.base.entries if n not in self._written]
+            missing = [n for n in self._entries if n not in self._written]
             if missing:
                 raise CheckpointError(f"{self.out}: tensor {_r(missing[0])} was never written "
-                                      f"({len(missing)} of {len(self.base.entries)} missing)")
+                                      f"({len(missing)} of {len(self._entries)} missing)")
             self._close_files()
             for f in (self._tmp.iterdir() if self.base.is_dir else [self._tmp]):
                 _fsync_path(f)

@@ -37,9 +37,9 @@ from .data import (
 
 __all__ = ["KINDS", "OBJECTIVES", "Task", "check_objective", "make_task", "macro_f1"]
 
-KINDS = ("lm", "prompt-completion", "label-words")
+KINDS = ("lm", "prompt-completion", "label-words", "classify-head")
 OBJECTIVES = ("ce", "accuracy", "f1")
-_SUPPORTED = {"lm": ("ce",), "prompt-completion": ("ce",), "label-words": OBJECTIVES}
+_SUPPORTED = {"lm": ("ce",), "prompt-completion": ("ce",), "label-words": OBJECTIVES, "classify-head": OBJECTIVES}
 
 
 class Task(Protocol):
@@ -60,7 +60,7 @@ def check_objective(kind: str, objective: str) -> None:
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
     if objective not in _SUPPORTED[kind]:
-        raise ValueError(f"objective {objective!r} needs a classification task (label-words); "
+        raise ValueError(f"objective {objective!r} needs a classification task (label-words, classify-head); "
                          f"task {kind!r} supports: {', '.join(_SUPPORTED[kind])}")
 
 
@@ -209,8 +209,47 @@ class PromptCompletion(_TokenCE):
 # Classification by label words
 # ---------------------------------------------------------------------------------------------
 
+class _Classification:
+    """Objectives and metrics from class scores, shared by the label-words and classify-head tasks."""
+    kind: str
+
+    @property
+    def n_classes(self) -> int:
+        raise NotImplementedError
+
+    def scores(self, model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def objective(self, model, batch: Batch, objective: str = "ce") -> torch.Tensor:
+        check_objective(self.kind, objective)
+        scores, target = self.scores(model, batch)
+        if objective == "ce":
+            return F.cross_entropy(scores, target)
+        pred = scores.argmax(-1)
+        if objective == "accuracy":
+            return 1 - (pred == target).float().mean()
+        return 1 - macro_f1(pred, target, self.n_classes)
+
+    @torch.no_grad()
+    def evaluate(self, model, batches: Sequence[Batch]) -> dict[str, float]:
+        """Over the whole eval set (F1 is not an average of per-batch F1s)."""
+        if not batches:
+            raise ValueError("evaluate needs at least one batch")
+        ce, preds, targets = 0.0, [], []
+        for b in batches:
+            scores, target = self.scores(model, b)
+            ce += float(F.cross_entropy(scores, target, reduction="sum"))
+            preds.append(scores.argmax(-1).cpu())
+            targets.append(target.cpu())
+        pred, target = torch.cat(preds), torch.cat(targets)
+        return {"loss": ce / len(target), "accuracy": float((pred == target).double().mean()),
+                "f1": float(macro_f1(pred, target, self.n_classes))}
+
+
+
 @dataclass
-class LabelWords:
+class LabelWords(_Classification):
     """Class c's score is the logit of label word c at the prompt's last position (causal LM), or at
     its mask token (masked LM: MeZO's RoBERTa setting, e.g. template "{sentence} It was {mask}.")."""
     labels: tuple[str, ...]  # label values (as str), in class order
@@ -223,6 +262,10 @@ class LabelWords:
     kind: str = "label-words"
     mask_id: int | None = None  # masked LM: score at this token instead of the last one
     objectives = OBJECTIVES
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.words)
 
     def encode(self, tokenizer, examples: Sequence[Mapping[str, Any]]) -> list[Encoded]:
         columns = _source_columns(self.prompt_key, self.template)
@@ -290,36 +333,58 @@ class LabelWords:
         rows = logits[torch.arange(len(last), device=device), torch.searchsorted(keep, last)]
         return rows.index_select(-1, words).float(), batch.class_labels.to(device)
 
-    @torch.no_grad()
-    def objective(self, model, batch: Batch, objective: str = "ce") -> torch.Tensor:
-        check_objective(self.kind, objective)
-        scores, target = self.scores(model, batch)
-        if objective == "ce":
-            return F.cross_entropy(scores, target)
-        pred = scores.argmax(-1)
-        if objective == "accuracy":
-            return 1 - (pred == target).float().mean()
-        return 1 - macro_f1(pred, target, len(self.words))
-
-    @torch.no_grad()
-    def evaluate(self, model, batches: Sequence[Batch]) -> dict[str, float]:
-        """Over the whole eval set (F1 is not an average of per-batch F1s)."""
-        if not batches:
-            raise ValueError("evaluate needs at least one batch")
-        ce, preds, targets = 0.0, [], []
-        for b in batches:
-            scores, target = self.scores(model, b)
-            ce += float(F.cross_entropy(scores, target, reduction="sum"))
-            preds.append(scores.argmax(-1).cpu())
-            targets.append(target.cpu())
-        pred, target = torch.cat(preds), torch.cat(targets)
-        return {"loss": ce / len(target), "accuracy": float((pred == target).double().mean()),
-                "f1": float(macro_f1(pred, target, len(self.words)))}
-
     def metadata(self) -> dict[str, str]:
         src = {"template": self.template} if self.template is not None else {"prompt_key": self.prompt_key}
         return {"task": self.kind, **src, "label_key": self.label_key,
                 "label_words": json.dumps(dict(zip(self.labels, self.words))),
+                "max_length": str(self.max_length)}
+
+
+@dataclass
+class ClassifyHead(_Classification):
+    """A sequence classifier's own head (AutoModelForSequenceClassification): the head is new, so its
+    initial values travel in the trajectory. Classes are the distinct label values, sorted."""
+    labels: tuple[str, ...]
+    text_key: str = "text"
+    label_key: str = "label"
+    template: str | None = None
+    max_length: int = 128
+    kind: str = "classify-head"
+    objectives = OBJECTIVES
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.labels)
+
+    def encode(self, tokenizer, examples: Sequence[Mapping[str, Any]]) -> list[Encoded]:
+        _check_columns(examples, _source_columns(self.text_key, self.template) + [self.label_key])
+        index = {v: c for c, v in enumerate(self.labels)}
+        texts = _texts(examples, self.text_key, self.template)
+        out = []
+        for i, (ex, ids) in enumerate(zip(examples, _ids(tokenizer, texts))):
+            value = str(ex[self.label_key])
+            if value not in index:
+                raise DataError(f"example {i}: label {value!r} (column {self.label_key!r}) is not one of the "
+                                f"labels seen in training {list(self.labels)}")
+            ids = ids[:self.max_length]
+            if not ids:
+                raise DataError(f"example {i}: the text {texts[i][:40]!r} encodes to no tokens")
+            out.append(Encoded(ids, [IGNORE_INDEX] * len(ids), index[value]))
+        return out
+
+    def make_batch(self, encoded: Sequence[Encoded], pad_id: int) -> Batch:
+        return make_batch(encoded, pad_id)
+
+    def scores(self, model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.class_labels is None:
+            raise ValueError("the batch has no class labels: build it with the classify-head task")
+        device = next(model.parameters()).device
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        return logits.float(), batch.class_labels.to(device)
+
+    def metadata(self) -> dict[str, str]:
+        src = {"template": self.template} if self.template is not None else {"text_key": self.text_key}
+        return {"task": self.kind, **src, "label_key": self.label_key, "labels": json.dumps(list(self.labels)),
                 "max_length": str(self.max_length)}
 
 
@@ -348,7 +413,7 @@ def _label_words(tokenizer, label_words: Mapping[Any, str],
 def make_task(kind: str, *, tokenizer, text_key: str = "text", prompt_key: str = "prompt",
               completion_key: str = "completion", template: str | None = None,
               label_key: str = "label", label_words: Mapping[Any, str] | None = None,
-              max_length: int = 128, masked: bool = False) -> Task:
+              max_length: int = 128, masked: bool = False, labels: Sequence[str] | None = None) -> Task:
     """The task of ``kind``.  ``template`` (e.g. "Review: {text} Sentiment:") builds the text (lm)
     or prompt (other kinds) from the example's columns instead of reading one column.  Label words
     are checked against ``tokenizer`` here, before any data is read; ``encode`` must be given the
@@ -361,6 +426,10 @@ def make_task(kind: str, *, tokenizer, text_key: str = "text", prompt_key: str =
         _template_fields(template)
     if (label_words is not None) != (kind == "label-words"):
         raise ValueError("label_words are required by, and only used by, the label-words task")
+    if kind == "classify-head":
+        if labels is None or len(set(labels)) < 2:
+            raise DataError(f"classify-head needs at least two distinct labels, got {list(labels or [])}")
+        return ClassifyHead(tuple(str(v) for v in labels), text_key, label_key, template, max_length)
     if masked and kind != "label-words":
         raise ValueError(f"a masked language model supports the label-words task, not {kind!r}")
     mask_id = None

@@ -93,34 +93,50 @@ class TrainResult:
     interrupted: bool
 
 
-def load_model(path: Path, dtype: str, device: str) -> tuple[Any, Any, bool]:
-    """(model, tokenizer, masked): a causal LM, or a masked LM when the folder's config says so."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+def load_model(path: Path, dtype: str, device: str, labels: Sequence[str] | None = None,
+               seed: int = 0) -> tuple[Any, Any, bool]:
+    """(model, tokenizer, masked): a causal LM, a masked LM when the folder's config says so, or, with
+    `labels`, a sequence classifier whose new head is initialised from `seed`."""
+    import transformers as tf
 
     if not path.is_dir():
         raise MezoReplayError(f"--model {path}: not a directory (a Hugging Face model folder is expected)")
     BaseCheckpoint.open(path)  # a clear error for a folder without (safetensors) weights, before transformers
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    masked = any(a.endswith("ForMaskedLM") for a in AutoConfig.from_pretrained(path).architectures or [])
-    auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=DTYPES[dtype])
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    masked = any(a.endswith("ForMaskedLM") for a in tf.AutoConfig.from_pretrained(path).architectures or [])
+    if labels is not None:
+        torch.manual_seed(seed)  # the head's initial values are recorded anyway; this keeps reruns equal
+        model = tf.AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=DTYPES[dtype], num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={v: k for k, v in enumerate(labels)})
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        auto = tf.AutoModelForMaskedLM if masked else tf.AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype])
     return model.to(device).eval(), tokenizer, masked
 
 
-def prepare_base(model: Any, weights: Path, dtype: str, out: Path, overwrite: bool) -> Path:
+def prepare_base(folder: Path, weights: Path, dtype: str, out: Path, overwrite: bool) -> Path:
     """The checkpoint the trajectory's base is: the model's own weights (folder or file) when they are
-    stored in the training dtype, otherwise a copy saved in that dtype beside the trajectory."""
+    stored in the training dtype, otherwise a copy of them cast to that dtype (round to nearest even, as
+    from_pretrained casts), saved beside the trajectory with the folder's config and tokenizer."""
+    from safetensors.torch import save_file
+
     stored = BaseCheckpoint.open(weights)
+    floats = ("F32", "BF16", "F16")
     wanted = DTYPE_NAMES[DTYPES[dtype]]
-    if all(e.dtype == wanted for e in stored.entries.values() if e.dtype in ("F32", "BF16", "F16")):
+    if all(e.dtype == wanted for e in stored.entries.values() if e.dtype in floats):
         return weights
     base_dir = out.with_name(f"{out.stem}.base-{dtype}")
     if base_dir.exists() and not overwrite:
         raise MezoReplayError(f"{base_dir} exists: pass --overwrite to replace it")
-    model.save_pretrained(base_dir)
-    for aux in stored.aux_files():
-        if aux.name not in ("config.json", "generation_config.json"):
-            (base_dir / aux.name).write_bytes(aux.read_bytes())
+    base_dir.mkdir(exist_ok=True)
+    tensors = {n: stored.read(n).to(DTYPES[dtype]) if e.dtype in floats else stored.read(n)
+               for n, e in stored.entries.items()}
+    save_file(tensors, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    for aux in BaseCheckpoint.open(folder).aux_files():
+        (base_dir / aux.name).write_bytes(aux.read_bytes())
     return base_dir
 
 
@@ -139,12 +155,14 @@ def select_parameters(model: Any, tune: Sequence[str], freeze: Sequence[str]) ->
         p.requires_grad_(chosen)
 
 
-def check_names(opt: MeZO, base: Path) -> None:
+def new_tensors(opt: MeZO, base: Path, allowed: bool) -> list[str]:
+    """Tuned parameters the base lacks: a classifier's new head (allowed), or a naming problem (not)."""
     entries = BaseCheckpoint.open(base).entries
-    for name in opt.names:
-        if name not in entries:
-            raise MezoReplayError(f"parameter {name!r} is not stored under that name in {base}; "
-                                  f"reconstruct could not find it")
+    missing = [n for n in opt.names if n not in entries]
+    if missing and not allowed:
+        raise MezoReplayError(f"parameter {missing[0]!r} is not stored under that name in {base}; "
+                              f"reconstruct could not find it")
+    return missing
 
 
 def _resume(opt: MeZO, path: Path, flush_every: int) -> int:
@@ -248,21 +266,27 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
         raise DataError("the training set is empty")
     check_objective(cfg.task, cfg.objective)
     src = resolve_model(cfg.model, cfg.config)
-    model, tokenizer, masked = load_model(src.path, cfg.dtype, cfg.device)
+    labels = None
+    if cfg.task == "classify-head":
+        key = cfg.task_options.get("label_key", "label")
+        if not all(key in ex for ex in cfg.train_examples):
+            raise DataError(f"classify-head: some training examples have no {key!r} column")
+        labels = sorted({str(ex[key]) for ex in cfg.train_examples})
+    model, tokenizer, masked = load_model(src.path, cfg.dtype, cfg.device, labels, cfg.seed)
     task: Task = make_task(cfg.task, tokenizer=tokenizer, max_length=cfg.max_length, masked=masked,
-                           **cfg.task_options)
+                           labels=labels, **cfg.task_options)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_set = task.encode(tokenizer, cfg.train_examples)
     eval_set = task.encode(tokenizer, cfg.eval_examples) if cfg.eval_examples else []
     eval_batches = [task.make_batch(eval_set[i:i + cfg.eval_batch_size], pad)
                     for i in range(0, len(eval_set), cfg.eval_batch_size)]
     select_parameters(model, cfg.tune, cfg.freeze)
-    base = prepare_base(model, src.weights, cfg.dtype, cfg.out, cfg.overwrite or cfg.resume)
+    base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, cfg.overwrite or cfg.resume)
     schedule = Schedule(cfg.schedule, cfg.warmup_steps, cfg.steps if cfg.schedule != "constant" or
                         cfg.warmup_steps else 0)
     opt = MeZO(model.named_parameters(), lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise,
                schedule=schedule.validated(), weight_decay=cfg.weight_decay)
-    check_names(opt, base)
+    added = new_tensors(opt, base, allowed=labels is not None)
     if cfg.resume:
         start = _resume(opt, cfg.out, cfg.flush_every)
         if start >= cfg.steps:
@@ -276,7 +300,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
         same = base == src.weights  # else: a copy cast to the training dtype, named by its path
         opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every,
                    base_source=src.source if same else str(base), base_revision=src.revision if same else None,
-                   metadata=meta)
+                   metadata=meta, new_tensors=added,
+                   config=json.loads(model.config.to_json_string()) if labels is not None else None)
 
     def evaluate(step: int) -> dict[str, float]:
         metrics = task.evaluate(model, eval_batches)
