@@ -214,7 +214,7 @@ def test_training_phases_equal_replay(dtype):
     del b
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-cosine-decay"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-cosine-decay", "tiny-new-tensor"])
 def test_tiny_end_to_end_vector(tmp_path, name):
     """spec/vectors/tiny*: the numpy reference and the torch reconstruct both land on expected.json."""
     import hashlib
@@ -230,7 +230,7 @@ def test_tiny_end_to_end_vector(tmp_path, name):
     assert traj.steps == expected["steps"] and traj.final_fingerprint is not None
     base = BaseCheckpoint.open(tiny / "base.safetensors")
     for k, t in enumerate(h["tensors"]):
-        bits = base.read_bytes(t["name"])
+        bits = traj.inits[k] if t.get("init") else base.read_bytes(t["name"])
         w = np.frombuffer(bits, dtype=R.BITS_DTYPE[t["dtype"]]).copy()
         got = R.replay(w, t["dtype"], seed=int(h["generator"]["seed"]), k=k, noise_name=h["noise"]["name"],
                        rule=h["rule"], grads=[int(b) for b in traj.grad_bits], decayed=bool(t.get("decay")))

@@ -138,7 +138,7 @@ def rule() -> dict:
             "elements": cases, "host": host}
 
 
-def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0) -> None:
+def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_tensor: bool = False) -> None:
     """spec/vectors/tiny: a base with one tensor per dtype (special values included) and a frozen one,
     a trajectory recorded by the real optimizer from a fixed loss sequence, and the expected result."""
     import hashlib
@@ -163,11 +163,13 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0) -> Non
     base["c.scale"][0, 0] = torch.tensor([6e-8, -65504.0, 0.0], dtype=torch.float16)
     save_file(base, str(out / "base.safetensors"), metadata={"format": "pt"})
     params = {n: t.clone().requires_grad_(n != "d.frozen") for n, t in base.items()}
+    if new_tensor:  # a tensor the base lacks (like a classifier head): its initial value goes in INIT
+        params["e.head"] = (torch.randn(2, 3, generator=g) * 0.5).requires_grad_(True)
     losses = iter([2.0, 1.9, 1.7, 1.75, 1.5, 1.52, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1])
     opt = MeZO(params.items(), lr=0.05, eps=1e-3, seed=2**40 + 11, schedule=schedule, weight_decay=weight_decay)
     (out / "traj.mzt").unlink(missing_ok=True)
     opt.record(out / "traj.mzt", base_source="base.safetensors", steps_per_chunk=4,
-               metadata={"purpose": "spec test vector"})
+               metadata={"purpose": "spec test vector"}, new_tensors=["e.head"] if new_tensor else ())
     for _ in range(6):
         opt.step(lambda: next(losses))
     opt.close()
@@ -190,6 +192,7 @@ def main() -> None:
     from mezo_replay.rule import Schedule
 
     tiny("tiny-cosine-decay", schedule=Schedule("cosine", warmup_steps=2, total_steps=6), weight_decay=0.5)
+    tiny("tiny-new-tensor", new_tensor=True)
 
 
 if __name__ == "__main__":
