@@ -30,7 +30,12 @@ bench() { python3 tools/bench_replay.py "$@" 2>&1 | tee -a "$OUT/bench.txt" | ta
 : > "$OUT/bench.txt"
 for dtype in BF16 F32; do bench --device cuda --dtype "$dtype" --elements $((1 << 24)) --steps 50; done
 
+# Issue 3: a 1B-class random-init model, MeZO steps against plain inference on the same batch.
+python3 tools/bench_train_memory.py --device cuda --shape opt-1.3b --dtype bf16 --batch 16 --seq 256 --steps 3 \
+    2>&1 | tee "$OUT/train_memory.txt" | tail -n 6
+
 echo
 echo "== gpu_check summary =="
 printf '%-12s %s\n' "tests" "$tests"
 grep -E "^(torch cuda|numpy reference)|identical" "$OUT/bench.txt" | sed 's/^/bench        /'
+grep -E "^(inference|MeZO)" "$OUT/train_memory.txt" | sed 's/^/memory       /'

@@ -1,0 +1,112 @@
+"""Peak memory of MeZO training steps against plain inference on the same batch, side by side.
+
+A random-init model of a given OPT shape (default: OPT-1.3B) is built in each of two fresh processes;
+one runs forward passes only (the baseline), the other runs MeZO steps (two forwards and three in-place
+noise passes each, recording a trajectory). The figure is the peak memory of that phase above what the
+process held once the model was built: torch.cuda.max_memory_allocated on CUDA, the resident set
+sampled every 2 ms on the CPU.
+
+    python tools/bench_train_memory.py [--device cuda] [--dtype bf16] [--batch 16] [--seq 256] [--steps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = {  # hidden, layers, heads, ffn
+    "opt-125m": (768, 12, 12, 3072),
+    "opt-350m-ish": (1024, 24, 16, 4096),
+    "opt-1.3b": (2048, 24, 32, 8192),
+}
+
+CHILD = r"""
+import json, os, sys, tempfile, threading, time, torch, transformers as tf
+from mezo_replay import MeZO
+a = json.loads(sys.argv[1])
+torch.manual_seed(0)
+h, n, heads, ffn = a["shape"]
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a["dtype"]]
+cfg = tf.OPTConfig(vocab_size=50272, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, ffn_dim=ffn,
+                   max_position_embeddings=2048, word_embed_proj_dim=h)
+with torch.device(a["device"]):
+    model = tf.OPTForCausalLM(cfg).to(dtype).eval()
+ids = torch.randint(0, 50272, (a["batch"], a["seq"]), generator=torch.Generator().manual_seed(1)).to(a["device"])
+def loss():
+    return model(input_ids=ids, labels=ids).loss.float()
+cuda = a["device"].startswith("cuda")
+sync = torch.cuda.synchronize if cuda else (lambda: None)
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+sync()
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
+before = torch.cuda.memory_allocated() if cuda else rss()
+peak_rss, done = [before], threading.Event()
+def sample():
+    while not done.is_set():
+        peak_rss[0] = max(peak_rss[0], rss())
+        time.sleep(0.002)
+sampler = threading.Thread(target=sample)
+if not cuda:
+    sampler.start()
+largest = max(p.numel() * p.element_size() for p in model.parameters())
+start = time.perf_counter()
+if a["mode"] == "inference":
+    with torch.no_grad():
+        for _ in range(2 * a["steps"]):
+            loss()
+else:
+    opt = MeZO(model.named_parameters(), lr=1e-6, eps=1e-3, seed=0)
+    opt.record(tempfile.mktemp(suffix=".mzt"))
+    for _ in range(a["steps"]):
+        opt.step(loss)
+    opt.close()
+sync()
+elapsed = time.perf_counter() - start
+done.set()
+if not cuda:
+    sampler.join()
+peak = torch.cuda.max_memory_allocated() if cuda else peak_rss[0]
+print(json.dumps({"peak": peak - before, "held": before, "largest": largest, "seconds": elapsed,
+                  "params": sum(p.numel() for p in model.parameters())}))
+"""
+
+
+def run(mode: str, args: argparse.Namespace) -> dict:
+    spec = {"mode": mode, "shape": SHAPES[args.shape], "dtype": args.dtype, "device": args.device,
+            "batch": args.batch, "seq": args.seq, "steps": args.steps}
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="opt-1.3b", choices=list(SHAPES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args()
+    inf, mezo = run("inference", args), run("mezo", args)
+    gib = 2**30
+    print(f"model {args.shape} ({mezo['params'] / 1e9:.2f}B params, random init), {args.dtype}, device {args.device}, "
+          f"batch {args.batch} x {args.seq}, {args.steps} MeZO steps vs {2 * args.steps} forwards; "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(f"model and process before the runs: {mezo['held'] / gib:.3f} GiB")
+    print(f"{'run':<24}{'peak above that, GiB':>22}{'seconds':>10}")
+    print(f"{'inference (baseline)':<24}{inf['peak'] / gib:>22.3f}{inf['seconds']:>10.1f}")
+    print(f"{'MeZO steps':<24}{mezo['peak'] / gib:>22.3f}{mezo['seconds']:>10.1f}")
+    print(f"MeZO - inference = {(mezo['peak'] - inf['peak']) / gib:+.3f} GiB; largest tensor {mezo['largest'] / gib:.3f} GiB")
+
+
+if __name__ == "__main__":
+    main()
