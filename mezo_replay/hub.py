@@ -65,8 +65,8 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILES))
     except LocalEntryNotFoundError:
-        raise MezoReplayError(f"--model {repo_id}: not in the Hugging Face cache, and the Hub cannot be reached "
-                              f"(HF_HUB_OFFLINE or no network)") from None
+        raise MezoReplayError(f"--model {repo_id}: no such local folder; as a Hub id it is not in the Hugging Face "
+                              f"cache, and the Hub cannot be reached (HF_HUB_OFFLINE or no network)") from None
     except RepositoryNotFoundError:
         raise MezoReplayError(f"--model {repo_id}: no such repository on the Hub (or it is private: set HF_TOKEN)"
                               ) from None

@@ -62,7 +62,7 @@ def test_hub_id_offline_without_cache_is_a_clear_error(tmp_path):
     data(tmp_path)
     r = cli("train", "--model", "acme/absent", "--data", "d.jsonl", "--steps", "1", "-q", cwd=tmp_path,
             env={"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 1 and "not in the Hugging Face cache" in r.stderr
+    assert r.returncode == 1 and "not in the Hugging Face cache" in r.stderr and "no such local folder" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "traj.mzt").exists()
 
 
