@@ -17,6 +17,7 @@ _EXPORTS = {
     "plan": "replay", "reconstruct": "replay", "verify": "replay",
     "BaseMismatchError": "replay", "VerificationError": "replay",
     "MezoReplayError": "errors", "fit": "train", "Schedule": "rule",
+    "load_trajectory": "hub", "push_to_hub": "publish",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from .optimizer import MeZO, NonFiniteLossError
     from .replay import BaseMismatchError, VerificationError, plan, reconstruct, verify
     from .rule import Schedule
+    from .hub import load_trajectory
+    from .publish import push_to_hub
     from .train import fit
 
 

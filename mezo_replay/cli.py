@@ -231,29 +231,56 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
 
 # --- reconstruct / verify ------------------------------------------------------------------------
 
+def _inputs(base: str, trajectory: str) -> tuple[Path, Path]:
+    """Local paths for BASE and TRAJECTORY, fetching hf:// ones through the Hugging Face cache. A base on the
+    Hub defaults to the commit the trajectory records, and another commit is refused."""
+    from .hub import fetch_base, fetch_trajectory, parse_hf
+    from .mzt import read_trajectory
+
+    tref = parse_hf(trajectory)
+    traj = fetch_trajectory(tref) if tref else Path(trajectory)
+    if not traj.is_file():
+        raise MezoReplayError(f"{trajectory}: no such trajectory file")
+    bref = parse_hf(base)
+    if bref is None:
+        if not Path(base).exists():
+            raise MezoReplayError(f"{base}: no such file or folder (a Hub base is written hf://org/name)")
+        return Path(base), traj
+    recorded = read_trajectory(traj).header["base"]
+    revision = recorded["revision"] if recorded["source"] == bref.repo_id else None
+    return fetch_base(bref, revision)[0], traj
+
+
 @main.command()
-@click.argument("base", type=click.Path(path_type=Path, exists=True))
-@click.argument("trajectory", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.argument("base")
+@click.argument("trajectory")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output: a .safetensors file for a file base, a folder for a model-folder base.")
 @click.option("--step", type=click.IntRange(0), help="Rebuild the checkpoint after this many steps.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto: same bits on any.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def reconstruct(base: Path, trajectory: Path, out: Path, step: int | None, device: str, overwrite: bool,
+def reconstruct(base: str, trajectory: str, out: Path, step: int | None, device: str, overwrite: bool,
                 quiet: bool) -> None:
     """Rebuild fine-tuned weights from BASE and a TRAJECTORY (.mzt).
 
     BASE is a .safetensors file or a model folder (model.safetensors, or shards with
-    model.safetensors.index.json). A folder output keeps config and tokenizer files, so
-    `from_pretrained(OUT)` loads it. The base is checked against the trajectory's fingerprints before
-    use, and the result against the fingerprints recorded when training ended; nothing is written
-    unless both match.
+    model.safetensors.index.json), or a Hub model hf://org/name[@revision]. TRAJECTORY is a .mzt file or
+    hf://org/name[@revision]/path/in/repo.mzt. Hub files come through the Hugging Face cache (HF_HOME,
+    HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN apply); a Hub base defaults to the commit the trajectory
+    was trained on. A folder output keeps config and tokenizer files, so `from_pretrained(OUT)` loads
+    it. The base is checked against the trajectory's fingerprints before use, and the result against the
+    fingerprints recorded when training ended; nothing is written unless both match.
+
+    \b
+    Example:
+      mezo-replay reconstruct hf://facebook/opt-1.3b hf://my-org/opt-sst2/run.mzt -o opt-sst2
     """
     from . import replay
 
     with _user_errors():
-        p = replay.plan(base, trajectory, step)
+        base_path, traj_path = _inputs(base, trajectory)
+        p = replay.plan(base_path, traj_path, step)
         if p.trajectory.truncated:
             click.echo(f"warning: {trajectory} is truncated; using its {p.trajectory.steps} complete steps",
                        err=True)
@@ -265,21 +292,22 @@ def reconstruct(base: Path, trajectory: Path, out: Path, step: int | None, devic
 
 
 @main.command()
-@click.argument("base", type=click.Path(path_type=Path, exists=True))
-@click.argument("trajectory", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.argument("base")
+@click.argument("trajectory")
 @click.argument("tuned", type=click.Path(path_type=Path, exists=True), required=False)
 @click.option("--step", type=click.IntRange(0), help="Check the checkpoint after this many steps.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the replay.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def verify(base: Path, trajectory: Path, tuned: Path | None, step: int | None, device: str, quiet: bool) -> None:
+def verify(base: str, trajectory: str, tuned: Path | None, step: int | None, device: str, quiet: bool) -> None:
     """Check that BASE + TRAJECTORY give the recorded weights (exit 0) or not (exit 1).
 
-    With TUNED (a .safetensors file or model folder) its tensors are checked instead of a replay.
+    BASE and TRAJECTORY are local paths or hf:// references, as for `reconstruct`. With TUNED (a
+    .safetensors file or model folder) its tensors are checked instead of a replay.
     """
     from . import replay
 
     with _user_errors():
-        p = replay.plan(base, trajectory, step)
+        p = replay.plan(*_inputs(base, trajectory), step)
         with _element_bar(p.element_steps, "verify", quiet) as progress:
             replay.verify(p, tuned, device=_device(device), progress=progress)
     what = f"{tuned}" if tuned else "the replay"
@@ -363,3 +391,44 @@ def info(trajectory: Path, as_json: bool) -> None:
         c = traj.corrupt
         _fail(f"{trajectory}: chunk {c.index} ({c.type}) at byte offset {c.offset} is corrupt: {c.reason}; "
               f"{traj.steps} steps before it are recoverable")
+
+
+# --- ls ------------------------------------------------------------------------------------------
+
+@main.command(name="ls")
+@click.argument("repo")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+def ls(repo: str, as_json: bool) -> None:
+    """List the trajectories in a Hub model repo (org/name[@revision] or hf://...): path, steps, size, base.
+
+    Works offline from the Hugging Face cache with HF_HUB_OFFLINE=1.
+    """
+    from .hub import list_trajectories
+    from .mzt import read_trajectory
+
+    with _user_errors():
+        found = list_trajectories(repo)
+    rows = []
+    for path, local in found:
+        try:
+            t = read_trajectory(local, strict=False)
+        except MezoReplayError as e:
+            rows.append({"path": path, "error": str(e)})
+            continue
+        b = t.header["base"]
+        rows.append({"path": path, "steps": t.steps, "file_bytes": t.file_bytes, "complete": t.final_fingerprint
+                     is not None, "base": (b["source"] or "?") + (f"@{b['revision'][:12]}" if b["revision"] else "")})
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo(f"{repo}: no .mzt trajectories")
+        return
+    width = max(len(r["path"]) for r in rows)
+    click.echo(f"{'path':<{width}}  {'steps':>9}  {'bytes':>10}  base")
+    for r in rows:
+        if "error" in r:
+            click.echo(f"{r['path']:<{width}}  unreadable: {r['error']}")
+        else:
+            mark = "" if r["complete"] else "  (incomplete)"
+            click.echo(f"{r['path']:<{width}}  {r['steps']:>9,}  {r['file_bytes']:>10,}  {r['base']}{mark}")
