@@ -393,6 +393,35 @@ def info(trajectory: Path, as_json: bool) -> None:
               f"{traj.steps} steps before it are recoverable")
 
 
+# --- push ----------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("trajectory", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.argument("repo_id")
+@click.option("--path-in-repo", help="Where the .mzt goes in the repo, e.g. users/alice/run.mzt (one trajectory "
+              "per folder; the model card goes beside it). Default: the file's name, at the root.")
+@click.option("--private", is_flag=True, help="Create the repo as private (if it does not exist yet).")
+@click.option("--message", help="Commit message.")
+def push(trajectory: Path, repo_id: str, path_in_repo: str | None, private: bool, message: str | None) -> None:
+    """Publish a trajectory on the Hugging Face Hub with a model card.
+
+    Creates REPO_ID if needed and uploads the .mzt and a README.md card (base_model, library_name
+    mezo-replay, the base's commit, steps, size, settings, evaluations, and the command that rebuilds
+    the weights) in one commit. Uses your `hf auth login` token or HF_TOKEN.
+
+    \b
+    Example:
+      mezo-replay push run.mzt my-org/opt-sst2-mezo
+      mezo-replay reconstruct hf://facebook/opt-1.3b hf://my-org/opt-sst2-mezo/run.mzt -o opt-sst2
+    """
+    from .publish import push_to_hub
+
+    with _user_errors():
+        url = push_to_hub(trajectory, repo_id, path_in_repo=path_in_repo, private=private, commit_message=message)
+    target = path_in_repo or trajectory.name
+    click.echo(f"pushed {trajectory} to hf://{repo_id}/{target}\n  {url}")
+
+
 # --- ls ------------------------------------------------------------------------------------------
 
 @main.command(name="ls")
