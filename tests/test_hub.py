@@ -118,3 +118,50 @@ def test_offline_with_nothing_cached(tmp_path):
     r = run("ls", "acme/runs", cwd=tmp_path, env=env)
     assert r.returncode == 1 and "not in the Hugging Face cache" in r.stderr
 
+
+
+def test_sharded_base_from_the_hub(tmp_path):
+    import transformers as tf
+
+    make_model("llama", tmp_path / "src")
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    tf.AutoTokenizer.from_pretrained(tmp_path / "src").save_pretrained(tmp_path / "sharded")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    env = {"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    cache_repo(tmp_path / "cache", "acme/sharded", tmp_path / "sharded", SHA_A)
+    rows = embedded.load_task()[0][:8]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run("train", "--model", "acme/sharded", "--data", "d.jsonl", "--steps", "2", "--batch-size", "4", "-q",
+               cwd=tmp_path, env=env).returncode == 0
+    r = run("reconstruct", "hf://acme/sharded", "traj.mzt", "-o", "out", "-q", cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "verified" in r.stdout, r.stderr
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("error, message", [
+    ("repo", "no such repository (or it is private or gated: set HF_TOKEN"),
+    ("entry", "no such file in the repository"),
+    ("401", "the Hub refused (check HF_TOKEN)"),
+])
+def test_online_hub_errors_are_one_line(tmp_path, monkeypatch, error, message):
+    """Errors the Hub itself answers with, raised at the huggingface_hub API boundary."""
+    import huggingface_hub
+    from click.testing import CliRunner
+    from huggingface_hub import errors
+
+    from mezo_replay.cli import main
+    from tests.test_publish import http_error
+
+    exc = {"repo": http_error(404, errors.RepositoryNotFoundError),
+           "entry": http_error(404, errors.RemoteEntryNotFoundError),
+           "401": http_error(401)}[error]
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    r = CliRunner().invoke(main, ["reconstruct", "hf://acme/tiny", "hf://acme/runs/run.mzt", "-o",
+                                  str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 1 and message in r.output, r.output
+    assert not (tmp_path / "out").exists()
