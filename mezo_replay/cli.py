@@ -43,6 +43,20 @@ def _element_bar(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int],
         yield bar.update
 
 
+def _backend_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--backend, shared by the commands that run the rule's arithmetic."""
+    def choose(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        from .steps import set_backend
+
+        set_backend(value)
+        return value
+
+    return click.option("--backend", type=click.Choice(["auto", "torch", "compiled"]), default="auto",
+                        show_default=True, expose_value=False, callback=choose,
+                        help="CPU arithmetic: the compiled kernel (auto, when built) or the torch path. Same "
+                             "bits either way; compiled falls back to torch with a warning if not built.")(f)
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -141,6 +155,7 @@ def _label_words(value: str | None) -> dict[str, str] | None:
               help="Write JSON lines (one per step and per evaluation) to this file, or - for stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing trajectory file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_backend_option
 def train(model: str | None, config_dir: Path | None, data: str | None, eval_data: str | None, task_kind: str, template: str | None,
           label_words: str | None, text_key: str, prompt_key: str, completion_key: str, label_key: str,
           objective: str, out: Path, resume: Path | None, steps: int | None, lr: float | None, eps: float | None,
@@ -260,6 +275,7 @@ def _inputs(base: str, trajectory: str) -> tuple[Path, Path]:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto: same bits on any.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_backend_option
 def reconstruct(base: str, trajectory: str, out: Path, step: int | None, device: str, overwrite: bool,
                 quiet: bool) -> None:
     """Rebuild fine-tuned weights from BASE and a TRAJECTORY (.mzt).
@@ -298,6 +314,7 @@ def reconstruct(base: str, trajectory: str, out: Path, step: int | None, device:
 @click.option("--step", type=click.IntRange(0), help="Check the checkpoint after this many steps.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the replay.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_backend_option
 def verify(base: str, trajectory: str, tuned: Path | None, step: int | None, device: str, quiet: bool) -> None:
     """Check that BASE + TRAJECTORY give the recorded weights (exit 0) or not (exit 1).
 

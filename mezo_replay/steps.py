@@ -8,12 +8,49 @@ R_D is torch's copy_ from float32: bf16 and f16 round to nearest even and keep s
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import cpu_kernel
 from .noise import noise
 from .rule import MezoSGD
+
+BACKENDS = ("auto", "torch", "compiled")
+_backend = "auto"
+
+
+def set_backend(name: str) -> str:
+    """auto: the compiled kernel for CPU tensors when it is built, torch otherwise; torch: always the
+    torch path; compiled: the kernel, falling back to torch with a warning when it is not built. All
+    give the same bits: the choice is only about speed. Returns the backend CPU tensors will use."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "compiled" and not cpu_kernel.available():
+        warnings.warn("the compiled CPU kernel is not built (no C compiler at install?): using the torch path, "
+                      "with the same results", stacklevel=2)
+    _backend = name
+    return "compiled" if name != "torch" and cpu_kernel.available() else "torch"
+
+
+def _compiled(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and _backend != "torch" and w.dtype in cpu_kernel.DTYPES and cpu_kernel.available()
+
+
+def _run_compiled(t: torch.Tensor, work: Callable[[int, torch.Tensor], None],
+                  progress: Callable[[int], None] | None = None) -> None:
+    """Runs work(start, slice) over t's flat slices on torch's CPU threads (ctypes releases the GIL)."""
+    flat = t.view(-1)
+    threads = max(1, torch.get_num_threads())
+    size = max(1 << 16, min(1 << 20, -(-flat.numel() // threads)))
+    parts = [(start, flat[start:start + size]) for start in range(0, flat.numel(), size)]
+    with ThreadPoolExecutor(threads) as pool:
+        for start, s in zip([p[0] for p in parts], pool.map(lambda p: work(*p) or p[1], parts)):
+            if progress is not None:
+                progress(s.numel())
 
 StepConstants = tuple[float, float]  # (c, d) of one step: update coefficient and decay factor
 
@@ -64,6 +101,10 @@ def perturb_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, scale
     size = slice_size or default_slice(w.device)
 
     def run(t: torch.Tensor) -> None:
+        if _compiled(t):
+            _run_compiled(t, lambda start, s: cpu_kernel.apply_(s, start, rule, index, step, cpu_kernel.PERTURB,
+                                                                scale=scale))
+            return
         for start, s in _flat_slices(t, size):
             perturb_(s, noise(rule.noise, rule.seed, step, index, start, s.numel(), t.device), scale)
 
@@ -76,6 +117,10 @@ def restore_update_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int
     size = slice_size or default_slice(w.device)
 
     def run(t: torch.Tensor) -> None:
+        if _compiled(t):
+            _run_compiled(t, lambda start, s: cpu_kernel.apply_(s, start, rule, index, step,
+                                                                cpu_kernel.RESTORE_UPDATE, constants=[(c, d)]))
+            return
         for start, s in _flat_slices(t, size):
             z = noise(rule.noise, rule.seed, step, index, start, s.numel(), t.device)
             restore_update_(s, z, rule.eps, c, d)
@@ -100,6 +145,13 @@ def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequen
     size = slice_size or default_slice(w.device)
 
     def run(t: torch.Tensor) -> None:
+        if _compiled(t):
+            steps = [(c, d if decay else 0.0) for c, d in constants]
+            if steps:
+                _run_compiled(t, lambda start, s: cpu_kernel.apply_(s, start, rule, index, first_step,
+                                                                    cpu_kernel.REPLAY, constants=steps),
+                              None if progress is None else (lambda n: progress(n * len(steps))))
+            return
         for start, s in _flat_slices(t, size):
             for j, (c, d) in enumerate(constants):
                 z = noise(rule.noise, rule.seed, first_step + j, index, start, s.numel(), t.device)

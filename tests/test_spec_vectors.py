@@ -162,7 +162,7 @@ def random_bits(dtype: str, n: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
 @pytest.mark.parametrize("noise_name", ["gaussian16", "rademacher16"])
-def test_torch_replay_equals_reference(device, dtype, noise_name):
+def test_torch_replay_equals_reference(device, dtype, noise_name, backend):
     """Odd sizes and odd slice sizes, so slices and Philox blocks never line up."""
     n = 1237
     bits = random_bits(dtype, n, seed=n)
@@ -176,7 +176,7 @@ def test_torch_replay_equals_reference(device, dtype, noise_name):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
-def test_torch_replay_with_schedule_and_decay_equals_reference(device, dtype):
+def test_torch_replay_with_schedule_and_decay_equals_reference(device, dtype, backend):
     n = 997
     bits = random_bits(dtype, n, seed=3)
     sgd = MezoSGD.create(lr=0.02, eps=1e-3, seed=5, weight_decay=0.3,
@@ -193,7 +193,7 @@ def test_torch_replay_with_schedule_and_decay_equals_reference(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
-def test_training_phases_equal_replay(dtype):
+def test_training_phases_equal_replay(dtype, backend):
     """Phase by phase (as training runs them) and fused (as replay runs them) agree, for any slicing."""
     bits = random_bits(dtype, 531, seed=1)
     sgd = MezoSGD.create(lr=1e-2, eps=1e-3, seed=3)
@@ -215,7 +215,7 @@ def test_training_phases_equal_replay(dtype):
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-cosine-decay", "tiny-new-tensor"])
-def test_tiny_end_to_end_vector(tmp_path, name):
+def test_tiny_end_to_end_vector(tmp_path, name, backend):
     """spec/vectors/tiny*: the numpy reference and the torch reconstruct both land on expected.json."""
     import hashlib
 

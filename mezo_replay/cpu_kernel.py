@@ -1,0 +1,60 @@
+"""The compiled CPU path: a ctypes binding of _cpu_kernel.c (built at install when a C compiler exists).
+
+Why C through ctypes: the arithmetic is a few integer and float operations per element that numpy and
+torch can only run as separate passes over memory; one C loop keeps each chunk in L1 across many steps.
+It needs no new dependency (numba would add LLVM; torch.compile would need a compiler at run time and may
+reorder what the spec fixes), and it builds with the compiler that CPython's own extensions use.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .noise import gauss16_table
+from .rule import MezoSGD
+
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+NOISES = {"gaussian16": 0, "rademacher16": 1}
+REPLAY, PERTURB, RESTORE_UPDATE = 0, 1, 2
+_D = ctypes.POINTER(ctypes.c_double)
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_cpu_kernel{suffix}"
+        if path.exists():
+            lib = ctypes.CDLL(str(path))
+            lib.mezo_apply.restype = None
+            lib.mezo_apply.argtypes = [
+                ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32,
+                ctypes.c_uint32, ctypes.c_int64, _D, _D, ctypes.c_double, ctypes.c_double, ctypes.c_int,
+                ctypes.POINTER(ctypes.c_float), ctypes.c_int]
+            return lib
+    return None
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def apply_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: int, mode: int, *,
+           constants: Sequence[tuple[float, float]] = ((0.0, 0.0),), scale: float = 0.0) -> None:
+    """One call of the kernel on a contiguous CPU slice holding elements start.. of tensor `index`."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the compiled CPU kernel is not built")
+    if w.device.type != "cpu" or not w.is_contiguous() or w.dtype not in DTYPES:
+        raise ValueError("the compiled kernel takes contiguous float32/bfloat16/float16 CPU tensors")
+    c = (ctypes.c_double * len(constants))(*(x for x, _ in constants))
+    d = (ctypes.c_double * len(constants))(*(y for _, y in constants))
+    table = gauss16_table(torch.device("cpu"))
+    lib.mezo_apply(w.data_ptr(), DTYPES[w.dtype], w.numel(), start, rule.seed, index, first_step, len(constants),
+                   c, d, rule.eps, scale, NOISES[rule.noise],
+                   ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_float)), mode)
