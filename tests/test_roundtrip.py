@@ -226,3 +226,18 @@ def test_backends_agree_across_training_and_replay(tmp_path, dtype, train_with, 
         steps.set_backend("auto")
     for name, p in zip(opt.names, opt.params):
         assert tensor_bytes(got[name]) == tensor_bytes(p), name
+
+
+def test_compiled_backend_missing_falls_back_with_a_warning(monkeypatch):
+    from mezo_replay import cpu_kernel, steps
+
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    try:
+        with pytest.warns(UserWarning, match="not built"):
+            assert steps.set_backend("compiled") == "torch"
+        w = torch.ones(10)
+        assert not steps._compiled(w)
+    finally:
+        steps.set_backend("auto")
+    with pytest.raises(ValueError, match="unknown backend"):
+        steps.set_backend("cuda-magic")
