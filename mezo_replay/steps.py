@@ -47,10 +47,20 @@ def _run_compiled(t: torch.Tensor, work: Callable[[int, torch.Tensor], None],
     threads = max(1, torch.get_num_threads())
     size = max(1 << 16, min(1 << 20, -(-flat.numel() // threads)))
     parts = [(start, flat[start:start + size]) for start in range(0, flat.numel(), size)]
-    with ThreadPoolExecutor(threads) as pool:
-        for start, s in zip([p[0] for p in parts], pool.map(lambda p: work(*p) or p[1], parts)):
-            if progress is not None:
-                progress(s.numel())
+    done = map(lambda p: work(*p) or p[1], parts) if len(parts) == 1 else _pool(threads).map(
+        lambda p: work(*p) or p[1], parts)  # small tensors (most of a model's) skip the thread hop
+    for s in done:
+        if progress is not None:
+            progress(s.numel())
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mezo-replay")
+    return _pools[threads]
 
 StepConstants = tuple[float, float]  # (c, d) of one step: update coefficient and decay factor
 
