@@ -40,20 +40,6 @@ def _compiled(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and _backend != "torch" and w.dtype in cpu_kernel.DTYPES and cpu_kernel.available()
 
 
-def _run_compiled(t: torch.Tensor, work: Callable[[int, torch.Tensor], None],
-                  progress: Callable[[int], None] | None = None) -> None:
-    """Runs work(start, slice) over t's flat slices on torch's CPU threads (ctypes releases the GIL)."""
-    flat = t.view(-1)
-    threads = max(1, torch.get_num_threads())
-    size = max(1 << 16, min(1 << 20, -(-flat.numel() // threads)))
-    parts = [(start, flat[start:start + size]) for start in range(0, flat.numel(), size)]
-    done = map(lambda p: work(*p) or p[1], parts) if len(parts) == 1 else _pool(threads).map(
-        lambda p: work(*p) or p[1], parts)  # small tensors (most of a model's) skip the thread hop
-    for s in done:
-        if progress is not None:
-            progress(s.numel())
-
-
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -61,6 +47,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     if threads not in _pools:
         _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mezo-replay")
     return _pools[threads]
+
 
 StepConstants = tuple[float, float]  # (c, d) of one step: update coefficient and decay factor
 
@@ -105,43 +92,58 @@ def _in_place(w: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
         w.copy_(work)
 
 
+def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0) -> list[StepConstants]:
+    """(c, d) for each recorded step, computed once and shared by every tensor of a replay."""
+    return [(rule.coefficient(first_step + j, int(b)), rule.decay(first_step + j))
+            for j, b in enumerate(grad_bits)]
+
+
+def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: int,
+            constants: Sequence[StepConstants], scale: float = 0.0, slice_size: int | None = None,
+            progress: Callable[[int], None] | None = None) -> None:
+    """The one dispatcher: the compiled kernel for CPU tensors when chosen, the torch phases otherwise.
+
+    mode REPLAY runs P1, P2, P3 for every step in `constants`; PERTURB adds scale*z of `first_step`;
+    RESTORE_UPDATE runs P3 of `first_step` with constants[0]. `progress` gets element-steps done.
+    """
+    def torch_slice(start: int, s: torch.Tensor) -> None:
+        for j, (c, d) in enumerate(constants):
+            z = noise(rule.noise, rule.seed, first_step + j, index, start, s.numel(), s.device)
+            if mode == cpu_kernel.PERTURB:
+                perturb_(s, z, scale)
+                continue
+            if mode == cpu_kernel.REPLAY:
+                perturb_(s, z, rule.eps)
+                perturb_(s, z, -2.0 * rule.eps)
+            restore_update_(s, z, rule.eps, c, d)
+
+    def run(t: torch.Tensor) -> None:
+        if _compiled(t):  # ctypes releases the GIL: slices run on torch's CPU threads
+            threads = max(1, torch.get_num_threads())
+            size = max(1 << 16, min(1 << 20, -(-t.numel() // threads)))
+            work = (lambda p: cpu_kernel.apply_(p[1], p[0], rule, index, first_step, mode, constants=constants,
+                                                scale=scale) or p[1])
+            parts = list(_flat_slices(t, size))
+            done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)  # small: no hop
+        else:
+            done = (torch_slice(start, s) or s for start, s in _flat_slices(t, slice_size or default_slice(t.device)))
+        for s in done:
+            if progress is not None:
+                progress(s.numel() * len(constants))
+
+    _in_place(w, run)
+
+
 def perturb_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, scale: float,
                     slice_size: int | None = None) -> None:
     """P1 (scale = eps) or P2 (scale = -2 eps) of one step on one tuned tensor."""
-    size = slice_size or default_slice(w.device)
-
-    def run(t: torch.Tensor) -> None:
-        if _compiled(t):
-            _run_compiled(t, lambda start, s: cpu_kernel.apply_(s, start, rule, index, step, cpu_kernel.PERTURB,
-                                                                scale=scale))
-            return
-        for start, s in _flat_slices(t, size):
-            perturb_(s, noise(rule.noise, rule.seed, step, index, start, s.numel(), t.device), scale)
-
-    _in_place(w, run)
+    _apply_(w, rule, index, step, cpu_kernel.PERTURB, [(0.0, 0.0)], scale, slice_size)
 
 
 def restore_update_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, c: float, d: float = 0.0,
                            slice_size: int | None = None) -> None:
     """P3 of one step on one tuned tensor (d: its decay factor, 0 for tensors without decay)."""
-    size = slice_size or default_slice(w.device)
-
-    def run(t: torch.Tensor) -> None:
-        if _compiled(t):
-            _run_compiled(t, lambda start, s: cpu_kernel.apply_(s, start, rule, index, step,
-                                                                cpu_kernel.RESTORE_UPDATE, constants=[(c, d)]))
-            return
-        for start, s in _flat_slices(t, size):
-            z = noise(rule.noise, rule.seed, step, index, start, s.numel(), t.device)
-            restore_update_(s, z, rule.eps, c, d)
-
-    _in_place(w, run)
-
-
-def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0) -> list[StepConstants]:
-    """(c, d) for each recorded step, computed once and shared by every tensor of a replay."""
-    return [(rule.coefficient(first_step + j, int(b)), rule.decay(first_step + j))
-            for j, b in enumerate(grad_bits)]
+    _apply_(w, rule, index, step, cpu_kernel.RESTORE_UPDATE, [(c, d)], slice_size=slice_size)
 
 
 def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequence[StepConstants], *,
@@ -150,25 +152,8 @@ def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequen
     """Steps first_step, first_step+1, ... of one tuned tensor, in place.
 
     Each slice runs all its steps before the next slice starts, so the noise of a step is drawn once
-    for its three phases and the slice stays in cache. `progress` is called with element-steps done.
+    for its three phases and the slice stays in cache.
     """
-    size = slice_size or default_slice(w.device)
-
-    def run(t: torch.Tensor) -> None:
-        if _compiled(t):
-            steps = [(c, d if decay else 0.0) for c, d in constants]
-            if steps:
-                _run_compiled(t, lambda start, s: cpu_kernel.apply_(s, start, rule, index, first_step,
-                                                                    cpu_kernel.REPLAY, constants=steps),
-                              None if progress is None else (lambda n: progress(n * len(steps))))
-            return
-        for start, s in _flat_slices(t, size):
-            for j, (c, d) in enumerate(constants):
-                z = noise(rule.noise, rule.seed, first_step + j, index, start, s.numel(), t.device)
-                perturb_(s, z, rule.eps)
-                perturb_(s, z, -2.0 * rule.eps)
-                restore_update_(s, z, rule.eps, c, d if decay else 0.0)
-            if progress is not None:
-                progress(s.numel() * len(constants))
-
-    _in_place(w, run)
+    if constants:
+        _apply_(w, rule, index, first_step, cpu_kernel.REPLAY, [(c, d if decay else 0.0) for c, d in constants],
+                slice_size=slice_size, progress=progress)
