@@ -14,30 +14,58 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from . import cpu_kernel
+from . import cpu_kernel, triton_kernels
 from .noise import noise
 from .rule import MezoSGD
 
-BACKENDS = ("auto", "torch", "compiled")
+BACKENDS = ("auto", "torch", "compiled", "triton")
 _backend = "auto"
+_warned: set[str] = set()
 
 
 def set_backend(name: str) -> str:
-    """auto: the compiled kernel for CPU tensors when it is built, torch otherwise; torch: always the
-    torch path; compiled: the kernel, falling back to torch with a warning when it is not built. All
-    give the same bits: the choice is only about speed. Returns the backend CPU tensors will use."""
+    """Which implementation runs the element phases. All give the same bits: the choice is speed.
+
+    auto: Triton kernels for CUDA tensors and the compiled C kernel for CPU tensors; torch: the torch
+    path everywhere; compiled / triton: insist on that kernel for its device (auto for the other). A
+    kernel that is missing falls back to torch with a warning. Returns what CPU tensors will use.
+    """
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "compiled" and not cpu_kernel.available():
-        warnings.warn("the compiled CPU kernel is not built (no C compiler at install?): using the torch path, "
-                      "with the same results", stacklevel=2)
     _backend = name
-    return "compiled" if name != "torch" and cpu_kernel.available() else "torch"
+    _warned.clear()
+    if name == "compiled" and not cpu_kernel.available():
+        _warn("compiled")
+    if name == "triton" and not triton_kernels.available():
+        _warn("triton")
+    return _path(torch.empty(0))
 
 
-def _compiled(w: torch.Tensor) -> bool:
-    return w.device.type == "cpu" and _backend != "torch" and w.dtype in cpu_kernel.DTYPES and cpu_kernel.available()
+def _warn(kernel: str) -> None:
+    if kernel not in _warned:
+        _warned.add(kernel)
+        why = ("the compiled CPU kernel is not built (no C compiler at install?)" if kernel == "compiled"
+               else "Triton is not installed (pip install triton)")
+        warnings.warn(f"{why}: using the torch path, with the same results but slower", stacklevel=4)
+
+
+def _path(w: torch.Tensor) -> str:
+    """torch, compiled or triton for this tensor under the chosen backend."""
+    if _backend == "torch":
+        return "torch"
+    if w.device.type == "cuda" or (_backend == "triton" and triton_kernels.interpreting()):
+        if triton_kernels.runs_on(w):
+            return "triton"
+        if w.device.type == "cuda" and w.dtype in triton_kernels.DTYPES:
+            _warn("triton")
+        return "torch"
+    if w.device.type == "cpu" and w.dtype in cpu_kernel.DTYPES:
+        if cpu_kernel.available():
+            return "compiled"
+        if _backend == "compiled":
+            _warn("compiled")
+    return "torch"
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -99,12 +127,13 @@ def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0)
 
 
 def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: int,
-            constants: Sequence[StepConstants], scale: float = 0.0, slice_size: int | None = None,
-            progress: Callable[[int], None] | None = None) -> None:
-    """The one dispatcher: the compiled kernel for CPU tensors when chosen, the torch phases otherwise.
+            constants: Sequence[StepConstants], scale: float = 0.0, decay: bool = True,
+            slice_size: int | None = None, progress: Callable[[int], None] | None = None) -> None:
+    """The one dispatcher: a kernel when the tensor's device has one, the torch phases otherwise.
 
     mode REPLAY runs P1, P2, P3 for every step in `constants`; PERTURB adds scale*z of `first_step`;
-    RESTORE_UPDATE runs P3 of `first_step` with constants[0]. `progress` gets element-steps done.
+    RESTORE_UPDATE runs P3 of `first_step` with constants[0]. decay=False ignores the d of `constants`.
+    `progress` gets element-steps done.
     """
     def torch_slice(start: int, s: torch.Tensor) -> None:
         for j, (c, d) in enumerate(constants):
@@ -115,13 +144,19 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
             if mode == cpu_kernel.REPLAY:
                 perturb_(s, z, rule.eps)
                 perturb_(s, z, -2.0 * rule.eps)
-            restore_update_(s, z, rule.eps, c, d)
+            restore_update_(s, z, rule.eps, c, d if decay else 0.0)
 
     def run(t: torch.Tensor) -> None:
-        if _compiled(t):  # ctypes releases the GIL: slices run on torch's CPU threads
+        path = _path(t)
+        if path == "triton":  # one launch covers the tensor; the kernel reports progress per launch
+            triton_kernels.apply_(t, 0, rule, index, first_step, mode, constants=constants, decay=decay,
+                                  scale=scale, progress=progress)
+            return
+        if path == "compiled":  # ctypes releases the GIL: slices run on torch's CPU threads
+            cs = constants if decay else [(c, 0.0) for c, _ in constants]
             threads = max(1, torch.get_num_threads())
             size = max(1 << 16, min(1 << 20, -(-t.numel() // threads)))
-            work = (lambda p: cpu_kernel.apply_(p[1], p[0], rule, index, first_step, mode, constants=constants,
+            work = (lambda p: cpu_kernel.apply_(p[1], p[0], rule, index, first_step, mode, constants=cs,
                                                 scale=scale) or p[1])
             parts = list(_flat_slices(t, size))
             done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)  # small: no hop
@@ -137,13 +172,13 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
 def perturb_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, scale: float,
                     slice_size: int | None = None) -> None:
     """P1 (scale = eps) or P2 (scale = -2 eps) of one step on one tuned tensor."""
-    _apply_(w, rule, index, step, cpu_kernel.PERTURB, [(0.0, 0.0)], scale, slice_size)
+    _apply_(w, rule, index, step, cpu_kernel.PERTURB, [(0.0, 0.0)], scale, decay=False, slice_size=slice_size)
 
 
 def restore_update_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, c: float, d: float = 0.0,
                            slice_size: int | None = None) -> None:
     """P3 of one step on one tuned tensor (d: its decay factor, 0 for tensors without decay)."""
-    _apply_(w, rule, index, step, cpu_kernel.RESTORE_UPDATE, [(c, d)], slice_size=slice_size)
+    _apply_(w, rule, index, step, cpu_kernel.RESTORE_UPDATE, [(c, d)], decay=d != 0.0, slice_size=slice_size)
 
 
 def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequence[StepConstants], *,
@@ -155,5 +190,5 @@ def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequen
     for its three phases and the slice stays in cache.
     """
     if constants:
-        _apply_(w, rule, index, first_step, cpu_kernel.REPLAY, [(c, d if decay else 0.0) for c, d in constants],
-                slice_size=slice_size, progress=progress)
+        _apply_(w, rule, index, first_step, cpu_kernel.REPLAY, constants, decay=decay, slice_size=slice_size,
+                progress=progress)

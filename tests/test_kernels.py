@@ -1,0 +1,223 @@
+"""The fused kernels (compiled C on the CPU, Triton on CUDA or interpreted on the CPU) against the
+numpy reference: the spec's element vectors, odd sizes and offsets, and element indices beyond 2^32.
+
+Both kernels take a contiguous run of a tensor's elements with the index of its first element, so
+a one-element tensor can stand for element 2^35 + 3 of a huge one: nothing that large is allocated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mezo_replay import cpu_kernel, philox, reference as R, rule, triton_kernels
+from mezo_replay.rule import MezoSGD
+from mezo_replay.steps import step_constants
+
+from .test_spec_vectors import TORCH_DTYPE, bits_to_torch, random_bits, torch_to_bits
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = (cpu_kernel.REPLAY, cpu_kernel.PERTURB, cpu_kernel.RESTORE_UPDATE)
+assert MODES == (triton_kernels.REPLAY, triton_kernels.PERTURB, triton_kernels.RESTORE_UPDATE)
+
+
+def _kernels() -> list:
+    out = []
+    if cpu_kernel.available():
+        out.append(pytest.param(("compiled", "cpu"), id="compiled"))
+    if triton_kernels.available() and triton_kernels.interpreting():
+        out.append(pytest.param(("triton", "cpu"), id="triton-interpreted"))
+    if triton_kernels.available() and torch.cuda.is_available():
+        out.append(pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.cuda))
+    return out or [pytest.param(None, marks=pytest.mark.skip("no kernel here"))]
+
+
+@pytest.fixture(params=_kernels())
+def kernel(request):
+    """(apply, device): apply(w, start, rule, index, first_step, mode, constants=, decay=, scale=)."""
+    name, device = request.param
+
+    def apply(w, start, sgd, index, first_step, mode, *, constants=((0.0, 0.0),), decay=False, scale=0.0):
+        if name == "compiled":
+            cs = constants if decay else [(c, 0.0) for c, _ in constants]
+            cpu_kernel.apply_(w, start, sgd, index, first_step, mode, constants=cs, scale=scale)
+        else:
+            triton_kernels.apply_(w, start, sgd, index, first_step, mode, constants=constants, decay=decay,
+                                  scale=scale, steps_per_launch=4)
+    return apply, device
+
+
+def _index_with_noise(sgd: MezoSGD, step: int, k: int, z_bits: int, cache: dict) -> int:
+    """An element index whose noise at (step, k) is exactly z: the element vectors give z, and a
+    kernel makes its own noise, so the vector's w goes where the generator draws that z."""
+    if z_bits not in cache:
+        table = R.gauss16_table().view(np.uint32)
+        start = 0
+        while z_bits not in cache:
+            u = philox.random_u16(sgd.seed, step, k, start, 1 << 20).numpy()
+            hits = np.flatnonzero(table[u] == z_bits)
+            if hits.size:
+                cache[z_bits] = start + int(hits[0])
+            start += 1 << 20
+            assert start < 1 << 26, hex(z_bits)
+    return cache[z_bits]
+
+
+def test_element_vectors(kernel):
+    """Every case of spec/vectors/rule.json (zeros, subnormals, overflow, inf, NaN, ties) through the
+    kernel's three training modes, one element at the index that draws the case's z."""
+    apply, device = kernel
+    cases = json.loads((ROOT / "spec" / "vectors" / "rule.json").read_text())["elements"]
+    found: dict = {}
+    for case in cases:
+        dtype = case["dtype"]
+        sgd = MezoSGD(lr=2.0**-10, eps=case["eps"], seed=12345)
+        i = _index_with_noise(sgd, 7, 3, int(case["z"], 16), found)
+        w = bits_to_torch(np.array([int(case["w"], 16)], dtype=R.BITS_DTYPE[dtype]), dtype, device)
+        got = []
+        for mode, scale in ((cpu_kernel.PERTURB, case["eps"]), (cpu_kernel.PERTURB, -2.0 * case["eps"]),
+                            (cpu_kernel.RESTORE_UPDATE, 0.0)):
+            d = case.get("d", 0.0)
+            apply(w, i, sgd, 3, 7, mode, constants=[(case["c"], d)], decay=d != 0.0, scale=scale)
+            got.append(int(torch_to_bits(w, dtype)[0]))
+        assert got == [int(case[p], 16) for p in ("p1", "p2", "p3")], case
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
+@pytest.mark.parametrize("n,start", [(1, 0), (7, 0), (8, 0), (9, 3), (1023, 5), (1025, 0), (2053, 13), (3000, 8)])
+def test_odd_sizes_and_offsets_replay_like_the_reference(kernel, dtype, n, start):
+    apply, device = kernel
+    bits = random_bits(dtype, max(n, 16), seed=n + start)[:n]
+    sgd = MezoSGD.create(lr=0.02, eps=1e-3, seed=2**40 + 9, weight_decay=0.25,
+                         schedule=rule.Schedule("linear", warmup_steps=1, total_steps=6))
+    grads = [rule.encode_grad(g) for g in (0.5, -3.25, 1e-35, 40.0, -0.001, 7.0)]
+    want = R.replay(bits, dtype, seed=sgd.seed, k=4, noise_name=sgd.noise, rule=sgd.header_fields()["rule"],
+                    grads=grads, decayed=True, start=start)
+    w = bits_to_torch(bits, dtype, device)
+    apply(w, start, sgd, 4, 0, cpu_kernel.REPLAY, constants=step_constants(sgd, grads), decay=True)
+    assert torch_to_bits(w, dtype).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("start", [2**32 - 5, 2**32 + 8, 2**35 + 3, 2**62 + 1])
+@pytest.mark.parametrize("noise_name", ["gaussian16", "rademacher16"])
+def test_indices_beyond_2_32(kernel, start, noise_name):
+    """The block index's high word (counter c1) is live: a kernel that dropped it, or wrapped the
+    element index at 32 bits, would draw another element's noise here."""
+    apply, device = kernel
+    n = 21
+    bits = random_bits("BF16", n, seed=start % 1000)
+    sgd = MezoSGD.create(lr=0.01, eps=1e-3, seed=3, noise=noise_name)
+    grads = [rule.encode_grad(g) for g in (1.5, -2.0, 0.75)]
+    want = R.replay(bits, "BF16", seed=sgd.seed, k=2, noise_name=noise_name, rule=sgd.header_fields()["rule"],
+                    grads=grads, start=start)
+    wrapped = R.replay(bits, "BF16", seed=sgd.seed, k=2, noise_name=noise_name, rule=sgd.header_fields()["rule"],
+                       grads=grads, start=start % 2**32)
+    if start >= 2**32:
+        assert want.tolist() != wrapped.tolist()  # the test can fail
+    w = bits_to_torch(bits, "BF16", device)
+    apply(w, start, sgd, 2, 0, cpu_kernel.REPLAY, constants=step_constants(sgd, grads))
+    assert torch_to_bits(w, "BF16").tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
+def test_training_modes_chain_to_replay(kernel, dtype):
+    """P1, P2, P3 launched one by one, as training runs them, land where one REPLAY launch does."""
+    apply, device = kernel
+    bits = random_bits(dtype, 777, seed=5)
+    sgd = MezoSGD.create(lr=0.05, eps=1e-2, seed=11, weight_decay=0.1)
+    grads = [rule.encode_grad(g) for g in (2.0, -1.5, 0.25, 9.0)]
+    constants = step_constants(sgd, grads)
+    a, b = bits_to_torch(bits, dtype, device), bits_to_torch(bits, dtype, device)
+    for t, (c, d) in enumerate(constants):
+        apply(a, 0, sgd, 1, t, cpu_kernel.PERTURB, scale=sgd.eps)
+        apply(a, 0, sgd, 1, t, cpu_kernel.PERTURB, scale=-2.0 * sgd.eps)
+        apply(a, 0, sgd, 1, t, cpu_kernel.RESTORE_UPDATE, constants=[(c, d)], decay=True)
+    apply(b, 0, sgd, 1, 0, cpu_kernel.REPLAY, constants=constants, decay=True)
+    assert torch_to_bits(a, dtype).tolist() == torch_to_bits(b, dtype).tolist()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_native_bf16_rounding_equals_the_spec_on_every_pattern():
+    """The hardware conversion the kernel can use for bfloat16 (native_bf16) against the spec's
+    integer rounding, on all 2^32 float32 patterns (NaN aside), through the real kernel once too."""
+    for lo in range(0, 2**32, 2**28):
+        x = torch.arange(lo, lo + 2**28, dtype=torch.int64, device="cuda").to(torch.int32).view(torch.float32)
+        got = x.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+        b = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        want = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+        nan = torch.isnan(x)
+        assert torch.equal(got[~nan], want.to(torch.int32)[~nan]), hex(lo)
+    bits = random_bits("BF16", 4099, seed=1)
+    sgd = MezoSGD.create(lr=0.02, eps=1e-3, seed=1, weight_decay=0.2)
+    constants = step_constants(sgd, [rule.encode_grad(g) for g in (0.5, -3.0, 1e-30, 40.0)])
+    a, b = bits_to_torch(bits, "BF16", "cuda"), bits_to_torch(bits, "BF16", "cuda")
+    triton_kernels.apply_(a, 0, sgd, 0, 0, cpu_kernel.REPLAY, constants=constants, decay=True)
+    triton_kernels.apply_(b, 0, sgd, 0, 0, cpu_kernel.REPLAY, constants=constants, decay=True, native_bf16=True)
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.skipif(not triton_kernels.available(), reason="Triton is not installed")
+def test_every_kernel_variant_compiles_for_hopper_without_flushing_subnormals():
+    """Compiled for sm_90 with Triton's own ptxas, in a process without TRITON_INTERPRET: the GPU build
+    of each mode, dtype and noise works on a machine with no GPU, and its PTX has no .ftz (which
+    would flush subnormals to zero and break the spec on tiny weights)."""
+    code = """
+import torch
+from mezo_replay import triton_kernels as T
+for dt in (torch.float32, torch.bfloat16, torch.float16):
+    for mode in (T.REPLAY, T.PERTURB, T.RESTORE_UPDATE):
+        for noise in T.NOISES:
+            for decay in (False, True):
+                ptx = T.compile_for_gpu(dt, mode, noise=noise, decay=decay).asm["ptx"]
+                assert ".ftz" not in ptx, (dt, mode, noise, decay)
+                assert "sm_90" in ptx
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_backend_auto_picks_the_kernel_for_each_device():
+    from mezo_replay import steps
+
+    steps.set_backend("auto")
+    cpu = torch.zeros(3)
+    assert steps._path(cpu) == ("compiled" if cpu_kernel.available() else "torch")
+    assert steps._path(torch.zeros(3, dtype=torch.float64)) == "torch"
+    steps.set_backend("torch")
+    assert steps._path(cpu) == "torch"
+    if torch.cuda.is_available():
+        steps.set_backend("auto")
+        assert steps._path(cpu.cuda()) == ("triton" if triton_kernels.available() else "torch")
+    steps.set_backend("auto")
+
+
+def test_dtypes_cover_the_spec():
+    assert set(triton_kernels.DTYPES) == set(cpu_kernel.DTYPES) == set(TORCH_DTYPE.values())
+
+
+@pytest.mark.parametrize("seed,first_step", [(2**64 - 1, 2**32 - 3), (2**63 + 2**31 + 7, 2**31 - 1), (2**31, 0)])
+def test_seeds_and_steps_at_the_edges_of_32_bits(kernel, seed, first_step):
+    """Key words and step counters at or beyond 2^31 (where a signed 32-bit argument would wrap)."""
+    apply, device = kernel
+    bits = random_bits("F32", 40, seed=7)
+    sgd = MezoSGD.create(lr=0.01, eps=1e-3, seed=seed)
+    grads = [rule.encode_grad(g) for g in (1.5, -2.0, 0.75)]
+    constants = [(sgd.coefficient(first_step + j, g), 0.0) for j, g in enumerate(grads)]
+    w = bits_to_torch(bits, "F32", device)
+    apply(w, 2**31 + 3, sgd, 2**31 + 1, first_step, cpu_kernel.REPLAY, constants=constants)
+    want = bits.copy()
+    index = np.arange(2**31 + 3, 2**31 + 43, dtype=np.uint64)
+    for j, (c, _) in enumerate(constants):
+        z = R.noise(sgd.noise, seed, first_step + j, 2**31 + 1, index)
+        want = R.phases(want, "F32", z, sgd.eps, c)[2]
+    assert torch_to_bits(w, "F32").tolist() == want.tolist()
