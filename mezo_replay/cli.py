@@ -51,10 +51,12 @@ def _backend_option(f: Callable[..., Any]) -> Callable[..., Any]:
         set_backend(value)
         return value
 
-    return click.option("--backend", type=click.Choice(["auto", "torch", "compiled"]), default="auto",
+    return click.option("--backend", type=click.Choice(["auto", "torch", "compiled", "triton"]), default="auto",
                         show_default=True, expose_value=False, callback=choose,
-                        help="CPU arithmetic: the compiled kernel (auto, when built) or the torch path. Same "
-                             "bits either way; compiled falls back to torch with a warning if not built.")(f)
+                        help="Who runs the arithmetic. auto: Triton kernels on CUDA, the compiled C kernel on "
+                             "the CPU; torch: the plain torch path; compiled/triton: insist on that kernel. "
+                             "Same bits whatever the choice; a missing kernel falls back to torch with a "
+                             "warning.")(f)
 
 
 def _device(name: str) -> str:

@@ -1,19 +1,23 @@
-"""Replay throughput (element-steps per second) of the torch path and the compiled CPU kernel beside the
-numpy reference, measured in the same run on the same tensor, with the bytes of all three compared.
+"""Replay throughput (element-steps per second) of every path on one device, measured in the same run on
+the same tensor, with their bytes compared: on the CPU the compiled kernel beside the torch path and the
+numpy reference; on CUDA the Triton kernel (and its native-bf16 variant) beside the torch path, with the
+ratio to the roofline of tools/roofline.py.
 
     python tools/bench_replay.py [--elements N] [--steps T] [--dtype BF16] [--device cpu|cuda]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from mezo_replay import reference as R
 from mezo_replay.rule import MezoSGD, encode_grad
-from mezo_replay import cpu_kernel
+from mezo_replay import cpu_kernel, triton_kernels
 from mezo_replay.steps import replay_tensor_, set_backend, step_constants
 
 TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -25,29 +29,42 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtype", default="BF16", choices=list(TORCH))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--noise", default="gaussian16", choices=["gaussian16", "rademacher16"])
+    ap.add_argument("--clock-ghz", type=float, default=1.98, help="for the roofline (CUDA)")
     args = ap.parse_args()
-    sgd = MezoSGD.create(lr=1e-6, eps=1e-3, seed=1)
+    sgd = MezoSGD.create(lr=1e-6, eps=1e-3, seed=1, noise=args.noise)
     rng = np.random.default_rng(0)
     grads = [encode_grad(float(g)) for g in rng.standard_normal(args.steps)]
     w = (torch.randn(args.elements, generator=torch.Generator().manual_seed(0)) * 0.02).to(TORCH[args.dtype])
 
-    def timed(backend: str) -> tuple[float, torch.Tensor]:
+    cuda = args.device.startswith("cuda")
+    constants = step_constants(sgd, grads)
+
+    def timed(backend: str, native_bf16: bool = False) -> tuple[float, torch.Tensor]:
         set_backend(backend)
         t = w.clone().to(args.device)
-        replay_tensor_(t[:1024].clone(), sgd, 0, step_constants(sgd, grads[:1]))  # warm-up
-        if args.device.startswith("cuda"):
+        run = (lambda x, cs: triton_kernels.apply_(x, 0, sgd, 0, 0, triton_kernels.REPLAY, constants=cs,
+                                                   native_bf16=True)) if native_bf16 else \
+              (lambda x, cs: replay_tensor_(x, sgd, 0, cs))
+        run(t[:1 << 16].clone(), constants)  # warm-up: compiles the kernels, uploads the constants
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        replay_tensor_(t, sgd, 0, step_constants(sgd, grads))
-        if args.device.startswith("cuda"):
+        run(t, constants)
+        if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start, t
 
     torch_s, t = timed("torch")
-    compiled = None
+    fast = []  # (name, seconds) of the kernels, each checked byte for byte against the torch path
     if args.device == "cpu" and cpu_kernel.available():
-        compiled = timed("compiled")
-        assert torch.equal(compiled[1].view(torch.uint8), t.view(torch.uint8)), "backends disagree"
+        fast.append(("compiled cpu", timed("compiled")))
+    if triton_kernels.available() and (cuda or triton_kernels.interpreting()):  # interpreted: a logic check
+        fast.append(("triton", timed("triton")))
+        if args.dtype == "BF16" and cuda:
+            fast.append(("triton native-bf16", timed("triton", native_bf16=True)))
+    for name, (_, out) in fast:
+        assert torch.equal(out.view(torch.uint8), t.view(torch.uint8)), f"{name} and torch disagree"
 
     n_ref = min(args.elements, 1 << 16)  # the reference is slow: time it on a prefix
     bits = w[:n_ref].contiguous().view(torch.int16 if args.dtype != "F32" else torch.int32).numpy()
@@ -61,13 +78,22 @@ def main() -> None:
     es = args.elements * args.steps
     print(f"device={args.device} dtype={args.dtype} elements={args.elements} steps={args.steps} "
           f"threads={torch.get_num_threads()}")
-    print(f"{'path':<22}{'element-steps/s':>18}{'ratio':>8}")
-    print(f"{'numpy reference':<22}{es / ref_s:>18.3e}{1.0:>8.2f}")
-    print(f"{'torch ' + args.device:<22}{es / torch_s:>18.3e}{ref_s / torch_s:>8.2f}")
-    if compiled is not None:
-        print(f"{'compiled cpu':<22}{es / compiled[0]:>18.3e}{ref_s / compiled[0]:>8.2f}"
-              f"   ({torch_s / compiled[0]:.2f}x the torch path; identical bytes)")
-    print(f"bytes identical on the first {n_ref} elements: {same}")
+    ceiling = None
+    if cuda and fast:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from roofline import roofline
+
+        sms = torch.cuda.get_device_properties(args.device).multi_processor_count
+        ceiling = roofline(args.dtype, args.noise, sms=sms, clock_ghz=args.clock_ghz)[0]
+        print(f"roofline (tools/roofline.py, {sms} SMs at {args.clock_ghz} GHz): {ceiling:.3e} element-steps/s")
+    print(f"{'path':<24}{'element-steps/s':>18}{'vs numpy':>10}{'vs torch':>10}{'of roofline':>13}")
+    print(f"{'numpy reference':<24}{es / ref_s:>18.3e}{1.0:>10.2f}{torch_s / ref_s:>10.2f}{'':>13}")
+    print(f"{'torch ' + args.device:<24}{es / torch_s:>18.3e}{ref_s / torch_s:>10.2f}{1.0:>10.2f}{'':>13}")
+    for name, (s, _) in fast:
+        roof = f"{es / s / ceiling:>13.0%}" if ceiling and name.startswith("triton") else f"{'':>13}"
+        print(f"{name:<24}{es / s:>18.3e}{ref_s / s:>10.2f}{torch_s / s:>10.2f}{roof}")
+    print(f"bytes identical: every path against torch; torch against the numpy reference on the first "
+          f"{n_ref} elements: {same}")
 
 
 if __name__ == "__main__":

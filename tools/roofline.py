@@ -1,0 +1,118 @@
+"""A roofline for the replay kernel derived from its machine code: compile it for sm_90 (no GPU needed,
+Triton ships ptxas and cuobjdump), count the SASS instructions of one iteration of its step loop, and
+turn the counts into ceilings in element-steps/s for an H100.
+
+    python tools/roofline.py [--sms 132] [--clock-ghz 1.98] [--dtype BF16] [--native-bf16]
+
+Per SM and clock, from NVIDIA's throughput table for compute capability 9.0: 4 warp instructions
+issued (128 thread instructions); 128 FP32 add/mul/FMA; 64 for 32-bit integer multiply (IMAD*) and for
+integer add/logic/shift (IADD3, LOP3, SHF, ...); 16 conversions (F2F). The Gaussian table lookup is a
+2-byte gather from a 128 KiB table: a warp's 32 lanes touch ~32 different 32-byte sectors, and L1
+returns 4 sectors (128 bytes) per clock, so one lookup per element costs ~1/4 clock per element per SM.
+The ceiling is the lowest of these bounds; benchmarks print their ratio to it.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+DTYPE_NAMES = ("F32", "BF16", "F16")
+PIPES = {  # thread instructions per SM per clock, compute capability 9.0
+    "issue": 128, "fp32": 128, "int": 64, "imad": 64, "conversion": 16,
+}
+SECTORS_PER_CLOCK = 4  # L1: 128 bytes per clock per SM
+GATHER_SECTORS_PER_WARP = 4096 * (1 - (1 - 1 / 4096) ** 32)  # distinct sectors: 32 lanes into 4096
+
+
+def _pipe(op: str) -> str | None:
+    if op in ("FADD", "FMUL", "FFMA", "FSEL", "FSETP", "FMNMX"):
+        return "fp32"
+    if op.startswith("IMAD"):
+        return "imad"
+    if op in ("F2F", "F2FP", "F2I", "I2F"):
+        return "conversion"
+    if op in ("IADD3", "LOP3", "SHF", "SGXT", "LEA", "ISETP", "SEL", "PRMT", "VIADD", "IABS", "BMSK", "MOV"):
+        return "int"
+    return None
+
+
+def loop_counts(dtype: str = "BF16", noise: str = "gaussian16", *, native_bf16: bool = False,
+                block: int = 1024, num_warps: int = 4) -> tuple[collections.Counter, int]:
+    """Opcode counts of one step-loop iteration of the REPLAY kernel, and elements per thread."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+    import triton
+
+    from mezo_replay import triton_kernels as T
+
+    dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+    k = T.compile_for_gpu(dt, T.REPLAY, noise=noise, native_bf16=native_bf16, block=block, num_warps=num_warps)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(k.asm["cubin"])
+        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    code = [(int(m.group(1), 16), m.group(2)) for m in
+            re.finditer(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*)[^;]*;", sass)]
+    loops = [(int(re.search(r"BRA\s+0x([0-9a-f]+)", line).group(1), 16), addr)
+             for addr, line in ((a, re.search(r"/\*%04x\*/[^;]*;" % a, sass).group(0)) for a, op in code
+                                if op.split()[-1].startswith("BRA"))
+             if re.search(r"BRA\s+0x([0-9a-f]+)", line) and int(re.search(r"BRA\s+0x([0-9a-f]+)", line).group(1), 16) < addr]
+    if not loops:
+        raise RuntimeError("no backward branch: the step loop was not found")
+    start, end = loops[0]
+    counts = collections.Counter(op.split()[-1].split(".")[0] for addr, op in code if start <= addr <= end)
+    return counts, block // (32 * num_warps)
+
+
+def ceilings(counts: collections.Counter, per_thread: int, sms: int, clock_hz: float,
+             gathers_per_element: float) -> dict[str, float]:
+    """Element-steps/s allowed by each bound."""
+    per_elem = {pipe: 0.0 for pipe in PIPES}
+    for op, n in counts.items():
+        per_elem["issue"] += n / per_thread
+        if (pipe := _pipe(op)) is not None:
+            per_elem[pipe] += n / per_thread
+    out = {pipe: sms * clock_hz * PIPES[pipe] / v for pipe, v in per_elem.items() if v}
+    if gathers_per_element:
+        clocks_per_elem = gathers_per_element * GATHER_SECTORS_PER_WARP / SECTORS_PER_CLOCK / 32
+        out["L1 table gather"] = sms * clock_hz / clocks_per_elem
+    return out
+
+
+def roofline(dtype: str = "BF16", noise: str = "gaussian16", *, sms: int = 132, clock_ghz: float = 1.98,
+             native_bf16: bool = False) -> tuple[float, dict[str, float], float]:
+    """(ceiling, every bound, instructions per element-step)."""
+    counts, per_thread = loop_counts(dtype, noise, native_bf16=native_bf16)
+    bounds = ceilings(counts, per_thread, sms, clock_ghz * 1e9, 1.0 if noise == "gaussian16" else 0.0)
+    return min(bounds.values()), bounds, sum(counts.values()) / per_thread
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sms", type=int, default=132)
+    ap.add_argument("--clock-ghz", type=float, default=1.98)
+    ap.add_argument("--dtype", default=None, choices=DTYPE_NAMES)
+    ap.add_argument("--native-bf16", action="store_true")
+    args = ap.parse_args()
+    print(f"replay kernel, sm_90 SASS, {args.sms} SMs at {args.clock_ghz} GHz; element-steps/s per bound")
+    print(f"{'dtype':<6}{'noise':<14}{'instr/elt-step':>15}{'issue':>10}{'int':>10}{'imad':>10}{'fp32':>10}"
+          f"{'conv':>10}{'L1 gather':>11}{'ceiling':>10}")
+    for dtype in [args.dtype] if args.dtype else DTYPE_NAMES:
+        for noise in ("gaussian16", "rademacher16"):
+            ceiling, b, per = roofline(dtype, noise, sms=args.sms, clock_ghz=args.clock_ghz,
+                                       native_bf16=args.native_bf16)
+            cells = "".join(f"{b[k]:>10.2e}" if k in b else f"{'-':>10}" for k in ("issue", "int", "imad", "fp32",
+                                                                                     "conversion"))
+            gather = f"{b['L1 table gather']:>11.2e}" if "L1 table gather" in b else f"{'-':>11}"
+            print(f"{dtype:<6}{noise:<14}{per:>15.1f}{cells}{gather}{ceiling:>10.2e}")
+
+
+if __name__ == "__main__":
+    main()
