@@ -23,7 +23,7 @@ from .errors import MezoReplayError
 from .fingerprint import DTYPE_NAMES, base_fingerprint, canonicalize_nan_, tensor_fingerprint
 from .mzt import TrajectoryWriter
 from .rule import MezoSGD, Schedule, encode_grad
-from .steps import perturb_tensor_, restore_update_tensor_
+from .steps import perturb_all_, restore_update_all_
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -81,8 +81,7 @@ class MeZO:
     # -- the step ---------------------------------------------------------------------------------
 
     def _perturb(self, scale: float) -> None:
-        for k, p in enumerate(self.params):
-            perturb_tensor_(p.data, self.rule, self.step_count, k, scale)
+        perturb_all_([p.data for p in self.params], self.rule, self.step_count, scale)
 
     @torch.no_grad()
     def step(self, closure: Closure) -> float:
@@ -100,8 +99,7 @@ class MeZO:
             c = self.rule.coefficient(t, bits)
         except ValueError as e:  # non-finite loss or a diverged step: no gradient step, and say so
             bits, c, failure = 0, 0.0, e
-        for k, p in enumerate(self.params):
-            restore_update_tensor_(p.data, self.rule, t, k, c, d if self.decay[k] else 0.0)
+        restore_update_all_([p.data for p in self.params], self.rule, t, c, d, self.decay)
         loss = (loss_plus + loss_minus) / 2.0
         if self.writer is not None:
             self.writer.append_step(bits, loss if self.writer_records_losses else None)

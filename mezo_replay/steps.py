@@ -192,3 +192,29 @@ def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequen
     if constants:
         _apply_(w, rule, index, first_step, cpu_kernel.REPLAY, constants, decay=decay, slice_size=slice_size,
                 progress=progress)
+
+
+def perturb_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, scale: float) -> None:
+    """P1 or P2 of one step on every tuned tensor (tensors[k] is trajectory tensor k)."""
+    _each_(tensors, rule, step, cpu_kernel.PERTURB, [False] * len(tensors), scale=scale)
+
+
+def restore_update_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, c: float, d: float,
+                        decays: Sequence[bool]) -> None:
+    """P3 of one step on every tuned tensor; decays[k] says whether tensor k takes the decay d."""
+    _each_(tensors, rule, step, cpu_kernel.RESTORE_UPDATE, decays, c=c, d=d)
+
+
+def _each_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, mode: int, decays: Sequence[bool], *,
+           c: float = 0.0, d: float = 0.0, scale: float = 0.0) -> None:
+    """Tensors the Triton kernel takes go through one grouped launch per dtype (a launch per tensor
+    would cost more than the arithmetic on a model's many small tensors); the rest one by one."""
+    grouped = [k for k, t in enumerate(tensors) if t.is_contiguous() and _path(t) == "triton"]
+    if grouped:
+        triton_kernels.apply_group_([tensors[k] for k in grouped], grouped, [decays[k] for k in grouped], rule,
+                                    step, mode, c=c, d=d, scale=scale)
+    done = set(grouped)
+    for k, t in enumerate(tensors):
+        if k not in done:
+            _apply_(t, rule, k, step, mode, [(c, d if decays[k] else 0.0)], scale, decay=bool(decays[k]))
+

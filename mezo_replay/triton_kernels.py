@@ -141,24 +141,18 @@ if triton is not None:
         else:
             tl.store(ptr, tl.where(nan, float("nan"), w), mask=mask)
 
-    @triton.jit(do_not_specialize=["n", "base_hi", "base_lo", "tensor_index", "first_step", "key0", "key1",
-                                   "nsteps"])
-    def _kernel(w_ptr, n, base_hi, base_lo, table_ptr, c_ptr, d_ptr, nsteps, first_step, tensor_index, key0, key1,
-                eps, scale, c1, d1,
-                DT: tl.constexpr, NOISE: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
-                BLOCK: tl.constexpr):
-        """Elements base .. base+n-1 of tuned tensor `tensor_index`, stored contiguously at w_ptr, with
-        base = base_hi * 2^31 + base_lo: Triton types an integer argument by its value, and one typed
-        unsigned 32-bit does not widen the same way everywhere, so 64-bit values travel as two halves.
+    @triton.jit
+    def _tile(w_ptr, n, base, pid, table_ptr, c_ptr, d_ptr, nsteps, first_step, k_idx, k0, k1, eps, scale, c1, d1,
+              decay_on, DT: tl.constexpr, NOISE: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
+              BLOCK: tl.constexpr):
+        """Tile `pid` of elements base .. base+n-1 of one tensor, stored contiguously at w_ptr.
 
-        A program takes BLOCK/8 Philox blocks and holds their elements as eight [BLOCK/8] tensors, the
-        j-th holding element 8b+j of each block b: one Philox call per thread feeds its own 8 elements,
-        and every tensor shares one layout, so nothing moves between threads. Tiles are aligned to Philox
-        blocks in index space, so an unaligned `base` (a slice starting mid-block) only masks the edges.
-        bfloat16 arrives as int16.
+        A tile holds BLOCK/8 Philox blocks as eight [BLOCK/8] tensors, the j-th holding element 8b+j of
+        each block b: one Philox call per thread feeds its own 8 elements, and every tensor shares one
+        layout, so nothing moves between threads. Tiles are aligned to Philox blocks in index space,
+        so an unaligned `base` (a slice starting mid-block) only masks the edges. bfloat16 arrives as
+        int16. decay_on (runtime) selects decay where DECAY (compile time) allows it.
         """
-        pid = tl.program_id(0).to(tl.int64)
-        base = (base_hi.to(tl.int64) << 31) + base_lo.to(tl.int64)
         blocks = (base >> 3) + pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8).to(tl.int64)
         o = blocks * 8 - base  # offset of each block's element 0 from w_ptr
         p = w_ptr + o
@@ -167,9 +161,6 @@ if triton is not None:
         w0, w1, w2, w3 = _load(p, m0, DT), _load(p + 1, m1, DT), _load(p + 2, m2, DT), _load(p + 3, m3, DT)
         w4, w5, w6, w7 = _load(p + 4, m4, DT), _load(p + 5, m5, DT), _load(p + 6, m6, DT), _load(p + 7, m7, DT)
         n0, n1, n2, n3, n4, n5, n6, n7 = w0 != w0, w1 != w1, w2 != w2, w3 != w3, w4 != w4, w5 != w5, w6 != w6, w7 != w7
-        k_idx = tensor_index.to(tl.uint32)
-        k0 = key0.to(tl.uint32)
-        k1 = key1.to(tl.uint32)
         steps = 1
         if MODE == 0:
             steps = nsteps
@@ -179,6 +170,7 @@ if triton is not None:
             if MODE == 0:
                 c = tl.load(c_ptr + j)
                 d = tl.load(d_ptr + j)
+            d = tl.where(decay_on, d, 0.0)
             x0, x1, x2, x3 = _philox(blocks, k_idx, (first_step + j).to(tl.uint32), k0, k1)
             # element 8b+j takes the low (even j) or high (odd j) half of word j // 2
             w0 = _element_step(w0, (x0 & 0xFFFF).to(tl.int32), table_ptr, eps, scale, c, d, DT, NOISE, MODE, DECAY)
@@ -197,6 +189,36 @@ if triton is not None:
         _store(p + 5, w5, n5, m5, DT)
         _store(p + 6, w6, n6, m6, DT)
         _store(p + 7, w7, n7, m7, DT)
+
+    @triton.jit(do_not_specialize=["n", "base_hi", "base_lo", "tensor_index", "first_step", "key0", "key1",
+                                   "nsteps"])
+    def _kernel(w_ptr, n, base_hi, base_lo, table_ptr, c_ptr, d_ptr, nsteps, first_step, tensor_index, key0, key1,
+                eps, scale, c1, d1,
+                DT: tl.constexpr, NOISE: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
+                BLOCK: tl.constexpr):
+        """One tensor (or a contiguous run of one), base = base_hi * 2^31 + base_lo: Triton types an
+        integer argument by its value, and one typed unsigned 32-bit does not widen the same way
+        everywhere (the interpreter differs), so the 64-bit index travels as two halves."""
+        base = (base_hi.to(tl.int64) << 31) + base_lo.to(tl.int64)
+        _tile(w_ptr, n, base, tl.program_id(0).to(tl.int64), table_ptr, c_ptr, d_ptr, nsteps, first_step,
+              tensor_index.to(tl.uint32), key0.to(tl.uint32), key1.to(tl.uint32), eps, scale, c1, d1, True,
+              DT, NOISE, MODE, DECAY, BLOCK)
+
+    @triton.jit(do_not_specialize=["step", "key0", "key1"])
+    def _group_kernel(ptrs, sizes, indices, decays, tile_slot, tile_num, table_ptr, step, key0, key1,
+                      eps, scale, c1, d1,
+                      DT: tl.constexpr, NOISE: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
+                      BLOCK: tl.constexpr, PTR: tl.constexpr):
+        """One training phase over many tensors of one dtype in one launch: program i takes tile
+        tile_num[i] of tensor tile_slot[i], whose address, size, trajectory index and decay flag come
+        from the per-tensor tables. A model has hundreds of tensors, most of them small; a launch per
+        tensor would cost more than the arithmetic."""
+        pid = tl.program_id(0)
+        slot = tl.load(tile_slot + pid)
+        w_ptr = tl.load(ptrs + slot).to(tl.pointer_type(PTR))
+        _tile(w_ptr, tl.load(sizes + slot), 0, tl.load(tile_num + pid).to(tl.int64), table_ptr, table_ptr,
+              table_ptr, 1, step, tl.load(indices + slot).to(tl.uint32), key0.to(tl.uint32), key1.to(tl.uint32),
+              eps, scale, c1, d1, tl.load(decays + slot) != 0, DT, NOISE, MODE, DECAY, BLOCK)
 else:
     _kernel = None
 
@@ -267,8 +289,59 @@ def apply_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: i
             progress(w.numel() * count)
 
 
+_groups: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _group_tables(tensors: Sequence[torch.Tensor], indices: Sequence[int], decays: Sequence[bool],
+                  block: int) -> tuple[torch.Tensor, ...]:
+    """Per-tensor (address, size, index, decay) and per-tile (tensor slot, tile number) device tables,
+    built once: a training run's tensors keep their storage from step to step."""
+    key = (tuple((t.data_ptr(), t.numel()) for t in tensors), tuple(indices), tuple(decays), block)
+    if key not in _groups:
+        device = tensors[0].device
+        sizes = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+        tiles = (sizes + block - 1) // block
+        slot = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), tiles)
+        num = torch.arange(int(tiles.sum()), dtype=torch.int32) - torch.repeat_interleave(
+            (torch.cumsum(tiles, 0) - tiles).to(torch.int32), tiles)
+        tables = (torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64), sizes,
+                  torch.tensor(list(indices), dtype=torch.int64), torch.tensor(list(decays), dtype=torch.int8),
+                  slot, num)
+        if len(_groups) > 4:
+            _groups.clear()
+        _groups[key] = tuple(x.to(device) for x in tables)
+    return _groups[key]
+
+
+def apply_group_(tensors: Sequence[torch.Tensor], indices: Sequence[int], decays: Sequence[bool], rule: MezoSGD,
+                 step: int, mode: int, *, c: float = 0.0, d: float = 0.0, scale: float = 0.0,
+                 block: int = BLOCK) -> None:
+    """PERTURB or RESTORE_UPDATE of one step on whole tensors (tensors[i] is trajectory tensor
+    indices[i]), one launch per dtype. Tensors must be contiguous; decays[i] says whether tensor i
+    takes the decay d."""
+    if mode == REPLAY:
+        raise ValueError("replay runs tensor by tensor (apply_), many steps per launch")
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if not runs_on(t) or not t.is_contiguous():
+            raise ValueError("the Triton kernel takes contiguous float32/bfloat16/float16 CUDA tensors")
+        if t.numel():
+            by_dtype.setdefault(t.dtype, []).append(i)
+    for dtype, members in by_dtype.items():
+        ts = [tensors[i] for i in members]
+        ptrs, sizes, idx, dec, slot, num = _group_tables(ts, [indices[i] for i in members],
+                                                         [bool(decays[i]) for i in members], block)
+        ptr = {torch.float32: tl.float32, torch.bfloat16: tl.int16, torch.float16: tl.float16}[dtype]
+        _group_kernel[(slot.numel(),)](
+            ptrs, sizes, idx, dec, slot, num, _table(ts[0].device), step, rule.seed & 0xFFFFFFFF, rule.seed >> 32,
+            rule.eps, scale, c, d, DT=DTYPES[dtype], NOISE=NOISES[rule.noise], MODE=mode,
+            DECAY=mode == RESTORE_UPDATE and any(decays[i] for i in members), BLOCK=block, PTR=ptr,
+            enable_fp_fusion=FP_FUSION)
+
+
 def compile_for_gpu(dtype: torch.dtype, mode: int, *, noise: str = "gaussian16", decay: bool = False,
-                    arch: int = 90, block: int = BLOCK, num_warps: int = 4, native_bf16: bool = False):
+                    arch: int = 90, block: int = BLOCK, num_warps: int = 4, native_bf16: bool = False,
+                    group: bool = False):
     """Compiles the kernel for an NVIDIA GPU of compute capability `arch` on a machine without one
     (Triton ships ptxas): tests check that every variant builds and that its PTX flushes no
     subnormals; tools/roofline.py counts its machine instructions. Not under TRITON_INTERPRET."""
@@ -283,6 +356,13 @@ def compile_for_gpu(dtype: torch.dtype, mode: int, *, noise: str = "gaussian16",
                  "key0": "i32", "key1": "i32", "eps": "fp32", "scale": "fp32", "c1": "fp32", "d1": "fp32"}
     dt = 3 if native_bf16 and dtype == torch.bfloat16 else DTYPES[dtype]
     constexprs = {"DT": dt, "NOISE": NOISES[noise], "MODE": mode, "DECAY": decay, "BLOCK": block}
+    kernel = _kernel
+    if group:  # the grouped training kernel (apply_group_)
+        kernel = _group_kernel
+        signature = {"ptrs": "*i64", "sizes": "*i64", "indices": "*i64", "decays": "*i8", "tile_slot": "*i32",
+                     "tile_num": "*i32", "table_ptr": "*u16", "step": "i32", "key0": "i32", "key1": "i32",
+                     "eps": "fp32", "scale": "fp32", "c1": "fp32", "d1": "fp32"}
+        constexprs["PTR"] = {torch.float32: tl.float32, torch.bfloat16: tl.int16, torch.float16: tl.float16}[dtype]
     signature.update({k: "constexpr" for k in constexprs})
-    return triton.compile(ASTSource(_kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+    return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION})

@@ -165,7 +165,7 @@ def test_native_bf16_rounding_equals_the_spec_on_every_pattern():
 
 @pytest.mark.skipif(not triton_kernels.available(), reason="Triton is not installed")
 def test_every_kernel_variant_compiles_for_hopper_without_flushing_subnormals():
-    """Compiled for sm_90 with Triton's own ptxas, in a process without TRITON_INTERPRET: the GPU build
+    """Both kernels (per tensor, and grouped for training) compiled for sm_90 with Triton's own ptxas, in a process without TRITON_INTERPRET: the GPU build
     of each mode, dtype and noise works on a machine with no GPU, and its PTX has no .ftz (which
     would flush subnormals to zero and break the spec on tiny weights)."""
     code = """
@@ -175,9 +175,10 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
     for mode in (T.REPLAY, T.PERTURB, T.RESTORE_UPDATE):
         for noise in T.NOISES:
             for decay in (False, True):
-                ptx = T.compile_for_gpu(dt, mode, noise=noise, decay=decay).asm["ptx"]
-                assert ".ftz" not in ptx, (dt, mode, noise, decay)
-                assert "sm_90" in ptx
+                for group in ((False, True) if mode != T.REPLAY else (False,)):
+                    ptx = T.compile_for_gpu(dt, mode, noise=noise, decay=decay, group=group).asm["ptx"]
+                    assert ".ftz" not in ptx, (dt, mode, noise, decay, group)
+                    assert "sm_90" in ptx
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -221,3 +222,33 @@ def test_seeds_and_steps_at_the_edges_of_32_bits(kernel, seed, first_step):
         z = R.noise(sgd.noise, seed, first_step + j, 2**31 + 1, index)
         want = R.phases(want, "F32", z, sgd.eps, c)[2]
     assert torch_to_bits(w, "F32").tolist() == want.tolist()
+
+
+@pytest.mark.skipif(not triton_kernels.available() or not (triton_kernels.interpreting() or torch.cuda.is_available()),
+                    reason="needs Triton on a GPU or interpreted")
+def test_grouped_training_launch_equals_the_reference_per_tensor():
+    """Training's grouped launch (all tensors of a dtype at once, mixed sizes and decay flags, a
+    non-contiguous one left to the per-tensor path) lands where the reference does, tensor by tensor."""
+    from mezo_replay import steps
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    specs = [("BF16", 1), ("F32", 1031), ("BF16", 4099), ("F16", 9), ("BF16", 0), ("F32", 2048)]
+    decays = [True, False, True, True, False, True]
+    bits = [random_bits(dt, max(n, 16), seed=i)[:n] for i, (dt, n) in enumerate(specs)]
+    sgd = MezoSGD.create(lr=0.05, eps=1e-3, seed=2**33 + 1, weight_decay=0.2)
+    grads = [rule.encode_grad(g) for g in (2.0, -1.5)]
+    ts = [bits_to_torch(b, dt, device) for b, (dt, _) in zip(bits, specs)]
+    ts[5] = ts[5].reshape(32, 64).t()  # non-contiguous: element order stays that of the logical tensor
+    bits[5] = torch_to_bits(ts[5].contiguous(), "F32")
+    steps.set_backend("triton")
+    try:
+        for t, g in enumerate(grads):
+            steps.perturb_all_(ts, sgd, t, sgd.eps)
+            steps.perturb_all_(ts, sgd, t, -2.0 * sgd.eps)
+            steps.restore_update_all_(ts, sgd, t, sgd.coefficient(t, g), sgd.decay(t), decays)
+    finally:
+        steps.set_backend("auto")
+    for k, ((dt, n), b) in enumerate(zip(specs, bits)):
+        want = R.replay(b, dt, seed=sgd.seed, k=k, noise_name=sgd.noise, rule=sgd.header_fields()["rule"],
+                        grads=grads, decayed=decays[k])
+        assert torch_to_bits(ts[k].contiguous(), dt).tolist() == want.tolist(), k

@@ -205,15 +205,19 @@ def test_schedule_and_weight_decay_round_trip(tmp_path, dtype):
         assert tensor_bytes(got[name]) == tensor_bytes(p), name
 
 
-@pytest.mark.parametrize("train_with, replay_with", [("torch", "compiled"), ("compiled", "torch")])
+@pytest.mark.parametrize("train_with, replay_with", [("torch", "compiled"), ("compiled", "torch"),
+                                                     ("triton", "compiled"), ("torch", "triton")])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_backends_agree_across_training_and_replay(tmp_path, dtype, train_with, replay_with):
-    """Train with one CPU backend, reconstruct with the other: the same bytes."""
-    from mezo_replay import cpu_kernel, steps
+    """Train with one backend, reconstruct with another: the same bytes. Training with triton runs the
+    grouped kernel (one launch per phase for all tensors) under the interpreter where there is no GPU."""
+    from mezo_replay import cpu_kernel, steps, triton_kernels
     from mezo_replay.rule import Schedule
 
     if not cpu_kernel.available():
         pytest.skip("the compiled CPU kernel is not built")
+    if "triton" in (train_with, replay_with) and not (triton_kernels.available() and triton_kernels.interpreting()):
+        pytest.skip("Triton on CPU tensors needs the interpreter (CUDA is tested in test_cuda_training_...)")
     model = tiny_model("llama-tied", DTYPES[dtype])
     model.save_pretrained(tmp_path / "base")
     try:
@@ -236,7 +240,7 @@ def test_compiled_backend_missing_falls_back_with_a_warning(monkeypatch):
         with pytest.warns(UserWarning, match="not built"):
             assert steps.set_backend("compiled") == "torch"
         w = torch.ones(10)
-        assert not steps._compiled(w)
+        assert steps._path(w) == "torch"
     finally:
         steps.set_backend("auto")
     with pytest.raises(ValueError, match="unknown backend"):
