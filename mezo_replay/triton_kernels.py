@@ -1,17 +1,19 @@
-"""The element phases of spec/rule.md as one Triton kernel: noise made in registers, never stored.
+"""The element phases of spec/rule.md as Triton kernels: noise made in registers, never stored.
 
 Why Triton: one Python-level source compiles for every recent NVIDIA GPU (and AMD's), and the same
 source runs on the CPU under Triton's interpreter (TRITON_INTERPRET=1), so CI tests the very logic the
 GPU runs, bit for bit against the numpy reference, on machines without a GPU.
 
-One kernel, three modes (the same as the compiled CPU kernel's):
+One tile body, three modes (the same as the compiled CPU kernel's), launched per tensor (`apply_`) or,
+for training, over all tensors of a dtype at once (`apply_group_`):
 - PERTURB: P1 or P2 of one step (training);
 - RESTORE_UPDATE: P3 of one step, restore, decay and update fused (training);
 - REPLAY: P1, P2 and P3 of many steps: each program loads its tile once, runs every step in registers
   and stores once (reconstruction).
 
 Exactness (spec/rule.md): every product is exact in binary32, so contraction into FMAs cannot change
-a bit; kernels are launched with enable_fp_fusion=False all the same. R_D for bfloat16 is the spec's
+a bit, and the kernels are launched with it allowed (FP_FUSION): an FMA saves an instruction per
+phase; GPU tests hold the result to the reference. R_D for bfloat16 is the spec's
 integer rounding rather than a conversion instruction, because Triton's interpreter truncates where
 GPUs round, and the integer form is the same everywhere. Float16 uses the round-to-nearest-even
 conversion, which both the GPU and the interpreter (numpy) implement with subnormals.
