@@ -224,6 +224,16 @@ if triton is not None:
 else:
     _kernel = None
 
+def _dt_code(dtype: torch.dtype, native_bf16: bool = False) -> int:
+    """The kernels' DT: 0 float32, 1 bfloat16 (integer rounding), 2 float16, 3 bfloat16 (hardware)."""
+    return 3 if native_bf16 and dtype == torch.bfloat16 else DTYPES[dtype]
+
+
+def _element_type(dtype: torch.dtype):
+    """How the kernels see the weights in memory: bfloat16 as its int16 patterns."""
+    return {torch.float32: tl.float32, torch.bfloat16: tl.int16, torch.float16: tl.float16}[dtype]
+
+
 _tables: dict[torch.device, torch.Tensor] = {}
 _constants: dict[tuple[int, bool, torch.device], tuple[object, torch.Tensor, torch.Tensor]] = {}
 
@@ -274,7 +284,7 @@ def apply_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: i
     else:  # single steps pass c and d as scalars: nothing to upload per tensor per step
         c_all = d_all = _device_constants(((0.0, 0.0),), False, w.device)[0]
     c1, d1 = constants[0] if mode == RESTORE_UPDATE else (0.0, 0.0)
-    meta = dict(DT=3 if native_bf16 and w.dtype == torch.bfloat16 else DTYPES[w.dtype], NOISE=NOISES[rule.noise],
+    meta = dict(DT=_dt_code(w.dtype, native_bf16), NOISE=NOISES[rule.noise],
                 MODE=mode, DECAY=bool(decay) and mode != PERTURB, BLOCK=block, num_warps=num_warps,
                 enable_fp_fusion=FP_FUSION)
     total = len(constants) if mode == REPLAY else 1
@@ -333,7 +343,7 @@ def apply_group_(tensors: Sequence[torch.Tensor], indices: Sequence[int], decays
         ts = [tensors[i] for i in members]
         ptrs, sizes, idx, dec, slot, num = _group_tables(ts, [indices[i] for i in members],
                                                          [bool(decays[i]) for i in members], block)
-        ptr = {torch.float32: tl.float32, torch.bfloat16: tl.int16, torch.float16: tl.float16}[dtype]
+        ptr = _element_type(dtype)
         _group_kernel[(slot.numel(),)](
             ptrs, sizes, idx, dec, slot, num, _table(ts[0].device), step, rule.seed & 0xFFFFFFFF, rule.seed >> 32,
             rule.eps, scale, c, d, DT=DTYPES[dtype], NOISE=NOISES[rule.noise], MODE=mode,
@@ -356,7 +366,7 @@ def compile_for_gpu(dtype: torch.dtype, mode: int, *, noise: str = "gaussian16",
     signature = {"w_ptr": ptr, "n": "i32", "base_hi": "i32", "base_lo": "i32", "table_ptr": "*u16",
                  "c_ptr": "*fp32", "d_ptr": "*fp32", "nsteps": "i32", "first_step": "i32", "tensor_index": "i32",
                  "key0": "i32", "key1": "i32", "eps": "fp32", "scale": "fp32", "c1": "fp32", "d1": "fp32"}
-    dt = 3 if native_bf16 and dtype == torch.bfloat16 else DTYPES[dtype]
+    dt = _dt_code(dtype, native_bf16)
     constexprs = {"DT": dt, "NOISE": NOISES[noise], "MODE": mode, "DECAY": decay, "BLOCK": block}
     kernel = _kernel
     if group:  # the grouped training kernel (apply_group_)
@@ -364,7 +374,7 @@ def compile_for_gpu(dtype: torch.dtype, mode: int, *, noise: str = "gaussian16",
         signature = {"ptrs": "*i64", "sizes": "*i64", "indices": "*i64", "decays": "*i8", "tile_slot": "*i32",
                      "tile_num": "*i32", "table_ptr": "*u16", "step": "i32", "key0": "i32", "key1": "i32",
                      "eps": "fp32", "scale": "fp32", "c1": "fp32", "d1": "fp32"}
-        constexprs["PTR"] = {torch.float32: tl.float32, torch.bfloat16: tl.int16, torch.float16: tl.float16}[dtype]
+        constexprs["PTR"] = _element_type(dtype)
     signature.update({k: "constexpr" for k in constexprs})
     return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION})
