@@ -63,7 +63,8 @@ def test_peak_memory_does_not_grow_with_the_model(tmp_path: Path) -> None:
     small = peak_growth(tmp_path, 8, tensor)
     big = peak_growth(tmp_path, 40, tensor)  # a 320 MiB model
     print(f"reconstruct peak grew by {small / MIB:.1f} MiB (64 MiB model), {big / MIB:.1f} MiB (320 MiB model)")
-    # allocator noise between runs reaches ~2 tensors (glibc arenas of the kernel's worker threads); growing
-    # with the model would add 32 tensors here
-    assert big < small + 4 * 4 * tensor, "peak memory grows with the number of tensors"
-    assert big < 40 * 4 * tensor / 4
+    # The peak moves by up to ~40 MiB between runs of the same code (glibc arenas of the kernel's worker
+    # threads), so the bounds are fractions of the model: the big model adds 256 MiB, and a peak that
+    # kept even a quarter of it would fail.
+    assert big - small < (40 - 8) * 4 * tensor / 4, "peak memory grows with the number of tensors"
+    assert big < 40 * 4 * tensor / 3
