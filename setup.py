@@ -7,5 +7,5 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "mezo_replay._cpu_kernel", ["mezo_replay/_cpu_kernel.c"], optional=True,
-    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c99"],
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c99", "-Wno-psabi"],
 )])

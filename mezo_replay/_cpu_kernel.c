@@ -1,11 +1,17 @@
 /* The element phases of spec/rule.md on the CPU: Philox4x32-10 bits, the noise, and P1/P2/P3 (with
  * decay) applied to a contiguous slice of one tuned tensor, for many steps per call.
  *
- * It exists for speed: one pass over the slice per block of steps, noise made in registers, no
- * temporaries. It is held to the numpy reference bit for bit by the tests. Every product it forms is
- * exact in binary32 (spec/rule.md), so whether the compiler fuses a multiply-add does not matter; it is
- * built with -ffp-contract=off all the same, and never with -ffast-math (which would flush subnormals).
- * Loaded with ctypes: no Python API is used.
+ * It exists for speed. A slice is cut into chunks that fit L1; a chunk is widened to binary32 once,
+ * every step of the call runs on it there, and it is written back once. Philox runs on 16 blocks at a
+ * time and the phases on 16 elements at a time, written with GCC/Clang vector types so that one source
+ * compiles to AVX-512, AVX2 or SSE2 (picked at run time on x86-64) and to NEON elsewhere. Vector lanes
+ * do the same IEEE binary32 operations as scalar code, so the width changes no bit; the tests hold the
+ * kernel to the numpy reference bit for bit.
+ *
+ * Every product formed is exact in binary32 (spec/rule.md), so whether the compiler fuses a multiply-add
+ * does not matter; it is built with -ffp-contract=off all the same, and never with -ffast-math (which
+ * would flush subnormals). The bf16 and f16 roundings are integer formulas plus, for f16 subnormals,
+ * one binary32 addition whose own rounding is the one required. Loaded with ctypes: no Python API.
  */
 #include <stdint.h>
 #include <string.h>
@@ -14,19 +20,22 @@ enum { F32 = 0, BF16 = 1, F16 = 2 };
 enum { GAUSSIAN16 = 0, RADEMACHER16 = 1 };
 enum { REPLAY = 0, PERTURB = 1, RESTORE_UPDATE = 2 };
 
-static inline uint32_t f2u(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
-static inline float u2f(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+#define W 16          /* lanes: Philox blocks or elements handled together */
+#define CHUNK 2048    /* elements per chunk: x and z take 16 KiB, in L1 across a call's steps */
 
-static void philox(uint32_t c[4], uint32_t k0, uint32_t k1) {
-    for (int r = 0; r < 10; r++) {
-        uint64_t p0 = (uint64_t)0xD2511F53u * c[0], p1 = (uint64_t)0xCD9E8D57u * c[2];
-        uint32_t n0 = (uint32_t)(p1 >> 32) ^ c[1] ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c[3] ^ k1;
-        c[0] = n0; c[1] = (uint32_t)p1; c[2] = n2; c[3] = (uint32_t)p0;
-        k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
-    }
-}
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef uint64_t vq __attribute__((vector_size(8 * W)));
 
-static inline float load(const void *w, int dtype, int64_t i) {
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE uint32_t f2u(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+INLINE float u2f(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+
+/* ---- scalar conversions, used once per element per call (widening and writing back a chunk) ---- */
+
+INLINE float load(const void *w, int dtype, int64_t i) {
     if (dtype == F32) return ((const float *)w)[i];
     uint16_t h = ((const uint16_t *)w)[i];
     if (dtype == BF16) return u2f((uint32_t)h << 16);
@@ -39,97 +48,200 @@ static inline float load(const void *w, int dtype, int64_t i) {
     return u2f(sign | ((e + 112) << 23) | (m << 13));
 }
 
-static inline uint16_t half_bits(int dtype, float x) {
-    uint32_t u = f2u(x);
-    uint32_t a = u & 0x7FFFFFFFu;
-    uint16_t h;
-    if (dtype == BF16) {
-        h = a > 0x7F800000u ? 0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
-    } else {
-        uint32_t sign = (u >> 16) & 0x8000;
-        if (a > 0x7F800000u) h = 0x7E00;                             /* NaN */
-        else if (a >= 0x477FF000u) h = (uint16_t)(sign | 0x7C00);    /* rounds beyond 65504: inf */
-        else if (a >= 0x38800000u)                                   /* normal */
-            h = (uint16_t)(sign | (((a + 0x0FFFu + ((a >> 13) & 1)) >> 13) - (112u << 10)));
-        else {                                                       /* subnormal: units of 2^-24 */
-            double q = (double)u2f(a) * 16777216.0;                  /* exact */
-            double fl = (double)(uint32_t)q, rest = q - fl;
-            uint32_t r = (uint32_t)fl + (rest > 0.5 || (rest == 0.5 && ((uint32_t)fl & 1)));
-            h = (uint16_t)(sign | r);
-        }
-    }
-    return h;
-}
-
-static inline void store(void *w, int dtype, int64_t i, float x) {
+/* The bits of x, a value the dtype holds exactly (every value in a chunk has been rounded already). */
+INLINE void store(void *w, int dtype, int64_t i, float x) {
+    uint32_t u = f2u(x), a = u & 0x7FFFFFFFu, sign = (u >> 16) & 0x8000;
     if (dtype == F32) ((float *)w)[i] = x;
-    else ((uint16_t *)w)[i] = half_bits(dtype, x);
+    else if (dtype == BF16) ((uint16_t *)w)[i] = (uint16_t)(u >> 16);
+    else if (a > 0x7F800000u) ((uint16_t *)w)[i] = 0x7E00;                                /* NaN */
+    else if (a >= 0x47800000u) ((uint16_t *)w)[i] = (uint16_t)(sign | 0x7C00);            /* inf */
+    else if (a >= 0x38800000u) ((uint16_t *)w)[i] = (uint16_t)(sign | ((a >> 13) - (112u << 10)));
+    else ((uint16_t *)w)[i] = (uint16_t)(sign | (uint32_t)(u2f(a) * 16777216.0f));         /* k * 2^-24 */
 }
 
-/* R_D as a value: x rounded to the parameter's dtype and widened back, kept in a register. */
-static inline float rnd(int dtype, float x) {
-    if (dtype == F32) return x;
-    uint16_t h = half_bits(dtype, x);
-    return load(&h, dtype, 0);
+/* ---- 16 lanes ---- */
+
+#define SPLAT(type, x) ((type){0} + (x))
+
+INLINE vu select_(vi keep, vu a, vu b) { return ((vu)keep & a) | (~(vu)keep & b); }
+
+/* R_D of spec/rule.md as a value: x rounded to bf16 (nearest, ties to even; NaN -> the quiet NaN). */
+INLINE vf round_bf16(vf x) {
+    vu u = (vu)x, a = u & 0x7FFFFFFFu;
+    vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return (vf)select_(a > 0x7F800000u, SPLAT(vu, 0x7FC00000u), r);
 }
 
-static inline float decay(float s, float d) {
-    if (!(s - s == 0.0f) || !(s >= 0x1p-60f || s <= -0x1p-60f)) return s; /* inf, NaN, tiny */
-    float hi = u2f(f2u(s) & 0xFFFFF000u);
-    float lo = s - hi;
-    float t = s - d * hi;
-    return t - d * lo;
+/* x rounded to f16 and widened back. Below 2^-14 the result is a multiple of 2^-24, and |x| + 0.5
+ * (whose ulp is 2^-24) rounds to exactly that multiple, ties to even: the addition does the rounding. */
+INLINE vf round_f16(vf x) {
+    vu u = (vu)x, a = u & 0x7FFFFFFFu, sign = u & 0x80000000u;
+    vu normal = (a + 0x0FFFu + ((a >> 13) & 1u)) & 0xFFFFE000u;
+    vu subnormal = (vu)(((vf)a + 0.5f) - 0.5f);
+    vu r = select_(a >= 0x38800000u, normal, subnormal);
+    r = select_(a >= 0x477FF000u, SPLAT(vu, 0x7F800000u), r) | sign;     /* rounds beyond 65504: inf */
+    return (vf)select_(a > 0x7F800000u, SPLAT(vu, 0x7FC00000u), r);
 }
 
-/* Elements [start, start + n) of tensor `index` (data at w), steps first .. first + nsteps - 1.
- * mode REPLAY: P1, P2, P3 per step with c[j], d[j]; PERTURB: w += scale*z for step `first`;
- * RESTORE_UPDATE: P3 of step `first` with c[0], d[0]. */
-void mezo_apply(void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index, uint32_t first,
-                int64_t nsteps, const double *c, const double *d, double eps, double scale, int noise,
-                const float *table, int mode) {
-    enum { CHUNK = 2048 };
-    float z[CHUNK + 8];
+INLINE vf round_to(int dtype, vf x) {
+    return dtype == BF16 ? round_bf16(x) : dtype == F16 ? round_f16(x) : x;
+}
+
+/* DECAY of spec/rule.md: s - d*hi - d*lo with 12-bit hi, skipped for inf, NaN and |s| < 2^-60. */
+INLINE vf decay(vf s, float d) {
+    vu a = (vu)s & 0x7FFFFFFFu;
+    vf hi = (vf)((vu)s & 0xFFFFF000u);
+    vf lo = s - hi;
+    vf t = s - d * hi;
+    vf r = t - d * lo;
+    return (vf)select_((a >= 0x21800000u) & (a < 0x7F800000u), (vu)r, (vu)s);
+}
+
+INLINE void mulhilo(uint32_t m, vu a, vu *hi, vu *lo) {
+    vq p = __builtin_convertvector(a, vq) * (uint64_t)m;
+    *hi = __builtin_convertvector(p >> 32, vu);
+    *lo = __builtin_convertvector(p, vu);
+}
+
+/* Philox4x32-10 of 16 consecutive blocks b0 .. b0+15 (counter: block low, block high, tensor, step). */
+INLINE void philox16(uint64_t b0, uint32_t index, uint32_t t, uint32_t k0, uint32_t k1, vu c[4]) {
+    vq b = SPLAT(vq, b0);
+    for (int l = 0; l < W; l++) b[l] += (uint64_t)l;
+    c[0] = __builtin_convertvector(b, vu);
+    c[1] = __builtin_convertvector(b >> 32, vu);
+    c[2] = SPLAT(vu, index);
+    c[3] = SPLAT(vu, t);
+    for (int r = 0; r < 10; r++) {
+        vu hi0, lo0, hi1, lo1;
+        mulhilo(0xD2511F53u, c[0], &hi0, &lo0);
+        mulhilo(0xCD9E8D57u, c[2], &hi1, &lo1);
+        c[0] = hi1 ^ c[1] ^ k0;
+        c[1] = lo1;
+        c[2] = hi0 ^ c[3] ^ k1;
+        c[3] = lo0;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+}
+
+/* z of elements i0 .. i0+m-1 of step t into z[0 .. m-1]. Element 8b+q takes 16-bit half q of block b:
+ * word q/2, low half first. */
+INLINE void make_noise(float *z, uint64_t i0, int64_t m, uint32_t index, uint32_t t, uint32_t k0,
+                       uint32_t k1, int noise, const float *table) {
+    uint16_t bits[CHUNK + 8 + 8 * W] __attribute__((aligned(64)));
+    uint64_t first = i0 >> 3, last = (i0 + (uint64_t)m - 1) >> 3;
+    for (uint64_t b = first; b <= last; b += W) {
+        vu c[4];
+        philox16(b, index, t, k0, k1, c);
+        uint16_t *out = bits + 8 * (b - first);
+        for (int l = 0; l < W; l++)
+            for (int k = 0; k < 4; k++) {
+                out[8 * l + 2 * k] = (uint16_t)c[k][l];
+                out[8 * l + 2 * k + 1] = (uint16_t)(c[k][l] >> 16);
+            }
+    }
+    const uint16_t *u = bits + (i0 & 7);
+    if (noise == GAUSSIAN16)
+        for (int64_t q = 0; q < m; q++) z[q] = table[u[q]];
+    else
+        for (int64_t q = 0; q < m; q++) z[q] = u[q] < 32768 ? -1.0f : 1.0f;
+}
+
+/* One chunk of `mode` (see mezo_apply) on x[0 .. m), with m rounded up to W: the lanes past m hold
+ * zeros and are never written back. */
+INLINE void phases(int dtype, int mode, float *x, const float *z, int64_t m, float e, float e2, float sc,
+                   float c, float d) {
+    for (int64_t q = 0; q < m; q += W) {
+        vf xv, zv;
+        memcpy(&xv, x + q, sizeof xv);
+        memcpy(&zv, z + q, sizeof zv);
+        if (mode == PERTURB) {
+            xv = round_to(dtype, xv + sc * zv);
+        } else {
+            vf a = e * zv;
+            if (mode == REPLAY) {
+                xv = round_to(dtype, xv + a);              /* P1 */
+                xv = round_to(dtype, xv - e2 * zv);        /* P2 */
+            }
+            vf s = xv + a;                                 /* P3 */
+            if (d != 0.0f) s = decay(s, d);
+            xv = round_to(dtype, s - c * zv);
+        }
+        memcpy(x + q, &xv, sizeof xv);
+    }
+}
+
+INLINE void apply_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index,
+                       uint32_t first, int64_t nsteps, const double *c, const double *d, double eps,
+                       double scale, int noise, const float *table, int mode) {
+    float x[CHUNK] __attribute__((aligned(64)));
+    float z[CHUNK] __attribute__((aligned(64)));
     uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     float e = (float)eps, e2 = (float)(2.0 * eps), sc = (float)scale;
     for (int64_t base = 0; base < n; base += CHUNK) {
-        int64_t m = n - base < CHUNK ? n - base : CHUNK;
-        uint64_t i0 = start + (uint64_t)base;
+        int64_t m = n - base < CHUNK ? n - base : CHUNK, padded = (m + W - 1) / W * W;
+        for (int64_t q = 0; q < m; q++) x[q] = load(w, dtype, base + q);
+        for (int64_t q = m; q < padded; q++) x[q] = 0.0f;
         for (int64_t j = 0; j < (mode == REPLAY ? nsteps : 1); j++) {
-            uint32_t t = first + (uint32_t)j;
-            /* noise for elements i0 .. i0+m-1: whole Philox blocks of 8, cut to the range */
-            uint64_t b = i0 >> 3, last = (i0 + (uint64_t)m - 1) >> 3;
-            for (; b <= last; b++) {
-                uint32_t ctr[4] = {(uint32_t)b, (uint32_t)(b >> 32), index, t};
-                philox(ctr, k0, k1);
-                int64_t at = (int64_t)((b << 3) - i0);
-                for (int q = 0; q < 8; q++) {
-                    int64_t pos = at + q;
-                    if (pos < 0 || pos >= m) continue;
-                    uint32_t u = (ctr[q >> 1] >> (16 * (q & 1))) & 0xFFFF;
-                    z[pos] = noise == GAUSSIAN16 ? table[u] : (u < 32768 ? -1.0f : 1.0f);
-                }
-            }
-            if (mode == REPLAY) {
-                float cj = (float)c[j], dj = (float)d[j];
-                for (int64_t q = 0; q < m; q++) {
-                    float a = e * z[q];
-                    float x = rnd(dtype, load(w, dtype, base + q) + a);      /* P1 */
-                    x = rnd(dtype, x - e2 * z[q]);                           /* P2 */
-                    float s = x + a;                                         /* P3 */
-                    if (dj != 0.0f) s = decay(s, dj);
-                    store(w, dtype, base + q, s - cj * z[q]);
-                }
-            } else if (mode == PERTURB) {
-                for (int64_t q = 0; q < m; q++)
-                    store(w, dtype, base + q, load(w, dtype, base + q) + sc * z[q]);
-            } else {
-                float c0 = (float)c[0], d0 = (float)d[0];
-                for (int64_t q = 0; q < m; q++) {
-                    float s = load(w, dtype, base + q) + e * z[q];
-                    if (d0 != 0.0f) s = decay(s, d0);
-                    store(w, dtype, base + q, s - c0 * z[q]);
-                }
+            make_noise(z, start + (uint64_t)base, m, index, first + (uint32_t)j, k0, k1, noise, table);
+            for (int64_t q = m; q < padded; q++) z[q] = 0.0f;
+            float cj = (float)c[mode == REPLAY ? j : 0], dj = (float)d[mode == REPLAY ? j : 0];
+            switch (dtype) {  /* constant dtype and mode: each case compiles to its own loop */
+            case F32:
+                if (mode == REPLAY) phases(F32, REPLAY, x, z, padded, e, e2, sc, cj, dj);
+                else if (mode == PERTURB) phases(F32, PERTURB, x, z, padded, e, e2, sc, cj, dj);
+                else phases(F32, RESTORE_UPDATE, x, z, padded, e, e2, sc, cj, dj);
+                break;
+            case BF16:
+                if (mode == REPLAY) phases(BF16, REPLAY, x, z, padded, e, e2, sc, cj, dj);
+                else if (mode == PERTURB) phases(BF16, PERTURB, x, z, padded, e, e2, sc, cj, dj);
+                else phases(BF16, RESTORE_UPDATE, x, z, padded, e, e2, sc, cj, dj);
+                break;
+            default:
+                if (mode == REPLAY) phases(F16, REPLAY, x, z, padded, e, e2, sc, cj, dj);
+                else if (mode == PERTURB) phases(F16, PERTURB, x, z, padded, e, e2, sc, cj, dj);
+                else phases(F16, RESTORE_UPDATE, x, z, padded, e, e2, sc, cj, dj);
             }
         }
+        for (int64_t q = 0; q < m; q++) store(w, dtype, base + q, x[q]);
     }
+}
+
+#define ARGS void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index, uint32_t first, \
+             int64_t nsteps, const double *c, const double *d, double eps, double scale, int noise,         \
+             const float *table, int mode
+#define PASS w, dtype, n, start, seed, index, first, nsteps, c, d, eps, scale, noise, table, mode
+
+static void apply_generic(ARGS) { apply_body(PASS); }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define X86 1
+__attribute__((target("avx2"))) static void apply_avx2(ARGS) { apply_body(PASS); }
+__attribute__((target("avx512f,avx512bw"))) static void apply_avx512(ARGS) { apply_body(PASS); }
+#endif
+
+enum { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
+
+/* The widest instruction set this CPU runs the kernel with: 2 AVX-512, 1 AVX2, 0 the compiler's
+ * baseline (SSE2 on x86-64). */
+int mezo_best_isa(void) {
+#ifdef X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return AVX512;
+    if (__builtin_cpu_supports("avx2")) return AVX2;
+#endif
+    return GENERIC;
+}
+
+/* Elements [start, start + n) of tensor `index` (data at w), steps first .. first + nsteps - 1, with
+ * the instruction set `isa` (at most mezo_best_isa(); the tests run every one the CPU has).
+ * mode REPLAY: P1, P2, P3 per step with c[j], d[j]; PERTURB: w += scale*z for step `first`;
+ * RESTORE_UPDATE: P3 of step `first` with c[0], d[0]. */
+void mezo_apply(int isa, ARGS) {
+#ifdef X86
+    if (isa == AVX512) { apply_avx512(PASS); return; }
+    if (isa == AVX2) { apply_avx2(PASS); return; }
+#endif
+    (void)isa;
+    apply_generic(PASS);
 }

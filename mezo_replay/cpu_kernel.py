@@ -3,7 +3,8 @@
 Why C through ctypes: the arithmetic is a few integer and float operations per element that numpy and
 torch can only run as separate passes over memory; one C loop keeps each chunk in L1 across many steps.
 It needs no new dependency (numba would add LLVM; torch.compile would need a compiler at run time and may
-reorder what the spec fixes), and it builds with the compiler that CPython's own extensions use.
+reorder what the spec fixes), and it builds with the compiler that CPython's own extensions use. The C
+holds one source for every vector width; the widest instruction set the CPU has is picked at run time.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .rule import MezoSGD
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 NOISES = {"gaussian16": 0, "rademacher16": 1}
 REPLAY, PERTURB, RESTORE_UPDATE = 0, 1, 2
+ISAS = ("generic", "avx2", "avx512")  # the kernel's builds, narrowest first (generic: SSE2 on x86-64)
 _D = ctypes.POINTER(ctypes.c_double)
 
 
@@ -31,10 +33,14 @@ def _library() -> ctypes.CDLL | None:
         path = here / f"_cpu_kernel{suffix}"
         if path.exists():
             lib = ctypes.CDLL(str(path))
+            if not hasattr(lib, "mezo_best_isa"):  # a build of an older source: rebuild with pip install
+                return None
+            lib.mezo_best_isa.restype = ctypes.c_int
+            lib.mezo_best_isa.argtypes = []
             lib.mezo_apply.restype = None
             lib.mezo_apply.argtypes = [
-                ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32,
-                ctypes.c_uint32, ctypes.c_int64, _D, _D, ctypes.c_double, ctypes.c_double, ctypes.c_int,
+                ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
+                ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64, _D, _D, ctypes.c_double, ctypes.c_double, ctypes.c_int,
                 ctypes.POINTER(ctypes.c_float), ctypes.c_int]
             return lib
     return None
@@ -44,17 +50,32 @@ def available() -> bool:
     return _library() is not None
 
 
+@lru_cache(maxsize=1)
+def isas() -> tuple[str, ...]:
+    """The instruction sets the kernel can run with on this CPU, narrowest first; the last is used."""
+    lib = _library()
+    return ISAS[:lib.mezo_best_isa() + 1] if lib is not None else ()
+
+
 def apply_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: int, mode: int, *,
-           constants: Sequence[tuple[float, float]] = ((0.0, 0.0),), scale: float = 0.0) -> None:
-    """One call of the kernel on a contiguous CPU slice holding elements start.. of tensor `index`."""
+           constants: Sequence[tuple[float, float]] = ((0.0, 0.0),), scale: float = 0.0,
+           isa: str | None = None) -> None:
+    """One call of the kernel on a contiguous CPU slice holding elements start.. of tensor `index`.
+
+    isa: one of isas() (all give the same bits; the tests run each); None takes the widest.
+    """
     lib = _library()
     if lib is None:
         raise RuntimeError("the compiled CPU kernel is not built")
+    have = isas()
+    if isa is not None and isa not in have:
+        raise ValueError(f"this CPU runs the kernel with {', '.join(have)}, not {isa!r}")
     if w.device.type != "cpu" or not w.is_contiguous() or w.dtype not in DTYPES:
         raise ValueError("the compiled kernel takes contiguous float32/bfloat16/float16 CPU tensors")
     c = (ctypes.c_double * len(constants))(*(x for x, _ in constants))
     d = (ctypes.c_double * len(constants))(*(y for _, y in constants))
     table = gauss16_table(torch.device("cpu"))
-    lib.mezo_apply(w.data_ptr(), DTYPES[w.dtype], w.numel(), start, rule.seed, index, first_step, len(constants),
+    lib.mezo_apply(have.index(isa) if isa is not None else len(have) - 1,
+                   w.data_ptr(), DTYPES[w.dtype], w.numel(), start, rule.seed, index, first_step, len(constants),
                    c, d, rule.eps, scale, NOISES[rule.noise],
                    ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_float)), mode)

@@ -29,8 +29,8 @@ assert MODES == (triton_kernels.REPLAY, triton_kernels.PERTURB, triton_kernels.R
 
 def _kernels() -> list:
     out = []
-    if cpu_kernel.available():
-        out.append(pytest.param(("compiled", "cpu"), id="compiled"))
+    for isa in cpu_kernel.isas():  # every vector width this CPU runs, not only the one it picks
+        out.append(pytest.param((f"compiled-{isa}", "cpu"), id=f"compiled-{isa}"))
     if triton_kernels.available() and triton_kernels.interpreting():
         out.append(pytest.param(("triton", "cpu"), id="triton-interpreted"))
     if triton_kernels.available() and torch.cuda.is_available():
@@ -44,9 +44,10 @@ def kernel(request):
     name, device = request.param
 
     def apply(w, start, sgd, index, first_step, mode, *, constants=((0.0, 0.0),), decay=False, scale=0.0):
-        if name == "compiled":
+        if name.startswith("compiled-"):
             cs = constants if decay else [(c, 0.0) for c, _ in constants]
-            cpu_kernel.apply_(w, start, sgd, index, first_step, mode, constants=cs, scale=scale)
+            cpu_kernel.apply_(w, start, sgd, index, first_step, mode, constants=cs, scale=scale,
+                              isa=name.removeprefix("compiled-"))
         else:
             triton_kernels.apply_(w, start, sgd, index, first_step, mode, constants=constants, decay=decay,
                                   scale=scale, steps_per_launch=4)
@@ -101,6 +102,25 @@ def test_odd_sizes_and_offsets_replay_like_the_reference(kernel, dtype, n, start
                     grads=grads, decayed=True, start=start)
     w = bits_to_torch(bits, dtype, device)
     apply(w, start, sgd, 4, 0, cpu_kernel.REPLAY, constants=step_constants(sgd, grads), decay=True)
+    assert torch_to_bits(w, dtype).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+@pytest.mark.parametrize("eps,lr", [(16.0, 4.0), (2.0**-20, 2.0**-18), (2.0**-10, 2.0**-30)])
+def test_every_16_bit_pattern_replays_like_the_reference(kernel, dtype, eps, lr):
+    """All 65,536 bit patterns as weights (zeros, subnormals, the largest finite values, inf, NaN),
+    moved by steps that cross the roundings' edges: overflow to inf at eps = 16, subnormal ties at
+    2^-20, sub-ulp moves at 2^-10. The kernels' vector lanes round with integer formulas and f16
+    subnormals with one addition; this is where such a shortcut would part from the reference."""
+    apply, device = kernel
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    sgd = MezoSGD.create(lr=lr, eps=eps, seed=99, weight_decay=0.125)
+    grads = [rule.encode_grad(g) for g in (3.0, -0.5, 1e-3)]
+    want = R.replay(bits, dtype, seed=sgd.seed, k=1, noise_name=sgd.noise, rule=sgd.header_fields()["rule"],
+                    grads=grads, decayed=True, start=5)
+    assert (want != bits).mean() > 0.3  # the steps do move most weights: the test can fail
+    w = bits_to_torch(bits, dtype, device)
+    apply(w, 5, sgd, 1, 0, cpu_kernel.REPLAY, constants=step_constants(sgd, grads), decay=True)
     assert torch_to_bits(w, dtype).tolist() == want.tolist()
 
 
