@@ -65,22 +65,29 @@ INLINE void store(void *w, int dtype, int64_t i, float x) {
 
 INLINE vu select_(vi keep, vu a, vu b) { return ((vu)keep & a) | (~(vu)keep & b); }
 
+/* |x|'s bits, below 2^31, as signed lanes; above(a, k) is all ones where a > k (both in [0, 2^31)):
+ * the sign of k - a. A subtraction and a shift split into narrower registers where comparison
+ * operators do not (GCC turns 16-lane comparisons into scalar code under AVX2). */
+INLINE vi abs_bits(vu u) { return (vi)(u & 0x7FFFFFFFu); }
+INLINE vi above(vi a, int32_t k) { return (k - a) >> 31; }
+
 /* R_D of spec/rule.md as a value: x rounded to bf16 (nearest, ties to even; NaN -> the quiet NaN). */
 INLINE vf round_bf16(vf x) {
-    vu u = (vu)x, a = u & 0x7FFFFFFFu;
+    vu u = (vu)x;
     vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    return (vf)select_(a > 0x7F800000u, SPLAT(vu, 0x7FC00000u), r);
+    return (vf)select_(above(abs_bits(u), 0x7F800000), SPLAT(vu, 0x7FC00000u), r);
 }
 
 /* x rounded to f16 and widened back. Below 2^-14 the result is a multiple of 2^-24, and |x| + 0.5
  * (whose ulp is 2^-24) rounds to exactly that multiple, ties to even: the addition does the rounding. */
 INLINE vf round_f16(vf x) {
     vu u = (vu)x, a = u & 0x7FFFFFFFu, sign = u & 0x80000000u;
+    vi ai = (vi)a;
     vu normal = (a + 0x0FFFu + ((a >> 13) & 1u)) & 0xFFFFE000u;
     vu subnormal = (vu)(((vf)a + 0.5f) - 0.5f);
-    vu r = select_(a >= 0x38800000u, normal, subnormal);
-    r = select_(a >= 0x477FF000u, SPLAT(vu, 0x7F800000u), r) | sign;     /* rounds beyond 65504: inf */
-    return (vf)select_(a > 0x7F800000u, SPLAT(vu, 0x7FC00000u), r);
+    vu r = select_(above(ai, 0x387FFFFF), normal, subnormal);
+    r = select_(above(ai, 0x477FEFFF), SPLAT(vu, 0x7F800000u), r) | sign;     /* rounds beyond 65504: inf */
+    return (vf)select_(above(ai, 0x7F800000), SPLAT(vu, 0x7FC00000u), r);
 }
 
 INLINE vf round_to(int dtype, vf x) {
@@ -89,12 +96,12 @@ INLINE vf round_to(int dtype, vf x) {
 
 /* DECAY of spec/rule.md: s - d*hi - d*lo with 12-bit hi, skipped for inf, NaN and |s| < 2^-60. */
 INLINE vf decay(vf s, float d) {
-    vu a = (vu)s & 0x7FFFFFFFu;
+    vi a = abs_bits((vu)s);
     vf hi = (vf)((vu)s & 0xFFFFF000u);
     vf lo = s - hi;
     vf t = s - d * hi;
     vf r = t - d * lo;
-    return (vf)select_((a >= 0x21800000u) & (a < 0x7F800000u), (vu)r, (vu)s);
+    return (vf)select_(above(a, 0x217FFFFF) & ~above(a, 0x7F7FFFFF), (vu)r, (vu)s);
 }
 
 INLINE void mulhilo(uint32_t m, vu a, vu *hi, vu *lo) {

@@ -40,12 +40,18 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     constants = step_constants(sgd, grads)
 
-    def timed(backend: str, native_bf16: bool = False) -> tuple[float, torch.Tensor]:
+    def timed(backend: str, native_bf16: bool = False, isa: str | None = None) -> tuple[float, torch.Tensor]:
         set_backend(backend)
         t = w.clone().to(args.device)
-        run = (lambda x, cs: triton_kernels.apply_(x, 0, sgd, 0, 0, triton_kernels.REPLAY, constants=cs,
-                                                   native_bf16=True)) if native_bf16 else \
-              (lambda x, cs: replay_tensor_(x, sgd, 0, cs))
+        if native_bf16:
+            def run(x, cs):
+                triton_kernels.apply_(x, 0, sgd, 0, 0, triton_kernels.REPLAY, constants=cs, native_bf16=True)
+        elif isa:  # one kernel call on one thread, with this instruction set
+            def run(x, cs):
+                cpu_kernel.apply_(x, 0, sgd, 0, 0, cpu_kernel.REPLAY, constants=cs, isa=isa)
+        else:
+            def run(x, cs):
+                replay_tensor_(x, sgd, 0, cs)
         run(t[:1 << 16].clone(), constants)  # warm-up: compiles the kernels, uploads the constants
         if cuda:
             torch.cuda.synchronize()
@@ -58,7 +64,9 @@ def main() -> None:
     torch_s, t = timed("torch")
     fast = []  # (name, seconds) of the kernels, each checked byte for byte against the torch path
     if args.device == "cpu" and cpu_kernel.available():
-        fast.append(("compiled cpu", timed("compiled")))
+        fast.append((f"compiled cpu, {cpu_kernel.isas()[-1]}", timed("compiled")))
+        for isa in reversed(cpu_kernel.isas()):
+            fast.append((f"  {isa}, 1 thread", timed("compiled", isa=isa)))
     if triton_kernels.available() and (cuda or triton_kernels.interpreting()):  # interpreted: a logic check
         fast.append(("triton", timed("triton")))
         if args.dtype == "BF16" and cuda:
@@ -86,12 +94,12 @@ def main() -> None:
         sms = torch.cuda.get_device_properties(args.device).multi_processor_count
         ceiling = roofline(args.dtype, args.noise, sms=sms, clock_ghz=args.clock_ghz)[0]
         print(f"roofline (tools/roofline.py, {sms} SMs at {args.clock_ghz} GHz): {ceiling:.3e} element-steps/s")
-    print(f"{'path':<24}{'element-steps/s':>18}{'vs numpy':>10}{'vs torch':>10}{'of roofline':>13}")
-    print(f"{'numpy reference':<24}{es / ref_s:>18.3e}{1.0:>10.2f}{torch_s / ref_s:>10.2f}{'':>13}")
-    print(f"{'torch ' + args.device:<24}{es / torch_s:>18.3e}{ref_s / torch_s:>10.2f}{1.0:>10.2f}{'':>13}")
+    print(f"{'path':<26}{'element-steps/s':>18}{'vs numpy':>10}{'vs torch':>10}{'of roofline':>13}")
+    print(f"{'numpy reference':<26}{es / ref_s:>18.3e}{1.0:>10.2f}{torch_s / ref_s:>10.2f}{'':>13}")
+    print(f"{'torch ' + args.device:<26}{es / torch_s:>18.3e}{ref_s / torch_s:>10.2f}{1.0:>10.2f}{'':>13}")
     for name, (s, _) in fast:
         roof = f"{es / s / ceiling:>13.0%}" if ceiling and name.startswith("triton") else f"{'':>13}"
-        print(f"{name:<24}{es / s:>18.3e}{ref_s / s:>10.2f}{torch_s / s:>10.2f}{roof}")
+        print(f"{name:<26}{es / s:>18.3e}{ref_s / s:>10.2f}{torch_s / s:>10.2f}{roof}")
     print(f"bytes identical: every path against torch; torch against the numpy reference on the first "
           f"{n_ref} elements: {same}")
 
