@@ -193,22 +193,19 @@ INLINE void apply_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t s
             make_noise(z, start + (uint64_t)base, m, index, first + (uint32_t)j, k0, k1, noise, table);
             for (int64_t q = m; q < padded; q++) z[q] = 0.0f;
             float cj = (float)c[mode == REPLAY ? j : 0], dj = (float)d[mode == REPLAY ? j : 0];
-            switch (dtype) {  /* constant dtype and mode: each case compiles to its own loop */
-            case F32:
-                if (mode == REPLAY) phases(F32, REPLAY, x, z, padded, e, e2, sc, cj, dj);
-                else if (mode == PERTURB) phases(F32, PERTURB, x, z, padded, e, e2, sc, cj, dj);
-                else phases(F32, RESTORE_UPDATE, x, z, padded, e, e2, sc, cj, dj);
-                break;
-            case BF16:
-                if (mode == REPLAY) phases(BF16, REPLAY, x, z, padded, e, e2, sc, cj, dj);
-                else if (mode == PERTURB) phases(BF16, PERTURB, x, z, padded, e, e2, sc, cj, dj);
-                else phases(BF16, RESTORE_UPDATE, x, z, padded, e, e2, sc, cj, dj);
-                break;
-            default:
-                if (mode == REPLAY) phases(F16, REPLAY, x, z, padded, e, e2, sc, cj, dj);
-                else if (mode == PERTURB) phases(F16, PERTURB, x, z, padded, e, e2, sc, cj, dj);
-                else phases(F16, RESTORE_UPDATE, x, z, padded, e, e2, sc, cj, dj);
+#define PHASES(DT, MODE) phases(DT, MODE, x, z, padded, e, e2, sc, cj, dj)
+            switch (dtype * 3 + mode) {  /* constant dtype and mode: each case compiles to its own loop */
+            case F32 * 3 + REPLAY: PHASES(F32, REPLAY); break;
+            case F32 * 3 + PERTURB: PHASES(F32, PERTURB); break;
+            case F32 * 3 + RESTORE_UPDATE: PHASES(F32, RESTORE_UPDATE); break;
+            case BF16 * 3 + REPLAY: PHASES(BF16, REPLAY); break;
+            case BF16 * 3 + PERTURB: PHASES(BF16, PERTURB); break;
+            case BF16 * 3 + RESTORE_UPDATE: PHASES(BF16, RESTORE_UPDATE); break;
+            case F16 * 3 + REPLAY: PHASES(F16, REPLAY); break;
+            case F16 * 3 + PERTURB: PHASES(F16, PERTURB); break;
+            default: PHASES(F16, RESTORE_UPDATE);
             }
+#undef PHASES
         }
         for (int64_t q = 0; q < m; q++) store(w, dtype, base + q, x[q]);
     }
