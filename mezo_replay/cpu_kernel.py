@@ -40,8 +40,8 @@ def _library() -> ctypes.CDLL | None:
             lib.mezo_apply.restype = None
             lib.mezo_apply.argtypes = [
                 ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
-                ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64, _D, _D, ctypes.c_double, ctypes.c_double, ctypes.c_int,
-                ctypes.POINTER(ctypes.c_float), ctypes.c_int]
+                ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64, _D, _D, ctypes.c_double, ctypes.c_double,
+                ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_int]
             return lib
     return None
 
