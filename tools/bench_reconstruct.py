@@ -3,30 +3,40 @@
 
 The base is random (tensors of up to 2^23 elements, like the large matrices of a 1B-class model) and
 the trajectory synthetic: T recorded projected gradients, written with the library's own writer, with
-no final fingerprint (making one would cost a reconstruct), so the output is not hashed again.
+no final fingerprint (making one would cost a reconstruct). Instead the bytes are checked two ways, and
+the run fails (exit 1) if either differs: every timed run must write the same file, and the first
+--check-elements elements of its first tensor must equal the plain torch path's replay of them.
+
+Each size is the median of --repeats timed reconstructs after --warmup untimed ones; a warm-up
+reconstructs the first step only (it reads and writes the whole model, fills the page cache and, on CUDA,
+compiles the kernels), so that it costs little beside a long trajectory.
 
     python tools/bench_reconstruct.py --params 1.3e9 --steps 20000 --device cuda      # issue 4's target
-    python tools/bench_reconstruct.py --sweep --device cpu --plot docs/reconstruct_cpu.png
+    python tools/bench_reconstruct.py --sweep --device cpu --csv docs/reconstruct_cpu.csv --plot docs/reconstruct_cpu.png
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mezo_replay import replay
-from mezo_replay.mzt import TrajectoryWriter
-from mezo_replay.optimizer import MeZO
-from mezo_replay.rule import encode_grad
-from mezo_replay.steps import set_backend
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_timing_options, check_timing_options, flip_one_bit, header, require_same, timed  # noqa: E402
+
+from mezo_replay import replay  # noqa: E402
+from mezo_replay.mzt import TrajectoryWriter, read_trajectory  # noqa: E402
+from mezo_replay.optimizer import MeZO  # noqa: E402
+from mezo_replay.rule import MezoSGD, encode_grad  # noqa: E402
+from mezo_replay.steps import replay_tensor_, set_backend, step_constants  # noqa: E402
 
 TENSOR = 1 << 23
 
@@ -40,62 +50,111 @@ def make_inputs(folder: Path, params: int, steps: int, dtype: torch.dtype = torc
         left -= n
         i += 1
     save_file(base, str(folder / "base.safetensors"))
-    opt = MeZO([(k, v.requires_grad_(True)) for k, v in base.items()], lr=1e-6, eps=1e-3,
-               seed=1)
-    header = opt.header(record_losses=False)
+    opt = MeZO([(k, v.requires_grad_(True)) for k, v in base.items()], lr=1e-6, eps=1e-3, seed=1)
+    header_ = opt.header(record_losses=False)
     del base, opt
     rng = np.random.default_rng(0)
-    with TrajectoryWriter(folder / "traj.mzt", header, steps_per_chunk=1024) as w:
+    with TrajectoryWriter(folder / "traj.mzt", header_, steps_per_chunk=1024) as w:
         for g_ in rng.standard_normal(steps) * 10:
             w.append_step(encode_grad(float(g_)))
     return folder / "base.safetensors", folder / "traj.mzt"
 
 
-def run(params: int, steps: int, device: str, workdir: Path) -> float:
-    folder = Path(tempfile.mkdtemp(dir=workdir))
+def torch_prefix(base: Path, traj: Path, n: int) -> bytes:
+    """The first n elements of tensor 0 replayed by the plain torch path: a second path to compare with.
+    Each element's noise depends only on its index, so a prefix replays on its own."""
+    t = read_trajectory(traj)
+    rule = MezoSGD.from_header(t.header)
+    name = t.header["tensors"][0]["name"]
+    with safe_open(str(base), framework="pt") as f:
+        w = f.get_tensor(name).reshape(-1)[:n].clone()
+    set_backend("torch")
+    try:
+        replay_tensor_(w, rule, 0, step_constants(rule, t.grad_bits))
+    finally:
+        set_backend("auto")
+    return w.view(torch.uint8).numpy().tobytes()
+
+
+def run(params: int, steps: int, args: argparse.Namespace) -> tuple[list[float], int]:
+    """(timed seconds, bytes written) of one size; exits 1 if the bytes disagree."""
+    folder = Path(tempfile.mkdtemp(dir=args.workdir))
     try:
         base, traj = make_inputs(folder, params, steps)
-        if device.startswith("cuda"):  # compile the kernels and warm the allocator outside the timing
-            replay.reconstruct(replay.plan(base, traj, step=1), folder / "warm.safetensors", device=device)
-        start = time.perf_counter()
-        replay.reconstruct(replay.plan(base, traj), folder / "out.safetensors", device=device)
-        return time.perf_counter() - start
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        digests = []
+
+        def once(_: object, step: int | None = None) -> Path:
+            out = folder / "out.safetensors"
+            out.unlink(missing_ok=True)
+            replay.reconstruct(replay.plan(base, traj, step=step), out, device=args.device)
+            return out
+
+        def fingerprinted(x: object) -> Path:
+            out = once(x)
+            digests.append(hashlib.sha256(out.read_bytes()).digest())
+            return out
+
+        for _ in range(args.warmup):  # one step only: kernels compiled, allocator and page cache warm
+            once(None, step=1)
+        timing, out = timed(fingerprinted, args.repeats, 0, sync)
+        for k, d in enumerate(digests[1:], 1):
+            require_same(f"reconstruct {params:,} x {steps}, sha256 of the written file", f"run {k + 1}", d, "run 1", digests[0])
+        n = min(args.check_elements, params, TENSOR)
+        with safe_open(str(out), framework="pt") as f:
+            got = f.get_tensor("layers.0000.weight").reshape(-1)[:n].contiguous().view(torch.uint8).numpy().tobytes()
+        if args.inject_mismatch:
+            got = flip_one_bit(got)
+        require_same(f"reconstruct {params:,} x {steps}, first {n:,} elements of tensor 0",
+                     f"reconstruct ({args.backend})", got, "torch path", torch_prefix(base, traj, n))
+        return timing.samples, out.stat().st_size
     finally:
         shutil.rmtree(folder)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, default=1.3e9)
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--sweep", action="store_true", help="a grid of sizes; writes --csv and --plot")
+    ap.add_argument("--sweep", action="store_true", help="a grid of sizes (--sweep-params x --sweep-steps)")
+    ap.add_argument("--sweep-params", type=lambda s: [int(float(x)) for x in s.split(",")],
+                    help="comma-separated parameter counts (default 2^20,2^22,2^24; x16 on CUDA)")
+    ap.add_argument("--sweep-steps", type=lambda s: [int(x) for x in s.split(",")], default=[100, 400, 1600])
+    ap.add_argument("--check-elements", type=int, default=1 << 16)
     ap.add_argument("--csv", type=Path)
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
-    args = ap.parse_args()
+    add_timing_options(ap, repeats=3)
+    args = ap.parse_args(argv)
+    check_timing_options(args)
     set_backend(args.backend)
     if args.sweep:
         scale = 1 if args.device == "cpu" else 16
-        grid = [(p * scale, t) for p in (1 << 20, 1 << 22, 1 << 24) for t in (100, 400, 1600)]
+        sizes = args.sweep_params or [p * scale for p in (1 << 20, 1 << 22, 1 << 24)]
+        grid = [(p, t) for p in sizes for t in args.sweep_steps]
     else:
         grid = [(int(args.params), args.steps)]
-    print(f"device={args.device} backend={args.backend} threads={torch.get_num_threads()} {time.strftime('%Y-%m-%d')}")
-    print(f"{'params':>14}{'steps':>8}{'seconds':>10}{'element-steps/s':>18}")
+    print(header(f"reconstruct, bf16 base, synthetic trajectory, backend {args.backend}", args, args.device))
+    print(f"{'params':>14}{'steps':>8}{'median s':>10}{'element-steps/s':>18}{'output bytes':>15}  spread")
     rows = []
     for params, steps in grid:
-        seconds = run(params, steps, args.device, args.workdir)
-        rows.append((params, steps, seconds))
-        print(f"{params:>14,}{steps:>8}{seconds:>10.2f}{params * steps / seconds:>18.3e}", flush=True)
+        samples, size = run(params, steps, args)
+        med = float(np.median(samples))
+        rows.append((params, steps, med, min(samples), max(samples), len(samples)))
+        print(f"{params:>14,}{steps:>8}{med:>10.3f}{params * steps / med:>18.3e}{size:>15,}  "
+              f"{min(samples):.3g}-{max(samples):.3g} s over {len(samples)}", flush=True)
     if args.csv:
         with args.csv.open("w", newline="") as f:
-            csv.writer(f).writerows([("params", "steps", "seconds"), *rows])
+            csv.writer(f).writerows([("params", "steps", "median_seconds", "min_seconds", "max_seconds", "repeats"),
+                                     *rows])
     if args.plot:
-        plot(rows, args.plot, f"mezo-replay reconstruct, bf16, {args.device} ({time.strftime('%Y-%m-%d')})")
+        plot(rows, args.plot, f"mezo-replay reconstruct, bf16, {args.device}, median of {args.repeats} "
+                              f"({__import__('time').strftime('%Y-%m-%d')})")
 
 
-def plot(rows: list[tuple[int, int, float]], path: Path, title: str) -> None:
+def plot(rows: list[tuple], path: Path, title: str) -> None:
     try:
         import matplotlib
 
@@ -105,8 +164,8 @@ def plot(rows: list[tuple[int, int, float]], path: Path, title: str) -> None:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for steps in sorted({t for _, t, _ in rows}):
-        pts = sorted((p * t, s) for p, t, s in rows if t == steps)
+    for steps in sorted({r[1] for r in rows}):
+        pts = sorted((r[0] * r[1], r[2]) for r in rows if r[1] == steps)
         ax.loglog([x for x, _ in pts], [y for _, y in pts], "o-", label=f"{steps} steps")
     ax.set_xlabel("steps x tuned parameters (element-steps)")
     ax.set_ylabel("reconstruct time, s (read, replay, write)")

@@ -1,107 +1,128 @@
 """Replay throughput (element-steps per second) of every path on one device, measured in the same run on
-the same tensor, with their bytes compared: on the CPU the compiled kernel beside the torch path and the
-numpy reference; on CUDA the Triton kernel (and its native-bf16 variant) beside the torch path, with the
-ratio to the roofline of tools/roofline.py.
+the same tensor, with their bytes compared (the run fails, exit 1, if any two differ): on the CPU the
+compiled kernel beside the torch path and the numpy reference; on CUDA the Triton kernel (and its
+native-bf16 variant) beside the torch path, with the ratio to the roofline of tools/roofline.py.
 
-    python tools/bench_replay.py [--elements N] [--steps T] [--dtype BF16] [--device cpu|cuda]
+    python tools/bench_replay.py [--elements N] [--steps T] [--dtype BF16] [--device cpu|cuda] [--repeats 5]
+
+Every figure is the median of --repeats timed runs after --warmup untimed ones, each on a fresh copy of
+the tensor. The numpy reference is slow, so it is timed on the first --reference-elements elements and
+its rate scaled to the whole tensor: that row is marked "extrapolated". Its bytes are compared on that
+prefix only.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mezo_replay import reference as R
-from mezo_replay.rule import MezoSGD, encode_grad
-from mezo_replay import cpu_kernel, triton_kernels
-from mezo_replay.steps import replay_tensor_, set_backend, step_constants
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_timing_options, check_timing_options, flip_one_bit, header, require_same, timed  # noqa: E402
+
+from mezo_replay import cpu_kernel, triton_kernels  # noqa: E402
+from mezo_replay import reference as R  # noqa: E402
+from mezo_replay.rule import MezoSGD, encode_grad  # noqa: E402
+from mezo_replay.steps import replay_tensor_, set_backend, step_constants  # noqa: E402
 
 TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def main() -> None:
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--elements", type=int, default=1 << 20)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtype", default="BF16", choices=list(TORCH))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--noise", default="gaussian16", choices=["gaussian16", "rademacher16"])
+    ap.add_argument("--reference-elements", type=int, default=1 << 16,
+                    help="elements the numpy reference is timed and compared on (default 65536)")
     ap.add_argument("--clock-ghz", type=float, default=1.98, help="for the roofline (CUDA)")
-    args = ap.parse_args()
+    add_timing_options(ap)
+    args = ap.parse_args(argv)
+    check_timing_options(args)
     sgd = MezoSGD.create(lr=1e-6, eps=1e-3, seed=1, noise=args.noise)
     rng = np.random.default_rng(0)
     grads = [encode_grad(float(g)) for g in rng.standard_normal(args.steps)]
     w = (torch.randn(args.elements, generator=torch.Generator().manual_seed(0)) * 0.02).to(TORCH[args.dtype])
-
     cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     constants = step_constants(sgd, grads)
 
-    def timed(backend: str, native_bf16: bool = False, isa: str | None = None) -> tuple[float, torch.Tensor]:
+    def path(backend: str, native_bf16: bool = False, isa: str | None = None):
+        """(timing, result bytes) of one path: replay of every step on a fresh copy of w."""
         set_backend(backend)
-        t = w.clone().to(args.device)
         if native_bf16:
-            def run(x, cs):
-                triton_kernels.apply_(x, 0, sgd, 0, 0, triton_kernels.REPLAY, constants=cs, native_bf16=True)
+            def run(x):
+                triton_kernels.apply_(x, 0, sgd, 0, 0, triton_kernels.REPLAY, constants=constants, native_bf16=True)
+                return x
         elif isa:  # one kernel call on one thread, with this instruction set
-            def run(x, cs):
-                cpu_kernel.apply_(x, 0, sgd, 0, 0, cpu_kernel.REPLAY, constants=cs, isa=isa)
+            def run(x):
+                cpu_kernel.apply_(x, 0, sgd, 0, 0, cpu_kernel.REPLAY, constants=constants, isa=isa)
+                return x
         else:
-            def run(x, cs):
-                replay_tensor_(x, sgd, 0, cs)
-        run(t[:1 << 16].clone(), constants)  # warm-up: compiles the kernels, uploads the constants
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run(t, constants)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, t
+            def run(x):
+                replay_tensor_(x, sgd, 0, constants)
+                return x
+        timing, out = timed(run, args.repeats, args.warmup, sync, setup=lambda: w.clone().to(args.device))
+        return timing, tensor_bytes(out)
 
-    torch_s, t = timed("torch")
-    fast = []  # (name, seconds) of the kernels, each checked byte for byte against the torch path
+    rows = [("torch " + args.device, path("torch"))]
     if args.device == "cpu" and cpu_kernel.available():
-        fast.append((f"compiled cpu, {cpu_kernel.isas()[-1]}", timed("compiled")))
+        rows.append((f"compiled cpu, {cpu_kernel.isas()[-1]}", path("compiled")))
         for isa in reversed(cpu_kernel.isas()):
-            fast.append((f"  {isa}, 1 thread", timed("compiled", isa=isa)))
+            rows.append((f"  {isa}, 1 thread", path("compiled", isa=isa)))
     if triton_kernels.available() and (cuda or triton_kernels.interpreting()):  # interpreted: a logic check
-        fast.append(("triton", timed("triton")))
+        rows.append(("triton", path("triton")))
         if args.dtype == "BF16" and cuda:
-            fast.append(("triton native-bf16", timed("triton", native_bf16=True)))
-    for name, (_, out) in fast:
-        assert torch.equal(out.view(torch.uint8), t.view(torch.uint8)), f"{name} and torch disagree"
+            rows.append(("triton native-bf16", path("triton", native_bf16=True)))
+    set_backend("auto")
 
-    n_ref = min(args.elements, 1 << 16)  # the reference is slow: time it on a prefix
+    n_ref = min(args.elements, args.reference_elements)
     bits = w[:n_ref].contiguous().view(torch.int16 if args.dtype != "F32" else torch.int32).numpy()
-    bits = bits.view(R.BITS_DTYPE[args.dtype]).copy()
-    start = time.perf_counter()
-    ref = R.replay(bits, args.dtype, seed=sgd.seed, k=0, noise_name=sgd.noise, rule=sgd.header_fields()["rule"], grads=grads)
-    ref_s = (time.perf_counter() - start) * args.elements / n_ref
+    bits = bits.view(R.BITS_DTYPE[args.dtype])
+    rule = sgd.header_fields()["rule"]
+    ref_t, ref = timed(lambda b: R.replay(b, args.dtype, seed=sgd.seed, k=0, noise_name=sgd.noise, rule=rule,
+                                          grads=grads), args.repeats, args.warmup, setup=lambda: bits.copy())
+    ref_s = ref_t.median * args.elements / n_ref
+    extrapolated = n_ref < args.elements
 
-    got = t[:n_ref].cpu().contiguous().view(torch.int16 if args.dtype != "F32" else torch.int32).numpy()
-    same = bool((got.view(R.BITS_DTYPE[args.dtype]) == ref).all())
     es = args.elements * args.steps
-    print(f"device={args.device} dtype={args.dtype} elements={args.elements} steps={args.steps} "
-          f"threads={torch.get_num_threads()}")
+    print(header(f"replay {args.dtype} {args.noise}, {args.elements:,} elements x {args.steps} steps", args,
+                 args.device))
     ceiling = None
-    if cuda and fast:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if cuda and len(rows) > 1:
         from roofline import roofline
 
         sms = torch.cuda.get_device_properties(args.device).multi_processor_count
         ceiling = roofline(args.dtype, args.noise, sms=sms, clock_ghz=args.clock_ghz)[0]
-        print(f"roofline (tools/roofline.py, {sms} SMs at {args.clock_ghz} GHz): {ceiling:.3e} element-steps/s")
-    print(f"{'path':<26}{'element-steps/s':>18}{'vs numpy':>10}{'vs torch':>10}{'of roofline':>13}")
-    print(f"{'numpy reference':<26}{es / ref_s:>18.3e}{1.0:>10.2f}{torch_s / ref_s:>10.2f}{'':>13}")
-    print(f"{'torch ' + args.device:<26}{es / torch_s:>18.3e}{ref_s / torch_s:>10.2f}{1.0:>10.2f}{'':>13}")
-    for name, (s, _) in fast:
-        roof = f"{es / s / ceiling:>13.0%}" if ceiling and name.startswith("triton") else f"{'':>13}"
-        print(f"{name:<26}{es / s:>18.3e}{ref_s / s:>10.2f}{torch_s / s:>10.2f}{roof}")
-    print(f"bytes identical: every path against torch; torch against the numpy reference on the first "
-          f"{n_ref} elements: {same}")
+        print(f"roofline (derived by tools/roofline.py, {sms} SMs at {args.clock_ghz} GHz): {ceiling:.3e} element-steps/s")
+    torch_s = rows[0][1][0].median
+    print(f"{'path':<26}{'element-steps/s':>18}{'vs numpy':>10}{'vs torch':>10}{'of roofline':>13}  spread")
+    ref_name = "numpy reference" + (" *" if extrapolated else "")
+    print(f"{ref_name:<26}{es / ref_s:>18.3e}{1.0:>10.2f}{torch_s / ref_s:>10.2f}{'':>13}  {ref_t.spread()}")
+    for name, (t, _) in rows:
+        roof = f"{es / t.median / ceiling:>13.0%}" if ceiling and name.startswith("triton") else f"{'':>13}"
+        print(f"{name:<26}{es / t.median:>18.3e}{ref_s / t.median:>10.2f}{torch_s / t.median:>10.2f}{roof}  {t.spread()}")
+    if extrapolated:
+        print(f"* extrapolated: the numpy reference was timed on the first {n_ref:,} of {args.elements:,} elements "
+              f"and its rate scaled by {args.elements / n_ref:g} (not measured on the whole tensor)")
+
+    torch_bytes = rows[0][1][1]
+    for name, (_, out) in rows[1:]:
+        if args.inject_mismatch:
+            out = flip_one_bit(out)
+        require_same("replay", name.strip(), out, "torch", torch_bytes)
+    prefix = torch_bytes[:n_ref * ref.itemsize]
+    if args.inject_mismatch and len(rows) == 1:
+        prefix = flip_one_bit(prefix)
+    require_same(f"replay, first {n_ref:,} elements", "torch", prefix, "numpy reference", ref.tobytes())
 
 
 if __name__ == "__main__":

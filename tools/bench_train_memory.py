@@ -7,20 +7,29 @@ process held once the model was built: torch.cuda.max_memory_allocated on CUDA, 
 sampled every 2 ms on the CPU.
 
     python tools/bench_train_memory.py [--device cuda] [--dtype bf16] [--batch 16] [--seq 256] [--steps 3]
+
+Each figure is the median over --repeats pairs of fresh processes. --warmup steps (or forward pairs) run
+in the child before the sampling starts; the default is none, so that one-time allocations (the noise
+table, the trajectory writer, the allocator's first growth) count, as they would in a real run. Nothing
+is compared byte for byte here: inference and training do not produce comparable bytes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
-import tempfile
-import time
+from pathlib import Path
 
-SHAPES = {  # hidden, layers, heads, ffn
-    "opt-125m": (768, 12, 12, 3072),
-    "opt-350m-ish": (1024, 24, 16, 4096),
-    "opt-1.3b": (2048, 24, 32, 8192),
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_timing_options, check_timing_options, header  # noqa: E402
+
+SHAPES = {  # hidden, layers, heads, ffn, vocabulary
+    "tiny": (64, 2, 4, 128, 1024),  # for the tests that keep these scripts running
+    "opt-125m": (768, 12, 12, 3072, 50272),
+    "opt-350m-ish": (1024, 24, 16, 4096, 50272),
+    "opt-1.3b": (2048, 24, 32, 8192, 50272),
 }
 
 CHILD = r"""
@@ -28,13 +37,13 @@ import json, os, sys, tempfile, threading, time, torch, transformers as tf
 from mezo_replay import MeZO
 a = json.loads(sys.argv[1])
 torch.manual_seed(0)
-h, n, heads, ffn = a["shape"]
+h, n, heads, ffn, vocab = a["shape"]
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a["dtype"]]
-cfg = tf.OPTConfig(vocab_size=50272, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, ffn_dim=ffn,
+cfg = tf.OPTConfig(vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, ffn_dim=ffn,
                    max_position_embeddings=2048, word_embed_proj_dim=h)
 with torch.device(a["device"]):
     model = tf.OPTForCausalLM(cfg).to(dtype).eval()
-ids = torch.randint(0, 50272, (a["batch"], a["seq"]), generator=torch.Generator().manual_seed(1)).to(a["device"])
+ids = torch.randint(0, vocab, (a["batch"], a["seq"]), generator=torch.Generator().manual_seed(1)).to(a["device"])
 def loss():
     return model(input_ids=ids, labels=ids).loss.float()
 cuda = a["device"].startswith("cuda")
@@ -43,6 +52,20 @@ page = os.sysconf("SC_PAGE_SIZE")
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * page
+if a["mode"] == "inference":
+    def work(k):
+        with torch.no_grad():
+            for _ in range(2 * k):
+                loss()
+else:
+    opt = []  # made at the first step, inside the measurement unless --warmup steps come first
+    def work(k):
+        if k and not opt:
+            opt.append(MeZO(model.named_parameters(), lr=1e-6, eps=1e-3, seed=0))
+            opt[0].record(tempfile.mktemp(suffix=".mzt"))
+        for _ in range(k):
+            opt[0].step(loss)
+work(a["warmup"])
 sync()
 if cuda:
     torch.cuda.reset_peak_memory_stats()
@@ -57,16 +80,9 @@ if not cuda:
     sampler.start()
 largest = max(p.numel() * p.element_size() for p in model.parameters())
 start = time.perf_counter()
-if a["mode"] == "inference":
-    with torch.no_grad():
-        for _ in range(2 * a["steps"]):
-            loss()
-else:
-    opt = MeZO(model.named_parameters(), lr=1e-6, eps=1e-3, seed=0)
-    opt.record(tempfile.mktemp(suffix=".mzt"))
-    for _ in range(a["steps"]):
-        opt.step(loss)
-    opt.close()
+work(a["steps"])
+if a["mode"] == "mezo":
+    opt[0].close()  # the final fingerprint, as a real run ends
 sync()
 elapsed = time.perf_counter() - start
 done.set()
@@ -80,14 +96,14 @@ print(json.dumps({"peak": peak - before, "held": before, "largest": largest, "se
 
 def run(mode: str, args: argparse.Namespace) -> dict:
     spec = {"mode": mode, "shape": SHAPES[args.shape], "dtype": args.dtype, "device": args.device,
-            "batch": args.batch, "seq": args.seq, "steps": args.steps}
+            "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup}
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
     if out.returncode:
-        raise SystemExit(out.stderr)
+        raise SystemExit(f"Error: the {mode} child failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="opt-1.3b", choices=list(SHAPES))
     ap.add_argument("--device", default="cpu")
@@ -95,17 +111,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
-    args = ap.parse_args()
-    inf, mezo = run("inference", args), run("mezo", args)
+    add_timing_options(ap, repeats=3, warmup=0, compares=False)
+    args = ap.parse_args(argv)
+    check_timing_options(args)
+    pairs = [(run("inference", args), run("mezo", args)) for _ in range(args.repeats)]
+    med = {k: {f: statistics.median(p[i][f] for p in pairs) for f in ("peak", "seconds")}
+           for i, k in enumerate(("inference", "mezo"))}
+    mezo = pairs[0][1]
     gib = 2**30
-    print(f"model {args.shape} ({mezo['params'] / 1e9:.2f}B params, random init), {args.dtype}, device {args.device}, "
-          f"batch {args.batch} x {args.seq}, {args.steps} MeZO steps vs {2 * args.steps} forwards; "
-          f"{time.strftime('%Y-%m-%d')}")
+    print(header(f"peak memory, {args.shape} ({mezo['params']:,} params, random init), {args.dtype}, batch "
+                 f"{args.batch} x {args.seq}, {args.steps} MeZO steps vs {2 * args.steps} forwards, each pair in fresh "
+                 f"processes", args, args.device))
     print(f"model and process before the runs: {mezo['held'] / gib:.3f} GiB")
-    print(f"{'run':<24}{'peak above that, GiB':>22}{'seconds':>10}")
-    print(f"{'inference (baseline)':<24}{inf['peak'] / gib:>22.3f}{inf['seconds']:>10.1f}")
-    print(f"{'MeZO steps':<24}{mezo['peak'] / gib:>22.3f}{mezo['seconds']:>10.1f}")
-    print(f"MeZO - inference = {(mezo['peak'] - inf['peak']) / gib:+.3f} GiB; largest tensor {mezo['largest'] / gib:.3f} GiB")
+    print(f"{'run':<24}{'peak above that, GiB':>22}{'seconds':>10}  spread of peaks")
+    for name, key, i in (("inference (baseline)", "inference", 0), ("MeZO steps", "mezo", 1)):
+        peaks = [p[i]["peak"] / gib for p in pairs]
+        print(f"{name:<24}{med[key]['peak'] / gib:>22.3f}{med[key]['seconds']:>10.1f}  "
+              f"{min(peaks):.3f}-{max(peaks):.3f} GiB over {len(peaks)}")
+    print(f"MeZO - inference = {(med['mezo']['peak'] - med['inference']['peak']) / gib:+.3f} GiB (medians); "
+          f"largest tensor {mezo['largest'] / gib:.3f} GiB")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,114 @@
+"""The benchmark scripts in tools/ keep running: each in a tiny configuration, and each one that compares
+the bytes of two paths must fail (exit 1, one FAIL line) when they differ, which --inject-mismatch forces
+by flipping one bit of one path's result. No timing is asserted."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+sys.path.insert(0, str(TOOLS))
+
+import bench_reconstruct  # noqa: E402
+import bench_replay  # noqa: E402
+import bench_train_step  # noqa: E402
+
+
+def test_replay_runs_and_reports_medians_and_the_extrapolation(capsys):
+    bench_replay.main(["--elements", "5000", "--steps", "2", "--repeats", "2", "--reference-elements", "1000"])
+    out = capsys.readouterr().out
+    assert "median of 2 after 1 warm-up" in out
+    assert "numpy reference *" in out and "* extrapolated" in out  # timed on 1,000 of 5,000 elements
+    assert "bytes identical: replay, first 1,000 elements: torch == numpy reference" in out
+
+
+def test_replay_says_nothing_is_extrapolated_when_nothing_is(capsys):
+    bench_replay.main(["--elements", "1000", "--steps", "1", "--repeats", "1", "--warmup", "0"])
+    assert "extrapolated" not in capsys.readouterr().out
+
+
+def test_replay_mismatch_fails_the_run_in_a_subprocess():
+    """The real script as a user runs it: exit status 1 and one FAIL line naming the two paths."""
+    env = {**os.environ, "PYTHONPATH": str(TOOLS.parent)}
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_replay.py"), "--elements", "3000", "--steps", "1",
+                           "--repeats", "1", "--warmup", "0", "--inject-mismatch"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    fails = [line for line in proc.stderr.splitlines() if line.startswith("FAIL:")]
+    assert len(fails) == 1 and "differ" in fails[0] and "Traceback" not in proc.stderr
+
+
+def test_reconstruct_runs_and_checks_bytes(tmp_path, capsys):
+    csv = tmp_path / "r.csv"
+    bench_reconstruct.main(["--sweep", "--sweep-params", "70000", "--sweep-steps", "3,6", "--repeats", "2",
+                            "--csv", str(csv), "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count("run 2 == run 1") == 2 and out.count("== torch path") == 2
+    lines = csv.read_text().splitlines()
+    assert lines[0] == "params,steps,median_seconds,min_seconds,max_seconds,repeats" and len(lines) == 3
+
+
+def test_reconstruct_mismatch_fails(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_reconstruct.main(["--params", "70000", "--steps", "2", "--repeats", "1", "--warmup", "0",
+                                "--inject-mismatch", "--workdir", str(tmp_path)])
+    assert e.value.code == 1 and "FAIL: reconstruct" in capsys.readouterr().err
+
+
+def test_train_step_runs_and_mismatch_fails(capsys):
+    tiny = ["--shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch", "2", "--seq", "8",
+            "--repeats", "2"]
+    bench_train_step.main(tiny)
+    out = capsys.readouterr().out
+    assert "mezo-replay MeZO" in out and "reference MeZO" in out and "backend auto == torch path" in out
+    with pytest.raises(SystemExit) as e:
+        bench_train_step.main(tiny + ["--inject-mismatch", "--repeats", "1", "--warmup", "0"])
+    assert e.value.code == 1 and "FAIL: sha256 of the weights" in capsys.readouterr().err
+
+
+def test_gpu_check_fits_one_device_call():
+    """Its stage limits add up to less than one 10-minute call, and every stage names a script that exists."""
+    proc = subprocess.run(["bash", str(TOOLS / "gpu_check.sh")], env={**os.environ, "DRY_RUN": "1"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stages = [line for line in proc.stdout.splitlines() if line.startswith("stage ")]
+    assert len(stages) >= 8
+    for line in stages:
+        for word in line.split():
+            if word.startswith("tools/") or word.startswith("tests/"):
+                assert (TOOLS.parent / word).exists(), word
+
+
+@pytest.mark.slow
+def test_train_memory_runs(capsys):
+    import bench_train_memory
+
+    bench_train_memory.main(["--shape", "tiny", "--dtype", "fp32", "--batch", "2", "--seq", "8", "--steps", "1",
+                             "--repeats", "1"])
+    assert "MeZO - inference" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_end_to_end_runs_and_mismatch_fails(tmp_path, capsys):
+    import bench_end_to_end
+
+    bench_end_to_end.main(["--steps", "3", "--repeats", "1", "--warmup", "0", "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "trajectory   " in out and "verified by reconstruct" in out
+    with pytest.raises(SystemExit) as e:
+        bench_end_to_end.main(["--steps", "2", "--repeats", "1", "--warmup", "0", "--inject-mismatch",
+                               "--workdir", str(tmp_path)])
+    assert e.value.code == 1 and "FAIL: trajectory sha256" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_roofline_derives_a_ceiling():
+    pytest.importorskip("triton")
+    import roofline
+
+    ceiling, bounds, per = roofline.roofline("F32", "rademacher16")
+    assert ceiling == min(bounds.values()) and per > 0
