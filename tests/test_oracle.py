@@ -15,7 +15,6 @@ import copy
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
