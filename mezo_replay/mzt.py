@@ -622,15 +622,16 @@ def _filled(f: BinaryIO, fill: Callable[[BinaryIO], None], path: Path) -> None:
         raise TrajectoryWriteError(path, e, None) from e
 
 
-def create_locked(path: PathLike, fill: Callable[[BinaryIO], None], *,
-                  overwrite: bool = False) -> tuple[BinaryIO, FileLock]:
+def create_locked(path: PathLike, fill: Callable[[BinaryIO], None], *, overwrite: bool = False,
+                  replacing: FileLock | None = None) -> tuple[BinaryIO, FileLock]:
     """A new file named `path`, holding what `fill` wrote, returned open for writing and locked.
 
     `fill` writes into a temporary file beside `path`, which is then hard-linked to `path`: the link
     fails if `path` exists, so two writers starting at once cannot both win, and `path` never names a
     half-written file. With `overwrite` an existing file is replaced by a rename, but only one that no
-    one is writing (its lock is taken first). On filesystems without hard links, `path` is created
-    with O_EXCL and `fill` runs again on it (still exclusive, but a crash can leave it half-written).
+    one is writing (its lock is taken first), or the one `replacing` (a lock the caller holds on it)
+    locks. On filesystems without hard links, `path` is created with O_EXCL and `fill` runs again on it
+    (still exclusive, but a crash can leave it half-written).
     """
     path = Path(path)
     if not overwrite and os.path.lexists(path):
@@ -641,7 +642,11 @@ def create_locked(path: PathLike, fill: Callable[[BinaryIO], None], *,
     try:
         _filled(f, fill, path)
         lock = FileLock.acquire(tmp)  # before the file has its name: no one else can take it first
-        in_place = _publish(tmp, path, overwrite, fill)
+        if replacing is not None:
+            os.replace(tmp, path)  # the caller's lock keeps every other writer off the file it replaces
+            in_place = None
+        else:
+            in_place = _publish(tmp, path, overwrite, fill)
     except BaseException:
         f.close()
         if lock is not None:
