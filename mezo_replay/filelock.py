@@ -48,11 +48,12 @@ class FileBusyError(MezoReplayError):
         super().__init__(f"{path} is being written by {who}: wait for it to finish or stop it")
 
 
-def _try_lock(fd: int) -> bool:
-    """True if this call took the lock, False if another open file holds it."""
+def _try_lock(fd: int, shared: bool = False) -> bool:
+    """True if this call took the lock, False if another open file holds it (or, shared, holds it
+    exclusively). Windows has no shared locks here: there `shared` takes an exclusive one."""
     if fcntl is not None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         return True
@@ -88,7 +89,7 @@ def holder_pid(fd: int) -> int | None:
     for line in table.splitlines():
         # "1: FLOCK  ADVISORY  WRITE 4795 fe:00:2146357 0 EOF"; waiters read "1: -> FLOCK ..."
         parts = line.split()
-        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[3] == "WRITE" and parts[5] == where:
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == where:
             pid = int(parts[4]) if parts[4].isdigit() else 0
             return pid if pid > 0 else None  # 0 or -1: a holder outside this pid namespace
     return None
@@ -108,7 +109,7 @@ class FileLock:
         self.path, self._handle = path, handle  # handle: an open file, or None where nothing is locked
 
     @classmethod
-    def acquire(cls, path: PathLike) -> FileLock:
+    def acquire(cls, path: PathLike, *, shared: bool = False) -> FileLock:
         """Lock the file `path` names now. Raises FileBusyError naming the holder if another process has
         it, FileNotFoundError if there is no such file."""
         path = Path(path)
@@ -117,7 +118,7 @@ class FileLock:
             try:
                 fd = handle.fileno()
                 try:
-                    took = _try_lock(fd)
+                    took = _try_lock(fd, shared)
                 except OSError as e:
                     if e.errno not in _UNSUPPORTED:
                         raise
@@ -140,9 +141,10 @@ class FileLock:
 
     @classmethod
     def probe(cls, path: PathLike) -> FileBusyError | None:
-        """The error a writer of `path` would get now, or None if the file is free (or gone)."""
+        """The error a writer of `path` would get now, or None if the file is free (or gone). Takes a shared
+        lock for an instant, so that two probes at once do not both see the file busy."""
         try:
-            cls.acquire(path).release()
+            cls.acquire(path, shared=True).release()
         except FileBusyError as e:
             return e
         except OSError:

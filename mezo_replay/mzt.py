@@ -579,7 +579,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-_WRITE_FAILURES = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large (the file size limit)"}
+_WRITE_FAILURES = {errno.ENOSPC: "no space left on device",
+                   errno.EFBIG: "file too large (a file size limit was reached)"}
 if hasattr(errno, "EDQUOT"):
     _WRITE_FAILURES[errno.EDQUOT] = "disk quota exceeded"
 
