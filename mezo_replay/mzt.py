@@ -638,7 +638,12 @@ def create_locked(path: PathLike, fill: Callable[[BinaryIO], None], *, overwrite
     if not overwrite and os.path.lexists(path):
         raise FileLock.probe(path) or _exists_error(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    f = open(tmp, "xb", buffering=0)
+    try:
+        f = open(tmp, "xb", buffering=0)
+    except OSError as e:
+        if e.errno in _WRITE_FAILURES:  # a full directory can refuse a new name
+            raise TrajectoryWriteError(path, e, None) from e
+        raise
     lock: FileLock | None = None
     try:
         _filled(f, fill, path)
@@ -648,11 +653,13 @@ def create_locked(path: PathLike, fill: Callable[[BinaryIO], None], *, overwrite
             in_place = None
         else:
             in_place = _publish(tmp, path, overwrite, fill)
-    except BaseException:
+    except BaseException as e:
         f.close()
         if lock is not None:
             lock.release()
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in _WRITE_FAILURES:
+            raise TrajectoryWriteError(path, e, None) from e
         raise
     if in_place is not None:
         f.close()

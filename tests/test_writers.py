@@ -189,6 +189,17 @@ def test_a_refused_write_before_the_first_step(tmp_path: Path, monkeypatch) -> N
     assert read_trajectory(tmp_path / "run.mzt").steps == 0
 
 
+def test_a_full_directory_refusing_the_name(tmp_path: Path, monkeypatch) -> None:
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", full)
+    monkeypatch.setattr(mzt, "_create_in_place", lambda path, fill: full(None, path))
+    with pytest.raises(TrajectoryWriteError, match="^no space left on device while creating"):
+        TrajectoryWriter(tmp_path / "run.mzt", make_header())
+    assert leftovers(tmp_path) == []
+
+
 # --- repair ------------------------------------------------------------------------------------------
 
 def test_repair_keeps_the_valid_prefix_byte_for_byte(tmp_path: Path) -> None:
@@ -382,3 +393,4 @@ def test_repaired_file_resumes_to_the_uninterrupted_bytes(tmp_path: Path, single
     r = cli(*ARGS, "--resume", "run-repaired.mzt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run-repaired.mzt").read_bytes() == single
+
