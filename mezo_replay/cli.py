@@ -503,7 +503,7 @@ def repair(trajectory: Path, out: Path | None, in_place: bool, overwrite: bool) 
     intact file is refused, and so is one that a running `train` is writing.
 
     `train --resume` continues a repaired file (and a merely truncated one, whose torn tail it cuts off
-    itself), and ends on the same bytes as a run that was never interrupted.
+    itself), and ends on the same weights, bit for bit, as a run that was never interrupted.
 
     \b
     Example:
