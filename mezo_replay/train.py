@@ -309,7 +309,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     if cfg.resume:
         start = _resume(opt, cfg.out, cfg.flush_every)
         if start >= cfg.steps:
-            opt.close()
+            writer, opt.writer = opt.writer, None
+            writer.close()  # unlocks; writes nothing, not even a second final fingerprint
             raise MezoReplayError(f"--resume: {cfg.out} already holds {start} steps (--steps {cfg.steps})")
     else:
         start = 0

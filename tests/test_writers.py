@@ -341,6 +341,15 @@ def test_two_trains_to_one_file_at_once(tmp_path: Path, single: bytes) -> None:
 
 
 @pytest.mark.slow
+def test_resuming_a_finished_run_changes_nothing(tmp_path: Path, single: bytes) -> None:
+    """What the later of two resumes meets when the first has finished: a refusal, and not one byte added."""
+    (tmp_path / "run.mzt").write_bytes(single)
+    r = cli(*ARGS, "--resume", "run.mzt", cwd=tmp_path)
+    assert r.returncode == 1 and "already holds 12 steps" in one_error_line(r.stderr)
+    assert (tmp_path / "run.mzt").read_bytes() == single
+
+
+@pytest.mark.slow
 def test_two_resumes_of_one_file_at_once(tmp_path: Path, single: bytes) -> None:
     (tmp_path / "run.mzt").write_bytes(prefix_after(single, 8))
     runs = race(tmp_path, [*ARGS, "--resume", "run.mzt"], [*ARGS, "--resume", "run.mzt"])
