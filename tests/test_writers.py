@@ -323,7 +323,21 @@ def race(cwd: Path, *argv: list[str]) -> list[subprocess.CompletedProcess[str]]:
     procs = [subprocess.Popen([*CLI, *a], cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for a in argv]
     outs = [p.communicate(timeout=600) for p in procs]
-    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outs)]
+    done = [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outs)]
+    for cp, p in zip(done, procs):
+        cp.pid = p.pid  # type: ignore[attr-defined]
+    return done
+
+
+def check_loser(runs: list[subprocess.CompletedProcess[str]]) -> str:
+    """Exactly one run won; the other failed in one line, naming the winner if it lost to the lock."""
+    assert sorted(r.returncode for r in runs) == [0, 1], [r.stderr for r in runs]
+    winner, loser = sorted(runs, key=lambda r: r.returncode)
+    line = one_error_line(loser.stderr)
+    assert "run.mzt" in line and any(m in line for m in LOSER), line
+    if LINUX and LOSER[0] in line:
+        assert f"(pid {winner.pid})" in line, line  # type: ignore[attr-defined]
+    return line
 
 
 LOSER = ("is being written by another process", "already exists", "exists: pass --overwrite", "already holds")
@@ -331,11 +345,7 @@ LOSER = ("is being written by another process", "already exists", "exists: pass 
 
 @pytest.mark.slow
 def test_two_trains_to_one_file_at_once(tmp_path: Path, single: bytes) -> None:
-    runs = race(tmp_path, [*ARGS, "-o", "run.mzt"], [*ARGS, "-o", "run.mzt"])
-    assert sorted(r.returncode for r in runs) == [0, 1], [r.stderr for r in runs]
-    loser = next(r for r in runs if r.returncode)
-    line = one_error_line(loser.stderr)
-    assert "run.mzt" in line and any(m in line for m in LOSER), line
+    print(check_loser(race(tmp_path, [*ARGS, "-o", "run.mzt"], [*ARGS, "-o", "run.mzt"])))
     assert (tmp_path / "run.mzt").read_bytes() == single  # one whole run, not a mixture or a replacement
     assert leftovers(tmp_path) == ["run.mzt"]
 
@@ -352,10 +362,7 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path: Path, single: bytes) 
 @pytest.mark.slow
 def test_two_resumes_of_one_file_at_once(tmp_path: Path, single: bytes) -> None:
     (tmp_path / "run.mzt").write_bytes(prefix_after(single, 8))
-    runs = race(tmp_path, [*ARGS, "--resume", "run.mzt"], [*ARGS, "--resume", "run.mzt"])
-    assert sorted(r.returncode for r in runs) == [0, 1], [r.stderr for r in runs]
-    line = one_error_line(next(r for r in runs if r.returncode).stderr)
-    assert any(m in line for m in LOSER), line
+    print(check_loser(race(tmp_path, [*ARGS, "--resume", "run.mzt"], [*ARGS, "--resume", "run.mzt"])))
     assert (tmp_path / "run.mzt").read_bytes() == single
 
 
