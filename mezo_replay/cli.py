@@ -129,7 +129,9 @@ def _label_words(value: str | None) -> dict[str, str] | None:
               show_default=True, help="Trajectory file to write.")
 @click.option("--resume", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Continue this trajectory: its steps are replayed onto the base, checked, and training "
-                   "goes on to --steps. Settings must match the original run.")
+                   "goes on to --steps. Settings must match the original run. A torn last chunk (a crash, a "
+                   "full disk) is cut off; a corrupt file is refused: `mezo-replay repair` keeps its valid "
+                   "steps.")
 @click.option("--steps", type=click.IntRange(1, 2**32 - 1), help="Total MeZO steps. [default: embedded setting]")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
 @click.option("--eps", type=click.FloatRange(min=0, min_open=True), help="Perturbation scale.")
@@ -480,3 +482,46 @@ def ls(repo: str, as_json: bool) -> None:
         else:
             mark = "" if r["complete"] else "  (incomplete)"
             click.echo(f"{r['path']:<{width}}  {r['steps']:>9,}  {r['file_bytes']:>10,}  {r['base']}{mark}")
+
+
+# --- repair --------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("trajectory", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False),
+              help="Where the repaired copy goes.  [default: NAME-repaired.mzt beside TRAJECTORY]")
+@click.option("--in-place", is_flag=True, help="Replace TRAJECTORY itself (by a rename, never half-written) "
+              "instead of writing a copy; the dropped bytes are then gone.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+def repair(trajectory: Path, out: Path | None, in_place: bool, overwrite: bool) -> None:
+    """Keep the longest valid prefix of a damaged trajectory (.mzt).
+
+    A crash, a full disk or a bad copy can leave a trajectory cut short or with a corrupt chunk. Every
+    chunk is checksummed, so the chunks before the first bad one are exactly what training wrote:
+    repair copies them byte for byte to OUT, drops the rest, and says how many steps it kept. The copy
+    is written beside OUT and renamed into place. TRAJECTORY is left as it is unless --in-place. An
+    intact file is refused, and so is one that a running `train` is writing.
+
+    `train --resume` continues a repaired file (and a merely truncated one, whose torn tail it cuts off
+    itself), and ends on the same weights, bit for bit, as a run that was never interrupted.
+
+    \b
+    Example:
+      mezo-replay repair run.mzt                 # writes run-repaired.mzt
+      mezo-replay train --resume run-repaired.mzt --steps 1000   # with the original options
+    """
+    from .repair import repair as run
+
+    if in_place and out is not None:
+        _fail("give -o or --in-place, not both")
+    with _user_errors():
+        r = run(trajectory, out, in_place=in_place, overwrite=overwrite)
+    click.echo(f"repaired {trajectory}{'' if in_place else f' -> {r.out}'}: kept {r.steps:,} steps "
+               f"({r.kept_bytes:,} of {r.file_bytes:,} bytes); dropped {r.dropped_bytes:,} bytes: {r.damage}")
+    if r.verifiable:
+        click.echo(f"it ends with the fingerprint of step {r.steps}: rebuilds from it are verified")
+    else:
+        done = f" (verifiable checkpoints: steps {', '.join(map(str, r.fingerprint_steps))})" \
+            if r.fingerprint_steps else ""
+        click.echo(f"it has no fingerprint after step {r.steps}{done}: continue it with "
+                   f"`mezo-replay train --resume {shlex.quote(str(r.out))}` and the original options")

@@ -8,6 +8,7 @@ JSON nesting is bounded before parsing, and nothing is ever unpickled.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -17,12 +18,14 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Callable, Union
 
 import numpy as np
 import zstandard
 
-from .errors import CorruptChunkError, LimitError, OutputExistsError, TrajectoryError, UnsupportedError
+from .errors import (CorruptChunkError, LimitError, MezoReplayError, OutputExistsError, TrajectoryError,
+                     UnsupportedError)
+from .filelock import FileLock
 from .fingerprint import SHA256_HEX, base_fingerprint
 from .rule import MezoSGD
 
@@ -576,8 +579,154 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_WRITE_FAILURES = {errno.ENOSPC: "no space left on device",
+                   errno.EFBIG: "file too large (a file size limit was reached)"}
+if hasattr(errno, "EDQUOT"):
+    _WRITE_FAILURES[errno.EDQUOT] = "disk quota exceeded"
+
+
+class TrajectoryWriteError(MezoReplayError):
+    """The system refused a write (disk full, quota, file size limit, I/O error). The writer stops and cuts
+    the file back to its last complete chunk, so the file holds exactly the steps written before, and a
+    resume continues it."""
+
+    def __init__(self, path: Path, cause: OSError, steps: int | None) -> None:
+        self.path, self.cause, self.steps = path, cause, steps
+        reason = _WRITE_FAILURES.get(cause.errno or 0) or f"{cause.strerror or cause} (errno {cause.errno})"
+        if steps is None:
+            message = f"{reason} while creating {path}: nothing was written"
+        elif steps == 0:
+            message = (f"{reason} while writing {path} before its first step was recorded: free some space and "
+                       f"start again with --overwrite")
+        else:
+            message = (f"{reason} while writing {path} after step {steps}: the file holds its first {steps} steps, "
+                       f"intact, and `mezo-replay train --resume {path}` with the same options continues it "
+                       f"exactly")
+        super().__init__(message)
+
+
+def _write_all(f: BinaryIO, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view) or 0:]  # an unbuffered file may write less than asked
+
+
+def _exists_error(path: Path) -> OutputExistsError:
+    return OutputExistsError(f"{path} already exists: pass --overwrite to replace it")
+
+
+def _filled(f: BinaryIO, fill: Callable[[BinaryIO], None], path: Path) -> None:
+    try:
+        fill(f)
+        os.fsync(f.fileno())
+    except OSError as e:
+        raise TrajectoryWriteError(path, e, None) from e
+
+
+def create_locked(path: PathLike, fill: Callable[[BinaryIO], None], *, overwrite: bool = False,
+                  replacing: FileLock | None = None) -> tuple[BinaryIO, FileLock]:
+    """A new file named `path`, holding what `fill` wrote, returned open for writing and locked.
+
+    `fill` writes into a temporary file beside `path`, which is then hard-linked to `path`: the link
+    fails if `path` exists, so two writers starting at once cannot both win, and `path` never names a
+    half-written file. With `overwrite` an existing file is replaced by a rename, but only one that no
+    one is writing (its lock is taken first), or the one `replacing` (a lock the caller holds on it)
+    locks. On filesystems without hard links, `path` is created with O_EXCL and `fill` runs again on it
+    (still exclusive, but a crash can leave it half-written).
+    """
+    path = Path(path)
+    if not overwrite and os.path.lexists(path):
+        raise FileLock.probe(path) or _exists_error(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        f = open(tmp, "xb", buffering=0)
+    except OSError as e:
+        if e.errno in _WRITE_FAILURES:  # a full directory can refuse a new name
+            raise TrajectoryWriteError(path, e, None) from e
+        raise
+    lock: FileLock | None = None
+    try:
+        _filled(f, fill, path)
+        lock = FileLock.acquire(tmp)  # before the file has its name: no one else can take it first
+        if replacing is not None:
+            os.replace(tmp, path)  # the caller's lock keeps every other writer off the file it replaces
+            in_place = None
+        else:
+            in_place = _publish(tmp, path, overwrite, fill)
+    except BaseException as e:
+        f.close()
+        if lock is not None:
+            lock.release()
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in _WRITE_FAILURES:
+            raise TrajectoryWriteError(path, e, None) from e
+        raise
+    if in_place is not None:
+        f.close()
+        lock.release()
+        tmp.unlink(missing_ok=True)
+        f, lock = in_place
+    _fsync_dir(path.absolute().parent)
+    lock.path = path
+    return f, lock
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool,
+             fill: Callable[[BinaryIO], None]) -> tuple[BinaryIO, FileLock] | None:
+    """Give the (locked) file `tmp` the name `path`; the file and lock to use instead if that could
+    only be done by writing `path` itself."""
+    for _ in range(8):
+        if overwrite and os.path.lexists(path):
+            try:
+                old = FileLock.acquire(path) if os.path.isfile(path) else None
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            try:
+                os.replace(tmp, path)
+            finally:
+                if old is not None:
+                    old.release()
+            return None
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            if not overwrite:
+                raise FileLock.probe(path) or _exists_error(path) from None
+            continue  # another writer created it meanwhile: replace it, unless it is still writing
+        except OSError:
+            return _create_in_place(path, fill)  # this filesystem has no hard links
+        tmp.unlink()
+        return None
+    raise FileLock.probe(path) or _exists_error(path)
+
+
+def _create_in_place(path: Path, fill: Callable[[BinaryIO], None]) -> tuple[BinaryIO, FileLock]:
+    try:
+        f = open(path, "xb", buffering=0)
+    except FileExistsError:
+        raise FileLock.probe(path) or _exists_error(path) from None
+    try:
+        lock = FileLock.acquire(path)
+        try:
+            _filled(f, fill, path)
+        except BaseException:
+            lock.release()
+            raise
+    except BaseException:
+        f.close()
+        path.unlink(missing_ok=True)  # ours, and half-written
+        raise
+    return f, lock
+
+
 class TrajectoryWriter:
-    """Appends steps to a `.mzt` file; every flush leaves a complete, fsynced, readable file."""
+    """Appends steps to a `.mzt` file; every flush leaves a complete, fsynced, readable file.
+
+    From creation (or open_append) to close the writer holds the file's lock, so a second writer of
+    the same file, here or in another process, fails at once with FileBusyError. If the system refuses
+    a write (disk full, ...), the writer cuts the file back to its last complete chunk, stops, and
+    raises TrajectoryWriteError, again on every later call that would write.
+    """
 
     def __init__(self, path: PathLike, header: dict, *, overwrite: bool = False, steps_per_chunk: int = 256):
         self._check_steps_per_chunk(steps_per_chunk)
@@ -597,30 +746,19 @@ class TrajectoryWriter:
         except ValueError as e:
             raise TrajectoryError(f"the header is not valid JSON: {e}") from None
         head = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0) + self._chunk(b"HEAD", data)
-        if not overwrite and os.path.lexists(path):
-            raise OutputExistsError(f"{path} already exists: pass --overwrite to replace it")
-        # Written beside the target and renamed over it, so `path` is never a half-written file.
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        f = open(tmp, "xb")
-        try:
-            f.write(head)
-            f.flush()
-            os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            f.close()
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.absolute().parent)
-        self._setup(path, f, header, 0, steps_per_chunk)
+        f, lock = create_locked(path, lambda f: _write_all(f, head), overwrite=overwrite)
+        self._setup(path, f, lock, header, 0, steps_per_chunk, len(head))
 
     @staticmethod
     def _check_steps_per_chunk(steps_per_chunk: int) -> None:
         if not 1 <= steps_per_chunk <= MAX_STEPS_PER_CHUNK:
             raise ValueError(f"steps_per_chunk must be in 1..{MAX_STEPS_PER_CHUNK}, not {steps_per_chunk}")
 
-    def _setup(self, path: Path, f: BinaryIO, header: dict, steps: int, steps_per_chunk: int) -> None:
-        self.path, self._file, self._spc = path, f, steps_per_chunk
+    def _setup(self, path: Path, f: BinaryIO, lock: FileLock, header: dict, steps: int, steps_per_chunk: int,
+               end: int) -> None:
+        self.path, self._file, self._lock, self._spc = path, f, lock, steps_per_chunk
+        self._end = end  # where the last complete chunk ends: what a failed write is cut back to
+        self._failure: TrajectoryWriteError | None = None
         self._has_losses = bool(header["records"]["losses"])
         self._n_tensors = len(header["tensors"])
         self._rule = MezoSGD.from_header(header)
@@ -632,21 +770,34 @@ class TrajectoryWriter:
             self._cctx = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True)
 
     @classmethod
-    def open_append(cls, path: PathLike, *, steps_per_chunk: int = 256) -> "TrajectoryWriter":
-        """Continue a trajectory (resume): a torn trailing chunk is cut off, a corrupt file is refused."""
+    def open_append(cls, path: PathLike, *, steps_per_chunk: int = 256,
+                    lock: FileLock | None = None) -> "TrajectoryWriter":
+        """Continue a trajectory (resume): a torn trailing chunk is cut off, a corrupt file is refused.
+
+        Takes the file's lock before reading it (FileBusyError if another writer holds it), or uses
+        `lock`, one the caller already holds on this file. The writer owns the lock once this returns;
+        if it raises, a lock passed in is still the caller's to release."""
         cls._check_steps_per_chunk(steps_per_chunk)
-        traj = read_trajectory(path, strict=True)
-        f = open(traj.path, "ab")
+        held = lock if lock is not None else FileLock.acquire(path)
         try:
-            if traj.valid_bytes < os.fstat(f.fileno()).st_size:
-                f.truncate(traj.valid_bytes)
-                f.flush()
-                os.fsync(f.fileno())
+            traj = read_trajectory(path, strict=True)
+            f = open(traj.path, "ab", buffering=0)
+            try:
+                if traj.valid_bytes < os.fstat(f.fileno()).st_size:
+                    f.truncate(traj.valid_bytes)
+                    os.fsync(f.fileno())
+            except OSError as e:
+                f.close()
+                raise TrajectoryWriteError(traj.path, e, traj.steps) from e
+            except BaseException:
+                f.close()
+                raise
         except BaseException:
-            f.close()
+            if lock is None:
+                held.release()
             raise
         writer = cls.__new__(cls)
-        writer._setup(traj.path, f, traj.header, traj.steps, steps_per_chunk)
+        writer._setup(traj.path, f, held, traj.header, traj.steps, steps_per_chunk, traj.valid_bytes)
         return writer
 
     @property
@@ -663,24 +814,45 @@ class TrajectoryWriter:
             raise LimitError(f"a {ctype.decode()} chunk compresses to {len(payload)} bytes, over {MAX_CHUNK_BYTES}")
         return CHUNK_HEAD.pack(len(payload), ctype, zlib.crc32(payload, zlib.crc32(ctype))) + payload
 
-    def _write(self, data: bytes) -> None:
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise self._failure
         if self._file is None:
             raise ValueError(f"the writer of {self.path} is closed")
+
+    def _write(self, data: bytes) -> None:
+        self._check_open()
+        assert self._file is not None
         try:
-            self._file.write(data)
-            self._file.flush()
+            _write_all(self._file, data)
             os.fsync(self._file.fileno())
-        except BaseException:
-            # A partial write may have left a torn chunk: appending after it would corrupt the file,
-            # so stop here; open_append() cuts the torn bytes off.
-            self._file.close()
-            self._file = None
+        except BaseException as e:
+            self._abandon()
+            if isinstance(e, OSError):
+                self._failure = TrajectoryWriteError(self.path, e, self._flushed)
+                raise self._failure from e
             raise
+        self._end += len(data)
+
+    def _abandon(self) -> None:
+        """After a failed or interrupted write: cut the torn bytes off, so the file ends on a complete
+        chunk (if even that fails, readers and open_append treat the tail as a torn write), then close
+        and unlock. Appending after torn bytes would corrupt the file, so the writer stops here."""
+        f, self._file = self._file, None
+        if f is None:
+            return
+        try:
+            f.truncate(self._end)
+            os.fsync(f.fileno())
+        except OSError:
+            pass
+        finally:
+            f.close()
+            self._lock.release()
 
     def append_step(self, grad_bits: int, loss: float | None = None) -> None:
         """Record one step; buffered, and written out every steps_per_chunk steps."""
-        if self._file is None:
-            raise ValueError(f"the writer of {self.path} is closed")
+        self._check_open()
         if isinstance(grad_bits, bool) or not isinstance(grad_bits, (int, np.integer)) or not 0 <= grad_bits <= 0xFFFF:
             raise ValueError(f"grad_bits must be a bfloat16 bit pattern in 0..65535, not {grad_bits!r}")
         if (loss is None) == self._has_losses:
@@ -739,7 +911,7 @@ class TrajectoryWriter:
         self._write(self._chunk(b"FPRT", _json_dumps({"step": self.steps, "tensors": list(tensor_fps)})))
 
     def close(self) -> None:
-        """Flush and close; closing twice is harmless."""
+        """Flush, close and unlock; closing twice, or after a failed write, is harmless."""
         if self._file is None:
             return
         try:
@@ -748,6 +920,7 @@ class TrajectoryWriter:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+                self._lock.release()
 
     def __enter__(self) -> "TrajectoryWriter":
         return self

@@ -27,7 +27,8 @@ from typing import IO, Any
 import torch
 
 from .data import Batch, DataError, batch_order
-from .errors import MezoReplayError
+from .errors import CorruptChunkError, MezoReplayError
+from .filelock import FileLock
 from .fingerprint import DTYPE_NAMES
 from .hub import resolve_model
 from .mzt import TrajectoryWriter, read_trajectory
@@ -166,6 +167,22 @@ def new_tensors(opt: MeZO, base: Path, allowed: bool) -> list[str]:
 
 
 def _resume(opt: MeZO, path: Path, flush_every: int) -> int:
+    """Holds the file's writer lock from before reading it until the run ends, so a second writer (another
+    --resume, a train --overwrite) fails at once instead of interleaving chunks; points a damaged file to
+    `mezo-replay repair`."""
+    lock = FileLock.acquire(path)
+    try:
+        return _resume_locked(opt, path, flush_every, lock)
+    except CorruptChunkError as e:
+        lock.release()
+        raise MezoReplayError(f"--resume: {e}; `mezo-replay repair {path}` copies them to a new file that "
+                              f"--resume continues") from None
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _resume_locked(opt: MeZO, path: Path, flush_every: int, lock: FileLock) -> int:
     """Replays the trajectory's steps onto the optimizer's (base) weights, checks them, and reopens the
     file for appending. Refuses a trajectory from another base or other settings."""
     traj = read_trajectory(path)
@@ -190,7 +207,7 @@ def _resume(opt: MeZO, path: Path, flush_every: int) -> int:
     expected = traj.fingerprints.get(n)
     if expected is not None and expected != opt.fingerprints():
         raise MezoReplayError(f"--resume: replaying {path} does not reproduce its fingerprint at step {n}")
-    opt.attach(TrajectoryWriter.open_append(path, steps_per_chunk=flush_every), n)
+    opt.attach(TrajectoryWriter.open_append(path, steps_per_chunk=flush_every, lock=lock), n)
     return n
 
 
@@ -262,6 +279,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
         raise MezoReplayError(f"--resume {cfg.out}: no such file")
     if not cfg.resume and cfg.out.exists() and not cfg.overwrite:
         raise MezoReplayError(f"{cfg.out} exists: pass --overwrite to replace it, or --resume to continue it")
+    if cfg.out.exists() and (busy := FileLock.probe(cfg.out)) is not None:
+        raise busy  # another process is writing it: fail before loading anything
     if not cfg.train_examples:
         raise DataError("the training set is empty")
     check_objective(cfg.task, cfg.objective)
@@ -290,7 +309,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     if cfg.resume:
         start = _resume(opt, cfg.out, cfg.flush_every)
         if start >= cfg.steps:
-            opt.close()
+            writer, opt.writer = opt.writer, None
+            writer.close()  # unlocks; writes nothing, not even a second final fingerprint
             raise MezoReplayError(f"--resume: {cfg.out} already holds {start} steps (--steps {cfg.steps})")
     else:
         start = 0
