@@ -310,7 +310,11 @@ def test_coefficient_over_2_100_refused(tmp_path: Path) -> None:
 def test_loss_and_fprt_must_follow_their_steps(tmp_path: Path) -> None:
     loss = chunk(b"loss", zframe(struct.pack("<II", 0, 2) + bytes(8)))
     path = crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [1]), loss)
-    with pytest.raises(CorruptChunkError, match="covers steps up to 2, but only 1"):
+    with pytest.raises(CorruptChunkError, match="covers steps 0..1, but only 1 are recorded"):
+        read_trajectory(path)
+    overlap = chunk(b"loss", zframe(struct.pack("<II", 0, 1) + bytes(4)))
+    path = crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [1, 2]), overlap, overlap)
+    with pytest.raises(CorruptChunkError, match=r"chunk 3 \(loss\).*steps before 1 already have losses"):
         read_trajectory(path)
     fprt = chunk(b"FPRT", zframe(json.dumps({"step": 2, "tensors": FINAL}).encode()))
     path = crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [1]), fprt)
