@@ -143,6 +143,8 @@ def _check_tensors(tensors: object) -> tuple[list[str], list[str]]:
             raise TrajectoryError(f"{where} ({name!r}) sha256 is not 64 lowercase hex digits")
         if not isinstance(t.get("init", False), bool):
             raise TrajectoryError(f"{where} ({name!r}) init must be a boolean")
+        if not isinstance(t.get("decay", False), bool):  # also without a weight decay, where it does nothing
+            raise TrajectoryError(f"{where} ({name!r}) decay must be a boolean")
         names.append(name)
         fps.append(sha)
         previous = raw

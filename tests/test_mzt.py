@@ -464,6 +464,9 @@ BAD_HEADERS = [
     ("rule.weight_decay", -0.1, TrajectoryError, "weight_decay must be in"),
     ("rule.weight_decay", 0.1, TrajectoryError, "24 significant bits"),
     ("rule.weight_decay", 0.25, TrajectoryError, "needs a boolean 'decay'"),
+    ("tensors.0.decay", "yes", TrajectoryError, "decay must be a boolean"),
+    ("tensors.0.init", 1, TrajectoryError, "init must be a boolean"),
+    ("rule.schedule", {"name": "constant", "warmup_steps": 10}, TrajectoryError, "warmup_steps"),
     ("rule.schedule", {"name": "constant", "warmup": 10}, UnsupportedError, "schedule"),
     ("rule.grad_encoding", "f32", UnsupportedError, "grad_encoding 'f32'"),
     ("generator.name", "mt19937", UnsupportedError, "unknown generator 'mt19937'"),
@@ -506,6 +509,7 @@ def test_good_header_variants() -> None:
     header["rule"].update(eps=1, lr=2.0**100)  # integers are numbers too
     header["tensors"][0]["shape"] = []
     header["generator"]["seed"] = "0"
+    header["tensors"][1]["decay"] = True  # allowed without a weight decay, and does nothing
     header["tensors"].insert(0, {"name": "Z", "dtype": "F16", "shape": [0], "sha256": FPS[0]})  # 'Z' < 'a'
     rebase(header)
     validate_header(header)
