@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import resource
 import struct
 import sys
 import tempfile
@@ -151,19 +152,21 @@ def _mutate_json_text(rng: random.Random, text: bytes) -> bytes:
     return bytes(b)
 
 
-def _mutate_json_value(rng: random.Random, obj: object) -> object:
-    """Replace one value somewhere in obj (or add a key) with an atom chosen to hurt."""
+def _mutate_json_value(rng: random.Random, obj: object, grow: bool = True) -> object:
+    """Replace one value somewhere in obj (or add a key) with an atom chosen to hurt; with grow, a list
+    may also be lengthened (only for small payloads: repeated growth would make the fuzzer, not the
+    reader, allocate gigabytes)."""
     if isinstance(obj, dict) and obj and rng.random() < 0.8:
         k = rng.choice(list(obj))
         if rng.random() < 0.3:
             obj[k] = rng.choice(JSON_ATOMS)
         else:
-            obj[k] = _mutate_json_value(rng, obj[k])
+            obj[k] = _mutate_json_value(rng, obj[k], grow)
         return obj
     if isinstance(obj, list) and obj and rng.random() < 0.8:
         i = rng.randrange(len(obj))
-        obj[i] = _mutate_json_value(rng, obj[i]) if rng.random() < 0.7 else rng.choice(JSON_ATOMS)
-        if rng.random() < 0.1:
+        obj[i] = _mutate_json_value(rng, obj[i], grow) if rng.random() < 0.7 else rng.choice(JSON_ATOMS)
+        if grow and rng.random() < 0.1:
             obj.extend([obj[i]] * rng.choice([1, 100, 10_000]))
         return obj
     if isinstance(obj, dict) and rng.random() < 0.5:
@@ -217,7 +220,7 @@ def mutate_deep(rng: random.Random, data: bytes) -> bytes:
             else:
                 try:
                     obj = json.loads(raw)
-                    raw = json.dumps(_mutate_json_value(rng, obj), ensure_ascii=rng.random() < 0.5).encode(
+                    raw = json.dumps(_mutate_json_value(rng, obj, len(raw) < 8192), ensure_ascii=rng.random() < 0.5).encode(
                         "utf-8", "surrogatepass")
                 except ValueError:
                     raw = _mutate_json_text(rng, raw)
@@ -254,6 +257,7 @@ class Stats:
     outcomes: collections.Counter = field(default_factory=collections.Counter)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (saved path or "", description)
     slowest: tuple[float, int] = (0.0, 0)  # (seconds, mutant bytes)
+    rss_growth: tuple[int, int, bytes] = (0, 0, b"")  # (largest rise of peak RSS in one case, KiB; bytes; mutant)
 
     @property
     def rate(self) -> float:
@@ -261,7 +265,8 @@ class Stats:
 
     def report(self, top: int = 40) -> str:
         lines = [f"{self.cases} cases in {self.seconds:.1f} s: {self.rate:.0f} cases/s; slowest case "
-                 f"{self.slowest[0] * 1e3:.1f} ms ({self.slowest[1]} bytes); {len(self.failures)} failures"]
+                 f"{self.slowest[0] * 1e3:.1f} ms ({self.slowest[1]} bytes); largest rise of peak RSS in one case "
+                 f"{self.rss_growth[0] / 1024:.1f} MiB ({self.rss_growth[1]} bytes); {len(self.failures)} failures"]
         for name, n in self.outcomes.most_common(top):
             lines.append(f"{n:8d}  {name}")
         if len(self.outcomes) > top:
@@ -309,7 +314,7 @@ def fuzz(corpus: list[bytes], *, seconds: float, seed: int = 0, max_cases: int |
                 else:
                     mutant, only = mutate_raw(rng, mutant, corpus)
                     bytes_only &= only
-            t0 = time.perf_counter()
+            t0, rss0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             try:
                 name = check_one(mutant, original, path, not bytes_only, rng.random() < 0.5, expect)
             except AssertionError as e:
@@ -321,6 +326,9 @@ def fuzz(corpus: list[bytes], *, seconds: float, seed: int = 0, max_cases: int |
                     Path(saved).write_bytes(mutant)
                 stats.failures.append((saved, str(e)[:200]))
             dt = time.perf_counter() - t0
+            rise = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+            if rise > stats.rss_growth[0]:
+                stats.rss_growth = (rise, len(mutant), mutant)
             if dt > stats.slowest[0]:
                 stats.slowest = (dt, len(mutant))
             stats.outcomes[name] += 1
@@ -421,6 +429,9 @@ def main() -> None:
         return
     stats = fuzz(load_corpus(args.corpus), seconds=args.seconds, seed=args.seed, crashes=args.crashes)
     print(stats.report())
+    if stats.rss_growth[2]:
+        args.crashes.mkdir(parents=True, exist_ok=True)
+        (args.crashes / "largest-rss-rise.mzt").write_bytes(stats.rss_growth[2])
     sys.exit(1 if stats.failures else 0)
 
 
