@@ -347,15 +347,37 @@ def _encode_steps(first: int, bits: np.ndarray) -> bytes:
         (bits & 0xFF).astype(np.uint8).tobytes()
 
 
-def _encode_losses(first: int, values: np.ndarray) -> bytes:
+LOSS_CHUNK = b"lsbf"  # the chunk type the writer records losses in (format.md `lsbf`; `loss` is still read)
+_LOSS_WIDTH = {"loss": 4, "lsbf": 2}  # bytes per value: binary32, bfloat16
+
+
+def _encode_losses_f32(first: int, values: np.ndarray) -> bytes:
+    """A `loss` payload: binary32 values in four byte planes (what files before `lsbf` hold)."""
     u = values.astype(np.float32).view(np.uint32)
     return struct.pack("<II", first, u.size) + b"".join((u >> s).astype(np.uint8).tobytes() for s in (24, 16, 8, 0))
 
 
-def decode_losses(payload: bytes) -> tuple[int, np.ndarray]:
-    """A loss payload (format.md `loss`) -> (first_step, float32 values)."""
-    first, planes = _counted(payload, 4)
+def losses_to_bf16(values: np.ndarray) -> np.ndarray:
+    """Round binary32 values to bfloat16 bit patterns, to nearest, ties to even (rule.md R_D for BF16);
+    every NaN becomes 0x7FC0. Losses are noisy batch measurements: 8 significant bits keep them to 0.2%."""
+    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values.astype(np.float32)), np.uint16(0x7FC0), bits)
+
+
+def _encode_losses(first: int, values: np.ndarray) -> bytes:
+    """A LOSS_CHUNK (`lsbf`) payload: bfloat16 values in two byte planes, like the STEP records."""
+    bits = losses_to_bf16(values)
+    return struct.pack("<II", first, bits.size) + (bits >> 8).astype(np.uint8).tobytes() + \
+        (bits & 0xFF).astype(np.uint8).tobytes()
+
+
+def decode_losses(payload: bytes, ctype: str = "loss") -> tuple[int, np.ndarray]:
+    """A `loss` or `lsbf` payload (format.md) -> (first_step, float32 values)."""
+    first, planes = _counted(payload, _LOSS_WIDTH[ctype])
     u = planes.astype(np.uint32)
+    if ctype == "lsbf":
+        return first, ((u[0] << 24) | (u[1] << 16)).view(np.float32)
     return first, (u[0] << 24 | u[1] << 16 | u[2] << 8 | u[3]).view(np.float32)
 
 
@@ -448,7 +470,7 @@ class Trajectory:
     path: Path
     header: dict
     grad_bits: np.ndarray               # uint16, one per step
-    losses: np.ndarray | None           # float32, NaN where no loss chunk covered the step
+    losses: np.ndarray | None           # float32 (bfloat16 values from lsbf), NaN where none was recorded
     fingerprints: dict[int, list[str]]  # step -> tensor fingerprints
     truncated: bool                     # the file ends inside a chunk (a torn write)
     corrupt: CorruptInfo | None         # only with strict=False
@@ -458,7 +480,7 @@ class Trajectory:
     evals: list[dict] = field(default_factory=list)  # {"step", "split", "metrics"} in file order
     # tensor index -> initial bytes of a new tensor (a read-only view when one INIT chunk held them all)
     inits: dict[int, bytes | memoryview] = field(default_factory=dict)
-    loss_bytes: int = 0                 # 12-byte heads + payloads of all loss chunks
+    loss_bytes: int = 0                 # 12-byte heads + payloads of all loss and lsbf chunks
 
     @property
     def steps(self) -> int:
@@ -596,8 +618,8 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                         raise _Corrupt(f"contradicts the fingerprint recorded earlier for step {steps}")
                 elif ctype == "eval":
                     evals.append(_decode_eval(dctx, payload, steps, budget))
-                elif ctype == "loss":
-                    first, values = decode_losses(_decompress(dctx, payload, MAX_LOSS_PAYLOAD, budget))
+                elif ctype in _LOSS_WIDTH:
+                    first, values = decode_losses(_decompress(dctx, payload, MAX_LOSS_PAYLOAD, budget), ctype)
                     if first < loss_end or first + values.size > steps:
                         raise _Corrupt(f"covers steps {first}..{first + values.size - 1}, but only {steps} are "
                                        f"recorded" + (f" and steps before {loss_end} already have losses"
@@ -856,7 +878,7 @@ class TrajectoryWriter:
             bits = np.array(self._bits, dtype=np.uint16)
             data = self._chunk(b"STEP", _encode_steps(self._flushed, bits))
             if self._has_losses:
-                data += self._chunk(b"loss", _encode_losses(self._flushed, np.array(self._losses, dtype=np.float32)))
+                data += self._chunk(LOSS_CHUNK, _encode_losses(self._flushed, np.array(self._losses, dtype=np.float32)))
         data += b"".join(self._evals)
         if not data:
             return

@@ -80,7 +80,10 @@ def test_round_trip_of_valid_trajectories(tmp_path: Path, run) -> None:
     assert traj.fingerprints == {t: FPS if t % 2 else FINAL for t in fprt_at}
     assert traj.evals == want_evals and not traj.truncated and traj.corrupt is None
     if losses:
-        assert traj.losses.view(np.uint32).tolist() == np.array(values, np.float32).view(np.uint32).tolist()
+        from mezo_replay.mzt import losses_to_bf16  # kept as bfloat16 (format.md lsbf)
+
+        want = losses_to_bf16(np.array(values, np.float32)).astype(np.uint32) << 16
+        assert traj.losses.view(np.uint32).tolist() == want.tolist()
     else:
         assert traj.losses is None
 
@@ -101,6 +104,8 @@ def test_corpus_is_kept_and_valid() -> None:
         kinds |= {"losses"} if traj.losses is not None else {"no losses"}
         kinds |= {"truncated"} if traj.truncated else set()
     assert kinds == {"init", "eval", "fprt", "losses", "no losses", "truncated"}
+    raw = b"".join(f.read_bytes() for f in files)
+    assert b"lsbf" in raw and b"loss" in raw  # both loss encodings, the old binary32 one too
 
 
 @st.composite

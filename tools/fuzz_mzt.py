@@ -228,7 +228,7 @@ def mutate_deep(rng: random.Random, data: bytes) -> bytes:
             raw = _mutate_binary(rng, raw)
         new_payload = _CCTX.compress(raw)
     if rng.random() < 0.05:  # and sometimes a type the reader does not know
-        ctype = rng.choice([b"XTRA", b"xtra", b"Step", b"INIT", b"loss", b"FPRT"])
+        ctype = rng.choice([b"XTRA", b"xtra", b"Step", b"INIT", b"loss", b"lsbf", b"FPRT"])
     chunks[i] = (ctype, new_payload)
     return join(pre, chunks, tail)
 
@@ -411,6 +411,11 @@ def make_corpus(folder: Path) -> None:
     rest = [c for c in chunks[1:] if c[0] != b"INIT"]
     (folder / "split-init.mzt").write_bytes(join(pre, [chunks[0]] + init_chunks + rest))
     (folder / "torn.mzt").write_bytes(data[:-7])
+    # files from before `lsbf` hold binary32 `loss` chunks: the same run, its losses re-encoded that way
+    from mezo_replay.mzt import _encode_losses_f32, decode_losses
+    legacy = [(b"loss", _CCTX.compress(_encode_losses_f32(*decode_losses(content(p), "lsbf"))))
+              if t == b"lsbf" else (t, p) for t, p in chunks]
+    (folder / "legacy-f32-losses.mzt").write_bytes(join(pre, legacy))
     for f in sorted(folder.glob("*.mzt")):
         read_trajectory(f)  # every corpus file is valid (torn ones truncated)
         print(f"{f.name}: {f.stat().st_size} bytes")
