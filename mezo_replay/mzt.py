@@ -318,6 +318,18 @@ def step_rates(rule: MezoSGD, t: np.ndarray) -> np.ndarray:
     return lr
 
 
+def step_coefficients(rule: MezoSGD, grad_bits: np.ndarray, first_step: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(c, d) of rule.md for every step, as float64 arrays: what MezoSGD.coefficient and .decay give step by
+    step, without a Python loop per step. The steps must be valid (see invalid_steps)."""
+    g = (np.asarray(grad_bits).astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    lr_t = step_rates(rule, np.arange(first_step, first_step + g.size, dtype=np.float64))
+    c = _rs(lr_t * g, 16)
+    c[np.abs(c) < 2.0**-100] = 0.0
+    d = _rs(lr_t * rule.weight_decay, 12)
+    d[d < 2.0**-40] = 0.0
+    return c, d
+
+
 _BLOCK = 1 << 16  # steps per vectorised block: bounds the float64 temporaries
 
 

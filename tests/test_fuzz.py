@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mezo_replay.errors import LimitError, MezoReplayError
-from mezo_replay.mzt import TrajectoryWriter, _json_loads, invalid_steps, read_trajectory, step_rates
+from mezo_replay.mzt import (TrajectoryWriter, _json_loads, invalid_steps, read_trajectory, step_coefficients,
+                             step_rates)
 from mezo_replay.rule import MezoSGD, Schedule, round_significant
 from tests.test_mzt import FINAL, FPS, make_header
 
@@ -214,6 +215,11 @@ def test_vectorised_step_checks_equal_the_rule(schedule, lr_exp, wd_exp, first, 
         except ValueError:
             want.append(j)
     assert invalid_steps(np.array(bits, np.uint16), rule, first).tolist() == want
+    ok = [b for j, b in enumerate(bits) if j not in want]
+    if ok and not want:  # all valid: the vectorised (c, d) equal the rule's, bit for bit
+        c, d = step_coefficients(rule, np.array(bits, np.uint16), first)
+        assert c.tolist() == [rule.coefficient(first + j, b) for j, b in enumerate(bits)]
+        assert d.tolist() == [rule.decay(first + j) for j in range(len(bits))]
     t = np.arange(first, first + len(bits), dtype=np.float64)
     assert step_rates(rule, t).tolist() == [rule.lr_at(first + j) for j in range(len(bits))]
 

@@ -231,3 +231,18 @@ def test_writer_refuses_what_the_reader_refuses(tmp_path: Path) -> None:
     with pytest.raises(TrajectoryError):
         TrajectoryWriter(tmp_path / "w.mzt", header)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_vectorised_coefficients_equal_the_rule_on_a_long_run() -> None:
+    """step_coefficients: the (c, d) a replay needs, for a million steps without a Python loop per step."""
+    from mezo_replay.mzt import step_coefficients
+    from mezo_replay.rule import encode_grad
+
+    rule = MezoSGD.create(lr=3e-4, eps=1e-3, seed=0, weight_decay=0.1,
+                          schedule=Schedule("cosine", warmup_steps=50, total_steps=4000))
+    rng = np.random.default_rng(3)
+    bits = np.array([encode_grad(float(g)) for g in rng.standard_normal(5000) * 30], np.uint16)
+    c, d = step_coefficients(rule, bits, 0)
+    assert c.tolist() == [rule.coefficient(t, int(b)) for t, b in enumerate(bits)]
+    assert d.tolist() == [rule.decay(t) for t in range(bits.size)]
+    assert (d > 0).any() and (d == 0).any()  # warmup's first steps decay too little to count
