@@ -246,3 +246,17 @@ def test_vectorised_coefficients_equal_the_rule_on_a_long_run() -> None:
     assert c.tolist() == [rule.coefficient(t, int(b)) for t, b in enumerate(bits)]
     assert d.tolist() == [rule.decay(t) for t in range(bits.size)]
     assert (d > 0).any() and (d == 0).any()  # warmup's first steps decay too little to count
+
+
+@pytest.mark.parametrize("name", ["huge-int", "surrogate-head", "json-budget"])
+def test_cli_prints_one_line_for_each_hostile_class(tmp_path: Path, name: str) -> None:
+    parts = {
+        "huge-int": [with_key("future", "1" * 500)],
+        "surrogate-head": [with_key("creator2", '"\\udc00"')],
+        "json-budget": [head_chunk(), *[eval_chunk('{"step": 0, "split": "' + "y" * 60_000 + '", "metrics": {}}')] * 40],
+    }[name]
+    path = crafted(tmp_path, PREAMBLE, *parts)
+    r = cli_info(path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert "Traceback" not in r.stderr
