@@ -267,6 +267,11 @@ class Stats:
         lines = [f"{self.cases} cases in {self.seconds:.1f} s: {self.rate:.0f} cases/s; slowest case "
                  f"{self.slowest[0] * 1e3:.1f} ms ({self.slowest[1]} bytes); largest rise of peak RSS in one case "
                  f"{self.rss_growth[0] / 1024:.1f} MiB ({self.rss_growth[1]} bytes); {len(self.failures)} failures"]
+        kinds: collections.Counter = collections.Counter()
+        for name, n in self.outcomes.items():
+            kinds[name.split(":")[0]] += n
+        lines.append("by kind: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()) +
+                     f"; {len(self.outcomes)} classes")
         for name, n in self.outcomes.most_common(top):
             lines.append(f"{n:8d}  {name}")
         if len(self.outcomes) > top:
