@@ -253,7 +253,8 @@ def test_cli_prints_one_line_for_each_hostile_class(tmp_path: Path, name: str) -
     parts = {
         "huge-int": [with_key("future", "1" * 500)],
         "surrogate-head": [with_key("creator2", '"\\udc00"')],
-        "json-budget": [head_chunk(), *[eval_chunk('{"step": 0, "split": "' + "y" * 60_000 + '", "metrics": {}}')] * 40],
+        "json-budget": [head_chunk(),
+                        *[eval_chunk('{"step": 0, "split": "' + "y" * 60_000 + '", "metrics": {}}')] * 40],
     }[name]
     path = crafted(tmp_path, PREAMBLE, *parts)
     r = cli_info(path)

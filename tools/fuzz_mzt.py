@@ -220,7 +220,8 @@ def mutate_deep(rng: random.Random, data: bytes) -> bytes:
             else:
                 try:
                     obj = json.loads(raw)
-                    raw = json.dumps(_mutate_json_value(rng, obj, len(raw) < 8192), ensure_ascii=rng.random() < 0.5).encode(
+                    mutated = _mutate_json_value(rng, obj, len(raw) < 8192)
+                    raw = json.dumps(mutated, ensure_ascii=rng.random() < 0.5).encode(
                         "utf-8", "surrogatepass")
                 except ValueError:
                     raw = _mutate_json_text(rng, raw)
@@ -401,7 +402,8 @@ def make_corpus(folder: Path) -> None:
             w.write_fingerprint(["aa" * 32, "bb" * 32, "cc" * 32])
     path = folder / "no-losses.mzt"
     path.unlink(missing_ok=True)
-    gaussian = {"name": "gaussian16", "table_sha256": "33888ab6f4616c9a0d6bba520458612f7f70d5be5df01e655e1fe972d49d478b"}
+    from mezo_replay.mzt import GAUSSIAN16_SHA256
+    gaussian = {"name": "gaussian16", "table_sha256": GAUSSIAN16_SHA256}
     h = header(records={"losses": False}, noise=gaussian, tensors=header()["tensors"][:2],
                rule={"name": "mezo-sgd", "eps": 0.5, "lr": 2.0**-20, "grad_encoding": "bf16",
                      "schedule": {"name": "constant"}})  # decay flags without a weight decay: allowed
