@@ -27,7 +27,7 @@ from .errors import (CorruptChunkError, LimitError, MezoReplayError, OutputExist
                      UnsupportedError)
 from .filelock import FileLock
 from .fingerprint import SHA256_HEX, base_fingerprint
-from .rule import MezoSGD
+from .rule import _COS_K, MezoSGD
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -38,9 +38,9 @@ CHUNK_HEAD = struct.Struct("<I4sI")    # length, type, crc
 
 MAX_CHUNK_BYTES = 64 << 20             # compressed payload
 MAX_WINDOW_BYTES = 1 << 27
-MAX_HEADER_BYTES = 256 << 20           # HEAD decompressed
+MAX_HEADER_BYTES = 64 << 20            # HEAD decompressed
 MAX_FPRT_BYTES = 128 << 20             # FPRT decompressed
-MAX_EVAL_BYTES = 1 << 20               # eval decompressed
+MAX_EVAL_BYTES = 64 << 10              # eval decompressed
 MAX_INIT_DATA = 64 << 20               # INIT data bytes per chunk
 MAX_STEPS_PER_CHUNK = 1 << 20
 MAX_STEP_PAYLOAD = 8 + 2 * MAX_STEPS_PER_CHUNK
@@ -54,6 +54,11 @@ MAX_METADATA_PAIRS = 4096
 MAX_METADATA_KEY_BYTES = 256
 MAX_METADATA_VALUE_BYTES = 65536
 MAX_JSON_DEPTH = 32
+MAX_JSON_INT = 2**64                   # exclusive bound on the magnitude of a JSON integer
+# Decompression budgets (format.md, *Reading cost*): what all chunks of a file may decompress to, in
+# total, grows with the file's size, so a small file cannot make a reader allocate gigabytes.
+BUDGET_BASE, BUDGET_RATIO = 64 << 20, 64             # every decompressed chunk
+JSON_BUDGET_BASE, JSON_BUDGET_RATIO = 1 << 20, 16    # HEAD, FPRT and eval (parsed into Python objects)
 
 GAUSSIAN16_SHA256 = "33888ab6f4616c9a0d6bba520458612f7f70d5be5df01e655e1fe972d49d478b"  # spec/noise.md
 DTYPES = ("F32", "BF16", "F16")
@@ -141,6 +146,8 @@ def _check_tensors(tensors: object) -> tuple[list[str], list[str]]:
             raise TrajectoryError(f"{where} ({name!r}) sha256 is not 64 lowercase hex digits")
         if not isinstance(t.get("init", False), bool):
             raise TrajectoryError(f"{where} ({name!r}) init must be a boolean")
+        if not isinstance(t.get("decay", False), bool):  # also without a weight decay, where it does nothing
+            raise TrajectoryError(f"{where} ({name!r}) decay must be a boolean")
         names.append(name)
         fps.append(sha)
         previous = raw
@@ -199,7 +206,9 @@ def validate_header(header: dict) -> None:
 
 # --- JSON and chunk payloads ------------------------------------------------------------------------
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_ESCAPE = re.compile(rb"\\.", re.S)    # an escape pair; left to right, so "\\\\" is one pair
+_JSON_STRING = re.compile(rb'"[^"]*"')     # with the escapes gone a string holds no quote
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 _NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
 
@@ -220,11 +229,21 @@ def _parse_float(text: str) -> float:
     return value if math.isfinite(value) else _reject(text)  # type: ignore[return-value]
 
 
-def _json_loads(data: bytes) -> object:
-    """Parse untrusted JSON: nesting is measured before the (recursive) parser sees it."""
-    # Strings removed and both bracket kinds unified, each pass of replace() drops exactly the
-    # innermost level, so the pass count is the depth; at most 33 fast passes whatever the input.
-    brackets = _JSON_STRING.sub(b"", data).translate(_BRACKETS, _NOT_BRACKET)
+def _parse_int(text: str) -> int:
+    """Integers of at most 20 digits and magnitude below 2^64: no field needs more, and huge ones would
+    overflow a float conversion later (and cost quadratic time to convert)."""
+    digits = len(text) - text.startswith("-")
+    value = int(text) if digits <= 20 else MAX_JSON_INT
+    if abs(value) >= MAX_JSON_INT:
+        raise ValueError(f"the integer {text[:24]}{'...' if len(text) > 24 else ''} is beyond 2^64 in magnitude")
+    return value
+
+
+def _json_depth(data: bytes) -> int:
+    """Nesting depth of JSON text, in time linear in its length (so before the recursive parser runs).
+    Escape pairs go first, so that no string holds a quote and one non-backtracking pattern removes
+    them all; then each pass over the bracket skeleton drops exactly the innermost level."""
+    brackets = _JSON_STRING.sub(b"", _JSON_ESCAPE.sub(b"", data)).translate(_BRACKETS, _NOT_BRACKET)
     depth = 0
     while brackets:
         inner = brackets.replace(b"[]", b"")
@@ -234,24 +253,107 @@ def _json_loads(data: bytes) -> object:
         if depth > MAX_JSON_DEPTH:
             raise LimitError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         brackets = inner
-    return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject,
-                      parse_float=_parse_float)
+    return depth
+
+
+def _check_surrogates(obj: object) -> None:
+    """A JSON escape can spell a lone surrogate, which no UTF-8 output can hold: refuse it here, where it
+    enters, instead of failing wherever the string is printed or written."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"a string holds a lone surrogate ({ascii(item[:40])})") from None
+
+
+def _json_loads(data: bytes) -> object:
+    """Parse untrusted JSON in time and memory linear in its length: depth is measured first, integers
+    are bounded, duplicate keys, NaN and infinities refused, and lone surrogates rejected."""
+    _json_depth(data)
+    obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject,
+                     parse_float=_parse_float, parse_int=_parse_int)
+    if _SURROGATE_ESCAPE.search(data):  # only an escape can make one (raw UTF-8 surrogates fail to decode)
+        _check_surrogates(obj)
+    return obj
 
 
 def _json_dumps(obj: object) -> bytes:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
+def _rs(x: np.ndarray, bits: int) -> np.ndarray:
+    """rule.md's RS(x, n) on an array: frexp's mantissa times 2^n is exact, rint rounds ties to even."""
+    m, e = np.frexp(x)
+    return np.ldexp(np.rint(m * float(1 << bits)), e - bits)
+
+
+def _cos_pi(p: np.ndarray) -> np.ndarray:
+    """rule.md's COS_PI, elementwise: numpy rounds every * and + separately, as the spec demands."""
+    x = np.where(p > 0.5, 1.0 - p, p)
+    q = x * x
+    r = np.full_like(q, _COS_K[12])
+    for k in range(11, -1, -1):
+        r = r * q + _COS_K[k]
+    return np.where(p > 0.5, -r, r)
+
+
+def step_rates(rule: MezoSGD, t: np.ndarray) -> np.ndarray:
+    """lr_t of rule.md for an array of step indices (float64, exact below 2^53), bit for bit what
+    MezoSGD.lr_at gives step by step, in time linear in len(t) without a Python loop per step."""
+    s = rule.schedule
+    f = np.ones_like(t)
+    warm = t < s.warmup_steps
+    f[warm] = (t[warm] + 1.0) / float(s.warmup_steps + 1)
+    if s.name != "constant":
+        after = ~warm
+        p = np.minimum(1.0, (t[after] - float(s.warmup_steps)) / float(max(1, s.total_steps - s.warmup_steps)))
+        f[after] = 1.0 - p if s.name == "linear" else 0.5 * (1.0 + _cos_pi(p))
+    lr = _rs(rule.lr * f, 24)
+    lr[lr < 2.0**-100] = 0.0
+    return lr
+
+
+def step_coefficients(rule: MezoSGD, grad_bits: np.ndarray, first_step: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(c, d) of rule.md for every step, as float64 arrays: what MezoSGD.coefficient and .decay give step by
+    step, without a Python loop per step. The steps must be valid (see invalid_steps)."""
+    g = (np.asarray(grad_bits).astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    lr_t = step_rates(rule, np.arange(first_step, first_step + g.size, dtype=np.float64))
+    c = _rs(lr_t * g, 16)
+    c[np.abs(c) < 2.0**-100] = 0.0
+    d = _rs(lr_t * rule.weight_decay, 12)
+    d[d < 2.0**-40] = 0.0
+    return c, d
+
+
+_BLOCK = 1 << 16  # steps per vectorised block: bounds the float64 temporaries
+
+
 def invalid_steps(grad_bits: np.ndarray, rule: MezoSGD, first_step: int = 0) -> np.ndarray:
-    """Indices of steps rule.md forbids: non-finite or >= 2^127 gradients, |c| > 2^100, d >= 1."""
-    g = (grad_bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    bad = ~np.isfinite(g) | (np.abs(g.astype(np.float64)) >= 2.0**127)
-    for j in np.flatnonzero(~bad):
-        try:
-            rule.coefficient(first_step + int(j), int(grad_bits[j]))
-            rule.decay(first_step + int(j))
-        except ValueError:
-            bad[j] = True
+    """Indices of steps rule.md forbids: non-finite or >= 2^127 gradients, |c| > 2^100, d >= 1.
+
+    Vectorised: a chunk of a million steps costs milliseconds. Since every lr_t <= lr, most files are
+    cleared by one bound; otherwise c and d are computed for every step, a block at a time."""
+    with np.errstate(invalid="ignore"):  # signalling NaNs widen quietly; they are refused just below
+        g = (grad_bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    bad = ~np.isfinite(g) | (np.abs(g) >= 2.0**127)
+    ok_g = np.where(bad, 0.0, np.abs(g))
+    lr, wd = np.array([rule.lr]), np.array([rule.weight_decay])
+    if ok_g.size == 0 or (_rs(lr * ok_g.max(), 16)[0] <= 2.0**100 and _rs(lr * wd, 12)[0] < 1.0):
+        return np.flatnonzero(bad)
+    for at in range(0, g.size, _BLOCK):
+        t = np.arange(first_step + at, first_step + min(g.size, at + _BLOCK), dtype=np.float64)
+        lr_t = step_rates(rule, t)
+        c = np.abs(_rs(lr_t * ok_g[at:at + _BLOCK], 16))
+        d = _rs(lr_t * rule.weight_decay, 12)
+        bad[at:at + _BLOCK] |= (c > 2.0**100) | (d >= 1.0)
     return np.flatnonzero(bad)
 
 
@@ -260,9 +362,38 @@ def _encode_steps(first: int, bits: np.ndarray) -> bytes:
         (bits & 0xFF).astype(np.uint8).tobytes()
 
 
-def _encode_losses(first: int, values: np.ndarray) -> bytes:
+LOSS_CHUNK = b"lsbf"  # the chunk type the writer records losses in (format.md `lsbf`; `loss` is still read)
+_LOSS_WIDTH = {"loss": 4, "lsbf": 2}  # bytes per value: binary32, bfloat16
+
+
+def _encode_losses_f32(first: int, values: np.ndarray) -> bytes:
+    """A `loss` payload: binary32 values in four byte planes (what files before `lsbf` hold)."""
     u = values.astype(np.float32).view(np.uint32)
     return struct.pack("<II", first, u.size) + b"".join((u >> s).astype(np.uint8).tobytes() for s in (24, 16, 8, 0))
+
+
+def losses_to_bf16(values: np.ndarray) -> np.ndarray:
+    """Round binary32 values to bfloat16 bit patterns, to nearest, ties to even (rule.md R_D for BF16);
+    every NaN becomes 0x7FC0. Losses are noisy batch measurements: 8 significant bits keep them to 0.2%."""
+    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values.astype(np.float32)), np.uint16(0x7FC0), bits)
+
+
+def _encode_losses(first: int, values: np.ndarray) -> bytes:
+    """A LOSS_CHUNK (`lsbf`) payload: bfloat16 values in two byte planes, like the STEP records."""
+    bits = losses_to_bf16(values)
+    return struct.pack("<II", first, bits.size) + (bits >> 8).astype(np.uint8).tobytes() + \
+        (bits & 0xFF).astype(np.uint8).tobytes()
+
+
+def decode_losses(payload: bytes, ctype: str = "loss") -> tuple[int, np.ndarray]:
+    """A `loss` or `lsbf` payload (format.md) -> (first_step, float32 values)."""
+    first, planes = _counted(payload, _LOSS_WIDTH[ctype])
+    u = planes.astype(np.uint32)
+    if ctype == "lsbf":
+        return first, ((u[0] << 24) | (u[1] << 16)).view(np.float32)
+    return first, (u[0] << 24 | u[1] << 16 | u[2] << 8 | u[3]).view(np.float32)
 
 
 class _Corrupt(Exception):
@@ -285,8 +416,29 @@ def _counted(payload: bytes, width: int) -> tuple[int, np.ndarray]:
     return first, np.frombuffer(payload, np.uint8, offset=8).reshape(width, count)
 
 
-def _decompress(dctx: zstandard.ZstdDecompressor, payload: bytes, limit: int) -> bytes:
-    """Exactly one checksummed zstd frame of declared size <= limit, and nothing after it."""
+class _Budget:
+    """The decompression budgets of format.md (*Reading cost*), spent chunk by chunk as a file is read."""
+
+    def __init__(self, file_bytes: int) -> None:
+        self.left = BUDGET_BASE + BUDGET_RATIO * file_bytes
+        self.json_left = JSON_BUDGET_BASE + JSON_BUDGET_RATIO * file_bytes
+
+    def spend(self, size: int, is_json: bool) -> None:
+        if size > self.left:
+            raise _Corrupt(f"its {size} decompressed bytes would exceed the file's decompression budget "
+                           f"({BUDGET_BASE} + {BUDGET_RATIO} x file size; {self.left} left)")
+        if is_json and size > self.json_left:
+            raise _Corrupt(f"its {size} bytes of JSON would exceed the file's JSON budget ({JSON_BUDGET_BASE} "
+                           f"+ {JSON_BUDGET_RATIO} x file size; {self.json_left} left)")
+        self.left -= size
+        if is_json:
+            self.json_left -= size
+
+
+def _decompress(dctx: zstandard.ZstdDecompressor, payload: bytes, limit: int, budget: _Budget | None = None,
+                is_json: bool = False) -> bytes:
+    """Exactly one checksummed zstd frame of declared size <= limit (and within the budget), and nothing
+    after it. The declared size is checked before anything is decompressed."""
     if payload[:4] != _ZSTD_MAGIC:
         raise _Corrupt("payload is not a zstd frame")
     try:
@@ -302,6 +454,8 @@ def _decompress(dctx: zstandard.ZstdDecompressor, payload: bytes, limit: int) ->
         raise _Corrupt(f"zstd window of {params.window_size} bytes is over the limit of {MAX_WINDOW_BYTES}")
     if not params.has_checksum or params.dict_id:
         raise _Corrupt("zstd frame lacks a content checksum or needs a dictionary")
+    if budget is not None:
+        budget.spend(size, is_json)
     dobj = dctx.decompressobj()
     try:
         out = dobj.decompress(payload)  # libzstd stops at the declared content size
@@ -331,7 +485,7 @@ class Trajectory:
     path: Path
     header: dict
     grad_bits: np.ndarray               # uint16, one per step
-    losses: np.ndarray | None           # float32, NaN where no loss chunk covered the step
+    losses: np.ndarray | None           # float32 (bfloat16 values from lsbf), NaN where none was recorded
     fingerprints: dict[int, list[str]]  # step -> tensor fingerprints
     truncated: bool                     # the file ends inside a chunk (a torn write)
     corrupt: CorruptInfo | None         # only with strict=False
@@ -339,7 +493,9 @@ class Trajectory:
     step_bytes: int                     # 12-byte heads + payloads of all STEP chunks
     valid_bytes: int                    # end of the last chunk used: where an append continues
     evals: list[dict] = field(default_factory=list)  # {"step", "split", "metrics"} in file order
-    inits: dict[int, bytes] = field(default_factory=dict)  # tensor index -> initial bytes (new tensors)
+    # tensor index -> initial bytes of a new tensor (a read-only view when one INIT chunk held them all)
+    inits: dict[int, bytes | memoryview] = field(default_factory=dict)
+    loss_bytes: int = 0                 # 12-byte heads + payloads of all loss and lsbf chunks
 
     @property
     def steps(self) -> int:
@@ -405,20 +561,27 @@ def _read_chunk(f: BinaryIO, offset: int, size: int) -> tuple[str, bytes] | None
 
 
 def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
-    """Read a trajectory: truncation is reported, corruption raises (strict) or is reported (not strict)."""
+    """Read a trajectory: truncation is reported, corruption raises (strict) or is reported (not strict).
+
+    Time and memory stay proportional to the file's size (format.md, *Reading cost*): every chunk's
+    declared content size is charged to the decompression budgets before it is decompressed, and no
+    step is looked at by a Python loop."""
     path = Path(path)
     dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES)
     header: dict = {}
     bits: list[np.ndarray] = []
     losses: list[tuple[int, np.ndarray]] = []
+    loss_end = 0  # loss chunks cover disjoint, increasing step ranges
     fingerprints: dict[int, list[str]] = {}
     evals: list[dict] = []
-    inits: dict[int, bytearray] = {}
+    inits: dict[int, list[memoryview]] = {}
+    init_got: dict[int, int] = {}
     init_needed: dict[int, int] = {}  # index -> bytes, for tensors marked init
-    steps = step_bytes = index = 0
+    steps = step_bytes = loss_bytes = index = 0
     truncated, corrupt = False, None
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
+        budget = _Budget(size)
         _check_preamble(path, f.read(PREAMBLE.size))
         offset = PREAMBLE.size
         while offset < size or index == 0:
@@ -435,23 +598,24 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                 if (index == 0) != (ctype == "HEAD"):
                     raise _Corrupt("the first chunk must be HEAD, and only the first")
                 if ctype == "HEAD":
-                    header = _decode_head(dctx, payload, path)
+                    header = _decode_head(dctx, payload, path, budget)
                     rule = MezoSGD.from_header(header)
                     init_needed = {k: math.prod(t["shape"]) * _ITEMSIZE[t["dtype"]]
                                    for k, t in enumerate(header["tensors"]) if t.get("init")}
                 elif ctype == "INIT":
                     if bits:
                         raise _Corrupt("INIT after the first STEP chunk")
-                    k, at, data = _decode_init(dctx, payload)
-                    got = inits.setdefault(k, bytearray()) if k in init_needed else None
-                    if got is None or at != len(got) or at + len(data) > init_needed[k]:
+                    k, at, data = _decode_init(dctx, payload, budget)
+                    got = init_got.get(k, 0)
+                    if k not in init_needed or at != got or at + len(data) > init_needed[k]:
                         raise _Corrupt(f"tensor {k} is not marked init, or these bytes ({at}..{at + len(data)}) "
                                        f"do not continue its initial value in order")
-                    got += data
+                    inits.setdefault(k, []).append(data)
+                    init_got[k] = got + len(data)
                 elif ctype == "STEP":
                     if not bits:
-                        _check_inits_complete(path, inits, init_needed)
-                    first, (hi, lo) = _counted(_decompress(dctx, payload, MAX_STEP_PAYLOAD), 2)
+                        _check_inits_complete(path, init_got, init_needed)
+                    first, (hi, lo) = _counted(_decompress(dctx, payload, MAX_STEP_PAYLOAD, budget), 2)
                     if first != steps:
                         raise _Corrupt(f"first_step is {first}, but {steps} steps precede it (a gap or overlap)")
                     if first + hi.size > MAX_STEPS:
@@ -464,17 +628,20 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                     steps += hi.size
                     step_bytes += CHUNK_HEAD.size + len(payload)
                 elif ctype == "FPRT":
-                    fprt = _decode_fprt(dctx, payload, steps, len(header["tensors"]))
+                    fprt = _decode_fprt(dctx, payload, steps, len(header["tensors"]), budget)
                     if fingerprints.setdefault(steps, fprt) != fprt:
                         raise _Corrupt(f"contradicts the fingerprint recorded earlier for step {steps}")
                 elif ctype == "eval":
-                    evals.append(_decode_eval(dctx, payload, steps))
-                elif ctype == "loss":
-                    first, planes = _counted(_decompress(dctx, payload, MAX_LOSS_PAYLOAD), 4)
-                    if first + planes.shape[1] > steps:
-                        raise _Corrupt(f"covers steps up to {first + planes.shape[1]}, but only {steps} are recorded")
-                    u = planes.astype(np.uint32)
-                    losses.append((first, (u[0] << 24 | u[1] << 16 | u[2] << 8 | u[3]).view(np.float32)))
+                    evals.append(_decode_eval(dctx, payload, steps, budget))
+                elif ctype in _LOSS_WIDTH:
+                    first, values = decode_losses(_decompress(dctx, payload, MAX_LOSS_PAYLOAD, budget), ctype)
+                    if first < loss_end or first + values.size > steps:
+                        raise _Corrupt(f"covers steps {first}..{first + values.size - 1}, but only {steps} are "
+                                       f"recorded" + (f" and steps before {loss_end} already have losses"
+                                                      if first < loss_end else ""))
+                    losses.append((first, values))
+                    loss_end = first + values.size
+                    loss_bytes += CHUNK_HEAD.size + len(payload)
                 elif ctype[0].isupper():
                     raise UnsupportedError(f"{path}: chunk {index} at byte offset {offset} has the critical type "
                                            f"{ctype!r}, unknown to this mezo-replay: it needs a newer version")
@@ -488,39 +655,41 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
             index += 1
 
     if not bits:  # no STEP chunk: the initial values must still be whole to replay zero steps
-        _check_inits_complete(path, inits, init_needed)
+        _check_inits_complete(path, init_got, init_needed)
     loss_array = None
     if header["records"]["losses"]:
         loss_array = np.full(steps, np.nan, dtype=np.float32)
         for first, values in losses:
             loss_array[first:first + values.size] = values
     grad_bits = np.concatenate(bits) if bits else np.zeros(0, dtype=np.uint16)
+    # One part (the usual case) is kept as it came out of zstd; several are joined once.
+    init_bytes = {k: parts[0] if len(parts) == 1 else b"".join(parts) for k, parts in inits.items()}
     return Trajectory(path, header, grad_bits, loss_array, fingerprints, truncated, corrupt, size, step_bytes, offset,
-                      evals, {k: bytes(v) for k, v in inits.items()})
+                      evals, init_bytes, loss_bytes)
 
 
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
 _INIT_HEAD = struct.Struct("<IQ")
 
 
-def _decode_init(dctx: zstandard.ZstdDecompressor, payload: bytes) -> tuple[int, int, bytes]:
-    data = _decompress(dctx, payload, _INIT_HEAD.size + MAX_INIT_DATA)
+def _decode_init(dctx: zstandard.ZstdDecompressor, payload: bytes, budget: _Budget) -> tuple[int, int, memoryview]:
+    data = _decompress(dctx, payload, _INIT_HEAD.size + MAX_INIT_DATA, budget)
     if len(data) < _INIT_HEAD.size:
         raise _Corrupt("payload shorter than its index and offset")
     k, at = _INIT_HEAD.unpack_from(data)
-    return k, at, data[_INIT_HEAD.size:]
+    return k, at, memoryview(data)[_INIT_HEAD.size:]  # a view: the tensor's bytes are not copied
 
 
-def _check_inits_complete(path: Path, inits: dict[int, bytearray], needed: dict[int, int]) -> None:
+def _check_inits_complete(path: Path, got: dict[int, int], needed: dict[int, int]) -> None:
     for k, n in needed.items():
-        if len(inits.get(k, b"")) != n:
+        if got.get(k, 0) != n:
             raise TrajectoryError(f"{path}: the initial value of new tensor {k} is incomplete "
-                                  f"({len(inits.get(k, b''))} of {n} bytes): nothing can be replayed")
+                                  f"({got.get(k, 0)} of {n} bytes): nothing can be replayed")
 
 
-def _decode_head(dctx: zstandard.ZstdDecompressor, payload: bytes, path: Path) -> dict:
+def _decode_head(dctx: zstandard.ZstdDecompressor, payload: bytes, path: Path, budget: _Budget) -> dict:
     try:
-        header = _json_loads(_decompress(dctx, payload, MAX_HEADER_BYTES))
+        header = _json_loads(_decompress(dctx, payload, MAX_HEADER_BYTES, budget, is_json=True))
         validate_header(header)  # type: ignore[arg-type]
     except TrajectoryError as e:
         raise type(e)(f"{path}: HEAD: {e}") from None
@@ -529,9 +698,10 @@ def _decode_head(dctx: zstandard.ZstdDecompressor, payload: bytes, path: Path) -
     return header  # type: ignore[return-value]
 
 
-def _decode_fprt(dctx: zstandard.ZstdDecompressor, payload: bytes, steps: int, n_tensors: int) -> list[str]:
+def _decode_fprt(dctx: zstandard.ZstdDecompressor, payload: bytes, steps: int, n_tensors: int,
+                 budget: _Budget) -> list[str]:
     try:
-        obj = _json_loads(_decompress(dctx, payload, MAX_FPRT_BYTES))
+        obj = _json_loads(_decompress(dctx, payload, MAX_FPRT_BYTES, budget, is_json=True))
     except (ValueError, LimitError) as e:
         raise _Corrupt(f"bad JSON ({e})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("tensors"), list) or type(obj.get("step")) is not int:
@@ -557,9 +727,9 @@ def _check_eval(obj: object, steps: int) -> dict:
     return obj
 
 
-def _decode_eval(dctx: zstandard.ZstdDecompressor, payload: bytes, steps: int) -> dict:
+def _decode_eval(dctx: zstandard.ZstdDecompressor, payload: bytes, steps: int, budget: _Budget) -> dict:
     try:
-        return _check_eval(_json_loads(_decompress(dctx, payload, MAX_EVAL_BYTES)), steps)
+        return _check_eval(_json_loads(_decompress(dctx, payload, MAX_EVAL_BYTES, budget, is_json=True)), steps)
     except (ValueError, LimitError) as e:
         raise _Corrupt(str(e)) from None
 
@@ -892,7 +1062,7 @@ class TrajectoryWriter:
             bits = np.array(self._bits, dtype=np.uint16)
             data = self._chunk(b"STEP", _encode_steps(self._flushed, bits))
             if self._has_losses:
-                data += self._chunk(b"loss", _encode_losses(self._flushed, np.array(self._losses, dtype=np.float32)))
+                data += self._chunk(LOSS_CHUNK, _encode_losses(self._flushed, np.array(self._losses, dtype=np.float32)))
         data += b"".join(self._evals)
         if not data:
             return

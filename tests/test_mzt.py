@@ -119,8 +119,9 @@ def test_round_trip(tmp_path: Path) -> None:
     traj = read_trajectory(path)
     assert traj.header == header
     assert traj.grad_bits.dtype == np.uint16 and np.array_equal(traj.grad_bits, bits)
-    want_losses = np.array([[0.1, -0.0, math.inf, math.nan][t % 4] for t in range(10)], dtype=np.float32)
-    assert traj.losses is not None and np.array_equal(traj.losses.view(np.uint32), want_losses.view(np.uint32))
+    # bfloat16 (format.md lsbf): 0.1 = 0x3DCCCCCD rounds to 0x3DCD; -0.0, inf and the canonical NaN stay
+    want_losses = np.array([[0x3DCD0000, 0x80000000, 0x7F800000, 0x7FC00000][t % 4] for t in range(10)], np.uint32)
+    assert traj.losses is not None and np.array_equal(traj.losses.view(np.uint32), want_losses)
     assert traj.fingerprints == {5: FPS, 10: FINAL}
     assert traj.final_fingerprint == FINAL and traj.steps == 10
     assert not traj.truncated and traj.corrupt is None
@@ -163,9 +164,9 @@ def test_exact_bytes(tmp_path: Path) -> None:
             assert json.loads(content) == header
         elif ctype == b"STEP":
             assert content == struct.pack("<II", 0, 2) + b"\x3f\xc0" + b"\x80\xa1"
-        elif ctype == b"loss":
-            assert content == struct.pack("<II", 0, 2) + b"\x3f\xc0" + b"\xc0\x00" + b"\0\0" + b"\0\0"
-    assert types == [b"HEAD", b"STEP", b"loss"] and chunk_offsets(data)[-1][2] == len(data)
+        elif ctype == b"lsbf":  # 1.5 = 0x3FC0, -2.0 = 0xC000 in bfloat16: hi plane, then lo plane
+            assert content == struct.pack("<II", 0, 2) + b"\x3f\xc0" + b"\xc0\x00"
+    assert types == [b"HEAD", b"STEP", b"lsbf"] and chunk_offsets(data)[-1][2] == len(data)
 
 
 def test_reads_a_hand_crafted_file(tmp_path: Path) -> None:
@@ -310,7 +311,11 @@ def test_coefficient_over_2_100_refused(tmp_path: Path) -> None:
 def test_loss_and_fprt_must_follow_their_steps(tmp_path: Path) -> None:
     loss = chunk(b"loss", zframe(struct.pack("<II", 0, 2) + bytes(8)))
     path = crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [1]), loss)
-    with pytest.raises(CorruptChunkError, match="covers steps up to 2, but only 1"):
+    with pytest.raises(CorruptChunkError, match="covers steps 0..1, but only 1 are recorded"):
+        read_trajectory(path)
+    overlap = chunk(b"loss", zframe(struct.pack("<II", 0, 1) + bytes(4)))
+    path = crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [1, 2]), overlap, overlap)
+    with pytest.raises(CorruptChunkError, match=r"chunk 3 \(loss\).*steps before 1 already have losses"):
         read_trajectory(path)
     fprt = chunk(b"FPRT", zframe(json.dumps({"step": 2, "tensors": FINAL}).encode()))
     path = crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [1]), fprt)
@@ -320,6 +325,34 @@ def test_loss_and_fprt_must_follow_their_steps(tmp_path: Path) -> None:
     path = crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [1]), fprt)
     with pytest.raises(CorruptChunkError, match="one per tuned tensor"):
         read_trajectory(path)
+
+
+def test_float32_loss_chunks_still_read_and_mix_with_lsbf(tmp_path: Path) -> None:
+    """Files written before lsbf hold binary32 `loss` chunks: read exactly. Both kinds share one
+    sequence of disjoint, increasing step ranges."""
+    f32 = struct.pack("<II", 0, 2) + b"\x3d\x3f" + b"\xcc\xc0" + b"\xcc\0" + b"\xcd\0"  # 0.1, 1.5
+    bf = struct.pack("<II", 2, 1) + b"\xc0" + b"\x00"  # -2.0
+    path = crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [1, 2, 3]), chunk(b"loss", zframe(f32)),
+                   chunk(b"lsbf", zframe(bf)))
+    traj = read_trajectory(path)
+    assert traj.losses.tolist() == [np.float32(0.1), 1.5, -2.0] and traj.loss_bytes == path.stat().st_size - \
+        chunk_offsets(path.read_bytes())[2][0]
+    again = crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [1, 2, 3]), chunk(b"loss", zframe(f32)),
+                    chunk(b"lsbf", zframe(struct.pack("<II", 1, 1) + b"\xc0\x00")), name="overlap.mzt")
+    with pytest.raises(CorruptChunkError, match=r"\(lsbf\).*steps before 2 already have losses"):
+        read_trajectory(again)
+    with pytest.raises(CorruptChunkError, match="needs 10"):  # an lsbf payload has 2 bytes per value
+        read_trajectory(crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [1]),
+                                chunk(b"lsbf", zframe(struct.pack("<II", 0, 1) + bytes(4))), name="w.mzt"))
+
+
+def test_loss_rounding_to_bfloat16() -> None:
+    from mezo_replay.mzt import losses_to_bf16
+
+    cases = {0x3F808000: 0x3F80, 0x3F818000: 0x3F82, 0x3F808001: 0x3F81,  # ties to even; above the tie
+             0x7F7FFFFF: 0x7F80, 0xFF800000: 0xFF80, 0x00000001: 0x0000, 0x7FA00001: 0x7FC0, 0xFFC12345: 0x7FC0}
+    got = losses_to_bf16(np.array(list(cases), np.uint32).view(np.float32))
+    assert got.tolist() == list(cases.values())
 
 
 def test_oversized_length_refused_without_allocating(tmp_path: Path) -> None:
@@ -460,6 +493,9 @@ BAD_HEADERS = [
     ("rule.weight_decay", -0.1, TrajectoryError, "weight_decay must be in"),
     ("rule.weight_decay", 0.1, TrajectoryError, "24 significant bits"),
     ("rule.weight_decay", 0.25, TrajectoryError, "needs a boolean 'decay'"),
+    ("tensors.0.decay", "yes", TrajectoryError, "decay must be a boolean"),
+    ("tensors.0.init", 1, TrajectoryError, "init must be a boolean"),
+    ("rule.schedule", {"name": "constant", "warmup_steps": 10}, TrajectoryError, "warmup_steps"),
     ("rule.schedule", {"name": "constant", "warmup": 10}, UnsupportedError, "schedule"),
     ("rule.grad_encoding", "f32", UnsupportedError, "grad_encoding 'f32'"),
     ("generator.name", "mt19937", UnsupportedError, "unknown generator 'mt19937'"),
@@ -502,6 +538,7 @@ def test_good_header_variants() -> None:
     header["rule"].update(eps=1, lr=2.0**100)  # integers are numbers too
     header["tensors"][0]["shape"] = []
     header["generator"]["seed"] = "0"
+    header["tensors"][1]["decay"] = True  # allowed without a weight decay, and does nothing
     header["tensors"].insert(0, {"name": "Z", "dtype": "F16", "shape": [0], "sha256": FPS[0]})  # 'Z' < 'a'
     rebase(header)
     validate_header(header)
@@ -565,7 +602,7 @@ def test_flush_makes_a_complete_file_and_exceptions_keep_steps(tmp_path: Path) -
             raise RuntimeError("training crashed")
     traj = read_trajectory(path)
     assert np.array_equal(traj.grad_bits, bits) and not traj.truncated
-    assert [t for _, t, _ in chunk_offsets(path.read_bytes())] == [b"HEAD", b"STEP", b"loss", b"STEP", b"loss"]
+    assert [t for _, t, _ in chunk_offsets(path.read_bytes())] == [b"HEAD", b"STEP", b"lsbf", b"STEP", b"lsbf"]
 
 
 def test_open_append_after_torn_write(tmp_path: Path) -> None:

@@ -132,6 +132,14 @@ def test_rule_host_vectors():
     for g in host["invalid_grad"]:
         with pytest.raises(ValueError):
             rule.encode_grad(g)
+    from mezo_replay.mzt import invalid_steps
+
+    for bits in host["invalid_grad_bits"]:  # what a reader refuses (rule.md), whatever the rule
+        assert invalid_steps(np.array([0x3F80, int(bits, 16)], np.uint16), MezoSGD(lr=2.0**-100, eps=1.0, seed=0)
+                             ).tolist() == [1], bits
+    for case in host["coefficient"]:  # every coefficient case holds valid bits: a reader accepts them
+        assert invalid_steps(np.array([int(case["grad_bits"], 16)], np.uint16),
+                             MezoSGD(lr=case["lr"], eps=2.0**-10, seed=0)).size == 0
     for case in host["invalid_coefficient"]:
         with pytest.raises(ValueError, match="2\\^100"):
             MezoSGD(lr=case["lr"], eps=2.0**-10, seed=0).coefficient(0, int(case["grad_bits"], 16))
@@ -214,7 +222,7 @@ def test_training_phases_equal_replay(dtype, backend):
     del b
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-cosine-decay", "tiny-new-tensor"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-cosine-decay", "tiny-new-tensor", "tiny-nan"])
 def test_tiny_end_to_end_vector(tmp_path, name, backend):
     """spec/vectors/tiny*: the numpy reference and the torch reconstruct both land on expected.json."""
     import hashlib
@@ -240,3 +248,23 @@ def test_tiny_end_to_end_vector(tmp_path, name, backend):
     for name, want in expected["tensors"].items():
         assert hashlib.sha256(bytes(result.read_bytes(name))).hexdigest() == want["sha256"], name
     assert bytes(result.read_bytes("d.frozen")) == bytes(base.read_bytes("d.frozen"))
+
+
+def test_nan_vector_starts_from_non_canonical_nans():
+    """tiny-nan exercises canonicalisation: its base holds NaNs of every sign, payload and signalling
+    kind, which the expected outputs (and every fingerprint) hold as the one canonical NaN."""
+    from mezo_replay.fingerprint import fingerprint_raw
+    from mezo_replay.mzt import read_trajectory
+    from mezo_replay.safetensors_io import BaseCheckpoint
+
+    base = BaseCheckpoint.open(VECTORS / "tiny-nan" / "base.safetensors")
+    header = read_trajectory(VECTORS / "tiny-nan" / "traj.mzt").header
+    odd = 0
+    for t in header["tensors"]:
+        raw = bytes(base.read_bytes(t["name"]))
+        bits = np.frombuffer(raw, dtype=R.BITS_DTYPE[t["dtype"]])
+        nan = np.isnan(bits.view({"F32": np.float32, "BF16": np.uint16, "F16": np.float16}[t["dtype"]])) \
+            if t["dtype"] != "BF16" else ((bits & 0x7F80) == 0x7F80) & ((bits & 0x7F) != 0)
+        odd += int((nan & (bits != R.CANONICAL_NAN[t["dtype"]])).sum())
+        assert fingerprint_raw(t["dtype"], t["shape"], raw) == t["sha256"]  # NaNs canonical in the fingerprint
+    assert odd >= 9

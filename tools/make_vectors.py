@@ -120,7 +120,7 @@ def rule() -> dict:
     host_rs = [(1e-3, 16), (1e-6, 24), (0.1, 8), (-2.5, 1), (1.5, 1), (3.0, 1), (2.0**-1074, 8), (1e300, 16)]
     grads = [0.0, -0.0, 1.0, -1.2345, 1e-31, -1e-31, 7.7e-30, 1.0e38, 123.456, 0.0078125 * 1.00390625]
     coeff = [(1e-6, 0x3F80), (R.round_significant(1e-3, 24), 0xC2F7), (2.0**-100, 0x0001), (1.0, 0x0000),
-             (1e-30, 0x7F7F)]
+             (1e-30, 0x7EFF)]  # 0x7EFF: the largest valid |gq|, (2 - 2^-7) 2^126
     host = {
         "round_significant": [{"x": x, "bits": b, "result": R.round_significant(x, b)} for x, b in host_rs],
         "grad_bits": [{"g": g, "bits": hx(R.grad_bits(g), 4)} for g in grads],
@@ -130,7 +130,9 @@ def rule() -> dict:
                                                               1.0)],
         "schedules": schedules,
         "invalid_grad": [float("inf"), float("nan"), 3.0e38],
-        "invalid_coefficient": [{"lr": R.round_significant(1e-7, 24), "grad_bits": "0x7f7f"}],
+        "invalid_grad_bits": ["0x7f80", "0xff80", "0x7fc0", "0xffa1", "0x7f81", "0x7f00", "0x7f7f", "0xff00",
+                              "0xff7f"],
+        "invalid_coefficient": [{"lr": R.round_significant(1e-7, 24), "grad_bits": "0x7eff"}],
     }
     return {"about": "rule.md: element phases (bits of D after P1, P2, P3 for w, z, eps, c and the decay factor "
                      "d, 0 if absent; z as binary32 bits; NaN results canonical) and host arithmetic (binary64 "
@@ -138,15 +140,18 @@ def rule() -> dict:
             "elements": cases, "host": host}
 
 
-def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_tensor: bool = False) -> None:
+def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_tensor: bool = False,
+         nan_payloads: bool = False) -> None:
     """spec/vectors/tiny: a base with one tensor per dtype (special values included) and a frozen one,
-    a trajectory recorded by the real optimizer from a fixed loss sequence, and the expected result."""
+    a trajectory recorded by the real optimizer from a fixed loss sequence, and the expected result.
+    With nan_payloads the base's NaNs have signs, payloads and signalling bits that every output must
+    replace by the canonical NaN (rule.md, *Special values*)."""
     import hashlib
 
     import torch
     from safetensors.torch import save_file
 
-    from mezo_replay.fingerprint import tensor_fingerprint
+    from mezo_replay.fingerprint import canonicalize_nan_, tensor_fingerprint
     from mezo_replay.optimizer import MeZO
 
     out = SPEC / name
@@ -161,6 +166,12 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
     base["a.weight"][0, :4] = torch.tensor([0.0, -0.0, 1e-45, float("inf")])
     base["b.bias"][:3] = torch.tensor([-0.0, 1e-40, float("nan")], dtype=torch.bfloat16)
     base["c.scale"][0, 0] = torch.tensor([6e-8, -65504.0, 0.0], dtype=torch.float16)
+    if nan_payloads:  # set through integer views: no arithmetic may quiet or canonicalise them first
+        base["a.weight"].view(torch.int32)[1, :3] = torch.tensor([0xFFA00001 - 2**32, 0x7F800001, 0x7FC12345],
+                                                                dtype=torch.int32)
+        base["b.bias"].view(torch.int16)[3:6] = torch.tensor([0xFFA1 - 2**16, 0x7F81, 0xFFC0 - 2**16],
+                                                            dtype=torch.int16)
+        base["c.scale"].view(torch.int16)[1, 0] = torch.tensor([0xFE01 - 2**16, 0x7C01, 0x7D55], dtype=torch.int16)
     save_file(base, str(out / "base.safetensors"), metadata={"format": "pt"})
     params = {n: t.clone().requires_grad_(n != "d.frozen") for n, t in base.items()}
     if new_tensor:  # a tensor the base lacks (like a classifier head): its initial value goes in INIT
@@ -177,7 +188,8 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
                          "(format.md) and SHA-256 of the raw little-endian bytes, NaNs canonical",
                 "steps": 6,
                 "tensors": {n: {"fingerprint": tensor_fingerprint(p.detach()),
-                                "sha256": hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy()).hexdigest()}
+                                "sha256": hashlib.sha256(canonicalize_nan_(p.detach().clone()).contiguous()
+                                                         .view(torch.uint8).numpy()).hexdigest()}
                             for n, p in zip(opt.names, opt.params)}}
     (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
     print("wrote", out)
@@ -193,6 +205,7 @@ def main() -> None:
 
     tiny("tiny-cosine-decay", schedule=Schedule("cosine", warmup_steps=2, total_steps=6), weight_decay=0.5)
     tiny("tiny-new-tensor", new_tensor=True)
+    tiny("tiny-nan", nan_payloads=True)
 
 
 if __name__ == "__main__":

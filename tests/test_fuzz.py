@@ -1,0 +1,252 @@
+"""Property-based tests (hypothesis) of the `.mzt` reader and writer, and a bounded run of the mutation
+fuzzer (tools/fuzz_mzt.py) over the kept corpus (tests/corpus/mzt). The promise under test: any file
+either reads (a mutant of a valid file as that file or a prefix of it) or fails with one
+MezoReplayError; never another exception."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from mezo_replay.errors import LimitError, MezoReplayError
+from mezo_replay.mzt import (TrajectoryWriter, _json_loads, invalid_steps, read_trajectory, step_coefficients,
+                             step_rates)
+from mezo_replay.rule import MezoSGD, Schedule, round_significant
+from tests.test_mzt import FINAL, FPS, make_header
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "tests" / "corpus" / "mzt"
+SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def load_fuzzer():
+    """tools/ is not a package: load tools/fuzz_mzt.py by path (once; dataclasses need it registered)."""
+    if "fuzz_mzt" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fuzz_mzt", ROOT / "tools" / "fuzz_mzt.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fuzz_mzt"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["fuzz_mzt"]
+
+
+# --- round trip -------------------------------------------------------------------------------------
+
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)  # no lone surrogates: UTF-8 text
+valid_bits = st.integers(0, 0xFFFF).filter(lambda b: (b >> 7) & 0xFF < 247)  # |g| < 2^120: |lr g| <= 2^100
+
+
+@st.composite
+def runs(draw):
+    losses = draw(st.booleans())
+    n = draw(st.integers(0, 60))
+    bits = draw(st.lists(valid_bits, min_size=n, max_size=n))
+    values = draw(st.lists(st.floats(width=32), min_size=n, max_size=n)) if losses else None
+    fprt_at = sorted(set(draw(st.lists(st.integers(0, n), max_size=3))))
+    evals = draw(st.lists(st.tuples(st.integers(0, n), text, st.dictionaries(
+        text, st.floats(allow_nan=False, allow_infinity=False) | st.integers(-2**63, 2**63), max_size=3)),
+        max_size=4))
+    metadata = draw(st.dictionaries(text.filter(bool), text, max_size=3))
+    return losses, bits, values, fprt_at, evals, metadata, draw(st.integers(3, 40))
+
+
+@SETTINGS
+@given(run=runs())
+def test_round_trip_of_valid_trajectories(tmp_path: Path, run) -> None:
+    losses, bits, values, fprt_at, evals, metadata, spc = run
+    header = make_header(losses)
+    header["metadata"] = metadata
+    path = tmp_path / "p.mzt"
+    path.unlink(missing_ok=True)
+    want_evals = []
+    with TrajectoryWriter(path, header, steps_per_chunk=spc) as w:
+        for t in range(len(bits) + 1):
+            if t in fprt_at:
+                w.write_fingerprint(FPS if t % 2 else FINAL)
+            for step, split, metrics in evals:
+                if step == t:
+                    w.add_eval(step, split, metrics)
+                    want_evals.append({"step": step, "split": split,
+                                       "metrics": {k: float(v) for k, v in metrics.items()}})
+            if t < len(bits):
+                w.append_step(bits[t], loss=values[t] if losses else None)
+    traj = read_trajectory(path)
+    assert traj.header == header and traj.grad_bits.tolist() == bits
+    assert traj.fingerprints == {t: FPS if t % 2 else FINAL for t in fprt_at}
+    assert traj.evals == want_evals and not traj.truncated and traj.corrupt is None
+    if losses:
+        from mezo_replay.mzt import losses_to_bf16  # kept as bfloat16 (format.md lsbf)
+
+        want = losses_to_bf16(np.array(values, np.float32)).astype(np.uint32) << 16
+        assert traj.losses.view(np.uint32).tolist() == want.tolist()
+    else:
+        assert traj.losses is None
+
+
+# --- mutations --------------------------------------------------------------------------------------
+
+def corpus_files() -> list[Path]:
+    return sorted(CORPUS.glob("*.mzt"))
+
+
+def test_corpus_is_kept_and_valid() -> None:
+    files = corpus_files()
+    assert len(files) >= 8 and all(f.stat().st_size < 4096 for f in files)
+    kinds = set()
+    for f in files:
+        traj = read_trajectory(f)
+        kinds |= {"init" for _ in traj.inits} | {"eval" for _ in traj.evals} | {"fprt" for _ in traj.fingerprints}
+        kinds |= {"losses"} if traj.losses is not None else {"no losses"}
+        kinds |= {"truncated"} if traj.truncated else set()
+    assert kinds == {"init", "eval", "fprt", "losses", "no losses", "truncated"}
+    raw = b"".join(f.read_bytes() for f in files)
+    assert b"lsbf" in raw and b"loss" in raw  # both loss encodings, the old binary32 one too
+
+
+@st.composite
+def byte_mutants(draw):
+    f = draw(st.sampled_from(corpus_files()))
+    data = bytearray(f.read_bytes())
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["set", "flip", "insert", "delete", "cut", "zeros"]))
+        i = draw(st.integers(0, len(data)))
+        if op == "set" and i < len(data):
+            data[i] = draw(st.integers(0, 255))
+        elif op == "flip" and i < len(data):
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "insert":
+            data[i:i] = draw(st.binary(min_size=1, max_size=12))
+        elif op == "delete":
+            del data[i:i + draw(st.integers(1, 16))]
+        elif op == "cut":
+            del data[i:]
+        else:
+            data += bytes(draw(st.integers(1, 64)))
+    return f, bytes(data)
+
+
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=byte_mutants(), strict=st.booleans())
+def test_byte_mutants_read_as_a_prefix_or_fail_in_one_error(tmp_path: Path, case, strict: bool) -> None:
+    original, data = case
+    path = tmp_path / "m.mzt"
+    path.write_bytes(data)
+    try:
+        traj = read_trajectory(path, strict=strict)
+    except MezoReplayError:
+        return
+    want = read_trajectory(original)
+    assert traj.header == want.header  # CRCs guard every payload: only a prefix can survive
+    assert traj.grad_bits.tolist() == want.grad_bits[:traj.steps].tolist()
+
+
+@settings(deadline=None, max_examples=300)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_deep_mutants_fail_in_one_error(tmp_path_factory, seed: int) -> None:
+    """Payload contents mutated behind valid CRCs (the fuzzer's deep mutators, driven by hypothesis)."""
+    import random
+
+    fuzz = load_fuzzer()
+    rng = random.Random(seed)
+    data = rng.choice(corpus_files()).read_bytes()
+    for _ in range(rng.randint(1, 3)):
+        data = fuzz.mutate_deep(rng, data)
+    path = tmp_path_factory.mktemp("deep") / "d.mzt"
+    path.write_bytes(data)
+    try:
+        read_trajectory(path, strict=rng.random() < 0.5)
+    except MezoReplayError:
+        pass
+
+
+# --- JSON and the rule checks -------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**64 + 1, 2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | text, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4), max_leaves=30)
+
+
+@SETTINGS
+@given(value=json_values, ascii_only=st.booleans())
+def test_json_loads_agrees_with_json_on_valid_text(value, ascii_only: bool) -> None:
+    raw = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert _json_loads(raw) == json.loads(raw)
+
+
+@settings(deadline=None, max_examples=500)
+@given(raw=st.binary(max_size=200) | st.lists(st.sampled_from(
+    [b"[", b"]", b"{", b"}", b'"', b"\\", b",", b":", b"1", b"-", b"e9", b"\\ud800", b"\\u", b"NaN", b"a", b" "]),
+    max_size=60).map(b"".join))
+def test_json_loads_accepts_or_raises_value_error(raw: bytes) -> None:
+    try:
+        _json_loads(raw)
+    except (ValueError, LimitError):  # LimitError: nested deeper than 32
+        pass
+
+
+schedules = st.one_of(
+    st.builds(lambda t, w: Schedule("constant", min(w, t), t), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
+    st.builds(lambda n, t, w: Schedule(n, min(w, t), t), st.sampled_from(["linear", "cosine"]),
+              st.integers(1, 2**32 - 1), st.integers(0, 2**32 - 1)))
+
+
+@SETTINGS
+@given(schedule=schedules, lr_exp=st.floats(-100, 100), wd_exp=st.none() | st.floats(-30, 100),
+       first=st.integers(0, 2**32 - 64), bits=st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=40))
+def test_vectorised_step_checks_equal_the_rule(schedule, lr_exp, wd_exp, first, bits) -> None:
+    lr = min(max(round_significant(2.0**lr_exp, 24), 2.0**-100), 2.0**100)
+    wd = 0.0 if wd_exp is None else min(round_significant(2.0**wd_exp, 24), 2.0**100)
+    rule = MezoSGD(lr=lr, eps=2.0**-10, seed=0, schedule=schedule, weight_decay=wd).validated()
+    first = min(first, max(0, 2**32 - 1 - len(bits)))
+    want = []
+    for j, b in enumerate(bits):
+        g = struct.unpack("<f", struct.pack("<I", b << 16))[0]
+        try:
+            if not math.isfinite(g) or abs(g) >= 2.0**127:
+                raise ValueError
+            rule.coefficient(first + j, b)
+            rule.decay(first + j)
+        except ValueError:
+            want.append(j)
+    assert invalid_steps(np.array(bits, np.uint16), rule, first).tolist() == want
+    ok = [b for j, b in enumerate(bits) if j not in want]
+    if ok and not want:  # all valid: the vectorised (c, d) equal the rule's, bit for bit
+        c, d = step_coefficients(rule, np.array(bits, np.uint16), first)
+        assert c.tolist() == [rule.coefficient(first + j, b) for j, b in enumerate(bits)]
+        assert d.tolist() == [rule.decay(first + j) for j in range(len(bits))]
+    t = np.arange(first, first + len(bits), dtype=np.float64)
+    assert step_rates(rule, t).tolist() == [rule.lr_at(first + j) for j in range(len(bits))]
+
+
+# --- the fuzzer, for a bounded time ---------------------------------------------------------------------
+
+def test_fuzzer_over_the_kept_corpus(tmp_path: Path) -> None:
+    """CI's fuzz target: a fixed seed, about 10 s. A failure leaves the mutant in tmp_path/crashes."""
+    fuzz = load_fuzzer()
+    stats = fuzz.fuzz(fuzz.load_corpus(CORPUS), seconds=10, seed=14, crashes=tmp_path / "crashes")
+    print(stats.report())
+    assert not stats.failures, stats.report()
+    assert stats.cases > 200
+    reads = sum(n for name, n in stats.outcomes.items() if name.startswith("read:"))
+    assert 0 < reads < stats.cases and len(stats.outcomes) > 20  # both outcomes, many error classes
+
+
+def test_outcome_classes_erase_numbers_and_paths() -> None:
+    fuzz = load_fuzzer()
+    from mezo_replay.errors import CorruptChunkError
+
+    e = CorruptChunkError("/x/a.mzt", 3, "STEP", 120, "count 0 is outside 1..1048576", steps_before=5)
+    assert fuzz.outcome_class(e, "/x/a.mzt") == "CorruptChunkError: count N is outside N..N"
+
+
+@pytest.mark.slow
+def test_fuzzer_longer(tmp_path: Path) -> None:
+    fuzz = load_fuzzer()
+    stats = fuzz.fuzz(fuzz.load_corpus(CORPUS), seconds=120, seed=140, crashes=tmp_path / "crashes")
+    assert not stats.failures, stats.report()

@@ -1,0 +1,263 @@
+"""Hostile files (issue 14, item 3): each class that once got through costs bounded time and memory and
+fails with one TrajectoryError, never another exception. Files are crafted byte by byte."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from mezo_replay.errors import CorruptChunkError, LimitError, TrajectoryError
+from mezo_replay.mzt import (BUDGET_BASE, JSON_BUDGET_BASE, MAX_EVAL_BYTES, TrajectoryWriter, _json_loads,
+                             invalid_steps, read_trajectory)
+from mezo_replay.rule import MezoSGD, Schedule
+from tests.test_mzt import PREAMBLE, chunk, crafted, head_chunk, make_header, step_chunk, zframe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def head_text(text: str | bytes) -> bytes:
+    return chunk(b"HEAD", zframe(text.encode() if isinstance(text, str) else text))
+
+
+def with_key(key: str, raw_json: str) -> bytes:
+    """The sample header with one more top-level key whose value is the given raw JSON text."""
+    return head_text(json.dumps(make_header())[:-1] + f', "{key}": {raw_json}}}')
+
+
+def eval_chunk(raw_json: str | bytes) -> bytes:
+    return chunk(b"eval", zframe(raw_json.encode() if isinstance(raw_json, str) else raw_json))
+
+
+def cli_info(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mezo_replay", "info", str(path)], capture_output=True,
+                          text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("raw, where", [
+    ('{"lr": 1' + "0" * 400 + "}", "a 401-digit integer in an unknown key"),
+    (str(2**64), "2^64"),
+    ("-" + str(2**64), "-2^64"),
+])
+def test_huge_integers_in_head_are_refused(tmp_path: Path, raw: str, where: str) -> None:
+    path = crafted(tmp_path, PREAMBLE, with_key("future", raw))
+    with pytest.raises(CorruptChunkError, match="beyond 2\\^64"):
+        read_trajectory(path)
+
+
+def test_huge_integers_where_numbers_are_read(tmp_path: Path) -> None:
+    """The rule's numbers and a shape: once an OverflowError traceback from float() or math.prod."""
+    text = json.dumps(make_header()).replace('"lr": 9.5367431640625e-07', '"lr": ' + "9" * 30)
+    assert text != json.dumps(make_header())
+    with pytest.raises(CorruptChunkError, match="beyond 2\\^64"):
+        read_trajectory(crafted(tmp_path, PREAMBLE, head_text(text)))
+    assert _json_loads(str(2**64 - 1).encode()) == 2**64 - 1  # the largest accepted
+
+
+def test_huge_integer_in_eval_metrics(tmp_path: Path) -> None:
+    path = crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [1]),
+                   eval_chunk('{"step": 1, "split": "eval", "metrics": {"loss": 1' + "0" * 400 + "}}"))
+    with pytest.raises(CorruptChunkError, match=r"chunk 2 \(eval\).*beyond 2\^64"):
+        read_trajectory(path)
+    traj = read_trajectory(path, strict=False)
+    assert traj.steps == 1 and traj.corrupt is not None and traj.evals == []
+
+
+@pytest.mark.parametrize("make", [
+    lambda: head_text(json.dumps(make_header()).replace('"mezo-replay test"', '"bad \\udc80 creator"')),
+    lambda: with_key("config", '{"architectures": ["\\ud800"]}'),
+    lambda: with_key("future", '["\\udfff\\ud800"]'),  # a reversed pair is two lone surrogates
+])
+def test_lone_surrogates_are_refused(tmp_path: Path, make) -> None:
+    path = crafted(tmp_path, PREAMBLE, make())
+    with pytest.raises(CorruptChunkError, match="lone surrogate"):
+        read_trajectory(path)
+    assert json.loads('"\\ud83d\\ude00"') == _json_loads(b'"\\ud83d\\ude00"') == "\U0001F600"  # a pair is fine
+
+
+def test_lone_surrogate_in_eval_and_cli_prints_one_line(tmp_path: Path) -> None:
+    path = crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [1]),
+                   eval_chunk('{"step": 1, "split": "ev\\ud800al", "metrics": {}}'))
+    r = cli_info(path)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "lone surrogate" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and "steps before it are recoverable" in lines[0]
+
+
+def test_escaped_quotes_cost_linear_time(tmp_path: Path) -> None:
+    """An unterminated string of escaped quotes took the old string pattern quadratic time (1.6 kB of
+    zstd: 30 s). 4 MB of them would take hours that way; here it is one pass."""
+    for text in (b'"' + b'\\"' * 2_000_000, b'{"a": "' + b'\\"\\\\' * 1_000_000, b'["\\' + b'"' * 10):
+        path = crafted(tmp_path, PREAMBLE, head_text(text))
+        with pytest.raises(CorruptChunkError, match="JSON"):
+            read_trajectory(path)
+    assert _json_loads(b'{"a": "\\\\", "b": "\\"[[[", "c": [[]]}') == {"a": "\\", "b": '"[[[', "c": [[]]}
+
+
+def test_deep_nesting_is_measured_outside_strings() -> None:
+    with pytest.raises(LimitError, match="deeper than 32"):
+        _json_loads(b'{"a": "\\\\"' + b", " + b"[" * 33 + b"]" * 33 + b"}")
+    assert _json_loads(b'["\\\\\\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["]') == ['\\"' + "[" * 38]
+
+
+def test_tiny_chunk_of_a_million_steps_is_vectorised(tmp_path: Path) -> None:
+    """A 1 MiB-step STEP chunk compresses to a few hundred bytes. With a learning rate of 2^100 and a
+    long warmup every step's coefficient must be computed (no shortcut applies); the once per-step Python
+    loop made such a file cost minutes. The answer must equal the step-by-step rule."""
+    header = make_header()
+    header["rule"].update(lr=2.0**100, schedule={"name": "constant", "warmup_steps": 2**32 - 1,
+                                                 "total_steps": 2**32 - 1})
+    n = 1 << 20
+    bits = [0x4000] * n  # gq = 2: valid while lr_t <= 2^99, i.e. for the first half of the warmup
+    path = crafted(tmp_path, PREAMBLE, head_chunk(header), step_chunk(0, bits), step_chunk(n, bits[:3]))
+    traj = read_trajectory(path)
+    assert traj.steps == n + 3 and traj.losses is not None
+    rule = MezoSGD.from_header(header)
+
+    def valid(t: int) -> bool:
+        try:
+            rule.coefficient(t, 0x4000)
+            return True
+        except ValueError:
+            return False
+
+    lo, hi = 0, 2**32 - 1  # the last valid step, found by bisection with the step-by-step rule
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if valid(mid) else (lo, mid)
+    assert 2**31 <= lo < 2**31 + 2**16 and valid(lo) and not valid(lo + 1)
+    assert invalid_steps(np.full(4, 0x4000, np.uint16), rule, lo - 1).tolist() == [2, 3]
+
+
+def test_decay_factor_over_one_is_found_per_step() -> None:
+    rule = MezoSGD(lr=2.0**-4, eps=2.0**-10, seed=0, weight_decay=2.0**5,
+                   schedule=Schedule("linear", warmup_steps=0, total_steps=8)).validated()
+    got = invalid_steps(np.full(10, 0x3F80, np.uint16), rule, 0).tolist()
+    want = []
+    for t in range(10):
+        try:
+            rule.decay(t)
+        except ValueError:
+            want.append(t)
+    assert got == want and want  # lr_t * wd >= 1 early, then the schedule brings it below 1
+
+
+def test_many_eval_chunks_hit_the_json_budget(tmp_path: Path) -> None:
+    """Thousands of eval chunks of highly compressible JSON once cost gigabytes of Python objects."""
+    big = '{"step": 0, "split": "' + "x" * (MAX_EVAL_BYTES - 200) + '", "metrics": {}}'
+    one = eval_chunk(big)
+    count = JSON_BUDGET_BASE // len(big) + 16 * len(one) // len(big) + 10
+    path = crafted(tmp_path, PREAMBLE, head_chunk(), *([one] * count))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptChunkError, match="JSON budget"):
+            read_trajectory(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+    traj = read_trajectory(path, strict=False)
+    assert 0 < len(traj.evals) < count and "JSON budget" in traj.corrupt.reason
+
+
+def test_huge_head_list_hits_the_json_budget(tmp_path: Path) -> None:
+    """A 48 MiB list of zeros (a 50 kB file) would become ~400 MB of Python objects."""
+    text = json.dumps(make_header())[:-1] + ', "future": [' + "0," * (24 << 20) + "0]}"
+    path = crafted(tmp_path, PREAMBLE, head_text(text))
+    assert path.stat().st_size < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptChunkError, match="JSON budget"):
+            read_trajectory(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+def test_zero_init_chunks_hit_the_budget(tmp_path: Path) -> None:
+    """64 MiB INIT chunks of zeros compress to 2 kB each: a small file must not expand without bound."""
+    n = 1 << 26
+    header = make_header()
+    header["tensors"].append({"name": "c.head", "dtype": "F32", "shape": [4 * n], "sha256": "55" * 32,
+                              "init": True})
+    from tests.test_mzt import rebase
+    rebase(header)
+    cctx = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True)
+    zeros = bytes(n)
+    inits = [chunk(b"INIT", cctx.compress(struct.pack("<IQ", 2, k * n) + zeros)) for k in range(4)]
+    path = crafted(tmp_path, PREAMBLE, head_chunk(header), *inits)
+    assert path.stat().st_size < BUDGET_BASE // 64
+    with pytest.raises(CorruptChunkError, match=r"chunk 2 \(INIT\).*decompression budget"):
+        read_trajectory(path)
+
+
+def test_init_bytes_are_not_copied(tmp_path: Path) -> None:
+    """One INIT chunk's data is kept as the decompressed buffer itself: peak memory about 1x the tensor."""
+    n = 8 << 20
+    data = np.random.default_rng(0).integers(0, 2**32, n // 4, dtype=np.uint32).tobytes()
+    header = make_header()
+    from mezo_replay.fingerprint import fingerprint_raw
+    from tests.test_mzt import rebase
+    header["tensors"].append({"name": "c.head", "dtype": "F32", "shape": [n // 4],
+                              "sha256": fingerprint_raw("F32", [n // 4], data), "init": True})
+    rebase(header)
+    payload = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True).compress(
+        struct.pack("<IQ", 2, 0) + data)
+    path = crafted(tmp_path, PREAMBLE, head_chunk(header), chunk(b"INIT", payload), step_chunk(0, [1]))
+    del data, payload
+    tracemalloc.start()
+    try:
+        traj = read_trajectory(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(traj.inits[2]) == n and peak < n + (n >> 1) + path.stat().st_size
+
+
+def test_writer_refuses_what_the_reader_refuses(tmp_path: Path) -> None:
+    header = make_header()
+    header["future"] = 2**64
+    with pytest.raises(TrajectoryError, match="beyond 2\\^64"):
+        TrajectoryWriter(tmp_path / "w.mzt", header)
+    header["future"] = "\ud800"
+    with pytest.raises(TrajectoryError):
+        TrajectoryWriter(tmp_path / "w.mzt", header)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vectorised_coefficients_equal_the_rule_on_a_long_run() -> None:
+    """step_coefficients: the (c, d) a replay needs, for a million steps without a Python loop per step."""
+    from mezo_replay.mzt import step_coefficients
+    from mezo_replay.rule import encode_grad
+
+    rule = MezoSGD.create(lr=3e-4, eps=1e-3, seed=0, weight_decay=0.1,
+                          schedule=Schedule("cosine", warmup_steps=50, total_steps=4000))
+    rng = np.random.default_rng(3)
+    bits = np.array([encode_grad(float(g)) for g in rng.standard_normal(5000) * 30], np.uint16)
+    c, d = step_coefficients(rule, bits, 0)
+    assert c.tolist() == [rule.coefficient(t, int(b)) for t, b in enumerate(bits)]
+    assert d.tolist() == [rule.decay(t) for t in range(bits.size)]
+    assert (d > 0).any() and (d == 0).any()  # warmup's first steps decay too little to count
+
+
+@pytest.mark.parametrize("name", ["huge-int", "surrogate-head", "json-budget"])
+def test_cli_prints_one_line_for_each_hostile_class(tmp_path: Path, name: str) -> None:
+    parts = {
+        "huge-int": [with_key("future", "1" * 500)],
+        "surrogate-head": [with_key("creator2", '"\\udc00"')],
+        "json-budget": [head_chunk(),
+                        *[eval_chunk('{"step": 0, "split": "' + "y" * 60_000 + '", "metrics": {}}')] * 40],
+    }[name]
+    path = crafted(tmp_path, PREAMBLE, *parts)
+    r = cli_info(path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert "Traceback" not in r.stderr
