@@ -38,6 +38,7 @@ MAX_WINDOW_BYTES = 1 << 27
 MAX_HEADER_BYTES = 256 << 20           # HEAD decompressed
 MAX_FPRT_BYTES = 128 << 20             # FPRT decompressed
 MAX_EVAL_BYTES = 1 << 20               # eval decompressed
+CKPT = struct.Struct("<I32s")          # ckpt payload, decompressed: step, checkpoint fingerprint
 MAX_INIT_DATA = 64 << 20               # INIT data bytes per chunk
 MAX_STEPS_PER_CHUNK = 1 << 20
 MAX_STEP_PAYLOAD = 8 + 2 * MAX_STEPS_PER_CHUNK
@@ -337,6 +338,13 @@ class Trajectory:
     valid_bytes: int                    # end of the last chunk used: where an append continues
     evals: list[dict] = field(default_factory=list)  # {"step", "split", "metrics"} in file order
     inits: dict[int, bytes] = field(default_factory=dict)  # tensor index -> initial bytes (new tensors)
+    checkpoints: dict[int, str] = field(default_factory=dict)  # step -> checkpoint fingerprint (ckpt chunks)
+    init_bytes: int = 0                 # 12-byte heads + payloads of all INIT chunks
+
+    @property
+    def new_tensors(self) -> dict[str, int]:
+        """Tuned tensors the base lacks, whose initial values the file stores: name -> raw bytes."""
+        return {self.header["tensors"][k]["name"]: len(v) for k, v in sorted(self.inits.items())}
 
     @property
     def steps(self) -> int:
@@ -412,7 +420,8 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
     evals: list[dict] = []
     inits: dict[int, bytearray] = {}
     init_needed: dict[int, int] = {}  # index -> bytes, for tensors marked init
-    steps = step_bytes = index = 0
+    checkpoints: dict[int, str] = {}
+    steps = step_bytes = init_bytes = index = 0
     truncated, corrupt = False, None
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -445,6 +454,7 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                         raise _Corrupt(f"tensor {k} is not marked init, or these bytes ({at}..{at + len(data)}) "
                                        f"do not continue its initial value in order")
                     got += data
+                    init_bytes += CHUNK_HEAD.size + len(payload)
                 elif ctype == "STEP":
                     if not bits:
                         _check_inits_complete(path, inits, init_needed)
@@ -466,6 +476,10 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                         raise _Corrupt(f"contradicts the fingerprint recorded earlier for step {steps}")
                 elif ctype == "eval":
                     evals.append(_decode_eval(dctx, payload, steps))
+                elif ctype == "ckpt":
+                    at, fp = _decode_ckpt(dctx, payload, steps)
+                    if checkpoints.setdefault(at, fp) != fp:
+                        raise _Corrupt(f"contradicts the checkpoint fingerprint recorded earlier for step {at}")
                 elif ctype == "loss":
                     first, planes = _counted(_decompress(dctx, payload, MAX_LOSS_PAYLOAD), 4)
                     if first + planes.shape[1] > steps:
@@ -493,7 +507,7 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
             loss_array[first:first + values.size] = values
     grad_bits = np.concatenate(bits) if bits else np.zeros(0, dtype=np.uint16)
     return Trajectory(path, header, grad_bits, loss_array, fingerprints, truncated, corrupt, size, step_bytes, offset,
-                      evals, {k: bytes(v) for k, v in inits.items()})
+                      evals, {k: bytes(v) for k, v in inits.items()}, checkpoints, init_bytes)
 
 
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
@@ -539,6 +553,16 @@ def _decode_fprt(dctx: zstandard.ZstdDecompressor, payload: bytes, steps: int, n
     if len(fps) != n_tensors or not all(isinstance(s, str) and SHA256_HEX.fullmatch(s) for s in fps):
         raise _Corrupt(f"tensors must be {n_tensors} lowercase hex SHA-256 strings, one per tuned tensor")
     return fps
+
+
+def _decode_ckpt(dctx: zstandard.ZstdDecompressor, payload: bytes, steps: int) -> tuple[int, str]:
+    data = _decompress(dctx, payload, CKPT.size)
+    if len(data) != CKPT.size:
+        raise _Corrupt(f"payload is {len(data)} bytes, not {CKPT.size}")
+    at, fp = CKPT.unpack(data)
+    if at > steps:
+        raise _Corrupt(f"step {at} is beyond the {steps} steps recorded before it")
+    return at, fp.hex()
 
 
 def _check_eval(obj: object, steps: int) -> dict:
@@ -711,6 +735,13 @@ class TrajectoryWriter:
         obj = _check_eval({"step": step, "split": split, "metrics": {k: float(v) for k, v in metrics.items()}},
                           self.steps)
         self._evals.append(self._chunk(b"eval", _json_dumps(obj)))
+
+    def add_checkpoint(self, step: int, fingerprint: str) -> None:
+        """Record the checkpoint fingerprint of the weights after `step` steps (format.md `ckpt`). Kept until
+        the next flush like evals: 36 bytes that need no cut in the step records."""
+        if type(step) is not int or not 0 <= step <= self.steps or not SHA256_HEX.fullmatch(fingerprint):
+            raise ValueError(f"a checkpoint needs a step in 0..{self.steps} and a lowercase hex SHA-256")
+        self._evals.append(self._chunk(b"ckpt", CKPT.pack(step, bytes.fromhex(fingerprint))))
 
     def flush(self) -> None:
         """Write pending steps (their losses, then pending evals) as chunks and fsync; the file is then

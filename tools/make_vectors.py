@@ -138,7 +138,8 @@ def rule() -> dict:
             "elements": cases, "host": host}
 
 
-def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_tensor: bool = False) -> None:
+def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_tensor: bool = False,
+         checkpoints: tuple[int, ...] = ()) -> None:
     """spec/vectors/tiny: a base with one tensor per dtype (special values included) and a frozen one,
     a trajectory recorded by the real optimizer from a fixed loss sequence, and the expected result."""
     import hashlib
@@ -146,7 +147,7 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
     import torch
     from safetensors.torch import save_file
 
-    from mezo_replay.fingerprint import tensor_fingerprint
+    from mezo_replay.fingerprint import checkpoint_fingerprint, tensor_fingerprint
     from mezo_replay.optimizer import MeZO
 
     out = SPEC / name
@@ -170,8 +171,12 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
     (out / "traj.mzt").unlink(missing_ok=True)
     opt.record(out / "traj.mzt", base_source="base.safetensors", steps_per_chunk=4,
                metadata={"purpose": "spec test vector"}, new_tensors=["e.head"] if new_tensor else ())
+    at: dict[str, str] = {}
     for _ in range(6):
         opt.step(lambda: next(losses))
+        if opt.step_count in checkpoints:  # format.md ckpt
+            at[str(opt.step_count)] = checkpoint_fingerprint(opt.names, opt.fingerprints())
+            opt.writer.add_checkpoint(opt.step_count, at[str(opt.step_count)])
     opt.close()
     expected = {"about": "tuned tensors after all steps of traj.mzt on base.safetensors: fingerprint "
                          "(format.md) and SHA-256 of the raw little-endian bytes, NaNs canonical",
@@ -179,6 +184,8 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
                 "tensors": {n: {"fingerprint": tensor_fingerprint(p.detach()),
                                 "sha256": hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy()).hexdigest()}
                             for n, p in zip(opt.names, opt.params)}}
+    if checkpoints:
+        expected["checkpoints"] = at  # step -> checkpoint fingerprint (format.md ckpt)
     (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
     print("wrote", out)
 
@@ -193,6 +200,7 @@ def main() -> None:
 
     tiny("tiny-cosine-decay", schedule=Schedule("cosine", warmup_steps=2, total_steps=6), weight_decay=0.5)
     tiny("tiny-new-tensor", new_tensor=True)
+    tiny("tiny-checkpoints", checkpoints=(2, 4))
 
 
 if __name__ == "__main__":
