@@ -238,6 +238,8 @@ STEP_SETTINGS = {
     "rule.schedule.name": "--schedule", "rule.schedule.warmup_steps": "--warmup-steps",
     "rule.schedule.total_steps": "--steps (the schedule's length)", "rule.weight_decay": "--weight-decay",
 }
+_SHAPES_DATA = {"task", "max_length", "template", "label_words", "label_key", "text_key", "prompt_key",
+                "completion_key", "labels", "examples"}  # settings the encoded training set depends on
 _LATER_KEYS = {"dtype", "train_data_sha256"}  # not recorded by earlier versions: compared only when present
 
 
@@ -252,16 +254,42 @@ def setting_differences(old: Mapping[str, Any], fresh: Mapping[str, Any]) -> lis
             continue
         if old_meta.get(key) != new_meta.get(key):
             found.append((key, old_meta.get(key), new_meta.get(key)))
+    changed = {k for k, _, _ in found}
+    if changed & {"task", "template"}:  # another task reads other columns; a template replaces one
+        own = _SHAPES_DATA - {"task", "max_length", "examples", "template"} if "task" in changed else \
+            {"text_key", "prompt_key"}
+        found = [d for d in found if not (d[0] in own and None in d[1:])]
+    if len(found) > 1 and found[-1][0] == "train_data_sha256" and any(k in _SHAPES_DATA for k, _, _ in found):
+        found.pop()  # the encoded data differs because of a setting already named
+    found = [(k, a[:12] + "...", b[:12] + "...") if k == "train_data_sha256" and a and b else (k, a, b)
+             for k, a, b in found]
     for part in ("generator", "noise", "rule"):
-        found += [(f"{part}.{k}", a, b) for k, a, b in _differences(old[part], fresh[part])]
-    if [t["name"] for t in old["tensors"]] != [t["name"] for t in fresh["tensors"]]:
-        found.append(("tensors", f"{len(old['tensors'])} tuned tensors", f"{len(fresh['tensors'])}"))
-    return [f"{STEP_SETTINGS.get(k, '--tune/--freeze' if k == 'tensors' else k)} "
-            f"{_shown(a)} there, {_shown(b)} now" for k, a, b in found]
+        diffs = _differences(_filled(old[part]), _filled(fresh[part]))
+        named = [d for d in diffs if d[0] == "name"]  # another sampler or rule: its own keys follow from it
+        found += [(f"{part}.{k}", a, b) for k, a, b in (named or diffs)]
+    out = [f"{STEP_SETTINGS.get(k, k)} {_shown(a, b)} there, {_shown(b, a)} now" for k, a, b in found]
+    old_names, new_names = [t["name"] for t in old["tensors"]], [t["name"] for t in fresh["tensors"]]
+    if old_names != new_names:
+        out.append(f"--tune/--freeze: {len(old_names)} tuned tensors there, {len(new_names)} now")
+    return out
 
 
-def _shown(value: Any) -> str:
-    return "(not set)" if value is None else repr(value) if isinstance(value, str) else str(value)
+def _filled(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A header object with the schedule's omitted zeros written out, so only real differences show."""
+    out = dict(obj)
+    if isinstance(out.get("schedule"), dict):
+        out["schedule"] = {"warmup_steps": 0, "total_steps": 0, **out["schedule"]}
+    return out
+
+
+def _shown(value: Any, other: Any = None) -> str:
+    if value is None:
+        return "(not set)"
+    if isinstance(value, float):  # recorded values are rounded to fewer bits: 4 digits show what was typed
+        short = f"{value:.4g}"
+        return repr(value) if isinstance(other, float) and short == f"{other:.4g}" else short
+    text = str(value)
+    return text if text and not any(c.isspace() or c in "'\"" for c in text) else repr(text)
 
 
 def _resume(opt: MeZO, path: Path, flush_every: int, fresh: Mapping[str, Any] | None = None) -> int:
@@ -392,13 +420,12 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     eval_batches = [task.make_batch(eval_set[i:i + cfg.eval_batch_size], pad)
                     for i in range(0, len(eval_set), cfg.eval_batch_size)]
     select_parameters(model, cfg.tune, cfg.freeze)
-    base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, cfg.overwrite or cfg.resume)
     schedule = Schedule(cfg.schedule, cfg.warmup_steps, cfg.steps if cfg.schedule != "constant" or
                         cfg.warmup_steps else 0)
-    keys = checkpoint_names(model, BaseCheckpoint.open(base).entries)
+    keys = checkpoint_names(model, BaseCheckpoint.open(src.weights).entries)  # a cast copy keeps the names
     opt = MeZO(((keys[n], p) for n, p in model.named_parameters()), lr=cfg.lr, eps=cfg.eps, seed=cfg.seed,
                noise=cfg.noise, schedule=schedule.validated(), weight_decay=cfg.weight_decay)
-    added = new_tensors(opt, base, allowed=labels is not None, head={keys[n] for n in head_parameters(model)},
+    added = new_tensors(opt, src.weights, allowed=labels is not None, head={keys[n] for n in head_parameters(model)},
                         model_elements=sum(p.numel() for p in model.parameters()),
                         allow_large=cfg.allow_new_tensors)
     meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
@@ -414,8 +441,10 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
         if start >= cfg.steps:
             opt.close()
             raise MezoReplayError(f"--resume: {cfg.out} already holds {start} steps (--steps {cfg.steps})")
+        base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, True)  # after the checks: a refusal writes nothing
     else:
         start = 0
+        base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, cfg.overwrite)
         same = base == src.weights  # else: a copy cast to the training dtype, named by its path
         opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every,
                    base_source=src.source if same else str(base), base_revision=src.revision if same else None,
