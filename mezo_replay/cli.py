@@ -281,7 +281,7 @@ def _inputs(base: str, trajectory: str) -> tuple[Path, Path]:
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output: a .safetensors file for a file base, a folder for a model-folder base.")
 @click.option("--step", type=click.IntRange(0), help="Rebuild the checkpoint after this many steps: 0, an "
-              "evaluated step, a --checkpoint-every step, or the last (`info` lists them).")
+              "evaluated step, a --checkpoint-every step, or the last; others need --unverified.")
 @click.option("--unverified", is_flag=True, help="Write a step the trajectory records no fingerprint for (only "
               "the base is checked then).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto: same bits on any.")
