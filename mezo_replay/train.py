@@ -425,8 +425,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     keys = checkpoint_names(model, BaseCheckpoint.open(src.weights).entries)  # a cast copy keeps the names
     opt = MeZO(((keys[n], p) for n, p in model.named_parameters()), lr=cfg.lr, eps=cfg.eps, seed=cfg.seed,
                noise=cfg.noise, schedule=schedule.validated(), weight_decay=cfg.weight_decay)
-    added = new_tensors(opt, src.weights, allowed=labels is not None, head={keys[n] for n in head_parameters(model)},
-                        model_elements=sum(p.numel() for p in model.parameters()),
+    added = new_tensors(opt, src.weights, allowed=labels is not None,
+                        head={keys[n] for n in head_parameters(model)}, model_elements=sum(p.numel() for p in model.parameters()),
                         allow_large=cfg.allow_new_tensors)
     meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
             "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
@@ -441,7 +441,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
         if start >= cfg.steps:
             opt.close()
             raise MezoReplayError(f"--resume: {cfg.out} already holds {start} steps (--steps {cfg.steps})")
-        base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, True)  # after the checks: a refusal writes nothing
+        base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, True)  # after the checks: nothing if refused
     else:
         start = 0
         base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, cfg.overwrite)
