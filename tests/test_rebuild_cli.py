@@ -292,3 +292,39 @@ def test_checkpoint_vector_against_an_independent_computation(tmp_path):
         p = replay.plan(d / "base.safetensors", d / "traj.mzt", step=n)
         assert p.checkpoint == want and p.expected is None
         replay.reconstruct(p, tmp_path / f"at{n}.safetensors")
+
+
+def ckpt_chunk(body: bytes) -> bytes:
+    payload = zstandard.ZstdCompressor(write_checksum=True).compress(body)
+    return struct.pack("<I4sI", len(payload), b"ckpt", zlib.crc32(payload, zlib.crc32(b"ckpt"))) + payload
+
+
+@pytest.mark.parametrize("body, reason", [
+    (struct.pack("<I", 7) + bytes(32), "beyond the 6 steps"),
+    (struct.pack("<I", 2) + bytes(31), "not 36"),
+    (struct.pack("<I", 2) + bytes(33), "over this chunk type's limit"),
+    (struct.pack("<I", 4) + bytes(32), "contradicts the checkpoint fingerprint recorded earlier for step 4"),
+])
+def test_a_bad_checkpoint_chunk_is_corrupt(tmp_path, body, reason):
+    from mezo_replay.errors import CorruptChunkError
+
+    path = tmp_path / "t.mzt"
+    path.write_bytes((VECTORS / "tiny-checkpoints" / "traj.mzt").read_bytes() + ckpt_chunk(body))
+    with pytest.raises(CorruptChunkError, match=reason):
+        read_trajectory(path)
+    kept = read_trajectory(path, strict=False)  # everything before it stays usable
+    assert kept.corrupt is not None and kept.corrupt.type == "ckpt" and kept.steps == 6
+    assert sorted(kept.checkpoints) == [2, 4] and kept.final_fingerprint is not None
+
+
+def test_the_writer_refuses_a_checkpoint_it_cannot_stand_behind(tmp_path):
+    from mezo_replay.mzt import TrajectoryWriter
+
+    header = read_trajectory(VECTORS / "tiny" / "traj.mzt").header
+    with TrajectoryWriter(tmp_path / "w.mzt", header) as w:
+        w.append_step(0x3F80, 1.0)
+        for step, fp in ((2, "0" * 64), (1, "A" * 64), (1, "0" * 63), (True, "0" * 64)):
+            with pytest.raises(ValueError, match="a checkpoint needs"):
+                w.add_checkpoint(step, fp)
+        w.add_checkpoint(1, "ab" * 32)
+    assert read_trajectory(tmp_path / "w.mzt").checkpoints == {1: "ab" * 32}
