@@ -328,3 +328,18 @@ def test_the_writer_refuses_a_checkpoint_it_cannot_stand_behind(tmp_path):
                 w.add_checkpoint(step, fp)
         w.add_checkpoint(1, "ab" * 32)
     assert read_trajectory(tmp_path / "w.mzt").checkpoints == {1: "ab" * 32}
+
+
+def test_new_tensor_vector_through_the_command_line(tmp_path):
+    """spec/vectors/tiny-new-tensor gave `no tensor named 'e.head'` in reconstruct and verify (the progress
+    bar's total looked new tensors up in the base)."""
+    d = VECTORS / "tiny-new-tensor"
+    expected = json.loads((d / "expected.json").read_text())
+    r = ok(inproc("reconstruct", d / "base.safetensors", d / "traj.mzt", "-o", "out.safetensors", cwd=tmp_path))
+    assert "verified against the trajectory" in r.stdout
+    got = BaseCheckpoint.open(tmp_path / "out.safetensors")
+    for name, want in expected["tensors"].items():
+        assert hashlib.sha256(got.read(name).contiguous().view(torch.uint8).numpy()).hexdigest() == want["sha256"]
+    assert "OK:" in ok(inproc("verify", d / "base.safetensors", d / "traj.mzt", cwd=tmp_path)).stdout
+    assert "OK:" in ok(inproc("verify", d / "base.safetensors", d / "traj.mzt", "out.safetensors",
+                              cwd=tmp_path)).stdout
