@@ -152,6 +152,12 @@ def _label_words(value: str | None) -> dict[str, str] | None:
 @click.option("--noise", type=click.Choice(["gaussian16", "rademacher16"]), default="gaussian16",
               show_default=True, help="Perturbation distribution (spec/noise.md).")
 @click.option("--eval-every", type=click.IntRange(0), help="Evaluate every N steps (0: only at the ends).")
+@click.option("--checkpoint-every", type=click.IntRange(0), default=0, show_default=True,
+              help="Record a checkpoint fingerprint every N steps (36 bytes each), so `reconstruct --step` can "
+                   "rebuild those steps verified. Every evaluation records one too; 0: evaluations only.")
+@click.option("--allow-new-tensors", is_flag=True,
+              help="Store tuned tensors the base lacks even beyond a small new head (they travel whole in the "
+                   "trajectory).")
 @click.option("--flush-every", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
               help="Steps per checksummed chunk: a hard crash loses at most this many steps.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -165,8 +171,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
           objective: str, out: Path, resume: Path | None, steps: int | None, lr: float | None, eps: float | None,
           schedule: str, warmup_steps: int, weight_decay: float, tune: tuple[str, ...], freeze: tuple[str, ...],
           batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
-          eval_every: int | None, flush_every: int, device: str, log_path: str | None, overwrite: bool,
-          quiet: bool) -> None:
+          eval_every: int | None, checkpoint_every: int, allow_new_tensors: bool, flush_every: int, device: str,
+          log_path: str | None, overwrite: bool, quiet: bool) -> None:
     """Fine-tune a causal LM with MeZO and record the trajectory.
 
     With no options it fine-tunes the tiny Llama that ships with mezo-replay on a small sentiment task
@@ -204,7 +210,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
             max_length=max_length or d["max_length"], dtype=dtype, noise=noise, schedule=schedule,
             warmup_steps=warmup_steps, weight_decay=weight_decay, tune=tune, freeze=freeze,
             eval_every=d.get("eval_every", 0) if eval_every is None else eval_every, flush_every=flush_every,
-            resume=resume is not None, overwrite=overwrite, device=_device(device))
+            resume=resume is not None, overwrite=overwrite, device=_device(device),
+            checkpoint_every=checkpoint_every, allow_new_tensors=allow_new_tensors)
         bars: list[tqdm] = []  # made at the first step, so model loading prints before it
 
         def on_step(r: StepReport) -> None:
@@ -275,13 +282,16 @@ def _inputs(base: str, trajectory: str) -> tuple[Path, Path]:
 @click.argument("trajectory")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output: a .safetensors file for a file base, a folder for a model-folder base.")
-@click.option("--step", type=click.IntRange(0), help="Rebuild the checkpoint after this many steps.")
+@click.option("--step", type=click.IntRange(0), help="Rebuild the checkpoint after this many steps: 0, an "
+              "evaluated step, a --checkpoint-every step, or the last; others need --unverified.")
+@click.option("--unverified", is_flag=True, help="Write a step the trajectory records no fingerprint for (only "
+              "the base is checked then).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto: same bits on any.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_backend_option
-def reconstruct(base: str, trajectory: str, out: Path, step: int | None, device: str, overwrite: bool,
-                quiet: bool) -> None:
+def reconstruct(base: str, trajectory: str, out: Path, step: int | None, unverified: bool, device: str,
+                overwrite: bool, quiet: bool) -> None:
     """Rebuild fine-tuned weights from BASE and a TRAJECTORY (.mzt).
 
     BASE is a .safetensors file or a model folder (model.safetensors, or shards with
@@ -290,7 +300,8 @@ def reconstruct(base: str, trajectory: str, out: Path, step: int | None, device:
     HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN apply); a Hub base defaults to the commit the trajectory
     was trained on. A folder output keeps config and tokenizer files, so `from_pretrained(OUT)` loads
     it. The base is checked against the trajectory's fingerprints before use, and the result against the
-    fingerprints recorded when training ended; nothing is written unless both match.
+    fingerprints recorded for its step (at the end of training, at each evaluation and every
+    --checkpoint-every steps); nothing is written unless both match. Other steps need --unverified.
 
     \b
     Example:
@@ -304,11 +315,15 @@ def reconstruct(base: str, trajectory: str, out: Path, step: int | None, device:
         if p.trajectory.truncated:
             click.echo(f"warning: {trajectory} is truncated; using its {p.trajectory.steps} complete steps",
                        err=True)
+        if not unverified:
+            p.require_fingerprint()
         with _element_bar(p.element_steps, "replay", quiet) as progress:
-            written = replay.reconstruct(p, out, overwrite=overwrite, device=_device(device), progress=progress)
-    status = ("verified against the trajectory's fingerprint" if p.expected is not None
-              else "NOT verified: the trajectory records no fingerprint for this step")
-    click.echo(f"wrote {written}: {len(p.names)} tuned tensors after {p.steps} steps, {status}")
+            written = replay.reconstruct(p, out, overwrite=overwrite, device=_device(device), progress=progress,
+                                         unverified=True)
+    status = (f"verified against the trajectory: {p.verified_by}" if p.verified_by is not None else
+              f"NOT verified (--unverified): the trajectory records no fingerprint for step {p.steps}; "
+              f"only the base was checked")
+    click.echo(f"wrote {written}: {len(p.names)} tuned tensors after {p.steps} steps; {status}")
 
 
 @main.command()
@@ -332,7 +347,7 @@ def verify(base: str, trajectory: str, tuned: Path | None, step: int | None, dev
         with _element_bar(p.element_steps, "verify", quiet) as progress:
             replay.verify(p, tuned, device=_device(device), progress=progress)
     what = f"{tuned}" if tuned else "the replay"
-    click.echo(f"OK: {what} matches the trajectory's fingerprint after {p.steps} steps ({len(p.names)} tensors)")
+    click.echo(f"OK: {what} after {p.steps} steps: {p.verified_by}")
 
 
 # --- info ----------------------------------------------------------------------------------------

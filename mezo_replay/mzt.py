@@ -41,6 +41,7 @@ MAX_WINDOW_BYTES = 1 << 27
 MAX_HEADER_BYTES = 64 << 20            # HEAD decompressed
 MAX_FPRT_BYTES = 128 << 20             # FPRT decompressed
 MAX_EVAL_BYTES = 64 << 10              # eval decompressed
+CKPT = struct.Struct("<I32s")          # ckpt payload, decompressed: step, checkpoint fingerprint
 MAX_INIT_DATA = 64 << 20               # INIT data bytes per chunk
 MAX_STEPS_PER_CHUNK = 1 << 20
 MAX_STEP_PAYLOAD = 8 + 2 * MAX_STEPS_PER_CHUNK
@@ -496,6 +497,13 @@ class Trajectory:
     # tensor index -> initial bytes of a new tensor (a read-only view when one INIT chunk held them all)
     inits: dict[int, bytes | memoryview] = field(default_factory=dict)
     loss_bytes: int = 0                 # 12-byte heads + payloads of all loss and lsbf chunks
+    checkpoints: dict[int, str] = field(default_factory=dict)  # step -> checkpoint fingerprint (ckpt chunks)
+    init_bytes: int = 0                 # 12-byte heads + payloads of all INIT chunks
+
+    @property
+    def new_tensors(self) -> dict[str, int]:
+        """Tuned tensors the base lacks, whose initial values the file stores: name -> raw bytes."""
+        return {self.header["tensors"][k]["name"]: len(v) for k, v in sorted(self.inits.items())}
 
     @property
     def steps(self) -> int:
@@ -577,7 +585,8 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
     inits: dict[int, list[memoryview]] = {}
     init_got: dict[int, int] = {}
     init_needed: dict[int, int] = {}  # index -> bytes, for tensors marked init
-    steps = step_bytes = loss_bytes = index = 0
+    checkpoints: dict[int, str] = {}
+    steps = step_bytes = loss_bytes = init_bytes = index = 0
     truncated, corrupt = False, None
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -612,6 +621,7 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                                        f"do not continue its initial value in order")
                     inits.setdefault(k, []).append(data)
                     init_got[k] = got + len(data)
+                    init_bytes += CHUNK_HEAD.size + len(payload)
                 elif ctype == "STEP":
                     if not bits:
                         _check_inits_complete(path, init_got, init_needed)
@@ -633,6 +643,10 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                         raise _Corrupt(f"contradicts the fingerprint recorded earlier for step {steps}")
                 elif ctype == "eval":
                     evals.append(_decode_eval(dctx, payload, steps, budget))
+                elif ctype == "ckpt":
+                    at, fp = _decode_ckpt(dctx, payload, steps, budget)
+                    if checkpoints.setdefault(at, fp) != fp:
+                        raise _Corrupt(f"contradicts the checkpoint fingerprint recorded earlier for step {at}")
                 elif ctype in _LOSS_WIDTH:
                     first, values = decode_losses(_decompress(dctx, payload, MAX_LOSS_PAYLOAD, budget), ctype)
                     if first < loss_end or first + values.size > steps:
@@ -663,9 +677,9 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
             loss_array[first:first + values.size] = values
     grad_bits = np.concatenate(bits) if bits else np.zeros(0, dtype=np.uint16)
     # One part (the usual case) is kept as it came out of zstd; several are joined once.
-    init_bytes = {k: parts[0] if len(parts) == 1 else b"".join(parts) for k, parts in inits.items()}
+    init_data = {k: parts[0] if len(parts) == 1 else b"".join(parts) for k, parts in inits.items()}
     return Trajectory(path, header, grad_bits, loss_array, fingerprints, truncated, corrupt, size, step_bytes, offset,
-                      evals, init_bytes, loss_bytes)
+                      evals, init_data, loss_bytes, checkpoints, init_bytes)
 
 
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
@@ -712,6 +726,16 @@ def _decode_fprt(dctx: zstandard.ZstdDecompressor, payload: bytes, steps: int, n
     if len(fps) != n_tensors or not all(isinstance(s, str) and SHA256_HEX.fullmatch(s) for s in fps):
         raise _Corrupt(f"tensors must be {n_tensors} lowercase hex SHA-256 strings, one per tuned tensor")
     return fps
+
+
+def _decode_ckpt(dctx: zstandard.ZstdDecompressor, payload: bytes, steps: int, budget: _Budget) -> tuple[int, str]:
+    data = _decompress(dctx, payload, CKPT.size, budget)
+    if len(data) != CKPT.size:
+        raise _Corrupt(f"payload is {len(data)} bytes, not {CKPT.size}")
+    at, fp = CKPT.unpack(data)
+    if at > steps:
+        raise _Corrupt(f"step {at} is beyond the {steps} steps recorded before it")
+    return at, fp.hex()
 
 
 def _check_eval(obj: object, steps: int) -> dict:
@@ -1053,6 +1077,13 @@ class TrajectoryWriter:
         obj = _check_eval({"step": step, "split": split, "metrics": {k: float(v) for k, v in metrics.items()}},
                           self.steps)
         self._evals.append(self._chunk(b"eval", _json_dumps(obj)))
+
+    def add_checkpoint(self, step: int, fingerprint: str) -> None:
+        """Record the checkpoint fingerprint of the weights after `step` steps (format.md `ckpt`). Kept until
+        the next flush like evals: 36 bytes that need no cut in the step records."""
+        if type(step) is not int or not 0 <= step <= self.steps or not SHA256_HEX.fullmatch(fingerprint):
+            raise ValueError(f"a checkpoint needs a step in 0..{self.steps} and a lowercase hex SHA-256")
+        self._evals.append(self._chunk(b"ckpt", CKPT.pack(step, bytes.fromhex(fingerprint))))
 
     def flush(self) -> None:
         """Write pending steps (their losses, then pending evals) as chunks and fsync; the file is then

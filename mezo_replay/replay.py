@@ -2,8 +2,10 @@
 
 Peak memory is about one tuned tensor (plus slice-sized temporaries), never the whole model: each tuned
 tensor is read, checked against the fingerprint the trajectory recorded for the base, replayed through
-every step, checked against the final fingerprint, and written; frozen tensors are copied as bytes.
-The output appears only when everything matched (CheckpointWriter writes to a temporary sibling).
+every step, checked against the fingerprints the trajectory recorded for that step, and written; frozen
+tensors are copied as bytes. The output appears only when everything matched (CheckpointWriter writes
+to a temporary sibling). A step the trajectory recorded no fingerprint for is rebuilt only on request
+(`unverified`), since nothing could tell a wrong result from a right one.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import MezoReplayError
-from .fingerprint import DTYPE_NAMES, canonicalize_nan_, tensor_fingerprint
+from .fingerprint import DTYPE_NAMES, canonicalize_nan_, checkpoint_fingerprint, tensor_fingerprint
 from .mzt import Trajectory, read_trajectory
 from .rule import MezoSGD
 from .safetensors_io import BaseCheckpoint, CheckpointWriter
@@ -42,12 +44,42 @@ class ReplayPlan:
     rule: MezoSGD
     steps: int
     names: list[str]
-    expected: list[str] | None  # fingerprints recorded for `steps`, if any
+    expected: list[str] | None  # per-tensor fingerprints for `steps` (FPRT; the header's at step 0), if any
     constants: list[StepConstants]  # (c, d) of each step, shared by every tensor
+    checkpoint: str | None = None  # the checkpoint fingerprint for `steps` (ckpt chunk), if any
+
+    @property
+    def verified_by(self) -> str | None:
+        """What a result for `steps` is checked against, in words; None when nothing is recorded."""
+        n = len(self.names)
+        if self.steps == 0:
+            return f"step 0 is the base: each of the {n} tuned tensors matches its fingerprint in the trajectory"
+        if self.expected is not None:
+            return f"each of the {n} tuned tensors matches its fingerprint recorded for step {self.steps}"
+        if self.checkpoint is not None:
+            return f"the {n} tuned tensors together match the checkpoint fingerprint recorded for step {self.steps}"
+        return None
+
+    def require_fingerprint(self, escape: str | None = "--unverified") -> None:
+        """Raises unless the trajectory records something to check step `steps` against; the message
+        names `escape`, the option that proceeds anyway, if there is one."""
+        if self.verified_by is None:
+            recorded = sorted({0, *self.trajectory.fingerprints, *self.trajectory.checkpoints})
+            why = " (the file is truncated)" if self.trajectory.truncated else ""
+            raise VerificationError(f"the trajectory records no fingerprint for step {self.steps}{why}, so a result "
+                                    f"could not be verified; it has fingerprints for steps {_listed(recorded)}: "
+                                    f"pick one of those"
+                                    + (f", or pass {escape}" if escape else ""))
 
     @property
     def element_steps(self) -> int:
-        return self.steps * sum(math.prod(self.base.entry(n).shape) for n in self.names)
+        # From the header, not the base: new (init) tensors are not in the base.
+        return self.steps * sum(math.prod(t["shape"]) for t in self.trajectory.header["tensors"])
+
+
+def _listed(steps: list[int]) -> str:
+    shown = [str(s) for s in steps] if len(steps) <= 8 else [*map(str, steps[:3]), "...", *map(str, steps[-3:])]
+    return ", ".join(shown) + (f" ({len(steps):,} in all)" if len(steps) > 8 else "")
 
 
 def plan(base: str | os.PathLike[str] | BaseCheckpoint, trajectory: str | os.PathLike[str] | Trajectory,
@@ -76,8 +108,11 @@ def plan(base: str | os.PathLike[str] | BaseCheckpoint, trajectory: str | os.Pat
                                     f"the trajectory tuned {t['dtype']}{list(t['shape'])}")
         names.append(name)
     rule = MezoSGD.from_header(traj.header)
-    return ReplayPlan(ckpt, traj, rule, steps, names, traj.fingerprints.get(steps),
-                      step_constants(rule, traj.grad_bits[:steps]))
+    expected = traj.fingerprints.get(steps)
+    if steps == 0:
+        expected = [t["sha256"] for t in traj.header["tensors"]]
+    return ReplayPlan(ckpt, traj, rule, steps, names, expected, step_constants(rule, traj.grad_bits[:steps]),
+                      traj.checkpoints.get(steps))
 
 
 def read_base(p: ReplayPlan, index: int) -> torch.Tensor:
@@ -114,18 +149,33 @@ def _check(p: ReplayPlan, index: int, fingerprint: str) -> None:
                                 f"trajectory's fingerprint: the replay is not exact, or the file was altered")
 
 
+def _check_all(p: ReplayPlan, fingerprints: list[str]) -> None:
+    """The checkpoint fingerprint, when that is what the trajectory recorded for p.steps."""
+    if p.expected is None and p.checkpoint is not None and \
+            checkpoint_fingerprint(p.names, fingerprints) != p.checkpoint:
+        raise VerificationError(f"the tuned tensors after {p.steps} steps do not match the trajectory's checkpoint "
+                                f"fingerprint: the replay is not exact, or the file was altered")
+
+
 def reconstruct(p: ReplayPlan, out: str | os.PathLike[str], *, overwrite: bool = False,
-                device: str | torch.device = "cpu", progress: Progress | None = None) -> Path:
-    """Writes the checkpoint at step p.steps, mirroring the base's layout; returns the output path."""
+                device: str | torch.device = "cpu", progress: Progress | None = None,
+                unverified: bool = False) -> Path:
+    """Writes the checkpoint at step p.steps, mirroring the base's layout; returns the output path.
+    Refuses a step with no recorded fingerprint unless `unverified` (the base is checked even then)."""
+    if not unverified:
+        p.require_fingerprint()
     metadata = {"mezo_replay.steps": str(p.steps),
                 "mezo_replay.base_fingerprint": p.trajectory.header["base"]["fingerprint"]}
     new = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in p.trajectory.header["tensors"] if t.get("init")}
     with CheckpointWriter(p.base, out, overwrite=overwrite, metadata=metadata, new_tensors=new,
                           config=p.trajectory.header.get("config")) as writer:
+        fingerprints = []
         for index, name in enumerate(p.names):
             w = replay_named(p, index, device, progress)
-            _check(p, index, tensor_fingerprint(w))
+            fingerprints.append(tensor_fingerprint(w))
+            _check(p, index, fingerprints[-1])
             writer.write(name, w)
+        _check_all(p, fingerprints)
         tuned = set(p.names)
         for name in p.base.entries:
             if name not in tuned:
@@ -137,10 +187,9 @@ def verify(p: ReplayPlan, tuned: str | os.PathLike[str] | None = None, *, device
            progress: Progress | None = None) -> None:
     """Raises unless the base matches and the replay (or the given tuned checkpoint) matches the
     trajectory's fingerprints at p.steps. Nothing is written."""
-    if p.expected is None:
-        raise VerificationError(f"the trajectory records no fingerprint for step {p.steps}: nothing to verify "
-                                f"against" + (" (the file is truncated)" if p.trajectory.truncated else ""))
+    p.require_fingerprint(escape=None)
     given = BaseCheckpoint.open(tuned) if tuned is not None else None
+    fingerprints = []
     for index, name in enumerate(p.names):
         if given is None:
             w = replay_named(p, index, device, progress)
@@ -153,4 +202,6 @@ def verify(p: ReplayPlan, tuned: str | os.PathLike[str] | None = None, *, device
                 raise VerificationError(f"tensor {name!r} in {given.path} has dtype {w.dtype}")
             if progress is not None:
                 progress(w.numel() * p.steps)
-        _check(p, index, tensor_fingerprint(w))
+        fingerprints.append(tensor_fingerprint(w))
+        _check(p, index, fingerprints[-1])
+    _check_all(p, fingerprints)

@@ -13,12 +13,13 @@ on the same bytes as a run that was never interrupted.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +27,10 @@ from typing import IO, Any
 
 import torch
 
-from .data import Batch, DataError, batch_order
+from .data import Batch, DataError, Encoded, batch_order
 from .errors import CorruptChunkError, MezoReplayError
 from .filelock import FileLock
-from .fingerprint import DTYPE_NAMES
+from .fingerprint import DTYPE_NAMES, checkpoint_fingerprint
 from .hub import resolve_model
 from .mzt import TrajectoryWriter, read_trajectory
 from .optimizer import MeZO
@@ -71,6 +72,8 @@ class TrainConfig:
     device: str = "cpu"
     config: Path | None = None  # the config/tokenizer folder of a bare .safetensors model
     metadata: dict[str, str] = field(default_factory=dict)
+    checkpoint_every: int = 0  # also record a checkpoint fingerprint every N steps (besides each evaluation)
+    allow_new_tensors: bool = False  # store new tensors beyond a small head (e.g. a base of another layout)
 
 
 @dataclass
@@ -156,23 +159,147 @@ def select_parameters(model: Any, tune: Sequence[str], freeze: Sequence[str]) ->
         p.requires_grad_(chosen)
 
 
-def new_tensors(opt: MeZO, base: Path, allowed: bool) -> list[str]:
-    """Tuned parameters the base lacks: a classifier's new head (allowed), or a naming problem (not)."""
+def checkpoint_names(model: Any, stored: Collection[str]) -> dict[str, str]:
+    """Parameter name -> the key the base checkpoint stores it under (spec/selection.md names tensors by
+    their keys in the base). Matches keys as transformers does when it loads a checkpoint: a task model
+    (`bert.encoder...`) from a headless one saved without the base-model prefix (`encoder...`), and the
+    reverse. Parameters the base lacks keep their name, without the prefix if the base has none, so the
+    output of a reconstruction is named consistently."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    lead = prefix + "."
+    headless = bool(prefix) and not any(k.startswith(lead) for k in stored)
+    out: dict[str, str] = {}
+    for name, _ in model.named_parameters():
+        if name in stored or not prefix:
+            key = name
+        elif name.startswith(lead) and name[len(lead):] in stored:
+            key = name[len(lead):]
+        elif lead + name in stored:
+            key = lead + name
+        else:
+            key = name[len(lead):] if headless and name.startswith(lead) else name
+        out[name] = key
+    if len(set(out.values())) != len(out):
+        seen: dict[str, str] = {}
+        for name, key in out.items():
+            if key in seen:
+                raise MezoReplayError(f"parameters {seen[key]!r} and {name!r} both map to {key!r} in the base")
+            seen[key] = name
+    return out
+
+
+def head_parameters(model: Any) -> set[str]:
+    """Names of the parameters outside the model's base model: the task head (classifier, score) that a
+    task model adds on top of a checkpoint."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix or getattr(model, prefix, None) is None:
+        return set()
+    return {n for n, _ in model.named_parameters() if not n.startswith(prefix + ".")}
+
+
+NEW_TENSOR_SHARE = 0.05  # new tensors beyond the head, as a share of the model's parameters, stored unasked
+
+
+def new_tensors(opt: MeZO, base: Path, allowed: bool, *, head: Collection[str] = (), model_elements: int = 0,
+                allow_large: bool = False) -> list[str]:
+    """Tuned parameters the base lacks: a classifier's new head (allowed), or a naming problem (not).
+
+    New tensors travel whole in the trajectory, so a base whose names do not match (another layout, a
+    wrong checkpoint) would silently turn a kilobyte trajectory into a copy of the model. Beyond the
+    head, at most NEW_TENSOR_SHARE of the model's parameters (e.g. BERT's pooler, which masked-LM
+    checkpoints lack) are stored unless `allow_large`."""
     entries = BaseCheckpoint.open(base).entries
     missing = [n for n in opt.names if n not in entries]
     if missing and not allowed:
         raise MezoReplayError(f"parameter {missing[0]!r} is not stored under that name in {base}; "
                               f"reconstruct could not find it")
+    sizes = {n: p.numel() * p.element_size() for n, p in zip(opt.names, opt.params)}
+    counts = {n: p.numel() for n, p in zip(opt.names, opt.params)}
+    extra = sum(counts[n] for n in missing if n not in head)
+    total = model_elements or sum(counts.values())
+    if missing and not allow_large and extra > NEW_TENSOR_SHARE * total:
+        listed = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise MezoReplayError(
+            f"{len(missing)} tuned tensors ({sum(counts[n] for n in missing):,} parameters, "
+            f"{sum(sizes[n] for n in missing):,} bytes) are not in the base {base} and would be stored whole "
+            f"in the trajectory: {listed}; only a small new head is expected (check --model), or pass "
+            f"--allow-new-tensors to store them anyway")
     return missing
 
 
-def _resume(opt: MeZO, path: Path, flush_every: int) -> int:
+# Header facts that decide what the steps are, by the option that sets them. Metadata keys come from
+# train() (spec/metadata.md); the others are paths into the generator, noise and rule objects.
+STEP_SETTINGS = {
+    "task": "--task", "objective": "--objective", "batch_size": "--batch-size", "max_length": "--max-length",
+    "dtype": "--dtype", "template": "--template", "label_words": "--label-words", "label_key": "--label-key",
+    "text_key": "--text-key", "prompt_key": "--prompt-key", "completion_key": "--completion-key",
+    "labels": "--data (its labels)", "examples": "--data (its number of examples)",
+    "train_data_sha256": "--data (its contents)",
+    "generator.seed": "--seed", "noise.name": "--noise", "rule.lr": "--lr", "rule.eps": "--eps",
+    "rule.schedule.name": "--schedule", "rule.schedule.warmup_steps": "--warmup-steps",
+    "rule.schedule.total_steps": "--steps (the schedule's length)", "rule.weight_decay": "--weight-decay",
+}
+_SHAPES_DATA = {"task", "max_length", "template", "label_words", "label_key", "text_key", "prompt_key",
+                "completion_key", "labels", "examples"}  # settings the encoded training set depends on
+_LATER_KEYS = {"dtype", "train_data_sha256"}  # not recorded by earlier versions: compared only when present
+
+
+def setting_differences(old: Mapping[str, Any], fresh: Mapping[str, Any]) -> list[str]:
+    """'OPTION OLD there, NEW now' for every recorded setting that affects the steps and differs."""
+    found: list[tuple[str, Any, Any]] = []
+    old_meta, new_meta = old.get("metadata", {}), fresh.get("metadata", {})
+    for key in STEP_SETTINGS:
+        if "." in key:
+            continue
+        if key in _LATER_KEYS and key not in old_meta:
+            continue
+        if old_meta.get(key) != new_meta.get(key):
+            found.append((key, old_meta.get(key), new_meta.get(key)))
+    changed = {k for k, _, _ in found}
+    if changed & {"task", "template"}:  # another task reads other columns; a template replaces one
+        own = _SHAPES_DATA - {"task", "max_length", "examples", "template"} if "task" in changed else \
+            {"text_key", "prompt_key"}
+        found = [d for d in found if not (d[0] in own and None in d[1:])]
+    if len(found) > 1 and found[-1][0] == "train_data_sha256" and any(k in _SHAPES_DATA for k, _, _ in found):
+        found.pop()  # the encoded data differs because of a setting already named
+    found = [(k, a[:12] + "...", b[:12] + "...") if k == "train_data_sha256" and a and b else (k, a, b)
+             for k, a, b in found]
+    for part in ("generator", "noise", "rule"):
+        diffs = _differences(_filled(old[part]), _filled(fresh[part]))
+        named = [d for d in diffs if d[0] == "name"]  # another sampler or rule: its own keys follow from it
+        found += [(f"{part}.{k}", a, b) for k, a, b in (named or diffs)]
+    out = [f"{STEP_SETTINGS.get(k, k)} {_shown(a, b)} there, {_shown(b, a)} now" for k, a, b in found]
+    old_names, new_names = [t["name"] for t in old["tensors"]], [t["name"] for t in fresh["tensors"]]
+    if old_names != new_names:
+        out.append(f"--tune/--freeze: {len(old_names)} tuned tensors there, {len(new_names)} now")
+    return out
+
+
+def _filled(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A header object with the schedule's omitted zeros written out, so only real differences show."""
+    out = dict(obj)
+    if isinstance(out.get("schedule"), dict):
+        out["schedule"] = {"warmup_steps": 0, "total_steps": 0, **out["schedule"]}
+    return out
+
+
+def _shown(value: Any, other: Any = None) -> str:
+    if value is None:
+        return "(not set)"
+    if isinstance(value, float):  # recorded values are rounded to fewer bits: 4 digits show what was typed
+        short = f"{value:.4g}"
+        return repr(value) if isinstance(other, float) and short == f"{other:.4g}" else short
+    text = str(value)
+    return text if text and not any(c.isspace() or c in "'\"" for c in text) else repr(text)
+
+
+def _resume(opt: MeZO, path: Path, flush_every: int, fresh: Mapping[str, Any] | None = None) -> int:
     """Holds the file's writer lock from before reading it until the run ends, so a second writer (another
     --resume, a train --overwrite) fails at once instead of interleaving chunks; points a damaged file to
     `mezo-replay repair`."""
     lock = FileLock.acquire(path)
     try:
-        return _resume_locked(opt, path, flush_every, lock)
+        return _resume_locked(opt, path, flush_every, lock, fresh)
     except CorruptChunkError as e:
         lock.release()
         raise MezoReplayError(f"--resume: {e}; `mezo-replay repair {path}` copies them to a new file that "
@@ -182,20 +309,16 @@ def _resume(opt: MeZO, path: Path, flush_every: int) -> int:
         raise
 
 
-def _resume_locked(opt: MeZO, path: Path, flush_every: int, lock: FileLock) -> int:
+def _resume_locked(opt: MeZO, path: Path, flush_every: int, lock: FileLock,
+                   fresh: Mapping[str, Any] | None = None) -> int:
     """Replays the trajectory's steps onto the optimizer's (base) weights, checks them, and reopens the
-    file for appending. Refuses a trajectory from another base or other settings."""
+    file for appending. Refuses a trajectory from another base or with any setting that changes the
+    steps (`fresh`: the header this run would write), naming every difference in one line."""
     traj = read_trajectory(path)
-    fresh = opt.header()
+    fresh = fresh if fresh is not None else opt.header()
     old = traj.header
-    for key in ("generator", "noise", "rule"):
-        if old[key] != fresh[key]:
-            diff = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in _differences(old[key], fresh[key]))
-            raise MezoReplayError(f"--resume refused: {path} was trained with other settings ({key} {diff})")
-    old_names = [t["name"] for t in old["tensors"]]
-    if old_names != opt.names:
-        raise MezoReplayError(f"--resume refused: {path} tunes {len(old_names)} tensors, these settings "
-                              f"{len(opt.names)} (check --tune/--freeze)")
+    if diffs := setting_differences(old, fresh):
+        raise MezoReplayError(f"--resume refused: {path} was recorded with other settings: " + "; ".join(diffs))
     if [t["sha256"] for t in old["tensors"]] != [t["sha256"] for t in fresh["tensors"]] or \
             [t.get("decay") for t in old["tensors"]] != [t.get("decay") for t in fresh["tensors"]]:
         raise MezoReplayError(f"--resume refused: the model is not the base {path} was trained from "
@@ -205,7 +328,9 @@ def _resume_locked(opt: MeZO, path: Path, flush_every: int, lock: FileLock) -> i
     for k, p in enumerate(opt.params):
         replay_tensor_(p.data, opt.rule, k, constants, decay=opt.decay[k])
     expected = traj.fingerprints.get(n)
-    if expected is not None and expected != opt.fingerprints():
+    fps = opt.fingerprints() if expected is not None or n in traj.checkpoints else []
+    if (expected is not None and expected != fps) or \
+            (n in traj.checkpoints and traj.checkpoints[n] != checkpoint_fingerprint(opt.names, fps)):
         raise MezoReplayError(f"--resume: replaying {path} does not reproduce its fingerprint at step {n}")
     opt.attach(TrajectoryWriter.open_append(path, steps_per_chunk=flush_every, lock=lock), n)
     return n
@@ -241,8 +366,16 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
             signal.signal(s, h)
 
 
+def record_checkpoint(opt: MeZO) -> None:
+    """Record the checkpoint fingerprint of the weights as they are now (format.md `ckpt`), so that
+    `reconstruct --step N` can verify this step. Costs one pass of SHA-256 over the tuned tensors."""
+    if opt.writer is not None and opt.step_count:
+        opt.writer.add_checkpoint(opt.step_count, checkpoint_fingerprint(opt.names, opt.fingerprints()))
+
+
 def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.Tensor | float]], *,
-        after_step: Callable[[int, float], None] | None = None) -> bool:
+        after_step: Callable[[int, float], None] | None = None,
+        checkpoint_every: int | Callable[[int], bool] = 0) -> bool:
     """Runs `opt` from its current step to `steps`, then closes it (writing the final fingerprint).
 
     The loop `mezo-replay train` uses, for people who bring their own model and data: `closure_for(t)`
@@ -250,7 +383,12 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
     step. SIGINT and SIGTERM stop it cleanly between steps, so the trajectory always ends complete and
     verifiable; returns True if a signal stopped it. A second Ctrl-C interrupts mid-step: the recorded
     steps stay valid, but no final fingerprint is written for half-stepped weights.
+
+    `checkpoint_every` (N, or a predicate of the step count) records a checkpoint fingerprint after
+    those steps (not the last: the final fingerprint covers it), so they can be rebuilt verified.
     """
+    due = checkpoint_every if callable(checkpoint_every) else (
+        lambda done: bool(checkpoint_every) and done % checkpoint_every == 0)
     interrupted = False
     try:
         with _stop_on_signals() as stop:
@@ -258,6 +396,8 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
                 loss = opt.step(closure_for(step))
                 if after_step is not None:
                     after_step(step + 1, loss)
+                if step + 1 < steps and due(step + 1):
+                    record_checkpoint(opt)
                 if stop.set:
                     interrupted = True
                     break
@@ -300,28 +440,36 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     eval_batches = [task.make_batch(eval_set[i:i + cfg.eval_batch_size], pad)
                     for i in range(0, len(eval_set), cfg.eval_batch_size)]
     select_parameters(model, cfg.tune, cfg.freeze)
-    base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, cfg.overwrite or cfg.resume)
     schedule = Schedule(cfg.schedule, cfg.warmup_steps, cfg.steps if cfg.schedule != "constant" or
                         cfg.warmup_steps else 0)
-    opt = MeZO(model.named_parameters(), lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise,
-               schedule=schedule.validated(), weight_decay=cfg.weight_decay)
-    added = new_tensors(opt, base, allowed=labels is not None)
+    keys = checkpoint_names(model, BaseCheckpoint.open(src.weights).entries)  # a cast copy keeps the names
+    opt = MeZO(((keys[n], p) for n, p in model.named_parameters()), lr=cfg.lr, eps=cfg.eps, seed=cfg.seed,
+               noise=cfg.noise, schedule=schedule.validated(), weight_decay=cfg.weight_decay)
+    added = new_tensors(opt, src.weights, allowed=labels is not None,
+                        head={keys[n] for n in head_parameters(model)}, model_elements=sum(p.numel() for p in model.parameters()),
+                        allow_large=cfg.allow_new_tensors)
+    meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
+            "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
+            "dtype": cfg.dtype, "train_data_sha256": data_fingerprint(train_set),
+            "base_model": src.source + (f"@{src.revision}" if src.revision else ""), **cfg.metadata}
+    config = None
+    if labels is not None:  # the classifier's config, so a rebuilt folder loads as the classifier
+        config = json.loads(model.config.to_json_string())
+        config["architectures"] = [type(model).__name__]
     if cfg.resume:
-        start = _resume(opt, cfg.out, cfg.flush_every)
+        start = _resume(opt, cfg.out, cfg.flush_every, opt.header(metadata=meta, new_tensors=added))
         if start >= cfg.steps:
             writer, opt.writer = opt.writer, None
             writer.close()  # unlocks; writes nothing, not even a second final fingerprint
             raise MezoReplayError(f"--resume: {cfg.out} already holds {start} steps (--steps {cfg.steps})")
+        base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, True)  # after the checks: nothing if refused
     else:
         start = 0
-        meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
-                "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
-                "base_model": src.source + (f"@{src.revision}" if src.revision else ""), **cfg.metadata}
+        base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, cfg.overwrite)
         same = base == src.weights  # else: a copy cast to the training dtype, named by its path
         opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every,
                    base_source=src.source if same else str(base), base_revision=src.revision if same else None,
-                   metadata=meta, new_tensors=added,
-                   config=json.loads(model.config.to_json_string()) if labels is not None else None)
+                   metadata=meta, new_tensors=added, config=config)
 
     def evaluate(step: int) -> dict[str, float]:
         metrics = task.evaluate(model, eval_batches)
@@ -339,9 +487,15 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
         batch: Batch = task.make_batch([train_set[i] for i in idx], pad).to(cfg.device)
         return lambda: task.objective(model, batch, cfg.objective)
 
+    def eval_due(done: int) -> bool:
+        return bool(eval_batches) and bool(cfg.eval_every) and done % cfg.eval_every == 0
+
+    def checkpoint_due(done: int) -> bool:  # evaluated weights can be rebuilt and verified
+        return eval_due(done) or bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0
+
     def after_step(done: int, loss: float) -> None:
         metrics = None
-        if eval_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+        if eval_due(done) or (eval_batches and done == cfg.steps):
             metrics = evaluate(done)
         size = os.path.getsize(cfg.out)
         lr = opt.rule.lr_at(done - 1)
@@ -352,10 +506,19 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
 
     if eval_batches and start == 0:
         evaluate(0)
-    interrupted = fit(opt, cfg.steps, closure_for, after_step=after_step)
+    interrupted = fit(opt, cfg.steps, closure_for, after_step=after_step, checkpoint_every=checkpoint_due)
     if evals and not all(math.isfinite(v) for v in evals[-1][1].values()):
         raise MezoReplayError("evaluation is not finite: lower --lr")
     return TrainResult(cfg.out, base, model, opt, evals, start, interrupted)
+
+
+def data_fingerprint(encoded: Sequence[Encoded]) -> str:
+    """SHA-256 of the encoded training examples in order (spec/metadata.md): what the steps' batches are
+    drawn from, after template, label words, tokenizer and max length, so a resume can refuse other data."""
+    h = hashlib.sha256(b"mezo-replay train data\0")
+    for e in encoded:
+        h.update(json.dumps([e.input_ids, e.labels, e.label], separators=(",", ":")).encode() + b"\n")
+    return h.hexdigest()
 
 
 def _log(stream: IO[str] | None, record: dict[str, Any]) -> None:

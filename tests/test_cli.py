@@ -132,6 +132,8 @@ def test_truncated_file_uses_complete_frames(work):
     code, out = run("info", d / "cut.mzt")
     assert "truncated: 6 steps recoverable" in out
     code, out = run("reconstruct", d / "base", d / "cut.mzt", "-o", d / "six", "-q")
+    assert code == 1 and "no fingerprint for step 6" in out and "--unverified" in out and not (d / "six").exists()
+    code, out = run("reconstruct", d / "base", d / "cut.mzt", "-o", d / "six", "-q", "--unverified")
     assert code == 0 and "truncated" in out and "NOT verified" in out
     code, out = run("reconstruct", d / "base", d / "cut.mzt", "-o", d / "seven", "-q", "--step", "7")
     assert code == 1 and "beyond the 6 steps" in out and not (d / "seven").exists()

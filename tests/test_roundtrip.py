@@ -116,8 +116,11 @@ def test_single_file_base_and_step_checkpoints(tmp_path):
     for name, p in zip(opt.names, opt.params):
         assert tensor_bytes(read_out(out, name)) == tensor_bytes(p)
     p4 = replay.plan(base_file, tmp_path / "t.mzt", step=4)
-    assert p4.expected is None  # no fingerprint recorded at step 4: written, but unverified
-    out4 = replay.reconstruct(p4, tmp_path / "step4.safetensors")
+    assert p4.expected is None and p4.checkpoint is None  # no fingerprint recorded at step 4
+    with pytest.raises(replay.VerificationError, match="no fingerprint for step 4.*steps 0, 6"):
+        replay.reconstruct(p4, tmp_path / "step4.safetensors")
+    assert not (tmp_path / "step4.safetensors").exists()
+    out4 = replay.reconstruct(p4, tmp_path / "step4.safetensors", unverified=True)
     for name in opt.names:
         assert tensor_bytes(read_out(out4, name)) == tensor_bytes(snap[name])
     with safe_open(str(out4), framework="pt") as f:

@@ -222,7 +222,8 @@ def test_training_phases_equal_replay(dtype, backend):
     del b
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-cosine-decay", "tiny-new-tensor", "tiny-nan"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-cosine-decay", "tiny-new-tensor", "tiny-nan",
+                                  "tiny-checkpoints"])
 def test_tiny_end_to_end_vector(tmp_path, name, backend):
     """spec/vectors/tiny*: the numpy reference and the torch reconstruct both land on expected.json."""
     import hashlib

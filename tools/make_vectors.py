@@ -141,7 +141,7 @@ def rule() -> dict:
 
 
 def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_tensor: bool = False,
-         nan_payloads: bool = False) -> None:
+         nan_payloads: bool = False, checkpoints: tuple[int, ...] = ()) -> None:
     """spec/vectors/tiny: a base with one tensor per dtype (special values included) and a frozen one,
     a trajectory recorded by the real optimizer from a fixed loss sequence, and the expected result.
     With nan_payloads the base's NaNs have signs, payloads and signalling bits that every output must
@@ -151,7 +151,7 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
     import torch
     from safetensors.torch import save_file
 
-    from mezo_replay.fingerprint import canonicalize_nan_, tensor_fingerprint
+    from mezo_replay.fingerprint import canonicalize_nan_, checkpoint_fingerprint, tensor_fingerprint
     from mezo_replay.optimizer import MeZO
 
     out = SPEC / name
@@ -181,8 +181,12 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
     (out / "traj.mzt").unlink(missing_ok=True)
     opt.record(out / "traj.mzt", base_source="base.safetensors", steps_per_chunk=4,
                metadata={"purpose": "spec test vector"}, new_tensors=["e.head"] if new_tensor else ())
+    at: dict[str, str] = {}
     for _ in range(6):
         opt.step(lambda: next(losses))
+        if opt.step_count in checkpoints:  # format.md ckpt
+            at[str(opt.step_count)] = checkpoint_fingerprint(opt.names, opt.fingerprints())
+            opt.writer.add_checkpoint(opt.step_count, at[str(opt.step_count)])
     opt.close()
     expected = {"about": "tuned tensors after all steps of traj.mzt on base.safetensors: fingerprint "
                          "(format.md) and SHA-256 of the raw little-endian bytes, NaNs canonical",
@@ -191,6 +195,8 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
                                 "sha256": hashlib.sha256(canonicalize_nan_(p.detach().clone()).contiguous()
                                                          .view(torch.uint8).numpy()).hexdigest()}
                             for n, p in zip(opt.names, opt.params)}}
+    if checkpoints:
+        expected["checkpoints"] = at  # step -> checkpoint fingerprint (format.md ckpt)
     (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
     print("wrote", out)
 
@@ -206,6 +212,7 @@ def main() -> None:
     tiny("tiny-cosine-decay", schedule=Schedule("cosine", warmup_steps=2, total_steps=6), weight_decay=0.5)
     tiny("tiny-new-tensor", new_tensor=True)
     tiny("tiny-nan", nan_payloads=True)
+    tiny("tiny-checkpoints", checkpoints=(2, 4))
 
 
 if __name__ == "__main__":
