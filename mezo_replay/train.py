@@ -320,9 +320,11 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
         meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
                 "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
                 "base_model": source + (f"@{src.revision}" if src.revision else ""), **cfg.metadata}
-        same = base == src.weights  # else: a copy cast to the training dtype, named by its path
+        same = base == src.weights  # else: a copy cast to the training dtype, named by its path from the
+        # trajectory's folder (it is saved beside it), which stays true when both are moved together
         opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every,
-                   base_source=source if same else str(base), base_revision=src.revision if same else None,
+                   base_source=source if same else os.path.relpath(base, cfg.out.parent),
+                   base_revision=src.revision if same else None,
                    metadata=meta, new_tensors=added, record_losses=cfg.record_losses,
                    config=json.loads(model.config.to_json_string()) if labels is not None else None)
 
