@@ -35,8 +35,7 @@ class Storage:
         return self.file_bytes / self.steps if self.steps else 0.0
 
     def as_dict(self) -> dict[str, object]:
-        return {"by_kind": dict(self.by_kind), "chunks": dict(self.chunks), "init_tensors": self.init_tensors,
-                "file_bytes_per_step": self.file_bytes_per_step}
+        return {"by_kind": dict(self.by_kind), "chunks": dict(self.chunks), "init_tensors": self.init_tensors}
 
 
 def storage(traj: Trajectory) -> Storage:
