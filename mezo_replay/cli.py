@@ -133,7 +133,8 @@ def _two_defaults(key: str) -> str:
               default="prompt-completion", show_default=True,
               help="prompt-completion: loss on the completion only; label-words: MeZO's prompt-based "
                    "classification; classify-head: a sequence classifier with a new head (its initial "
-                   "values travel in the trajectory); lm: plain language modelling on a text column.")
+                   "values travel in the trajectory; a random head learns slowly under MeZO, so try "
+                   "label-words first); lm: plain language modelling on a text column.")
 @click.option("--template", show_default="none: the prompt (or text) column as it is",
               help="Build the prompt from columns, e.g. '{sentence} It was' (causal LM) or "
               "'{sentence} It was {mask}.' (masked LM).")
@@ -210,7 +211,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
     {mask} template) or a sequence classifier with a new head (classify-head). With no options it
     fine-tunes the tiny Llama that ships with mezo-replay on a small sentiment task (about 50 seconds
     on two CPU cores) and prints the command that rebuilds the tuned weights. A default shown as
-    "A; B for the embedded demo" is A for your --model (MeZO's published setting) and B without one.
+    "A; B for the embedded demo" is A for your --model (MeZO's published setting), B for the embedded
+    tiny model.
 
     \b
     Examples:
@@ -222,11 +224,12 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
     from . import embedded
     from .data import load_splits
     from .mzt import read_trajectory
-    from .storage import storage
     from .defaults import MEZO_DEFAULTS
+    from .storage import storage
     from .train import StepReport, TrainConfig, relpath, train as run
 
-    d = embedded.DEFAULTS if model is None else MEZO_DEFAULTS
+    demo = model is None or embedded.portable_name(embedded.local_path(model)) is not None
+    d = embedded.DEFAULTS if demo else MEZO_DEFAULTS
     if quiet:
         import transformers
 

@@ -42,7 +42,6 @@ from .tasks import Task, check_objective, check_template_fits_model, make_task
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-
 @dataclass
 class TrainConfig:
     model: str | Path  # a folder, a .safetensors file (with `config`), or a Hub id org/name[@revision]
@@ -128,9 +127,9 @@ def load_model(path: Path, dtype: str, device: str, labels: Sequence[str] | None
 def in_memory_(model: Any) -> None:
     """Copies every parameter and buffer into ordinary memory. from_pretrained leaves CPU weights
     memory-mapped from the safetensors file, so the first forward passes page the checkpoint in from
-    disk, tensor by tensor (9x slower than later ones on a 135M model): they would land inside the
-    first training steps and evaluation. Copying costs one sequential read here instead. `p.data = ...`
-    keeps tied weights tied (they share one Parameter)."""
+    disk, tensor by tensor (9x slower than later ones on SmolLM2-135M from a cold disk, issue 14):
+    that cost would land inside the first training steps and the first evaluation. Copying pays it
+    here, as one sequential read. `p.data = ...` keeps tied weights tied (they share one Parameter)."""
     for p in model.parameters():
         p.data = p.data.clone()
     for b in model.buffers():
