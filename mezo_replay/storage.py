@@ -49,7 +49,10 @@ def storage(traj: Trajectory) -> Storage:
     with open(traj.path, "rb") as f:
         while offset + CHUNK_HEAD.size <= traj.valid_bytes:
             f.seek(offset)
-            length, raw_type, _ = CHUNK_HEAD.unpack(f.read(CHUNK_HEAD.size))
+            head = f.read(CHUNK_HEAD.size)
+            if len(head) < CHUNK_HEAD.size:
+                break  # the file shrank since it was read
+            length, raw_type, _ = CHUNK_HEAD.unpack(head)
             size = CHUNK_HEAD.size + length
             if offset + size > traj.valid_bytes:
                 break  # the file changed since it was read: stop at what the reader saw
@@ -65,9 +68,9 @@ def storage(traj: Trajectory) -> Storage:
         by_kind["unread"] = traj.file_bytes - offset
     order = [*KINDS.values(), "other", "unread"]
     tensors = traj.header.get("tensors", [])
-    inits = [{"name": tensors[k]["name"] if k < len(tensors) else f"#{k}",
-              "raw_bytes": math.prod(tensors[k]["shape"]) * _itemsize(tensors[k]["dtype"]) if k < len(tensors) else 0,
-              "stored_bytes": n} for k, n in sorted(init_stored.items())]
+    inits = [{"name": tensors[k]["name"], "raw_bytes": math.prod(tensors[k]["shape"]) * _itemsize(tensors[k]["dtype"]),
+              "stored_bytes": n} if 0 <= k < len(tensors) else {"name": f"#{k}", "raw_bytes": 0, "stored_bytes": n}
+             for k, n in sorted(init_stored.items())]
     return Storage(traj.file_bytes, traj.steps, {k: by_kind[k] for k in order if k in by_kind},
                    {k: chunks[k] for k in order if k in chunks}, inits)
 
