@@ -193,7 +193,8 @@ def model_card(traj: Trajectory, *, path_in_repo: str, repo_id: str) -> ModelCar
         title, "",
         f"`{name}` is not a set of weights but a [MeZO]({_MEZO_PAPER}) trajectory: with the base model "
         f"{base_link} it is the whole fine-tune, stored as the training settings plus one record per step "
-        f"({human_bytes(traj.file_bytes)} in all, {sizes.file_bytes_per_step:.1f} bytes per step). [mezo-replay]({_PROJECT}) replays it bit-exactly, on CPU or GPU, into the tuned weights.", "",
+        f"({human_bytes(traj.file_bytes)} in all, {sizes.file_bytes_per_step:.1f} bytes per step). "
+        f"[mezo-replay]({_PROJECT}) replays it bit-exactly, on CPU or GPU, into the tuned weights.", "",
         "| | |", "|---|---|",
         *(f"| {label} | {value} |" for label, value in rows), "",
     ]

@@ -36,7 +36,7 @@ LABEL_WORDS: tuple[str, ...] = (" great", " terrible")
 #: MeZO settings for the default run, tuned on 2 CPU cores: 1000 steps take about 50 s there and
 #: bring the eval loss from 1.95 to about 0.33.  lr 1e-4 already drifts (accuracy decays after a few
 #: hundred steps) and 2e-4 diverges; 5e-5 leaves a margin.  This tiny model needs a far larger lr
-#: than MeZO's published 1e-6 for real models (train.MEZO_DEFAULTS), which user models get.
+#: than MeZO's published 1e-6 for real models (defaults.MEZO_DEFAULTS), which user models get.
 DEFAULTS: dict = {
     "lr": 5e-5,
     "eps": 1e-3,
