@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -77,13 +78,14 @@ def main() -> None:
     \b
     A MeZO fine-tune is the base model plus one (seed, projected gradient) record per step.
     `train` records those into a trajectory file (.mzt); `reconstruct` replays it on the base.
+    Models: Hugging Face causal LMs, masked LMs (label words) and sequence classifiers.
 
     \b
     Five-minute tour:
-      mezo-replay train                       # fine-tune the embedded tiny model, write traj.mzt
-      mezo-replay info traj.mzt               # what is in it, bytes per step
-      mezo-replay reconstruct BASE traj.mzt -o tuned   # the command `train` prints
-      mezo-replay verify BASE traj.mzt tuned  # check any weights against the trajectory
+      mezo-replay train                # the embedded tiny Llama, ~50 s on 2 CPU cores: traj.mzt
+      mezo-replay info traj.mzt        # steps, whole-file bytes, what is stored, evals
+      mezo-replay reconstruct mezo-replay:embedded/tiny-llama traj.mzt -o tuned   # as `train` prints
+      mezo-replay verify mezo-replay:embedded/tiny-llama traj.mzt tuned   # check weights
     """
 
 
@@ -101,22 +103,44 @@ def _label_words(value: str | None) -> dict[str, str] | None:
     return {str(k): v for k, v in words.items()}
 
 
+# Defaults that differ between the embedded demo and a user's model, as --help shows them: the first
+# value is MeZO's published setting (defaults.MEZO_DEFAULTS), then the demo's (embedded.DEFAULTS).
+def _two_defaults(key: str) -> str:
+    from .defaults import MEZO_DEFAULTS
+    from .embedded import DEFAULTS
+
+    def text(x: float) -> str:
+        return re.sub(r"e([+-])0*(\d)", lambda m: "e" + m[1].replace("+", "") + m[2], f"{x:g}")  # 1e-06 -> 1e-6
+
+    user, demo = MEZO_DEFAULTS[key], DEFAULTS[key]
+    return text(user) if user == demo else f"{text(user)}; {text(demo)} for the embedded demo"
+
+
 @main.command()
-@click.option("--model", help="A Hugging Face model folder, a Hub id org/name[@revision] (through the Hugging "
-              "Face cache; the commit sha is recorded), or a .safetensors file with --config. A causal LM, or a "
-              "masked LM for label-words. Default: the embedded tiny Llama.")
+@click.option("--model", show_default="the embedded tiny Llama, mezo-replay:embedded/tiny-llama",
+              help="A Hugging Face model folder, a Hub id org/name[@revision] (through the Hugging "
+              "Face cache; the commit sha is recorded), or a .safetensors file with --config. A causal LM; a "
+              "masked LM for label-words; any model with a sequence-classification class for classify-head.")
 @click.option("--config", "config_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
-              help="With a .safetensors --model: the folder holding its config.json and tokenizer.")
-@click.option("--data", help="Training data: a .jsonl/.json/.csv/.parquet file or a Hugging Face data set "
-              "name (needs `datasets`). Default: the embedded sentiment task.")
-@click.option("--eval-data", help="Evaluation data (a file); for a data set name its validation split is used.")
+              show_default="none", help="With a .safetensors --model: the folder holding its config.json and "
+              "tokenizer.")
+@click.option("--data", show_default="the embedded sentiment task",
+              help="Training data: a .jsonl/.json/.csv/.parquet file or a Hugging Face data set "
+              "name (needs `datasets`).")
+@click.option("--eval-data", show_default="none; a data set's validation split, or the embedded eval set",
+              help="Evaluation data (a file).")
 @click.option("--task", "task_kind", type=click.Choice(["prompt-completion", "label-words", "classify-head", "lm"]),
               default="prompt-completion", show_default=True,
               help="prompt-completion: loss on the completion only; label-words: MeZO's prompt-based "
                    "classification; classify-head: a sequence classifier with a new head (its initial "
-                   "values travel in the trajectory); lm: plain language modelling on a text column.")
-@click.option("--template", help="Build the prompt from columns, e.g. '{sentence} It was'.")
-@click.option("--label-words", help='For label-words: JSON label -> word, e.g. \'{"0": " terrible", "1": " great"}\'.')
+                   "values travel in the trajectory; a random head learns slowly under MeZO, so try "
+                   "label-words first); lm: plain language modelling on a text column.")
+@click.option("--template", show_default="none: the prompt (or text) column as it is",
+              help="Build the prompt from columns, e.g. '{sentence} It was' (causal LM) or "
+              "'{sentence} It was {mask}.' (masked LM).")
+@click.option("--label-words", show_default="none; required by label-words",
+              help='For label-words: JSON label -> word, e.g. \'{"0": " terrible", "1": " great"}\'. Label '
+                   'words learn far faster under MeZO than the new random head of classify-head.')
 @click.option("--text-key", default="text", show_default=True, help="Column of the text (lm, classify-head).")
 @click.option("--prompt-key", default="prompt", show_default=True, help="Column of the prompt.")
 @click.option("--completion-key", default="completion", show_default=True, help="Column of the completion.")
@@ -127,31 +151,43 @@ def _label_words(value: str | None) -> dict[str, str] | None:
                    "which MeZO can optimise directly since it needs no gradient.")
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("traj.mzt"),
               show_default=True, help="Trajectory file to write.")
-@click.option("--resume", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+@click.option("--resume", type=click.Path(path_type=Path, dir_okay=False, exists=True), show_default="none",
               help="Continue this trajectory: its steps are replayed onto the base, checked, and training "
                    "goes on to --steps. Settings must match the original run. A torn last chunk (a crash, a "
                    "full disk) is cut off; a corrupt file is refused: `mezo-replay repair` keeps its valid "
                    "steps.")
-@click.option("--steps", type=click.IntRange(1, 2**32 - 1), help="Total MeZO steps. [default: embedded setting]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
-@click.option("--eps", type=click.FloatRange(min=0, min_open=True), help="Perturbation scale.")
+@click.option("--steps", type=click.IntRange(1, 2**32 - 1), show_default=_two_defaults("steps"),
+              help="Total MeZO steps (MeZO's paper runs 20,000).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), show_default=_two_defaults("lr"),
+              help="Peak learning rate. The default for your model is MeZO's published setting (1e-6 or "
+                   "1e-7 for full fine-tuning); the tiny demo model needs far more.")
+@click.option("--eps", type=click.FloatRange(min=0, min_open=True), show_default=_two_defaults("eps"),
+              help="Perturbation scale.")
 @click.option("--schedule", type=click.Choice(["constant", "linear", "cosine"]), default="constant",
               show_default=True, help="Learning-rate schedule after warmup.")
-@click.option("--warmup-steps", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(0), default=0, show_default=True,
+              help="Steps of linear warmup from 0 to --lr.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Decoupled weight decay (MeZO's rule: not on biases, norms or other 1-d tensors).")
-@click.option("--tune", multiple=True, help="Tune only parameters matching this glob (repeatable), "
-              "e.g. 'layers.*.self_attn'.")
-@click.option("--freeze", multiple=True, help="Do not tune parameters matching this glob (repeatable).")
-@click.option("--batch-size", type=click.IntRange(1), help="Examples per step.")
-@click.option("--max-length", type=click.IntRange(2), help="Tokens per example (longer prompts are cut "
-              "from the left).")
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Run seed: noise and batch order.")
+@click.option("--tune", multiple=True, show_default="every parameter",
+              help="Tune only parameters matching this glob (repeatable), e.g. 'layers.*.self_attn'.")
+@click.option("--freeze", multiple=True, show_default="none",
+              help="Do not tune parameters matching this glob (repeatable).")
+@click.option("--batch-size", type=click.IntRange(1), show_default=_two_defaults("batch_size"),
+              help="Examples per step.")
+@click.option("--max-length", type=click.IntRange(2), show_default=_two_defaults("max_length"),
+              help="Tokens per example (longer prompts are cut from the left).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), show_default=_two_defaults("seed"),
+              help="Run seed: noise and batch order.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Parameter dtype to train in (a base in that dtype is saved if the model's differs).")
 @click.option("--noise", type=click.Choice(["gaussian16", "rademacher16"]), default="gaussian16",
               show_default=True, help="Perturbation distribution (spec/noise.md).")
-@click.option("--eval-every", type=click.IntRange(0), help="Evaluate every N steps (0: only at the ends).")
+@click.option("--eval-every", type=click.IntRange(0), show_default=_two_defaults("eval_every"),
+              help="Evaluate every N steps (0: only at the start and the end).")
+@click.option("--eval-batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="Examples per forward pass when evaluating (memory only: the results do not depend on it "
+                   "beyond rounding).")
 @click.option("--checkpoint-every", type=click.IntRange(0), default=0, show_default=True,
               help="Record a checkpoint fingerprint every N steps (36 bytes each), so `reconstruct --step` can "
                    "rebuild those steps verified. Every evaluation records one too; 0: evaluations only.")
@@ -161,7 +197,11 @@ def _label_words(value: str | None) -> dict[str, str] | None:
 @click.option("--flush-every", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
               help="Steps per checksummed chunk: a hard crash loses at most this many steps.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--log", "log_path", type=click.Path(dir_okay=False, allow_dash=True),
+@click.option("--no-record-losses", "record_losses", is_flag=True, flag_value=False, default=True,
+              help="Leave the per-step losses out of the trajectory (about 3 bytes a step, more than the step "
+                   "records): the rebuild does not need them, but `info` then shows no loss curve. A resumed run "
+                   "keeps its file's choice.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, allow_dash=True), show_default="none",
               help="Write JSON lines (one per step and per evaluation) to this file, or - for stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing trajectory file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -171,12 +211,17 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
           objective: str, out: Path, resume: Path | None, steps: int | None, lr: float | None, eps: float | None,
           schedule: str, warmup_steps: int, weight_decay: float, tune: tuple[str, ...], freeze: tuple[str, ...],
           batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
-          eval_every: int | None, checkpoint_every: int, allow_new_tensors: bool, flush_every: int, device: str,
-          log_path: str | None, overwrite: bool, quiet: bool) -> None:
-    """Fine-tune a causal LM with MeZO and record the trajectory.
+          eval_every: int | None, eval_batch_size: int, record_losses: bool, checkpoint_every: int,
+          allow_new_tensors: bool, flush_every: int, device: str, log_path: str | None, overwrite: bool,
+          quiet: bool) -> None:
+    """Fine-tune a Hugging Face model with MeZO and record the trajectory.
 
-    With no options it fine-tunes the tiny Llama that ships with mezo-replay on a small sentiment task
-    (about 90 seconds on two CPU cores) and prints the command that rebuilds the tuned weights.
+    The model is a causal LM (prompt-completion, label-words, lm), a masked LM (label-words with a
+    {mask} template) or a sequence classifier with a new head (classify-head). With no options it
+    fine-tunes the tiny Llama that ships with mezo-replay on a small sentiment task (about 50 seconds
+    on two CPU cores) and prints the command that rebuilds the tuned weights. A default shown as
+    "A; B for the embedded demo" is A for your --model (MeZO's published setting), B for the embedded
+    tiny model.
 
     \b
     Examples:
@@ -188,9 +233,12 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
     from . import embedded
     from .data import load_splits
     from .mzt import read_trajectory
+    from .defaults import MEZO_DEFAULTS
+    from .storage import storage
     from .train import StepReport, TrainConfig, relpath, train as run
 
-    d = embedded.DEFAULTS
+    demo = model is None or embedded.portable_name(embedded.local_path(model)) is not None
+    d = embedded.DEFAULTS if demo else MEZO_DEFAULTS
     if quiet:
         import transformers
 
@@ -203,13 +251,14 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
         options = {"text_key": text_key, "prompt_key": prompt_key, "completion_key": completion_key,
                    "template": template, "label_key": label_key, "label_words": _label_words(label_words)}
         cfg = TrainConfig(
-            model=model or embedded.MODEL_DIR, config=config_dir, train_examples=train_examples, eval_examples=eval_examples,
+            model=model or embedded.MODEL_NAME, config=config_dir, train_examples=train_examples, eval_examples=eval_examples,
             out=resume or out, steps=steps or d["steps"], lr=lr or d["lr"], eps=eps or d["eps"],
             batch_size=batch_size or d["batch_size"], seed=d["seed"] if seed is None else seed,
             task=task_kind, task_options=options, objective=objective,
             max_length=max_length or d["max_length"], dtype=dtype, noise=noise, schedule=schedule,
             warmup_steps=warmup_steps, weight_decay=weight_decay, tune=tune, freeze=freeze,
-            eval_every=d.get("eval_every", 0) if eval_every is None else eval_every, flush_every=flush_every,
+            eval_every=d["eval_every"] if eval_every is None else eval_every, eval_batch_size=eval_batch_size,
+            record_losses=record_losses, flush_every=flush_every,
             resume=resume is not None, overwrite=overwrite, device=_device(device),
             checkpoint_every=checkpoint_every, allow_new_tensors=allow_new_tensors)
         bars: list[tqdm] = []  # made at the first step, so model loading prints before it
@@ -247,11 +296,14 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
     if result.interrupted:
         say(f"stopped: the trajectory holds the {traj.steps} steps done so far, with their fingerprint; "
             f"continue with --resume {relpath(result.trajectory)}")
-    say(f"wrote {relpath(result.trajectory)}: {traj.steps} steps, {traj.file_bytes:,} bytes "
-        f"({traj.bytes_per_step:.2f} bytes/step of step records)")
+    sizes = storage(traj)
+    say(f"wrote {relpath(result.trajectory)}: {traj.steps:,} steps, {traj.file_bytes:,} bytes = "
+        f"{sizes.file_bytes_per_step:.2f} bytes/step ({traj.bytes_per_step:.2f} bytes/step of step records)")
+    say(f"  stored: {_stored_text(sizes.as_dict())}")
     tuned = result.trajectory.with_name(result.trajectory.stem + "-tuned" + (".safetensors" if result.base.is_file()
                                                                             else ""))
-    cmd = ["mezo-replay", "reconstruct", relpath(result.base), relpath(result.trajectory), "-o", relpath(tuned)]
+    base = embedded.portable_name(result.base) or relpath(result.base)  # works wherever the package is
+    cmd = ["mezo-replay", "reconstruct", base, relpath(result.trajectory), "-o", relpath(tuned)]
     say("rebuild the tuned weights with:\n  " + shlex.join(cmd))
 
 
@@ -260,9 +312,11 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
 def _inputs(base: str, trajectory: str) -> tuple[Path, Path]:
     """Local paths for BASE and TRAJECTORY, fetching hf:// ones through the Hugging Face cache. A base on the
     Hub defaults to the commit the trajectory records, and another commit is refused."""
+    from .embedded import local_path
     from .hub import fetch_base, fetch_trajectory, parse_hf
     from .mzt import read_trajectory
 
+    base = str(local_path(base))  # the embedded model's portable name, as `train` prints it
     tref = parse_hf(trajectory)
     traj = fetch_trajectory(tref) if tref else Path(trajectory)
     if not traj.is_file():
@@ -362,11 +416,16 @@ def _schedule_text(sched: dict[str, Any]) -> str:
 
 
 def summary(traj: Trajectory) -> dict[str, Any]:
+    from .storage import storage
+
     h = traj.header
     params = sum(math.prod(t["shape"]) for t in h["tensors"])
+    sizes = storage(traj)
     out: dict[str, Any] = {
         "path": str(traj.path), "steps": traj.steps, "file_bytes": traj.file_bytes,
+        "file_bytes_per_step": sizes.file_bytes_per_step,
         "step_bytes": traj.step_bytes, "bytes_per_step": traj.bytes_per_step,
+        "stored": sizes.as_dict() | {"losses_recorded": bool(h["records"]["losses"])},
         "complete": traj.final_fingerprint is not None and not traj.truncated and traj.corrupt is None,
         "truncated": traj.truncated,
         "corrupt": None if traj.corrupt is None else vars(traj.corrupt),
@@ -382,11 +441,26 @@ def summary(traj: Trajectory) -> dict[str, Any]:
     return out
 
 
+def _stored_text(stored: dict[str, Any]) -> str:
+    """'header 873, step records 1,911, losses 3,245, 11 evals 1,530, 1 fingerprint 417 (bytes)'."""
+    parts = []
+    for kind, n in stored["by_kind"].items():
+        count = stored["chunks"].get(kind, 0)
+        if kind == "init":
+            parts += [f"init {t['name']} {t['stored_bytes']:,} (of {t['raw_bytes']:,} raw)"
+                      for t in stored["init_tensors"]]
+        elif kind in ("evals", "fingerprints"):
+            parts.append(f"{count} {kind[:-1] if count == 1 else kind} {n:,}")
+        else:
+            parts.append(f"{ {'steps': 'step records', 'unread': 'unread tail'}.get(kind, kind)} {n:,}")
+    return ", ".join(parts) + " (bytes)"
+
+
 @main.command()
 @click.argument("trajectory", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 def info(trajectory: Path, as_json: bool) -> None:
-    """Summarise a trajectory (.mzt): steps, size, base, settings, damage.
+    """Summarise a trajectory (.mzt): steps, size (whole file, and what is stored), base, settings, damage.
 
     A truncated file is summarised with the steps that can be recovered; a corrupt one too, with exit
     status 1 and the damaged chunk named.
@@ -406,8 +480,9 @@ def info(trajectory: Path, as_json: bool) -> None:
         lines = [
             f"{trajectory}: MeZO trajectory written by {s['creator']}",
             f"  steps      {s['steps']:,} ({state})",
-            f"  size       {s['file_bytes']:,} bytes; step records {s['step_bytes']:,} bytes = "
-            f"{s['bytes_per_step']:.2f} bytes/step",
+            f"  size       {s['file_bytes']:,} bytes = {s['file_bytes_per_step']:.2f} bytes/step; step records "
+            f"{s['step_bytes']:,} bytes = {s['bytes_per_step']:.2f} bytes/step",
+            f"  stored     {_stored_text(s['stored'])}",
             f"  base       {s['base']['source'] or '(source not recorded)'}"
             + (f" @ {s['base']['revision']}" if s["base"].get("revision") else ""),
             f"             fingerprint {s['base']['fingerprint']}",
@@ -416,6 +491,8 @@ def info(trajectory: Path, as_json: bool) -> None:
             + (f", weight decay {r['weight_decay']:.6g}" if r.get("weight_decay") else "") + " (exact: --json)",
             f"  noise      {s['noise']['name']} from {s['generator']['name']}, seed {s['generator']['seed']}",
         ]
+        if not s["stored"]["losses_recorded"]:
+            lines.append("  loss       not recorded (trained with --no-record-losses)")
         if "loss_first" in s:
             lines.append(f"  loss       {s['loss_first']:.4f} (first 10% of steps) -> {s['loss_last']:.4f} (last 10%)")
         for e in s["evals"]:

@@ -19,8 +19,10 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 
+from .embedded import MODEL_NAME as EMBEDDED_MODEL
 from .errors import MezoReplayError
 from .mzt import Trajectory, read_trajectory
+from .storage import storage
 
 TAGS = ["mezo-replay", "mezo", "zeroth-order", "trajectory"]
 NOT_LOGGED_IN = "not logged in: run `hf auth login` or set HF_TOKEN"
@@ -117,6 +119,16 @@ def _eval_table(evals: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _shown_source(source: object) -> str | None:
+    """The base's recorded source as a public card may show it: an absolute local path is cut to its last
+    part, since the trainer's directory layout means nothing to readers and is not theirs to see."""
+    if not isinstance(source, str) or not source:
+        return None
+    if PurePosixPath(source).is_absolute() or re.match(r"[A-Za-z]:[\\/]", source):
+        return re.split(r"[\\/]", source.rstrip("/\\"))[-1] or source
+    return source
+
+
 def model_card(traj: Trajectory, *, path_in_repo: str, repo_id: str) -> ModelCard:
     """The card of one trajectory: Hub metadata naming the base, what the file is, and how to rebuild."""
     h = traj.header
@@ -127,24 +139,34 @@ def model_card(traj: Trajectory, *, path_in_repo: str, repo_id: str) -> ModelCar
     relation = {"base_model_relation": "adapter"} if hub_id else {}  # an adapter of nothing named: omitted
     data = ModelCardData(base_model=hub_id, library_name="mezo-replay", tags=list(TAGS), **relation)
 
+    source = _shown_source(base.get("source"))
+    embedded = source == EMBEDDED_MODEL
     if hub_id is not None:
         base_link = f"[{hub_id}](https://huggingface.co/{hub_id})"
         base_cell = base_link + (f" at commit `{sha}`" if sha else " (commit not recorded)")
         title = f"# {PurePosixPath(name).stem}: a MeZO fine-tune of {hub_id}"
+    elif embedded:
+        base_link = f"`{EMBEDDED_MODEL}` (the tiny demo model inside the mezo-replay package)"
+        base_cell = base_link
+        title = f"# {PurePosixPath(name).stem}: a MeZO fine-tune of mezo-replay's demo model"
     else:
-        base_link = f"`{base['source']}`" if base.get("source") else "a base model whose source was not recorded"
-        base_cell = (f"`{_cell(base['source'])}`" if base.get("source") else "not recorded") + " (not a Hub repo)"
+        base_link = f"`{source}`" if source else "a base model whose source was not recorded"
+        base_cell = (f"`{_cell(source)}`" if source else "not recorded") + " (not a Hub repo)"
         title = f"# {PurePosixPath(name).stem}: a MeZO fine-tune"
     dtypes = ", ".join(sorted({t["dtype"] for t in h["tensors"]}))
     params = sum(math.prod(t["shape"]) for t in h["tensors"])
     gen, noise = h["generator"], h["noise"]
+    sizes = storage(traj)
+    stored = ", ".join(f"{kind} {n:,}" for kind, n in sizes.by_kind.items())
     rows = [
         ("Base model", base_cell),
         ("Base fingerprint", f"`{base.get('fingerprint')}`"),
         ("Steps", f"{traj.steps:,}"),
         ("File size", f"{human_bytes(traj.file_bytes)} instead of {human_bytes(tuned_bytes(h))} of tuned weights "
                       f"({len(h['tensors']):,} tensors, {params:,} parameters, {dtypes})"),
-        ("Step records", f"{traj.bytes_per_step:.2f} bytes/step"),
+        ("Bytes per step", f"{sizes.file_bytes_per_step:.2f} for the whole file; {traj.bytes_per_step:.2f} of step "
+                           f"records"),
+        ("Stored (bytes)", stored + ("" if h["records"]["losses"] else "; per-step losses left out")),
         ("Update rule", _rule_text(h["rule"])),
         ("Noise", f"{noise['name']} from {gen['name']}, seed {gen['seed']}"),
     ]
@@ -158,6 +180,10 @@ def model_card(traj: Trajectory, *, path_in_repo: str, repo_id: str) -> ModelCar
         how = ("This downloads the base, replays every step and checks the result against the fingerprint "
                "recorded when training ended; `tuned` is then a model folder that `from_pretrained(\"tuned\")` "
                "loads.")
+    elif embedded:
+        cmd = f"mezo-replay reconstruct {EMBEDDED_MODEL} {url} -o tuned"
+        how = ("The base ships inside the mezo-replay package, so nothing else is downloaded; the result is "
+               "checked against the fingerprint recorded when training ended.")
     else:
         cmd = f"mezo-replay reconstruct BASE {url} -o tuned"
         how = (f"The base is not on the Hub: obtain it ({base_link}) and pass its model folder or .safetensors "
@@ -166,8 +192,9 @@ def model_card(traj: Trajectory, *, path_in_repo: str, repo_id: str) -> ModelCar
     body = [
         title, "",
         f"`{name}` is not a set of weights but a [MeZO]({_MEZO_PAPER}) trajectory: with the base model "
-        f"{base_link} it is the whole fine-tune, stored as the training settings plus one 2-byte record per "
-        f"step. [mezo-replay]({_PROJECT}) replays it bit-exactly, on CPU or GPU, into the tuned weights.", "",
+        f"{base_link} it is the whole fine-tune, stored as the training settings plus one record per step "
+        f"({human_bytes(traj.file_bytes)} in all, {sizes.file_bytes_per_step:.1f} bytes per step). "
+        f"[mezo-replay]({_PROJECT}) replays it bit-exactly, on CPU or GPU, into the tuned weights.", "",
         "| | |", "|---|---|",
         *(f"| {label} | {value} |" for label, value in rows), "",
     ]

@@ -35,7 +35,7 @@ from .data import (
     n_appended_specials,
 )
 
-__all__ = ["KINDS", "OBJECTIVES", "Task", "check_objective", "make_task", "macro_f1"]
+__all__ = ["KINDS", "OBJECTIVES", "Task", "check_objective", "check_template_fits_model", "make_task", "macro_f1"]
 
 KINDS = ("lm", "prompt-completion", "label-words", "classify-head")
 OBJECTIVES = ("ce", "accuracy", "f1")
@@ -92,6 +92,23 @@ def _template_fields(template: str) -> list[str]:
             raise ValueError(f"template {template!r}: fields must name columns, like {{text}}")
         fields.append(base)
     return list(dict.fromkeys(fields))
+
+
+def check_template_fits_model(template: str | None, kind: str, masked: bool,
+                              examples: Sequence[Mapping[str, Any]], model: str = "the model") -> None:
+    """A {mask} template is only filled in for a masked LM under label-words; anywhere else it would
+    fail as a missing 'mask' column, which hides the cause (the model or the task). A real column named
+    'mask' is left alone."""
+    if template is None or "mask" not in _template_fields(template):
+        return
+    if (masked and kind == "label-words") or all("mask" in ex for ex in examples):
+        return
+    if not masked:
+        raise DataError(f"--template uses {{mask}}, but {model} is not a masked LM (no mask token / no "
+                        f"masked-LM head): for a causal LM end the template where the label word goes, "
+                        f"e.g. '{{sentence}} It was', or use a masked LM such as FacebookAI/roberta-base")
+    raise DataError(f"--template uses {{mask}}, which only the label-words task fills in (task {kind!r} "
+                    f"reads no mask token): use --task label-words, or drop {{mask}} from the template")
 
 
 def _check_columns(examples: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:

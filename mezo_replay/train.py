@@ -27,7 +27,9 @@ from typing import IO, Any
 
 import torch
 
+from . import embedded
 from .data import Batch, DataError, Encoded, batch_order
+from .defaults import MEZO_DEFAULTS
 from .errors import CorruptChunkError, MezoReplayError
 from .filelock import FileLock
 from .fingerprint import DTYPE_NAMES, checkpoint_fingerprint
@@ -37,7 +39,7 @@ from .optimizer import MeZO
 from .rule import Schedule
 from .safetensors_io import BaseCheckpoint
 from .steps import replay_tensor_, step_constants
-from .tasks import Task, check_objective, make_task
+from .tasks import Task, check_objective, check_template_fits_model, make_task
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,10 +50,10 @@ class TrainConfig:
     train_examples: Sequence[dict[str, Any]]
     eval_examples: Sequence[dict[str, Any]]
     out: Path
-    steps: int
-    lr: float
-    eps: float = 1e-3
-    batch_size: int = 16
+    steps: int = MEZO_DEFAULTS["steps"]
+    lr: float = MEZO_DEFAULTS["lr"]
+    eps: float = MEZO_DEFAULTS["eps"]
+    batch_size: int = MEZO_DEFAULTS["batch_size"]
     seed: int = 0
     task: str = "prompt-completion"
     task_options: dict[str, Any] = field(default_factory=dict)  # make_task keyword arguments
@@ -67,6 +69,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int = 64
     flush_every: int = 256
+    record_losses: bool = True  # False: no `loss` chunks (a smaller file; replay does not need them)
     resume: bool = False
     overwrite: bool = False
     device: str = "cpu"
@@ -118,7 +121,23 @@ def load_model(path: Path, dtype: str, device: str, labels: Sequence[str] | None
     else:
         auto = tf.AutoModelForMaskedLM if masked else tf.AutoModelForCausalLM
         model = auto.from_pretrained(path, dtype=DTYPES[dtype])
-    return model.to(device).eval(), tokenizer, masked
+    model = model.to(device).eval()
+    if torch.device(device).type == "cpu":
+        in_memory_(model)
+    return model, tokenizer, masked
+
+
+@torch.no_grad()
+def in_memory_(model: Any) -> None:
+    """Copies every parameter and buffer into ordinary memory. from_pretrained leaves CPU weights
+    memory-mapped from the safetensors file, so the first forward passes page the checkpoint in from
+    disk, tensor by tensor (9x slower than later ones on SmolLM2-135M from a cold disk, issue 14):
+    that cost would land inside the first training steps and the first evaluation. Copying pays it
+    here, as one sequential read. `p.data = ...` keeps tied weights tied (they share one Parameter)."""
+    for p in model.parameters():
+        p.data = p.data.clone()
+    for b in model.buffers():
+        b.data = b.data.clone()
 
 
 def prepare_base(folder: Path, weights: Path, dtype: str, out: Path, overwrite: bool) -> Path:
@@ -424,7 +443,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     if not cfg.train_examples:
         raise DataError("the training set is empty")
     check_objective(cfg.task, cfg.objective)
-    src = resolve_model(cfg.model, cfg.config)
+    src = resolve_model(embedded.local_path(cfg.model), cfg.config)
+    source = embedded.portable_name(src.path) or src.source  # never the package's absolute path
     labels = None
     if cfg.task == "classify-head":
         key = cfg.task_options.get("label_key", "label")
@@ -432,6 +452,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
             raise DataError(f"classify-head: some training examples have no {key!r} column")
         labels = sorted({str(ex[key]) for ex in cfg.train_examples})
     model, tokenizer, masked = load_model(src.path, cfg.dtype, cfg.device, labels, cfg.seed)
+    check_template_fits_model(cfg.task_options.get("template"), cfg.task, masked,
+                              [*cfg.train_examples, *cfg.eval_examples], source)
     task: Task = make_task(cfg.task, tokenizer=tokenizer, max_length=cfg.max_length, masked=masked,
                            labels=labels, **cfg.task_options)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -451,7 +473,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
             "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
             "dtype": cfg.dtype, "train_data_sha256": data_fingerprint(train_set),
-            "base_model": src.source + (f"@{src.revision}" if src.revision else ""), **cfg.metadata}
+            "base_model": source + (f"@{src.revision}" if src.revision else ""), **cfg.metadata}
     config = None
     if labels is not None:  # the classifier's config, so a rebuilt folder loads as the classifier
         config = json.loads(model.config.to_json_string())
@@ -466,10 +488,12 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     else:
         start = 0
         base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, cfg.overwrite)
-        same = base == src.weights  # else: a copy cast to the training dtype, named by its path
+        same = base == src.weights  # else: a copy cast to the training dtype, named by its path from the
+        # trajectory's folder (it is saved beside it), which stays true when both are moved together
         opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every,
-                   base_source=src.source if same else str(base), base_revision=src.revision if same else None,
-                   metadata=meta, new_tensors=added, config=config)
+                   base_source=source if same else os.path.relpath(base, cfg.out.parent),
+                   base_revision=src.revision if same else None,
+                   metadata=meta, new_tensors=added, record_losses=cfg.record_losses, config=config)
 
     def evaluate(step: int) -> dict[str, float]:
         metrics = task.evaluate(model, eval_batches)

@@ -199,3 +199,42 @@ def test_help_teaches():
     for cmd in ("train", "reconstruct", "info", "verify"):
         code, out = run(cmd, "--help")
         assert code == 0 and "Usage" in out
+
+
+def test_info_counts_every_byte_of_the_file(work):
+    """Sizes are whole-file: each kind of content with its chunk heads, adding up to the file's size,
+    the bytes after a torn last chunk included."""
+    d, _ = work
+    size = (d / "t.mzt").stat().st_size
+    code, out = run("info", d / "t.mzt", "--json")
+    s = json.loads(out)
+    kinds = {ctype: sum(12 + n for _, c, n in chunks(d / "t.mzt") if c == ctype) for ctype in ("STEP", "loss", "FPRT")}
+    assert code == 0 and sum(s["stored"]["by_kind"].values()) == size
+    assert s["stored"]["by_kind"]["steps"] == kinds["STEP"] == s["step_bytes"]
+    assert s["stored"]["by_kind"]["losses"] == kinds["loss"] and s["stored"]["by_kind"]["fingerprints"] == kinds["FPRT"]
+    assert s["file_bytes_per_step"] == size / 10 and s["stored"]["losses_recorded"] is True
+    code, out = run("info", d / "t.mzt")
+    assert f"{size:,} bytes = {size / 10:.2f} bytes/step; step records" in out
+    assert f"step records {kinds['STEP']:,}, losses {kinds['loss']:,}" in out
+    with open(d / "t.mzt", "ab") as f:  # a torn chunk after the last complete one
+        f.write(struct.pack("<I4sI", 1000, b"STEP", 0) + b"x" * 10)
+    code, out = run("info", d / "t.mzt", "--json")
+    s = json.loads(out)
+    assert s["truncated"] and s["stored"]["by_kind"]["unread"] == 22
+    assert sum(s["stored"]["by_kind"].values()) == size + 22
+
+
+@pytest.mark.parametrize("source", ["mezo-replay:embedded/tiny-llama", "/home/alice/models/secret-llama"])
+def test_model_card_names_no_local_path_and_counts_whole_file(tmp_path, source):
+    from mezo_replay.publish import model_card
+    from tests.test_publish import make_trajectory
+
+    traj = read_trajectory(make_trajectory(tmp_path / "r.mzt", base_source=source, base_revision=None,
+                                           evals=False, metadata={}))
+    text = model_card(traj, path_in_repo="r.mzt", repo_id="alice/runs").text
+    assert "/home/alice" not in text
+    assert f"{traj.file_bytes / 3:.2f} for the whole file; {traj.bytes_per_step:.2f} of step records" in text
+    if source.startswith("mezo-replay:"):
+        assert "mezo-replay reconstruct mezo-replay:embedded/tiny-llama hf://alice/runs/r.mzt -o tuned" in text
+    else:
+        assert "`secret-llama` (not a Hub repo)" in text

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mezo_replay import tasks as T
 from mezo_replay.data import (IGNORE_INDEX, DataError, causal_lm_loss, encode_prompt_completion,
                               make_batch)
-from mezo_replay.tasks import OBJECTIVES, check_objective, macro_f1, make_task
+from mezo_replay.tasks import OBJECTIVES, check_objective, check_template_fits_model, macro_f1, make_task
 
 from .test_data import ID, word_tokenizer
 
@@ -279,3 +279,20 @@ def test_bad_label_words_and_values(tok_model, reviews):
         make_task("lm", tokenizer=tok).encode(tok, [{"text": 3}])
     with pytest.raises(DataError, match="at least 2 are needed"):
         make_task("lm", tokenizer=tok).encode(tok, [{"text": ""}])
+
+
+def test_mask_template_on_a_model_that_fills_no_mask():
+    """{mask} is filled only for a masked LM under label-words; elsewhere the cause is named, not a column."""
+    rows = [{"sentence": "fine", "label": 1}]
+    mask = "{sentence} It was {mask}."
+    with pytest.raises(DataError) as info:
+        check_template_fits_model(mask, "label-words", False, rows, "./my-llama")
+    message = one_line(info)
+    assert message.startswith("--template uses {mask}, but ./my-llama is not a masked LM (no mask token")
+    assert "'{sentence} It was'" in message and "roberta" in message and "column" not in message
+    with pytest.raises(DataError, match="only the label-words task fills in .*task 'classify-head'"):
+        check_template_fits_model(mask, "classify-head", True, rows, "./bert")
+    check_template_fits_model(mask, "label-words", True, rows)  # MeZO's RoBERTa setting
+    check_template_fits_model("{sentence} It was", "label-words", False, rows)
+    check_template_fits_model(None, "lm", False, rows)
+    check_template_fits_model(mask, "lm", False, [{"sentence": "a", "mask": "b"}])  # a real 'mask' column

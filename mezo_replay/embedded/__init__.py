@@ -16,21 +16,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import load_jsonl
-
-__all__ = ["MODEL_DIR", "TASK_DIR", "DEFAULTS", "LABEL_WORDS", "load_task"]
+__all__ = ["MODEL_DIR", "MODEL_NAME", "TASK_DIR", "DEFAULTS", "LABEL_WORDS", "load_task", "local_path",
+           "portable_name"]
 
 _HERE = Path(__file__).resolve().parent
 
 MODEL_DIR: Path = _HERE / "tiny-llama"
 TASK_DIR: Path = _HERE / "task"
 
+#: How a trajectory names the embedded model as its base. An installed package's absolute path would
+#: be meaningless on another machine (and would leak the trainer's directory layout into a pushed model
+#: card), so this stable name is recorded instead, and `local_path` turns it back into MODEL_DIR
+#: wherever mezo-replay is installed: `mezo-replay reconstruct mezo-replay:embedded/tiny-llama run.mzt`.
+MODEL_NAME: str = "mezo-replay:embedded/tiny-llama"
+
 #: The completions of the task, one per class.
 LABEL_WORDS: tuple[str, ...] = (" great", " terrible")
 
-#: MeZO settings for the default run, tuned on 2 CPU cores: 1000 steps take about 35 s there and
-#: bring the eval loss from 1.95 to about 0.39 (accuracy 84% -> 94%).  lr 1e-4 already drifts
-#: (accuracy decays after a few hundred steps) and 2e-4 diverges; 5e-5 leaves a margin.
+#: MeZO settings for the default run, tuned on 2 CPU cores: 1000 steps take about 50 s there and
+#: bring the eval loss from 1.95 to about 0.33.  lr 1e-4 already drifts (accuracy decays after a few
+#: hundred steps) and 2e-4 diverges; 5e-5 leaves a margin.  This tiny model needs a far larger lr
+#: than MeZO's published 1e-6 for real models (defaults.MEZO_DEFAULTS), which user models get.
 DEFAULTS: dict = {
     "lr": 5e-5,
     "eps": 1e-3,
@@ -44,4 +50,20 @@ DEFAULTS: dict = {
 
 def load_task() -> tuple[list[dict], list[dict]]:
     """The embedded task's (train, eval) examples: dicts with "prompt" and "completion"."""
+    from ..data import load_jsonl  # torch comes with it: not at import, so that --help stays instant
+
     return load_jsonl(TASK_DIR / "train.jsonl"), load_jsonl(TASK_DIR / "eval.jsonl")
+
+
+def local_path(spec: str | Path) -> str | Path:
+    """MODEL_DIR for the embedded model's portable name, anything else unchanged: call it on every
+    user-given base or model before treating it as a path or a Hub id."""
+    return MODEL_DIR if isinstance(spec, str) and spec.rstrip("/") == MODEL_NAME else spec
+
+
+def portable_name(path: str | Path) -> str | None:
+    """MODEL_NAME when `path` is the embedded model's folder (however it was spelt), else None."""
+    try:
+        return MODEL_NAME if Path(path).resolve() == MODEL_DIR.resolve() else None
+    except (OSError, RuntimeError):
+        return None
