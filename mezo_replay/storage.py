@@ -15,8 +15,8 @@ import zstandard
 from .mzt import CHUNK_HEAD, PREAMBLE, Trajectory
 
 # chunk type -> what it holds, in the order reports list them
-KINDS = {"HEAD": "header", "INIT": "init", "STEP": "steps", "loss": "losses", "eval": "evals",
-         "FPRT": "fingerprints"}
+KINDS = {"HEAD": "header", "INIT": "init", "STEP": "steps", "loss": "losses", "lsbf": "losses", "eval": "evals",
+         "FPRT": "fingerprints", "ckpt": "checkpoints"}
 _INIT_INDEX_BYTES = 4  # spec/format.md: an INIT payload decompresses to u32 index, u64 offset, data
 
 
@@ -66,7 +66,7 @@ def storage(traj: Trajectory) -> Storage:
             offset += size
     if traj.file_bytes > offset:
         by_kind["unread"] = traj.file_bytes - offset
-    order = [*KINDS.values(), "other", "unread"]
+    order = [*dict.fromkeys(KINDS.values()), "other", "unread"]
     tensors = traj.header.get("tensors", [])
     inits = [{"name": tensors[k]["name"], "raw_bytes": math.prod(tensors[k]["shape"]) * _itemsize(tensors[k]["dtype"]),
               "stored_bytes": n} if 0 <= k < len(tensors) else {"name": f"#{k}", "raw_bytes": 0, "stored_bytes": n}

@@ -208,14 +208,14 @@ def test_info_counts_every_byte_of_the_file(work):
     size = (d / "t.mzt").stat().st_size
     code, out = run("info", d / "t.mzt", "--json")
     s = json.loads(out)
-    kinds = {ctype: sum(12 + n for _, c, n in chunks(d / "t.mzt") if c == ctype) for ctype in ("STEP", "loss", "FPRT")}
+    kinds = {ctype: sum(12 + n for _, c, n in chunks(d / "t.mzt") if c == ctype) for ctype in ("STEP", "loss", "lsbf", "FPRT")}
     assert code == 0 and sum(s["stored"]["by_kind"].values()) == size
     assert s["stored"]["by_kind"]["steps"] == kinds["STEP"] == s["step_bytes"]
-    assert s["stored"]["by_kind"]["losses"] == kinds["loss"] and s["stored"]["by_kind"]["fingerprints"] == kinds["FPRT"]
+    assert s["stored"]["by_kind"]["losses"] == kinds["loss"] + kinds["lsbf"] and s["stored"]["by_kind"]["fingerprints"] == kinds["FPRT"]
     assert s["file_bytes_per_step"] == size / 10 and s["stored"]["losses_recorded"] is True
     code, out = run("info", d / "t.mzt")
     assert f"{size:,} bytes = {size / 10:.2f} bytes/step; step records" in out
-    assert f"step records {kinds['STEP']:,}, losses {kinds['loss']:,}" in out
+    assert f"step records {kinds['STEP']:,}, losses {kinds['loss'] + kinds['lsbf']:,}" in out
     with open(d / "t.mzt", "ab") as f:  # a torn chunk after the last complete one
         f.write(struct.pack("<I4sI", 1000, b"STEP", 0) + b"x" * 10)
     code, out = run("info", d / "t.mzt", "--json")
