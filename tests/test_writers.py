@@ -315,7 +315,7 @@ def single(tmp_path_factory) -> bytes:
 
 def prefix_after(data: bytes, steps: int) -> bytes:
     """The file a run killed after `steps` steps leaves: the chunks up to that STEP chunk's loss chunk."""
-    ends = [e for _, t, e in chunk_offsets(data) if t == b"loss"]
+    ends = [e for _, t, e in chunk_offsets(data) if t in (b"loss", b"lsbf")]
     return data[:ends[steps // FLUSH - 1]]
 
 
