@@ -7,7 +7,9 @@ import struct
 import subprocess
 import sys
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from mezo_replay.rule import MezoSGD, Schedule
 from tests.test_mzt import PREAMBLE, chunk, crafted, head_chunk, make_header, step_chunk, zframe
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def head_text(text: str | bytes) -> bytes:
@@ -149,19 +152,28 @@ def test_decay_factor_over_one_is_found_per_step() -> None:
     assert got == want and want  # lr_t * wd >= 1 early, then the schedule brings it below 1
 
 
+def _peak_of(read: Callable[[Path], T], path: Path) -> tuple[T, int]:
+    """What `read(path)` returned, and the peak bytes Python allocated while it ran."""
+    tracemalloc.start()
+    try:
+        got = read(path)
+        return got, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _refused(path: Path) -> None:
+    with pytest.raises(CorruptChunkError, match="JSON budget"):
+        read_trajectory(path)
+
+
 def test_many_eval_chunks_hit_the_json_budget(tmp_path: Path) -> None:
     """Thousands of eval chunks of highly compressible JSON once cost gigabytes of Python objects."""
     big = '{"step": 0, "split": "' + "x" * (MAX_EVAL_BYTES - 200) + '", "metrics": {}}'
     one = eval_chunk(big)
     count = JSON_BUDGET_BASE // len(big) + 16 * len(one) // len(big) + 10
     path = crafted(tmp_path, PREAMBLE, head_chunk(), *([one] * count))
-    tracemalloc.start()
-    try:
-        with pytest.raises(CorruptChunkError, match="JSON budget"):
-            read_trajectory(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    _, peak = _peak_of(_refused, path)
     assert peak < 16 << 20
     traj = read_trajectory(path, strict=False)
     assert 0 < len(traj.evals) < count and "JSON budget" in traj.corrupt.reason
@@ -172,13 +184,7 @@ def test_huge_head_list_hits_the_json_budget(tmp_path: Path) -> None:
     text = json.dumps(make_header())[:-1] + ', "future": [' + "0," * (24 << 20) + "0]}"
     path = crafted(tmp_path, PREAMBLE, head_text(text))
     assert path.stat().st_size < 100_000
-    tracemalloc.start()
-    try:
-        with pytest.raises(CorruptChunkError, match="JSON budget"):
-            read_trajectory(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    _, peak = _peak_of(_refused, path)
     assert peak < 8 << 20
 
 
@@ -213,12 +219,7 @@ def test_init_bytes_are_not_copied(tmp_path: Path) -> None:
         struct.pack("<IQ", 2, 0) + data)
     path = crafted(tmp_path, PREAMBLE, head_chunk(header), chunk(b"INIT", payload), step_chunk(0, [1]))
     del data, payload
-    tracemalloc.start()
-    try:
-        traj = read_trajectory(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    traj, peak = _peak_of(read_trajectory, path)
     assert len(traj.inits[2]) == n and peak < n + (n >> 1) + path.stat().st_size
 
 
