@@ -70,6 +70,9 @@ KNOWN: dict[str, dict[str, set[str]]] = {
     "rule": {"mezo-sgd": {"name", "eps", "lr", "schedule", "grad_encoding", "weight_decay"}},
 }
 _OPTIONAL = {"weight_decay"}
+# Generated initial values (spec/init.md): a tensor entry's "init" may name one instead of `true`.
+INIT_KINDS: dict[str, set[str]] = {"zeros": {"name"}, "uniform16": {"name", "bound"}, "gaussian16": {"name", "std"}}
+INIT_SCALES = {"uniform16": "bound", "gaussian16": "std"}
 _HEADER_KEYS = ("creator", "generator", "noise", "rule", "tensors", "base", "records", "metadata")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -145,14 +148,36 @@ def _check_tensors(tensors: object) -> tuple[list[str], list[str]]:
             raise LimitError(f"{where} ({name!r}) has {math.prod(shape)} elements, the limit is below 2^48")
         if not isinstance(sha, str) or not SHA256_HEX.fullmatch(sha):
             raise TrajectoryError(f"{where} ({name!r}) sha256 is not 64 lowercase hex digits")
-        if not isinstance(t.get("init", False), bool):
-            raise TrajectoryError(f"{where} ({name!r}) init must be a boolean")
+        _check_init(t.get("init", False), f"{where} ({name!r})")
         if not isinstance(t.get("decay", False), bool):  # also without a weight decay, where it does nothing
             raise TrajectoryError(f"{where} ({name!r}) decay must be a boolean")
         names.append(name)
         fps.append(sha)
         previous = raw
     return names, fps
+
+
+def _check_init(init: object, where: str) -> None:
+    """`init` is a boolean (true: the value is in INIT chunks) or names a generated value (spec/init.md)."""
+    if isinstance(init, bool):
+        return
+    if not isinstance(init, dict) or not isinstance(init.get("name"), str):
+        raise TrajectoryError(f"{where} init must be a boolean or an object with a name")
+    kind = init["name"]
+    if kind not in INIT_KINDS:
+        raise UnsupportedError(f"{where} has initial value {kind!r}, which this reader does not know "
+                               f"(known: {', '.join(INIT_KINDS)}): the file needs a newer mezo-replay")
+    if unknown := sorted(set(init) - INIT_KINDS[kind]):
+        raise UnsupportedError(f"{where} init {kind!r} has keys {unknown} this reader does not know: "
+                               f"the file needs a newer mezo-replay")
+    if missing := sorted(INIT_KINDS[kind] - set(init)):
+        raise TrajectoryError(f"{where} init {kind!r} lacks {missing}")
+    if kind in INIT_SCALES:
+        x = init[INIT_SCALES[kind]]
+        if type(x) not in (int, float) or not (math.isfinite(x) and x > 0) or \
+                float(np.float32(x)) != x:
+            raise TrajectoryError(f"{where} init {kind!r} {INIT_SCALES[kind]} must be a positive finite "
+                                  f"number exactly representable in binary32, not {x!r}")
 
 
 def validate_header(header: dict) -> None:
@@ -610,7 +635,7 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                     header = _decode_head(dctx, payload, path, budget)
                     rule = MezoSGD.from_header(header)
                     init_needed = {k: math.prod(t["shape"]) * _ITEMSIZE[t["dtype"]]
-                                   for k, t in enumerate(header["tensors"]) if t.get("init")}
+                                   for k, t in enumerate(header["tensors"]) if t.get("init") is True}
                 elif ctype == "INIT":
                     if bits:
                         raise _Corrupt("INIT after the first STEP chunk")

@@ -21,6 +21,7 @@ import torch
 from . import __version__
 from .errors import MezoReplayError
 from .fingerprint import DTYPE_NAMES, base_fingerprint, canonicalize_nan_, tensor_fingerprint
+from .initial import generate
 from .mzt import TrajectoryWriter
 from .rule import MezoSGD, Schedule, encode_grad
 from .steps import perturb_all_, restore_update_all_
@@ -117,12 +118,16 @@ class MeZO:
 
     def header(self, *, base_source: str | None = None, base_revision: str | None = None,
                metadata: Mapping[str, str] | None = None, record_losses: bool = True,
-               new_tensors: Collection[str] = (), config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               new_tensors: Collection[str] | Mapping[str, Any] = (), config: Mapping[str, Any] | None = None,
+               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The HEAD of a trajectory starting from the weights as they were when this optimizer was made.
 
         `new_tensors` names tuned tensors absent from the base (a new classification head): their initial
-        values travel in the trajectory. `config` is the tuned model's config.json when it differs from the
-        base's, so that a reconstruction loads as the right model class."""
+        values travel in the trajectory. A mapping gives each one's `init` entry instead: True (stored in
+        INIT chunks), or a generated value (spec/init.md, made with mezo_replay.initial), which costs no
+        bytes; the parameter must then already hold exactly that value. `config` is the tuned model's config.json when it differs from the
+        base's, so that a reconstruction loads as the right model class. `extra` adds top-level header keys
+        that do not change replayed bits (e.g. `peft`, the adapter's description)."""
         if self.step_count:
             raise MezoReplayError("a trajectory must start before the first step")
         if unknown := set(new_tensors) - set(self.names):
@@ -132,10 +137,16 @@ class MeZO:
         if self.rule.weight_decay:
             for entry, decay in zip(tensors, self.decay):
                 entry["decay"] = decay
+        inits = new_tensors if isinstance(new_tensors, Mapping) else dict.fromkeys(new_tensors, True)
+        for k, (name, p) in enumerate(zip(self.names, self.params)):
+            spec = inits.get(name)
+            if isinstance(spec, Mapping) and tensor_fingerprint(
+                    generate(spec, self.rule.seed, k, p.shape, p.dtype)) != self._base_fingerprints[k]:
+                raise ValueError(f"{name} did not start from the initial value {dict(spec)} it is recorded with")
         for entry in tensors:
-            if entry["name"] in new_tensors:
-                entry["init"] = True
-        extra = {"config": dict(config)} if config is not None else {}
+            if entry["name"] in inits:
+                entry["init"] = inits[entry["name"]] if inits[entry["name"]] is True else dict(inits[entry["name"]])
+        more = {**({"config": dict(config)} if config is not None else {}), **dict(extra or {})}
         return {
             "creator": f"mezo-replay {__version__}",
             **self.rule.header_fields(),
@@ -144,7 +155,7 @@ class MeZO:
                      "source": base_source, "revision": base_revision},
             "records": {"losses": record_losses},
             "metadata": dict(metadata or {}),
-            **extra,
+            **more,
         }
 
     def record(self, path: str | os.PathLike[str], *, overwrite: bool = False, steps_per_chunk: int = 256,
@@ -154,7 +165,7 @@ class MeZO:
         self.writer = TrajectoryWriter(path, header, overwrite=overwrite, steps_per_chunk=steps_per_chunk)
         self.writer_records_losses = bool(header["records"]["losses"])
         for k, entry in enumerate(header["tensors"]):
-            if entry.get("init"):
+            if entry.get("init") is True:
                 t = self.params[k].detach().cpu().contiguous().reshape(-1)
                 self.writer.write_init(k, t.view(torch.uint8).numpy().tobytes())
         return self.writer

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 
 from .errors import MezoReplayError
 from .fingerprint import DTYPE_NAMES, canonicalize_nan_, checkpoint_fingerprint, tensor_fingerprint
+from .initial import generate
 from .mzt import Trajectory, read_trajectory
 from .rule import MezoSGD
 from .safetensors_io import BaseCheckpoint, CheckpointWriter
@@ -39,7 +40,7 @@ class VerificationError(MezoReplayError):
 class ReplayPlan:
     """What a reconstruction will do, worked out (and the cheap checks done) before any heavy work."""
 
-    base: BaseCheckpoint
+    base: BaseCheckpoint | None  # None for a trajectory whose tensors all start from its own values (PEFT)
     trajectory: Trajectory
     rule: MezoSGD
     steps: int
@@ -82,11 +83,20 @@ def _listed(steps: list[int]) -> str:
     return ", ".join(shown) + (f" ({len(steps):,} in all)" if len(steps) > 8 else "")
 
 
-def plan(base: str | os.PathLike[str] | BaseCheckpoint, trajectory: str | os.PathLike[str] | Trajectory,
+def needs_base(traj: Trajectory) -> bool:
+    """False when every tuned tensor starts from a value the trajectory holds or generates (a PEFT
+    adapter): then it rebuilds from the file alone."""
+    return not all(t.get("init") for t in traj.header["tensors"])
+
+
+def plan(base: str | os.PathLike[str] | BaseCheckpoint | None, trajectory: str | os.PathLike[str] | Trajectory,
          step: int | None = None) -> ReplayPlan:
-    """Opens both inputs and checks names, dtypes, shapes and the step count; fingerprints come later."""
+    """Opens both inputs and checks names, dtypes, shapes and the step count; fingerprints come later.
+    `base` may be None when the trajectory needs none (`needs_base`)."""
     traj = trajectory if isinstance(trajectory, Trajectory) else read_trajectory(trajectory)
-    ckpt = base if isinstance(base, BaseCheckpoint) else BaseCheckpoint.open(base)
+    if base is None and needs_base(traj):
+        raise MezoReplayError("this trajectory tunes tensors of a base model: give the base to rebuild it")
+    ckpt = base if isinstance(base, BaseCheckpoint) or base is None else BaseCheckpoint.open(base)
     steps = traj.steps if step is None else step
     if not 0 <= steps <= traj.steps:
         why = " (the file is truncated)" if traj.truncated else ""
@@ -95,11 +105,12 @@ def plan(base: str | os.PathLike[str] | BaseCheckpoint, trajectory: str | os.Pat
     for t in traj.header["tensors"]:
         name = t["name"]
         if t.get("init"):  # a new tensor (e.g. a classifier head): its initial value is in the trajectory
-            if name in ckpt.entries:
+            if ckpt is not None and name in ckpt.entries:
                 raise BaseMismatchError(f"wrong base: {ckpt.path} already has {name!r}, which the trajectory "
                                         f"adds as a new tensor")
             names.append(name)
             continue
+        assert ckpt is not None  # needs_base
         if name not in ckpt.entries:
             raise BaseMismatchError(f"wrong base: tuned tensor {name!r} is not in {ckpt.path}")
         e = ckpt.entries[name]
@@ -119,6 +130,12 @@ def read_base(p: ReplayPlan, index: int) -> torch.Tensor:
     """Tuned tensor `index` as the base holds it, refused unless it is the one training started from."""
     name = p.names[index]
     entry = p.trajectory.header["tensors"][index]
+    if isinstance(entry.get("init"), dict):  # generated from the run's seed (spec/init.md)
+        w = generate(entry["init"], p.rule.seed, index, entry["shape"], DTYPE_NAMES[entry["dtype"]])
+        if tensor_fingerprint(w) != entry["sha256"]:
+            raise VerificationError(f"the generated initial value of {name!r} does not match its fingerprint in "
+                                    f"the trajectory: this generator disagrees with the one that wrote the file")
+        return w
     if entry.get("init"):
         raw = bytearray(p.trajectory.inits[index])
         w = torch.frombuffer(raw, dtype=torch.uint8).view(DTYPE_NAMES[entry["dtype"]]).reshape(entry["shape"]) \
@@ -126,6 +143,7 @@ def read_base(p: ReplayPlan, index: int) -> torch.Tensor:
         if tensor_fingerprint(w) != entry["sha256"]:
             raise VerificationError(f"the initial value of {name!r} in the trajectory does not match its fingerprint")
         return w
+    assert p.base is not None
     w = p.base.read(name)
     if tensor_fingerprint(w) != p.trajectory.header["tensors"][index]["sha256"]:
         raise BaseMismatchError(f"wrong base: tensor {name!r} in {p.base.path} differs from the one the "
@@ -157,6 +175,21 @@ def _check_all(p: ReplayPlan, fingerprints: list[str]) -> None:
                                 f"fingerprint: the replay is not exact, or the file was altered")
 
 
+def replayed(p: ReplayPlan, device: str | torch.device = "cpu",
+             progress: Progress | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor after p.steps) for each tuned tensor in index order, each checked against its
+    fingerprint for p.steps as it comes; a checkpoint fingerprint is checked after the last one, so a
+    consumer must treat its outputs as provisional until the iterator is exhausted. For writers other
+    than the checkpoint mirror (a PEFT adapter folder); one tensor is held at a time."""
+    fingerprints = []
+    for index, name in enumerate(p.names):
+        w = replay_named(p, index, device, progress)
+        fingerprints.append(tensor_fingerprint(w))
+        _check(p, index, fingerprints[-1])
+        yield name, w
+    _check_all(p, fingerprints)
+
+
 def reconstruct(p: ReplayPlan, out: str | os.PathLike[str], *, overwrite: bool = False,
                 device: str | torch.device = "cpu", progress: Progress | None = None,
                 unverified: bool = False) -> Path:
@@ -164,6 +197,9 @@ def reconstruct(p: ReplayPlan, out: str | os.PathLike[str], *, overwrite: bool =
     Refuses a step with no recorded fingerprint unless `unverified` (the base is checked even then)."""
     if not unverified:
         p.require_fingerprint()
+    if p.base is None:
+        raise MezoReplayError("reconstruct() mirrors a base checkpoint; a trajectory rebuilt without one is "
+                              "written with mezo_replay.adapter")
     metadata = {"mezo_replay.steps": str(p.steps),
                 "mezo_replay.base_fingerprint": p.trajectory.header["base"]["fingerprint"]}
     new = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in p.trajectory.header["tensors"] if t.get("init")}
