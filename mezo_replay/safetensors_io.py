@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 import torch
 
 from .errors import CheckpointError, OutputExistsError
+from .fingerprint import base_fingerprint, fingerprint_raw
 
 MAX_HEADER_BYTES = 100_000_000  # a real header is a few MB even for huge models; more means a hostile file
 COPY_CHUNK = 64 << 20
@@ -310,6 +311,15 @@ class BaseCheckpoint:
         with open(e.file, "rb", buffering=0) as fh:
             _read_into(fh, _byte_view(t), e.start, e.file)
         return t
+
+    def weights_fingerprint(self) -> str:
+        """One hash of every floating-point tensor (F32, BF16, F16) as stored, by name (spec/format.md
+        `peft.base_weights`): what a PEFT adapter was trained on, so merging it into another model is
+        refused. Reads the checkpoint once, a tensor at a time; layout and sharding do not change it."""
+        names = sorted((n for n, e in self.entries.items() if e.dtype in ("F32", "BF16", "F16")),
+                       key=lambda n: n.encode("utf-8"))
+        return base_fingerprint(names, [fingerprint_raw(self.entries[n].dtype, self.entries[n].shape,
+                                                        self.read_bytes(n)) for n in names])
 
     def read_bytes(self, name: str) -> memoryview:
         e = self.entry(name)
