@@ -372,3 +372,20 @@ def test_tiny_lora_vector_needs_no_base(backend):
             expected["tensors"][name]["bytes"], name
         seen.append(name)
     assert seen == list(expected["tensors"])
+
+
+def test_init_element_vectors_far_into_a_tensor(monkeypatch):
+    """generate() has no start offset (it builds whole tensors); shifting its draws by the element
+    index runs its arithmetic on init.json's elements beyond 2^32 too."""
+    from mezo_replay import initial
+
+    far = [c for c in load("init")["elements"] if int(c["element"]) >= 2**32]
+    assert len(far) >= 30
+    real = initial.random_u16
+    for case in far:
+        at = int(case["element"])
+        monkeypatch.setattr(initial, "random_u16",
+                            lambda s, t, k, start, n, device, at=at: real(s, t, k, at + start, n, device))
+        for dtype in ("F32", "BF16", "F16"):
+            got = _torch_initial_bits(case["init"], int(case["seed"]), case["tensor"], 1, dtype, "cpu")
+            assert int(got[0]) == int(case[dtype], 16), (case, dtype)

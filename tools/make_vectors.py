@@ -226,7 +226,8 @@ def init() -> dict:
             bits = R.initial_value(spec, seed, k, shape, dtype)
             tensors.append({"init": spec, "seed": str(seed), "tensor": k, "dtype": dtype, "shape": shape,
                             "bits": [hx(int(b), 8 if dtype == "F32" else 4) for b in bits],
-                            "fingerprint": fingerprint_raw(dtype, shape, bits.astype("<" + bits.dtype.str[1:]).tobytes())})
+                            "fingerprint": fingerprint_raw(dtype, shape,
+                                                           bits.astype("<" + bits.dtype.str[1:]).tobytes())})
     return {"about": "init.md: generated initial values. elements: for (init, seed, tensor index, element index) "
                      "the 16 random bits u (step index 2^32-1), the binary32 value v (bits) and its bits in each "
                      "dtype; double_rounding: elements where rounding the exact product straight to `dtype` "
