@@ -157,6 +157,20 @@ def _check_tensors(tensors: object) -> tuple[list[str], list[str]]:
     return names, fps
 
 
+def _positive_binary32(x: object) -> bool:
+    """A JSON number (not a boolean) equal to a positive finite binary32 value. Huge integers and
+    values beyond binary32's range are refused without an OverflowError or a numpy warning on stderr."""
+    if type(x) not in (int, float):
+        return False
+    try:
+        f = float(x)
+    except OverflowError:
+        return False
+    if not (math.isfinite(f) and f > 0 and f == x) or f > float(np.finfo(np.float32).max):
+        return False
+    return float(np.float32(f)) == f
+
+
 def _check_init(init: object, where: str) -> None:
     """`init` is a boolean (true: the value is in INIT chunks) or names a generated value (spec/init.md)."""
     if isinstance(init, bool):
@@ -174,8 +188,7 @@ def _check_init(init: object, where: str) -> None:
         raise TrajectoryError(f"{where} init {kind!r} lacks {missing}")
     if kind in INIT_SCALES:
         x = init[INIT_SCALES[kind]]
-        if type(x) not in (int, float) or not (math.isfinite(x) and x > 0) or \
-                float(np.float32(x)) != x:
+        if not _positive_binary32(x):
             raise TrajectoryError(f"{where} init {kind!r} {INIT_SCALES[kind]} must be a positive finite "
                                   f"number exactly representable in binary32, not {x!r}")
 

@@ -1,4 +1,4 @@
-"""The spec, executed: a literal numpy transcription of spec/generator.md, noise.md and rule.md.
+"""The spec, executed: a literal numpy transcription of spec/generator.md, noise.md, init.md and rule.md.
 
 It exists to be obviously right, not fast: tests hold every other implementation (torch on CPU and CUDA,
 later kernels) to its bits, and tools/make_vectors.py writes the spec's test vectors with it. It shares
@@ -83,6 +83,54 @@ def noise(name: str, seed: int, t: int, k: int, index: np.ndarray) -> np.ndarray
     if name == "rademacher16":
         return np.where(u < 32768, np.float32(-1.0), np.float32(1.0))
     raise ValueError(f"unknown noise {name!r}")
+
+
+# --- generated initial values (init.md) ------------------------------------------------------------
+
+INIT_STREAM = 2**32 - 1  # the step index of the init stream: no step of a file has it
+INIT_SCALE_KEY = {"zeros": None, "uniform16": "bound", "gaussian16": "std"}
+
+
+def initial_elements(spec: dict, seed: int, k: int, index: np.ndarray, dtype: str) -> np.ndarray:
+    """Bits (of dtype) of elements `index` of tensor k's initial value named by header object `spec`."""
+    name = spec.get("name")
+    if name not in INIT_SCALE_KEY or set(spec) != {"name"} | ({INIT_SCALE_KEY[name]} - {None}):
+        raise ValueError(f"unknown initial value {spec!r}")
+    i = np.asarray(index, dtype=np.uint64)
+    if name == "zeros":
+        return round_to(np.zeros(i.size, dtype=np.float32), dtype)
+    scale = spec[INIT_SCALE_KEY[name]]
+    if not (type(scale) in (int, float) and math.isfinite(scale) and scale > 0 and float(np.float32(scale)) == scale):
+        raise ValueError(f"{name}: the scale must be a positive finite binary32 number, not {scale!r}")
+    u = random_u16(seed, INIT_STREAM, k, i).astype(np.int64)
+    if name == "uniform16":
+        unit = (2 * u - 65535).astype(np.float32) * np.float32(2.0**-16)  # exact: at most 16 significant bits
+        with np.errstate(over="ignore"):
+            v = np.float32(scale) * unit  # one binary32 multiply, rounded to nearest even
+    else:
+        with np.errstate(over="ignore"):
+            v = np.float32(scale) * gauss16_table()[u]
+    return round_to(v, dtype)  # R_D of rule.md
+
+
+def initial_value(spec: dict, seed: int, k: int, shape: list[int], dtype: str) -> np.ndarray:
+    """The whole initial value of tensor k, row-major, as bits of dtype (a flat array)."""
+    return initial_elements(spec, seed, k, np.arange(math.prod(shape), dtype=np.uint64), dtype)
+
+
+def initial_binary32(spec: dict, seed: int, k: int, index: np.ndarray) -> np.ndarray:
+    """The binary32 value before R_D: what the dtype is rounded from (init.md's `v`)."""
+    return to_f32(initial_elements(spec, seed, k, index, "F32"), "F32")
+
+
+def starting_bits(entry: dict, seed: int, k: int, stored: bytes | None = None) -> np.ndarray:
+    """Header entry k's value before step 0 (bits): generated when its `init` is an object, else the
+    `stored` bytes (from the base, or from INIT chunks when `init` is true)."""
+    if isinstance(entry.get("init"), dict):
+        return initial_value(entry["init"], seed, k, entry["shape"], entry["dtype"])
+    if stored is None:
+        raise ValueError(f"{entry['name']} starts from stored bytes (base or INIT), none given")
+    return np.frombuffer(stored, dtype="<" + np.dtype(BITS_DTYPE[entry["dtype"]]).str[1:]).copy()
 
 
 # --- host arithmetic (binary64) ------------------------------------------------------------------

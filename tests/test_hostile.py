@@ -262,3 +262,33 @@ def test_cli_prints_one_line_for_each_hostile_class(tmp_path: Path, name: str) -
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("init, error, message, cli", [
+    ('{"name": "kaiming_normal", "mode": "fan_in"}', "UnsupportedError", "initial value 'kaiming_normal'.*newer", True),
+    ('{"name": "uniform16", "bound": 0.5, "seed": 3}', "UnsupportedError", "keys \\['seed'\\].*newer", False),
+    ('{"name": "gaussian16", "std": 1e39}', "TrajectoryError", "binary32, not 1e\\+39", True),
+    ('{"name": "gaussian16", "std": 18446744073709551615}', "TrajectoryError", "binary32", False),
+    ('{"name": "uniform16", "bound": 1e-50}', "TrajectoryError", "binary32, not 1e-50", False),
+])
+def test_init_objects_refused_in_one_line(tmp_path: Path, init: str, error: str, message: str, cli: bool) -> None:
+    """A generated initial value (spec/init.md) a reader cannot generate exactly: the file is refused,
+    through the CLI in one line (no numpy overflow warning on stderr, no traceback)."""
+    import re
+
+    from mezo_replay import errors
+
+    text = json.dumps(make_header()).replace('"sha256": "' + make_header()["tensors"][0]["sha256"] + '"',
+                                             '"sha256": "' + make_header()["tensors"][0]["sha256"] + '", "init": '
+                                             + init, 1)
+    assert '"init"' in text
+    path = crafted(tmp_path, PREAMBLE, head_text(text), step_chunk(0, [1]))
+    with pytest.raises(getattr(errors, error), match=message) as err:
+        read_trajectory(path)
+    assert type(err.value).__name__ == error
+    if not cli:
+        return
+    r = cli_info(path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert re.search(message, lines[0]) and "Warning" not in r.stderr

@@ -269,3 +269,123 @@ def test_nan_vector_starts_from_non_canonical_nans():
         odd += int((nan & (bits != R.CANONICAL_NAN[t["dtype"]])).sum())
         assert fingerprint_raw(t["dtype"], t["shape"], raw) == t["sha256"]  # NaNs canonical in the fingerprint
     assert odd >= 9
+
+
+def _torch_initial_bits(spec: dict, seed: int, k: int, n: int, dtype: str, device: str) -> np.ndarray:
+    from mezo_replay.initial import generate
+
+    return torch_to_bits(generate(spec, seed, k, [n], TORCH_DTYPE[dtype], device), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_init_element_vectors(device):
+    """init.json's elements: the reference for every case (elements beyond 2^32 included); torch's
+    generate() for those inside a tensor small enough to build whole (it starts at element 0)."""
+    data = load("init")
+    cases = data["elements"] + data["double_rounding"]
+    assert len(cases) > 300 and len(data["double_rounding"]) >= 4
+    kinds = {c["init"]["name"] for c in cases}
+    assert kinds == {"zeros", "uniform16", "gaussian16"}
+    assert max(int(c["element"]) for c in cases) >= 2**40 and max(int(c["seed"]) for c in cases) >= 2**63
+    small: dict[tuple, list[dict]] = {}
+    for case in cases:
+        seed, k, i = int(case["seed"]), case["tensor"], int(case["element"])
+        idx = np.array([i], dtype=np.uint64)
+        if "u" in case:
+            assert int(R.random_u16(seed, R.INIT_STREAM, k, idx)[0]) == case["u"]
+        assert int(R.initial_binary32(case["init"], seed, k, idx).view(np.uint32)[0]) == int(case["binary32"], 16)
+        for dtype in ("F32", "BF16", "F16"):
+            assert int(R.initial_elements(case["init"], seed, k, idx, dtype)[0]) == int(case[dtype], 16), case
+        if i < 2**17:
+            small.setdefault((json.dumps(case["init"]), seed, k), []).append(case)
+    for (spec, seed, k), group in small.items():
+        n = max(int(c["element"]) for c in group) + 1
+        for dtype in ("F32", "BF16", "F16"):
+            got = _torch_initial_bits(json.loads(spec), seed, k, n, dtype, device)
+            for case in group:
+                assert int(got[int(case["element"])]) == int(case[dtype], 16), (case, dtype)
+
+
+def test_init_double_rounding_cases_are_what_they_say():
+    """Each double_rounding case: rounding the exact product straight to the dtype gives other bits
+    than the defined R_D(RN32(product)), so an implementation that skips the binary32 step fails it."""
+    from fractions import Fraction
+
+    table = R.gauss16_table()
+    for case in load("init")["double_rounding"]:
+        spec, u, dtype = case["init"], case["u"], case["dtype"]
+        exact = Fraction(spec["bound"]) * Fraction(2 * u - 65535, 65536) if spec["name"] == "uniform16" \
+            else Fraction(spec["std"]) * Fraction(float(table[u]))
+        want = int(case[dtype], 16)
+        values = {b: Fraction(float(R.to_f32(np.array([b], np.uint16), dtype)[0])) for b in (want - 1, want, want + 1)}
+        nearest = min(values, key=lambda b: (abs(values[b] - exact), b & 1))
+        assert nearest != want, case
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_init_tensor_vectors(device):
+    from mezo_replay.fingerprint import fingerprint_raw
+    from mezo_replay.initial import generate
+
+    for case in load("init")["tensors"]:
+        seed, k, dtype, shape = int(case["seed"]), case["tensor"], case["dtype"], case["shape"]
+        want = [int(b, 16) for b in case["bits"]]
+        ref = R.initial_value(case["init"], seed, k, shape, dtype)
+        assert ref.tolist() == want, case
+        assert fingerprint_raw(dtype, shape, ref.astype("<" + ref.dtype.str[1:]).tobytes()) == case["fingerprint"]
+        got = generate(case["init"], seed, k, shape, TORCH_DTYPE[dtype], device)
+        assert list(got.shape) == shape and torch_to_bits(got, dtype).tolist() == want, case
+
+
+def test_tiny_lora_vector_needs_no_base(backend):
+    """spec/vectors/tiny-lora rebuilds from the file alone: the reference from its generated and INIT
+    starting values, and every torch backend through replay.plan(None, ...), land on expected.json."""
+    import hashlib
+
+    from mezo_replay import replay
+    from mezo_replay.mzt import read_trajectory
+
+    tiny = VECTORS / "tiny-lora"
+    expected = json.loads((tiny / "expected.json").read_text())
+    traj = read_trajectory(tiny / "traj.mzt")
+    h = traj.header
+    assert traj.steps == expected["steps"] and traj.final_fingerprint is not None
+    assert not replay.needs_base(traj) and set(h["peft"]) == {"adapter_config", "base_weights"}
+    kinds = {(t["init"]["name"] if isinstance(t["init"], dict) else "stored", t["dtype"]) for t in h["tensors"]}
+    assert {(n, d) for n in ("zeros", "uniform16", "gaussian16") for d in ("F32", "BF16", "F16")} <= kinds
+    assert ("stored", "F32") in kinds
+    seed = int(h["generator"]["seed"])
+    for k, t in enumerate(h["tensors"]):
+        start = R.starting_bits(t, seed, k, traj.inits.get(k))
+        assert start.tobytes().hex() == expected["initial"][t["name"]]["bytes"], t["name"]
+        got = R.replay(start, t["dtype"], seed=seed, k=k, noise_name=h["noise"]["name"], rule=h["rule"],
+                       grads=[int(b) for b in traj.grad_bits])
+        assert got.tobytes().hex() == expected["tensors"][t["name"]]["bytes"], t["name"]
+        assert hashlib.sha256(got.tobytes()).hexdigest() == expected["tensors"][t["name"]]["sha256"]
+    p = replay.plan(None, tiny / "traj.mzt")
+    for k, name in enumerate(p.names):
+        assert torch_to_bits(replay.read_base(p, k), h["tensors"][k]["dtype"]).tobytes().hex() == \
+            expected["initial"][name]["bytes"], name
+    seen = []
+    for name, w in replay.replayed(p):
+        assert torch_to_bits(w, h["tensors"][len(seen)]["dtype"]).tobytes().hex() == \
+            expected["tensors"][name]["bytes"], name
+        seen.append(name)
+    assert seen == list(expected["tensors"])
+
+
+def test_init_element_vectors_far_into_a_tensor(monkeypatch):
+    """generate() has no start offset (it builds whole tensors); shifting its draws by the element
+    index runs its arithmetic on init.json's elements beyond 2^32 too."""
+    from mezo_replay import initial
+
+    far = [c for c in load("init")["elements"] if int(c["element"]) >= 2**32]
+    assert len(far) >= 30
+    real = initial.random_u16
+    for case in far:
+        at = int(case["element"])
+        monkeypatch.setattr(initial, "random_u16",
+                            lambda s, t, k, start, n, device, at=at: real(s, t, k, at + start, n, device))
+        for dtype in ("F32", "BF16", "F16"):
+            got = _torch_initial_bits(case["init"], int(case["seed"]), case["tensor"], 1, dtype, "cpu")
+            assert int(got[0]) == int(case[dtype], 16), (case, dtype)

@@ -361,7 +361,7 @@ def make_corpus(folder: Path) -> None:
     from mezo_replay.rule import encode_grad
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("tiny", "tiny-cosine-decay", "tiny-new-tensor", "tiny-nan", "tiny-checkpoints"):
+    for name in ("tiny", "tiny-cosine-decay", "tiny-new-tensor", "tiny-nan", "tiny-checkpoints", "tiny-lora"):
         shutil.copyfile(ROOT / "spec" / "vectors" / name / "traj.mzt", folder / f"vector-{name}.mzt")
     rng = np.random.default_rng(14)
     fps = ["11" * 32, "22" * 32]

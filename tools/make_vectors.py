@@ -1,6 +1,7 @@
-"""Writes the spec's element-level test vectors (spec/vectors/{philox,noise,rule}.json) from the literal
-reference implementation. Run after any change to the spec's arithmetic; tests hold every
-implementation to these files, and the diff shows what a change moved.
+"""Writes the spec's test vectors (spec/vectors/{philox,noise,rule,init}.json and the tiny* trajectories)
+from the literal reference implementation and the real optimizer. Run after any change to the spec's
+arithmetic; tests hold every implementation to these files, and the diff shows what a change moved
+(unchanged vectors come out byte for byte the same).
 
     python tools/make_vectors.py
 """
@@ -140,6 +141,101 @@ def rule() -> dict:
             "elements": cases, "host": host}
 
 
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+# Initial values (init.md): each kind; scales whose binary32 product is inexact, lands on dtype ties,
+# goes subnormal in F32, BF16 or F16, or overflows F16 (or even binary32) to infinity.
+INIT_SPECS = [
+    {"name": "zeros"},
+    {"name": "uniform16", "bound": 1.0},  # v has at most 16 significant bits: many BF16 and F16 ties
+    {"name": "uniform16", "bound": _f32(1 / np.sqrt(5))},  # LoRA A with in_features 5 (kaiming bound)
+    {"name": "uniform16", "bound": 0.015625},  # in_features 4096: the bound is exact
+    {"name": "uniform16", "bound": _f32(1e-5)},  # F16 subnormals
+    {"name": "uniform16", "bound": 2.0**-130},  # F32 and BF16 subnormals
+    {"name": "uniform16", "bound": 2.0**-149},  # the smallest subnormal: v is 0 or +-2^-149
+    {"name": "uniform16", "bound": 65536.0},  # F16 overflows to infinity beyond 65504
+    {"name": "gaussian16", "std": 1.0},  # prefix embeddings (nn.Embedding's N(0, 1)): exact
+    {"name": "gaussian16", "std": _f32(0.02)},
+    {"name": "gaussian16", "std": 2.0**-24},  # F16 subnormals
+    {"name": "gaussian16", "std": 2.0**-140},  # F32 subnormals, BF16 too
+    {"name": "gaussian16", "std": _f32(3e38)},  # the binary32 product itself overflows for |z| > 1.13
+]
+INIT_COORDS = [(2**40 + 11, 1, i) for i in range(16)] + [
+    (0, 0, 0), (1, 0, 0), (0, 1, 0), (2**32 + 1, 2, 2**32 - 1), (2**32 + 1, 2, 2**32), (2**32 + 1, 2, 2**35 + 9),
+    (2**64 - 1, 1048575, 2**48 - 1), (123456789, 300, 7 * 2**40 + 3)]
+
+
+def _nearest(x: float, dtype: str, near: int) -> int:
+    """The dtype bits nearest to the exact value x (ties to even), among near's neighbours."""
+    best = None
+    for b in (near - 1, near, near + 1):
+        v = float(R.to_f32(np.array([b], R.BITS_DTYPE[dtype]), dtype)[0])
+        key = (abs(v - x), b & 1)
+        if best is None or key < best[0]:
+            best = (key, b)
+    return best[1]
+
+
+def double_roundings(spec: dict, seed: int, k: int, n: int, dtype: str, want: int) -> list[int]:
+    """Elements whose R_D(RN32(s * unit)) differs from rounding the exact product straight to dtype:
+    the cases that catch an implementation computing in binary64 (or fusing) instead of binary32."""
+    idx = np.arange(n, dtype=np.uint64)
+    u = R.random_u16(seed, R.INIT_STREAM, k, idx).astype(np.float64)
+    scale = next(v for key, v in spec.items() if key != "name")
+    unit = (2 * u - 65535) * 2.0**-16 if spec["name"] == "uniform16" else R.gauss16_table()[u.astype(np.int64)]
+    exact = scale * unit.astype(np.float64)  # exact: 24 + 16 significant bits fit in binary64
+    bits = R.initial_elements(spec, seed, k, idx, dtype).astype(np.int64)
+    v32 = R.initial_elements(spec, seed, k, idx, "F32").astype(np.int64)
+    tie = (v32 & 0xFFFF) == 0x8000 if dtype == "BF16" else (v32 & 0x1FFF) == 0x1000  # RN32 on a tie of D
+    found, seen = [], set()
+    for i in np.flatnonzero(tie & (np.abs(exact) > 2.0**-14)):  # normal range of every dtype: neighbours +-1
+        if int(u[i]) not in seen and _nearest(float(exact[i]), dtype, int(bits[i])) != bits[i]:
+            found.append(int(i))
+            seen.add(int(u[i]))
+            if len(found) == want:
+                break
+    return found
+
+
+def init() -> dict:
+    from mezo_replay.fingerprint import fingerprint_raw
+
+    def element(spec: dict, seed: int, k: int, i: int) -> dict:
+        idx = np.array([i], dtype=np.uint64)
+        v = R.initial_binary32(spec, seed, k, idx)
+        case = {"init": spec, "seed": str(seed), "tensor": k, "element": str(i),
+                "binary32": hx(int(v.view(np.uint32)[0]), 8)}
+        if spec["name"] != "zeros":
+            case["u"] = int(R.random_u16(seed, R.INIT_STREAM, k, idx)[0])
+        for dtype in ("F32", "BF16", "F16"):
+            case[dtype] = hx(int(R.initial_elements(spec, seed, k, idx, dtype)[0]), 8 if dtype == "F32" else 4)
+        return case
+
+    elements = [element(spec, *c) for spec in INIT_SPECS for c in INIT_COORDS]
+    doubles = []
+    for spec in (INIT_SPECS[2], INIT_SPECS[9]):
+        for dtype in ("BF16", "F16"):
+            for i in double_roundings(spec, 2**40 + 11, 1, 1 << 20, dtype, 3):
+                doubles.append({**element(spec, 2**40 + 11, 1, i), "dtype": dtype})
+    tensors = []
+    for n, spec in enumerate(INIT_SPECS):
+        for dtype, shape in (("F32", [3, 5]), ("BF16", [19]), ("F16", [2, 2, 3])):
+            seed, k = [(0, 0), (2**40 + 11, 1), (2**64 - 1, 7)][n % 3]
+            bits = R.initial_value(spec, seed, k, shape, dtype)
+            tensors.append({"init": spec, "seed": str(seed), "tensor": k, "dtype": dtype, "shape": shape,
+                            "bits": [hx(int(b), 8 if dtype == "F32" else 4) for b in bits],
+                            "fingerprint": fingerprint_raw(dtype, shape,
+                                                           bits.astype("<" + bits.dtype.str[1:]).tobytes())})
+    return {"about": "init.md: generated initial values. elements: for (init, seed, tensor index, element index) "
+                     "the 16 random bits u (step index 2^32-1), the binary32 value v (bits) and its bits in each "
+                     "dtype; double_rounding: elements where rounding the exact product straight to `dtype` "
+                     "would differ (R_D(RN32(x)) is the definition); tensors: whole values with their "
+                     "fingerprints. seed and element are decimal strings",
+            "elements": elements, "double_rounding": doubles, "tensors": tensors}
+
+
 def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_tensor: bool = False,
          nan_payloads: bool = False, checkpoints: tuple[int, ...] = ()) -> None:
     """spec/vectors/tiny: a base with one tensor per dtype (special values included) and a frozen one,
@@ -201,9 +297,81 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
     print("wrote", out)
 
 
+def tiny_lora(name: str = "tiny-lora") -> None:
+    """spec/vectors/tiny-lora: a trajectory that needs no base (format.md *Trajectories without a base*).
+    Every tensor starts from the file: LoRA-style A (uniform16 at the kaiming bound) and B (zeros) and
+    prefix-style embeddings (gaussian16) in each dtype, generated from the seed (init.md), and one head
+    stored in INIT chunks. A synthetic mix, so that one small file covers every kind in every dtype."""
+    import hashlib
+
+    import torch
+
+    from mezo_replay import initial
+    from mezo_replay.fingerprint import DTYPE_NAMES, canonicalize_nan_, tensor_fingerprint
+    from mezo_replay.optimizer import MeZO
+    from mezo_replay.safetensors_io import BaseCheckpoint
+
+    out = SPEC / name
+    out.mkdir(exist_ok=True)
+    seed = 2**33 + 5
+    lora_a = initial.uniform16(initial.kaiming_uniform_bound(5))
+    specs = {  # name -> (dtype, shape, init)
+        "base_model.model.layers.0.q_proj.lora_A.weight": ("F32", [2, 5], lora_a),
+        "base_model.model.layers.0.q_proj.lora_B.weight": ("F32", [3, 2], initial.zeros()),
+        "base_model.model.layers.0.v_proj.lora_A.weight": ("BF16", [2, 5], lora_a),
+        "base_model.model.layers.0.v_proj.lora_B.weight": ("BF16", [3, 2], initial.zeros()),
+        "base_model.model.layers.1.q_proj.lora_A.weight": ("F16", [2, 5], lora_a),
+        "base_model.model.layers.1.q_proj.lora_B.weight": ("F16", [3, 2], initial.zeros()),
+        "base_model.model.score.weight": ("F32", [2, 3], True),
+        "prompt_embeddings": ("F32", [3, 4], initial.gaussian16(1.0)),
+        "prompt_embeddings.bf16": ("BF16", [3, 4], initial.gaussian16(1.0)),
+        "prompt_embeddings.f16": ("F16", [3, 4], initial.gaussian16(0.5)),
+    }
+    names = sorted(specs, key=lambda n: n.encode("utf-8"))
+    g = torch.Generator().manual_seed(7)
+    params = {}
+    for k, n in enumerate(names):
+        dtype, shape, init = specs[n]
+        if init is True:  # a head trained whole: its value travels in INIT chunks
+            params[n] = (torch.randn(*shape, generator=g) * 0.5).to(DTYPE_NAMES[dtype])
+        else:
+            params[n] = initial.generate(init, seed, k, shape, DTYPE_NAMES[dtype])
+        params[n].requires_grad_(True)
+    initial_fps = {n: tensor_fingerprint(p.detach()) for n, p in params.items()}
+    initial_bytes = {n: p.detach().contiguous().view(torch.uint8).numpy().tobytes().hex() for n, p in params.items()}
+    adapter_config = {"base_model_name_or_path": None, "bias": "none", "fan_in_fan_out": False,
+                      "inference_mode": True, "lora_alpha": 4, "lora_dropout": 0.0, "modules_to_save": ["score"],
+                      "peft_type": "LORA", "r": 2, "revision": None, "target_modules": ["q_proj", "v_proj"],
+                      "task_type": "SEQ_CLS"}
+    peft = {"adapter_config": adapter_config,
+            "base_weights": BaseCheckpoint.open(SPEC / "tiny" / "base.safetensors").weights_fingerprint()}
+    losses = iter([2.0, 1.9, 1.7, 1.75, 1.5, 1.52, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1])
+    opt = MeZO(params.items(), lr=1e-3, eps=1e-3, seed=seed)
+    (out / "traj.mzt").unlink(missing_ok=True)
+    opt.record(out / "traj.mzt", steps_per_chunk=4, metadata={"purpose": "spec test vector", "peft": "lora"},
+               new_tensors={n: specs[n][2] for n in names}, extra={"peft": peft})
+    for _ in range(6):
+        opt.step(lambda: next(losses))
+    opt.close()
+
+    def raw(p: torch.Tensor) -> bytes:
+        return canonicalize_nan_(p.detach().clone()).contiguous().view(torch.uint8).numpy().tobytes()
+
+    expected = {"about": "traj.mzt needs no base: each tensor's value before step 0 (generated from the seed "
+                         "as init.md defines, or from INIT) and after all steps: fingerprint (format.md), "
+                         "SHA-256 of the raw little-endian bytes, and the bytes (hex)",
+                "steps": 6,
+                "initial": {n: {"fingerprint": initial_fps[n], "bytes": initial_bytes[n]} for n in names},
+                "tensors": {n: {"fingerprint": tensor_fingerprint(p.detach()),
+                                "sha256": hashlib.sha256(raw(p)).hexdigest(), "bytes": raw(p).hex()}
+                            for n, p in zip(opt.names, opt.params)}}
+    (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+    print("wrote", out)
+
+
 def main() -> None:
     SPEC.mkdir(parents=True, exist_ok=True)
-    for name, fn in (("philox", philox), ("noise", noise), ("rule", rule)):
+    for name, fn in (("philox", philox), ("noise", noise), ("rule", rule), ("init", init)):
         (SPEC / f"{name}.json").write_text(json.dumps(fn(), indent=1) + "\n")
         print("wrote", SPEC / f"{name}.json")
     tiny()
@@ -213,6 +381,7 @@ def main() -> None:
     tiny("tiny-new-tensor", new_tensor=True)
     tiny("tiny-nan", nan_payloads=True)
     tiny("tiny-checkpoints", checkpoints=(2, 4))
+    tiny_lora()
 
 
 if __name__ == "__main__":
