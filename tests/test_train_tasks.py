@@ -1,4 +1,4 @@
-"""Fine-tunes of tiny Llama-, GPT-2- and BERT-style models on local JSONL data in every task format, each
+"""Fine-tunes of tiny Llama-, GPT-2-, OPT-, BLOOM- and BERT-style models on local JSONL data in every task format, each
 reconstructed byte for byte from base + trajectory. Models are built from transformers configs around
 the embedded tokenizer (no Hub here)."""
 from __future__ import annotations
@@ -31,6 +31,13 @@ def make_model(arch: str, out: Path) -> Path:
     elif arch == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256,
                                                  bos_token_id=0, eos_token_id=1, pad_token_id=2))
+    elif arch == "opt":
+        model = tf.OPTForCausalLM(tf.OPTConfig(
+            vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=32, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=2))
+    elif arch == "bloom":
+        model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4,
+                                                   bos_token_id=0, eos_token_id=1, pad_token_id=2))
     elif arch == "bert":
         tok.add_special_tokens({"mask_token": "<|mask|>"})
         model = tf.BertForMaskedLM(tf.BertConfig(
