@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ def _check_targets(model: Any, targets: Sequence[str], given: bool) -> None:
                                   f"layers are named: {', '.join(names)}")
         bad = [n for n in hits if not isinstance(modules[n], kinds)]
         if bad:
-            raise MezoReplayError(f"--lora-targets {t!r}: {bad[0]} is a {type(modules[bad[0]]).__name__}, not a Linear "
+            raise MezoReplayError(f"--lora-targets {t!r}: {bad[0]} is of type {type(modules[bad[0]]).__name__}, not a Linear "
                                   f"or Conv1D layer (MeZO-LoRA generates the initial values of those only); "
                                   f"pick from: {', '.join(names)}")
 
@@ -166,7 +167,10 @@ def wrap(model: Any, options: PeftOptions, *, task: str, masked: bool, seed: int
                                   f"which a prefix adapter cannot carry; use --peft lora")
         config = peft.PrefixTuningConfig(num_virtual_tokens=options.num_virtual_tokens, task_type=task_type)
     try:
-        wrapped = peft.get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft's notes on transformers deprecations and Conv1D's layout
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            wrapped = peft.get_peft_model(model, config)
     except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as e:
         raise MezoReplayError(f"peft cannot wrap {type(model).__name__} for --peft {options.kind}: {_one_line(e)}") \
             from None
