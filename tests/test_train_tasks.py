@@ -78,9 +78,17 @@ CASES = [
     ("gpt2", "label-words", {"template": "{sentence} It was", "label_words": LABEL_WORDS}, "f1"),
     ("bert", "label-words", {"template": "{sentence} It was {mask}.", "label_words": LABEL_WORDS}, "ce"),
 ]
+SLOW_CASES = [  # the other causal LMs the issue names, full-parameter (tests/test_peft_train.py: their adapters)
+    ("opt", "prompt-completion", {}, "ce"),
+    ("opt", "label-words", {"template": "{sentence} It was", "label_words": LABEL_WORDS}, "accuracy"),
+    ("bloom", "prompt-completion", {}, "ce"),
+    ("bloom", "lm", {}, "ce"),
+]
 
 
-@pytest.mark.parametrize("arch, kind, options, objective", CASES, ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in CASES])
+@pytest.mark.parametrize("arch, kind, options, objective", [
+    *[pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[3]}") for c in CASES],
+    *[pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[3]}", marks=pytest.mark.slow) for c in SLOW_CASES]])
 def test_task_formats_reconstruct_exactly(tmp_path, arch, kind, options, objective):
     model_dir = make_model(arch, tmp_path / arch)
     files = write_data(tmp_path)
@@ -133,7 +141,8 @@ def test_bad_task_inputs(tmp_path):
     assert not (tmp_path / "t.mzt").exists()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", *[pytest.param(a, marks=pytest.mark.slow)
+                                                             for a in ("opt", "bloom")]])
 def test_classifier_head_travels_in_the_trajectory(tmp_path, arch):
     """A sequence classifier on a language-model base: the new head's initial values are in the .mzt,
     and reconstruct gives a folder that loads as the classifier with the tuned weights."""
