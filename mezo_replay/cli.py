@@ -202,7 +202,8 @@ def _two_defaults(key: str) -> str:
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), show_default=_two_defaults("seed"),
               help="Run seed: noise and batch order.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Parameter dtype to train in (a base in that dtype is saved if the model's differs).")
+              help="Parameter dtype to train in (a base in that dtype is saved if the model's differs; not with "
+                   "--peft, whose adapter goes onto the original model, and keeps peft's float32 adapter).")
 @click.option("--noise", type=click.Choice(["gaussian16", "rademacher16"]), default="gaussian16",
               show_default=True, help="Perturbation distribution (spec/noise.md).")
 @click.option("--eval-every", type=click.IntRange(0), show_default=_two_defaults("eval_every"),

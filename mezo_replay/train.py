@@ -293,13 +293,15 @@ def setting_differences(old: Mapping[str, Any], fresh: Mapping[str, Any]) -> lis
         diffs = _differences(_filled(old[part]), _filled(fresh[part]))
         named = [d for d in diffs if d[0] == "name"]  # another sampler or rule: its own keys follow from it
         found += [(f"{part}.{k}", a, b) for k, a, b in (named or diffs)]
+    if any(k == "peft" for k, _, _ in found):  # another kind of adapter, or none: its own keys follow from it
+        found = [d for d in found if d[0] == "peft" or d[0] not in _PEFT_KEYS]
     if not any(k in _PEFT_KEYS for k, _, _ in found):  # the adapter's own settings, if no option named them
         old_cfg = {k: v for k, v in (old.get("peft") or {}).get("adapter_config", {}).items() if k != "peft_version"}
         new_cfg = {k: v for k, v in (fresh.get("peft") or {}).get("adapter_config", {}).items() if k != "peft_version"}
         found += [(f"adapter config {k}", a, b) for k, a, b in _differences(old_cfg, new_cfg)]
     out = [f"{STEP_SETTINGS.get(k, k)} {_shown(a, b)} there, {_shown(b, a)} now" for k, a, b in found]
     old_names, new_names = [t["name"] for t in old["tensors"]], [t["name"] for t in fresh["tensors"]]
-    if old_names != new_names:
+    if old_names != new_names and not any(k == "peft" for k, _, _ in found):  # else the adapter explains it
         out.append(f"--tune/--freeze: {len(old_names)} tuned tensors there, {len(new_names)} now")
     return out
 

@@ -154,6 +154,22 @@ def test_two_rebuilt_adapters_switch_on_one_base(tmp_path):
         assert torch.equal(logits(model), want), name
 
 
+@pytest.mark.slow
+def test_bf16_model_keeps_a_float32_adapter_and_no_base_copy(tmp_path):
+    """peft keeps a bf16 model's adapter in float32 (autocast_adapter_dtype), in training and when it loads
+    the rebuilt folder, so the logits still match; the base is not copied in bf16 beside the trajectory."""
+    import transformers as tf
+    from peft import PeftModel
+
+    model_dir, result = run(tmp_path, "gpt2", PeftOptions("lora", r=4), dtype="bf16")
+    header = read_trajectory(result.trajectory).header
+    assert {t["dtype"] for t in header["tensors"]} == {"F32"} and header["metadata"]["dtype"] == "bf16"
+    assert not (tmp_path / "t.base-bf16").exists()
+    folder = adapter_from_trajectory(result.trajectory, tmp_path / "adapter", model_dir)
+    base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    assert torch.equal(logits(PeftModel.from_pretrained(base, folder).eval()), logits(result.model))
+
+
 def test_prefix_tuning_rebuilt_gives_the_trained_logits(tmp_path):
     model_dir, result = run(tmp_path, "llama", PeftOptions("prefix", num_virtual_tokens=4))
     header = read_trajectory(result.trajectory).header
@@ -213,6 +229,8 @@ def test_resumed_peft_run_equals_an_uninterrupted_one(tmp_path):
         run(tmp_path, "llama", PeftOptions("lora", r=3, dropout=0.25), out="part.mzt", steps=6, resume=True)
     with pytest.raises(MezoReplayError, match="--peft lora there, prefix now"):
         run(tmp_path, "llama", PeftOptions("prefix"), out="part.mzt", steps=6, resume=True)
+    with pytest.raises(MezoReplayError, match=r"^--resume refused: .* other settings: --peft lora there, \(not set\) now$"):
+        run(tmp_path, "llama", None, out="part.mzt", steps=6, resume=True)
     assert read_trajectory(tmp_path / "part.mzt").steps == 4
 
 
