@@ -160,9 +160,10 @@ def _two_defaults(key: str) -> str:
               help="Total MeZO steps (MeZO's paper runs 20,000).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), show_default=_two_defaults("lr"),
               help="Peak learning rate. The default for your model is MeZO's published setting (1e-6 or "
-                   "1e-7 for full fine-tuning); the tiny demo model needs far more.")
+                   "1e-7 for full fine-tuning); the tiny demo model needs far more. With --peft: 5e-5 for "
+                   "lora, 1e-3 for prefix (MeZO's PEFT settings; the demo: 1e-3 and 1e-2).")
 @click.option("--eps", type=click.FloatRange(min=0, min_open=True), show_default=_two_defaults("eps"),
-              help="Perturbation scale.")
+              help="Perturbation scale. With --peft: 1e-2 for lora, 1e-1 for prefix (MeZO's PEFT settings).")
 @click.option("--schedule", type=click.Choice(["constant", "linear", "cosine"]), default="constant",
               show_default=True, help="Learning-rate schedule after warmup.")
 @click.option("--warmup-steps", type=click.IntRange(0), default=0, show_default=True,
@@ -178,8 +179,8 @@ def _two_defaults(key: str) -> str:
                    "never change. lora: low-rank updates W + (alpha/r)·B·A on the --lora-targets layers; prefix: "
                    "--num-virtual-tokens learned key/value prefixes (causal LMs only). The adapter starts from "
                    "values the run seed regenerates, so the trajectory rebuilds without the base, as a PEFT "
-                   "adapter folder (`mezo-replay reconstruct RUN.mzt -o RUN-adapter`). Try a larger --lr than for "
-                   "full tuning (e.g. 1e-4 to 1e-3 for LoRA).")
+                   "adapter folder (`mezo-replay reconstruct RUN.mzt -o RUN-adapter`). --lr and --eps have "
+                   "their own defaults with it (see them).")
 @click.option("--lora-r", type=click.IntRange(1), default=8, show_default=True,
               help="LoRA rank r: A is r x in, B is out x r.")
 @click.option("--lora-alpha", type=click.IntRange(1), default=16, show_default=True,
@@ -258,13 +259,15 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
     from . import embedded
     from .data import load_splits
     from .mzt import read_trajectory
-    from .defaults import MEZO_DEFAULTS
+    from .defaults import MEZO_DEFAULTS, PEFT_DEFAULTS, PEFT_DEMO_DEFAULTS
     from .peft_tuning import PeftOptions
     from .storage import storage
     from .train import StepReport, TrainConfig, relpath, train as run
 
     demo = model is None or embedded.portable_name(embedded.local_path(model)) is not None
     d = embedded.DEFAULTS if demo else MEZO_DEFAULTS
+    if peft_kind is not None:
+        d = {**d, **(PEFT_DEMO_DEFAULTS if demo else PEFT_DEFAULTS)[peft_kind]}
     if quiet:
         import transformers
 

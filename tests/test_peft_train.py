@@ -248,6 +248,8 @@ def test_cli_train_peft_lora_prints_the_adapter_rebuild(tmp_path):
     header = read_trajectory(tmp_path / "run.mzt").header
     assert header["base"]["source"] == "mezo-replay:embedded/tiny-llama"
     assert header["metadata"]["lora_targets"] == "q_proj,v_proj"
+    rule = header["rule"]  # the demo's PEFT defaults (defaults.PEFT_DEMO_DEFAULTS), not full tuning's
+    assert rule["lr"] == pytest.approx(1e-3, rel=1e-6) and rule["eps"] == pytest.approx(1e-2, rel=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.mzt"]  # no cast copy of the base
 
 
