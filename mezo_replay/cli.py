@@ -160,10 +160,10 @@ def _two_defaults(key: str) -> str:
               help="Total MeZO steps (MeZO's paper runs 20,000).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), show_default=_two_defaults("lr"),
               help="Peak learning rate. The default for your model is MeZO's published setting (1e-6 or "
-                   "1e-7 for full fine-tuning); the tiny demo model needs far more. With --peft: 5e-5 for "
+                   "1e-7 for full fine-tuning); the tiny demo model needs far more. For a PEFT adapter: 5e-5 for "
                    "lora, 1e-3 for prefix (MeZO's PEFT settings; the demo: 1e-3 and 1e-2).")
 @click.option("--eps", type=click.FloatRange(min=0, min_open=True), show_default=_two_defaults("eps"),
-              help="Perturbation scale. With --peft: 1e-2 for lora, 1e-1 for prefix (MeZO's PEFT settings).")
+              help="Perturbation scale. For a PEFT adapter: 1e-2 for lora, 1e-1 for prefix (MeZO's PEFT settings).")
 @click.option("--schedule", type=click.Choice(["constant", "linear", "cosine"]), default="constant",
               show_default=True, help="Learning-rate schedule after warmup.")
 @click.option("--warmup-steps", type=click.IntRange(0), default=0, show_default=True,
