@@ -9,6 +9,10 @@ reads after each step, so the weights in memory always equal a replay of the rec
 final fingerprint can be written. A resumed run replays the recorded steps onto the base, checks them,
 and continues with the same batches (data.batch_order is a pure function of seed and step), so it ends
 on the same bytes as a run that was never interrupted.
+
+With `peft` (peft_tuning.py) the tuned tensors are a peft adapter's (LoRA, prefix), starting from values the
+seed regenerates: the base weights never change, no base copy is made, and the trajectory rebuilds into an
+adapter without the base; a resume replays onto the regenerated start instead of the base.
 """
 from __future__ import annotations
 
