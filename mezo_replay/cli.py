@@ -325,7 +325,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
     traj = read_trajectory(result.trajectory)
     say = (lambda msg: click.echo(msg, err=True)) if log_path == "-" else click.echo
     if result.resumed_from:
-        say(f"resumed at step {result.resumed_from}: replayed and checked against the base")
+        start = "the adapter's generated start" if result.peft is not None else "the base"
+        say(f"resumed at step {result.resumed_from}: replayed from {start} and checked")
     if traj.evals:  # from the file, so a resumed run reports the whole run
         first, last = traj.evals[0], traj.evals[-1]
         e0, e1 = first["metrics"], last["metrics"]

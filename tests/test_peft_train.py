@@ -251,6 +251,10 @@ def test_cli_train_peft_lora_prints_the_adapter_rebuild(tmp_path):
     rule = header["rule"]  # the demo's PEFT defaults (defaults.PEFT_DEMO_DEFAULTS), not full tuning's
     assert rule["lr"] == pytest.approx(1e-3, rel=1e-6) and rule["eps"] == pytest.approx(1e-2, rel=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.mzt"]  # no cast copy of the base
+    code, err = inproc("train", "--peft", "lora", "--lora-r", "2", "--steps", "3", "--batch-size", "4",
+                       "--eval-every", "0", "-q", "--resume", "run.mzt", cwd=tmp_path)
+    assert code == 0, err
+    assert read_trajectory(tmp_path / "run.mzt").steps == 3
 
 
 def inproc(*args: str, cwd: Path) -> tuple[int, str]:
