@@ -82,7 +82,7 @@ def optimizer(specs: dict, seed: int, lr: float) -> MeZO:
     return MeZO(params, lr=lr, eps=1e-3, seed=seed)
 
 
-def make_trajectory(path: Path, args: argparse.Namespace, seed: int) -> None:
+def make_trajectory(path: Path, args: argparse.Namespace, seed: int, device: str = "cpu") -> None:
     specs = lora_specs(args.layers, args.hidden, args.r)
     opt = optimizer(specs, seed, args.lr)
     header_args = dict(new_tensors={n: init for n, (_, init) in specs.items()}, extra=peft_extra(args.r),
@@ -105,31 +105,32 @@ def make_trajectory(path: Path, args: argparse.Namespace, seed: int) -> None:
     with TrajectoryWriter(path, h, steps_per_chunk=1024) as w:
         for g in rng.standard_normal(args.steps) * args.grad_scale:
             w.append_step(encode_grad(float(g)))
-    fps = [tensor_fingerprint(t) for _, t in replay.replayed(replay.plan(None, path))]  # untimed
+    fps = [tensor_fingerprint(t) for _, t in replay.replayed(replay.plan(None, path), device)]  # untimed
     w = TrajectoryWriter.open_append(path)
     w.write_fingerprint(fps)
     w.close()
 
 
-def rebuild(path: Path) -> tuple[bytes, int]:
+def rebuild(path: Path, device: str = "cpu") -> tuple[bytes, int]:
     """sha256 over every rebuilt tensor (each checked against the final fingerprint) and the element-steps."""
     p = replay.plan(None, path)
     if p.expected is None:
         raise SystemExit("Error: the trajectory records no final fingerprint")
     h = hashlib.sha256()
-    for name, t in replay.replayed(p):
+    for name, t in replay.replayed(p, device):
         h.update(name.encode() + b"\0" + t.contiguous().view(torch.uint8).numpy().tobytes())
     return h.digest(), p.element_steps
 
 
-def torch_prefix(path: Path, index: int, n: int) -> tuple[str, bytes, bytes]:
-    """(name, first n elements rebuilt by the default path, the same by the plain torch path)."""
+def torch_prefix(path: Path, index: int, n: int, device: str) -> tuple[str, bytes, bytes]:
+    """(name, first n elements rebuilt on `device` by the default path, the same by the plain torch path on
+    the CPU)."""
     traj = read_trajectory(path)
     p = replay.plan(None, traj)
     entry = traj.header["tensors"][index]
     w0 = replay.read_base(p, index).reshape(-1)
     n = min(n, w0.numel())
-    got = replay.replay_named(p, index).reshape(-1)[:n]
+    got = replay.replay_named(p, index, device).reshape(-1)[:n]
     w = w0[:n].clone()
     set_backend("torch")
     try:
@@ -145,8 +146,12 @@ def one_tensor_baseline(path: Path, args: argparse.Namespace):
     p = replay.plan(None, traj)
     n = sum(int(np.prod(t["shape"])) for t in traj.header["tensors"])
     w0 = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * 0.02)
-    return timed(lambda w: replay_tensor_(w, p.rule, 0, p.constants) or w, args.repeats, args.warmup,
-                 setup=lambda: w0.clone())
+    return timed(lambda w: replay_tensor_(w, p.rule, 0, p.constants) or w, args.repeats, args.warmup, sync(args.device),
+                 setup=lambda: w0.clone().to(args.device))
+
+
+def sync(device: str):
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
 def peak_rss() -> int:
@@ -161,6 +166,8 @@ def current_rss() -> int:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20000)
+    ap.add_argument("--device", default="cpu", help="where the rebuild runs (cpu, cuda); the torch-path check runs "
+                    "on the CPU")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--r", type=int, default=8)
@@ -193,14 +200,14 @@ def main(argv: list[str] | None = None) -> None:
 def single(folder: Path, args: argparse.Namespace) -> None:
     path = folder / "lora.mzt"
     start = time.perf_counter()
-    make_trajectory(path, args, seed=1)
+    make_trajectory(path, args, seed=1, device=args.device)
     made_s = time.perf_counter() - start
     traj = read_trajectory(path)
     n_params = sum(int(np.prod(t["shape"])) for t in traj.header["tensors"])
     size = path.stat().st_size
     print(header(f"base-less LoRA rebuild, {len(traj.header['tensors'])} F32 tensors (r={args.r} on q_proj, v_proj "
                  f"of {args.layers} layers, hidden {args.hidden}), {n_params:,} parameters x {args.steps:,} steps",
-                 args))
+                 args, args.device))
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1, 5, 15 min), "
           f"{os.cpu_count()} CPUs")
     print(f"trajectory: {size:,} bytes ({size / args.steps:.2f} bytes/step), {args.record} steps, made in "
@@ -210,12 +217,12 @@ def single(folder: Path, args: argparse.Namespace) -> None:
 
     def run(_: object) -> int:
         start = time.process_time()
-        d, es = rebuild(path)
+        d, es = rebuild(path, args.device)
         cpu.append(time.process_time() - start)
         digests.append(d)
         return es
 
-    timing, es = timed(run, args.repeats, args.warmup)
+    timing, es = timed(run, args.repeats, args.warmup, sync(args.device))
     cpu_s = float(np.median(cpu[-args.repeats:]))
     rows = [("rebuild: plan(None) + replayed, all tensors, fingerprint-checked", timing)]
     if not args.no_baseline:
@@ -231,16 +238,18 @@ def single(folder: Path, args: argparse.Namespace) -> None:
         require_same("rebuilt adapter, sha256 over all tensors", f"run {k + 1}", d, "run 1", runs[0])
     a_index = 0  # sorted names: layers.0.self_attn.q_proj.lora_A, then .lora_B
     for index in (a_index, a_index + 1):
-        name, got, ref = torch_prefix(path, index, args.check_elements)
+        name, got, ref = torch_prefix(path, index, args.check_elements, args.device)
         if args.inject_mismatch:
             got = flip_one_bit(got)
         require_same(f"first {len(got) // 4:,} elements of {name}", "rebuild", got, "torch path", ref)
     cores = len(os.sched_getaffinity(0))
-    print(f"CPU time of a rebuild (all threads, median): {cpu_s:.2f} s, {es / cpu_s:.3e} element-steps per CPU-second; "
-          f"derived for {cores} otherwise idle cores: {cpu_s / cores:.2f} s, {es / cpu_s * cores:.3e} element-steps/s")
+    if args.device == "cpu":
+        print(f"CPU time of a rebuild (all threads, median): {cpu_s:.2f} s, {es / cpu_s:.3e} element-steps per "
+              f"CPU-second; derived for {cores} otherwise idle cores: {cpu_s / cores:.2f} s, "
+              f"{es / cpu_s * cores:.3e} element-steps/s")
     need = 3.1e10 / TARGET_S
     small = "" if es >= 1e10 else " (a small run: fixed costs weigh more than at 3.1e10)"
-    print(f"target: 3.1e10 element-steps in {TARGET_S:g} s, {need:.3e} element-steps/s; measured "
+    print(f"target (CPU): 3.1e10 element-steps in {TARGET_S:g} s, {need:.3e} element-steps/s; measured on {args.device} "
           f"{es / timing.median:.3e}: {'met' if es / timing.median >= need else 'MISSED'}{small}")
 
 
@@ -258,7 +267,7 @@ def adapters(folder: Path, args: argparse.Namespace) -> None:
                  f"each, saved as safetensors folders, a fresh process per count", args))
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1, 5, 15 min), "
           f"{os.cpu_count()} CPUs")
-    print(f"{most} trajectories, {size:,} bytes in all ({size // most:,} each), made in {made_s:.1f} s")
+    print(f"trajectories: {most}, {size:,} bytes in all ({size // most:,} each), made in {made_s:.1f} s")
     print(f"{'adapters':>9}{'total s':>10}{'one s':>8}{'total / (N x one)':>19}{'element-steps/s':>18}"
           f"{'RSS before MiB':>16}{'peak above it MiB':>19}")
     digests: dict[str, bytes] = {}
@@ -274,6 +283,7 @@ def adapters(folder: Path, args: argparse.Namespace) -> None:
         if proc.returncode:
             raise SystemExit(f"Error: the rebuild of {count} adapters failed:\n{proc.stderr[-2000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
+        way = r["way"]
         print(f"{count:>9}{r['total']:>10.2f}{r['one']:>8.3f}{r['total'] / (count * r['one']):>19.2f}"
               f"{r['element_steps'] / r['total']:>18.3e}{r['before'] / 2**20:>16.0f}"
               f"{(r['peak'] - r['before']) / 2**20:>19.1f}", flush=True)
@@ -285,36 +295,51 @@ def adapters(folder: Path, args: argparse.Namespace) -> None:
                 require_same(f"adapter {name}, sha256 of adapter_model.safetensors", f"{count} adapters run",
                              d, "the first run", digests[name])
             digests[name] = d
+    print(f"rebuilt by: {way}")
     print(f"every adapter rebuilt in more than one run has the same bytes each time; each was checked against its "
           f"trajectory's final fingerprint as it was rebuilt")
 
 
 def child(args: argparse.Namespace) -> None:
-    """One count of --adapters in a fresh process: rebuild, save, and report time and memory."""
-    from safetensors.torch import save_file
-
+    """One count of --adapters in a fresh process: rebuild, save, and report time and memory. Through
+    mezo_replay.adapter.rebuild_many (adapter folders, one call for all) where this checkout has it, else
+    replay.replayed and a safetensors file per adapter."""
     spec = json.loads(args.child)
     paths = sorted(Path(spec["trajs"]).glob("*.mzt"))[:spec["count"]]
     out = Path(spec["out"])
+    try:
+        from mezo_replay.adapter import rebuild_many
 
-    def one(path: Path) -> int:
-        p = replay.plan(None, path)
-        folder = out / path.stem
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = dict(replay.replayed(p))  # one adapter held at a time: 6 MiB here
-        save_file(tensors, str(folder / "adapter_model.safetensors"))
-        return p.element_steps
+        way = "mezo_replay.adapter.rebuild_many, one call"
 
-    one(paths[0])  # warm-up: imports, kernel load, page cache
-    shutil.rmtree(out)
+        def run(group: list[Path], where: Path) -> int:
+            plans = []
+            rebuild_many(group, where, on_done=lambda _t, _o, p: plans.append(p.element_steps))
+            return sum(plans)
+    except ImportError:
+        from safetensors.torch import save_file
+
+        way = "replay.replayed + safetensors save_file per adapter (mezo_replay.adapter is not in this checkout)"
+
+        def run(group: list[Path], where: Path) -> int:
+            es = 0
+            for path in group:
+                p = replay.plan(None, path)
+                (where / path.stem).mkdir(parents=True, exist_ok=True)
+                save_file(dict(replay.replayed(p)), str(where / path.stem / "adapter_model.safetensors"))
+                es += p.element_steps
+            return es
+
+    run(paths[:1], out.with_name(out.name + "-warm"))  # imports, kernel load, page cache
     before = current_rss()
     start = time.perf_counter()
-    one(paths[0])
+    run(paths[:1], out.with_name(out.name + "-one"))
     one_s = time.perf_counter() - start
     start = time.perf_counter()
-    es = sum(one(p) for p in paths)
+    es = run(paths, out)
     total = time.perf_counter() - start
-    print(json.dumps({"total": total, "one": one_s, "element_steps": es, "before": before, "peak": peak_rss()}))
+    print(json.dumps({"total": total, "one": one_s, "element_steps": es, "before": before, "peak": peak_rss(),
+                      "way": way}))
 
 
 if __name__ == "__main__":
