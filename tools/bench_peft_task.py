@@ -43,7 +43,7 @@ def peft_args(mode: str, args: argparse.Namespace) -> list[str]:
 def train(folder: Path, mode: str, lr: str, args: argparse.Namespace) -> dict:
     out, log = folder / f"{mode}-{lr}.mzt", folder / f"{mode}-{lr}.jsonl"
     cmd = [sys.executable, "-m", "mezo_replay", "train", "--steps", str(args.steps), "--lr", lr, "--eval-every",
-           str(args.eval_every), "-q", "-o", str(out), "--log", str(log), *peft_args(mode, args)]
+           str(args.eval_every), "-q", "-o", out.name, "--log", log.name, *peft_args(mode, args)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -127,15 +127,16 @@ def main(argv: list[str] | None = None) -> None:
                 metric = metric or next((k for k in r["last"] if k not in ("event", "step", "loss")), None)
                 rows.append((r, size, params, step_bytes, tensors))
                 print(f"  ran: {r['command']} ({r['seconds']:.0f} s); rebuilt from the trajectory"
-                      f"{' alone' if mode != 'full' else ' and the base'}: {tensors} tensors equal training's end "
+                      f"{' alone' if mode != 'full' else ' and the base'}: {tensors} tensor{'s' * (tensors != 1)} equal "
+                      f"training's end "
                       f"(final fingerprint)", flush=True)
     extra = f"{metric + ' start -> end':>22}" if metric else ""
     print(f"{'mode':<8}{'lr':>8}{'tuned params':>14}{'eval loss start -> end':>25}{extra}{'file bytes':>12}"
           f"{'bytes/step':>12}{'step records B/step':>21}{'train s':>9}")
     for r, size, params, step_bytes, _ in rows:
         f, l_ = r["first"], r["last"]
-        m = f"{f.get(metric, float('nan')):>10.3f} -> {l_.get(metric, float('nan')):.3f}" if metric else ""
-        print(f"{r['mode']:<8}{r['lr']:>8}{params:>14,}{f['loss']:>15.3f} -> {l_['loss']:<6.3f}{m:>22}{size:>12,}"
+        m = f"{f.get(metric, float('nan')):>12.3f} -> {l_.get(metric, float('nan')):<6.3f}" if metric else ""
+        print(f"{r['mode']:<8}{r['lr']:>8}{params:>14,}{f['loss']:>15.3f} -> {l_['loss']:<6.3f}{m}{size:>12,}"
               f"{size / args.steps:>12.2f}{step_bytes:>21.2f}{r['seconds']:>9.0f}")
     print("bytes identical: every rebuild equals the weights its training ended with (final fingerprints)")
 
