@@ -14,7 +14,7 @@ MeZO steps instead (a cheap quadratic closure; the optimizer's per-step path wri
 checks the rebuild against training itself; it costs a kernel call per tensor and phase and step, so it
 is for small T. Either way the run fails (exit 1) if two timed rebuilds give different bytes, or if the
 first --check-elements elements of the first A and first B tensor differ from the plain torch path's
-replay of them.
+replay of them (on the same device).
 
     python tools/bench_lora_rebuild.py [--steps 20000] [--repeats 3]        # the issue's figure
     python tools/bench_lora_rebuild.py --adapters 10,100 --steps 200       # per-user adapters, memory
@@ -123,21 +123,24 @@ def rebuild(path: Path, device: str = "cpu") -> tuple[bytes, int]:
 
 
 def torch_prefix(path: Path, index: int, n: int, device: str) -> tuple[str, bytes, bytes]:
-    """(name, first n elements rebuilt on `device` by the default path, the same by the plain torch path on
-    the CPU)."""
+    """(name, first n elements rebuilt on `device` by the default path, the same by the plain torch path).
+
+    The torch path runs on `device` too: on a GPU it is a second implementation beside the Triton kernel,
+    and it keeps gpu_check's stage short (on the CPU it takes about 20 s per tensor over 20,000 steps,
+    its per-step costs, and the compiled CPU kernel is not built on the device machine)."""
     traj = read_trajectory(path)
     p = replay.plan(None, traj)
     entry = traj.header["tensors"][index]
     w0 = replay.read_base(p, index).reshape(-1)
     n = min(n, w0.numel())
     got = replay.replay_named(p, index, device).reshape(-1)[:n]
-    w = w0[:n].clone()
+    w = w0[:n].clone().to(device)
     set_backend("torch")
     try:
         replay_tensor_(w, p.rule, index, p.constants)
     finally:
         set_backend("auto")
-    return entry["name"], got.view(torch.uint8).numpy().tobytes(), w.view(torch.uint8).numpy().tobytes()
+    return entry["name"], got.view(torch.uint8).numpy().tobytes(), w.cpu().view(torch.uint8).numpy().tobytes()
 
 
 def one_tensor_baseline(path: Path, args: argparse.Namespace):
@@ -241,7 +244,8 @@ def single(folder: Path, args: argparse.Namespace) -> None:
         name, got, ref = torch_prefix(path, index, args.check_elements, args.device)
         if args.inject_mismatch:
             got = flip_one_bit(got)
-        require_same(f"first {len(got) // 4:,} elements of {name}", "rebuild", got, "torch path", ref)
+        require_same(f"first {len(got) // 4:,} elements of {name}", "rebuild", got,
+                     "torch path" if args.device == "cpu" else f"torch path on {args.device}", ref)
     cores = len(os.sched_getaffinity(0))
     if args.device == "cpu":
         print(f"CPU time of a rebuild (all threads, median): {cpu_s:.2f} s, {es / cpu_s:.3e} element-steps per "
