@@ -13,6 +13,7 @@ import pytest
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))
 
+import bench_lora_rebuild  # noqa: E402
 import bench_reconstruct  # noqa: E402
 import bench_replay  # noqa: E402
 import bench_train_step  # noqa: E402
@@ -70,6 +71,82 @@ def test_train_step_runs_and_mismatch_fails(capsys):
     assert e.value.code == 1 and "FAIL: sha256 of the weights" in capsys.readouterr().err
 
 
+TINY_LORA = ["--layers", "1", "--hidden", "256", "--r", "4", "--steps", "30", "--check-elements", "300"]
+
+
+def test_lora_rebuild_runs_and_checks_bytes(tmp_path, capsys):
+    """The base-less rebuild, fingerprint-checked, beside the one-tensor baseline; runs agree and the
+    first elements of an A and a B tensor equal the plain torch path's."""
+    bench_lora_rebuild.main([*TINY_LORA, "--repeats", "2", "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "4 F32 tensors (r=4 on q_proj, v_proj of 1 layers, hidden 256), 4,096 parameters x 30 steps" in out
+    assert "rebuild: plan(None) + replayed" in out and "baseline: one 4,096-element F32 tensor" in out
+    assert "element-steps/s" in out and "element-steps per CPU-second" in out and "target (CPU)" in out
+    assert "bytes identical: rebuilt adapter, sha256 over all tensors: run 2 == run 1" in out
+    assert "q_proj.lora_A.weight: rebuild == torch path" in out and "q_proj.lora_B.weight: rebuild == torch path" in out
+
+
+def test_lora_rebuild_of_real_mezo_steps_and_mismatch_fails(tmp_path, capsys):
+    """--record mezo: the final fingerprint comes from training itself; a flipped bit fails the run."""
+    bench_lora_rebuild.main([*TINY_LORA, "--record", "mezo", "--steps", "3", "--repeats", "1", "--warmup", "0",
+                             "--no-baseline", "--workdir", str(tmp_path)])
+    assert "final fingerprint was written by training" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        bench_lora_rebuild.main([*TINY_LORA, "--repeats", "1", "--warmup", "0", "--no-baseline", "--inject-mismatch",
+                                 "--workdir", str(tmp_path)])
+    assert e.value.code == 1 and "FAIL: first 300 elements of" in capsys.readouterr().err
+
+
+def test_lora_adapters_one_after_another_in_a_subprocess(tmp_path):
+    """--adapters: a fresh process per count, the table of times and memory, and each adapter's bytes the
+    same in both runs; --inject-mismatch makes that comparison fail with exit 1."""
+    env = {**os.environ, "PYTHONPATH": str(TOOLS.parent)}
+    cmd = [sys.executable, str(TOOLS / "bench_lora_rebuild.py"), *TINY_LORA, "--steps", "5", "--adapters", "2,3",
+           "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["2"], ["3"])]
+    assert [r[0] for r in rows] == ["2", "3"] and all(len(r) == 7 for r in rows)
+    assert ("bytes identical: sha256 of adapter_model.safetensors of user0000 .. user0001 (2 adapters): "
+            "the 3-adapter run == the first run") in proc.stdout
+    proc = subprocess.run(cmd + ["--inject-mismatch"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 1 and "FAIL: sha256 of adapter_model.safetensors" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _train_has_peft() -> bool:
+    proc = subprocess.run([sys.executable, "-m", "mezo_replay", "train", "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(TOOLS.parent)})
+    return "--num-virtual-tokens" in proc.stdout
+
+
+def test_peft_task_compares_modes_and_checks_rebuilds(tmp_path):
+    """The real CLI trains each mode; every trajectory is rebuilt and checked against training's end."""
+    if not _train_has_peft():
+        pytest.skip("train --peft is not in this checkout")
+    env = {**os.environ, "PYTHONPATH": str(TOOLS.parent)}
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_peft_task.py"), "--steps", "2", "--modes", "lora,prefix",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = [line.split() for line in proc.stdout.splitlines() if line.startswith(("lora ", "prefix "))]
+    assert [r[:2] for r in table] == [["lora", "1e-3"], ["prefix", "1e-2"]]
+    assert "rebuilt from the trajectory alone: " in proc.stdout
+    assert "bytes identical: every rebuild equals the weights its training ended with" in proc.stdout
+
+
+@pytest.mark.slow
+def test_peft_task_full_tuning_and_mismatch_fails(tmp_path):
+    if not _train_has_peft():
+        pytest.skip("train --peft is not in this checkout")
+    env = {**os.environ, "PYTHONPATH": str(TOOLS.parent)}
+    cmd = [sys.executable, str(TOOLS / "bench_peft_task.py"), "--steps", "2", "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd + ["--modes", "full"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "rebuilt from the trajectory and the base" in proc.stdout, proc.stderr
+    proc = subprocess.run(cmd + ["--modes", "lora", "--inject-mismatch"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 1 and "FAIL: lora lr 1e-3" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_gpu_check_fits_one_device_call():
     """Its stage limits add up to less than one 10-minute call, and every stage names a script that exists."""
     proc = subprocess.run(["bash", str(TOOLS / "gpu_check.sh")], env={**os.environ, "DRY_RUN": "1"},
@@ -90,6 +167,16 @@ def test_train_memory_runs(capsys):
     bench_train_memory.main(["--shape", "tiny", "--dtype", "fp32", "--batch", "2", "--seq", "8", "--steps", "1",
                              "--repeats", "1"])
     assert "MeZO - inference" in capsys.readouterr().out
+
+
+def test_train_memory_lora_compares_with_inference_of_the_same_model(capsys):
+    import bench_train_memory
+
+    bench_train_memory.main(["--shape", "llama-tiny", "--peft", "lora", "--dtype", "fp32", "--batch", "2", "--seq", "8",
+                             "--steps", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "LoRA r=8 on q_proj, v_proj by peft" in out and "MeZO-LoRA steps" in out
+    assert "MeZO-LoRA peak <= inference peak + adapter:" in out
 
 
 @pytest.mark.slow

@@ -272,3 +272,41 @@ def test_grouped_training_launch_equals_the_reference_per_tensor():
         want = R.replay(b, dt, seed=sgd.seed, k=k, noise_name=sgd.noise, rule=sgd.header_fields()["rule"],
                         grads=grads, decayed=decays[k])
         assert torch_to_bits(ts[k].contiguous(), dt).tolist() == want.tolist(), k
+
+
+def test_step_constants_are_the_rules_own_step_by_step():
+    """The vectorised (c, d) of a replay plan equal MezoSGD.coefficient / .decay bit for bit, through a
+    warmup and cosine schedule with decay; a step the rule refuses still raises the rule's error."""
+    sgd = MezoSGD.create(lr=3e-4, eps=1e-3, seed=5, weight_decay=0.1,
+                         schedule=rule.Schedule("cosine", warmup_steps=30, total_steps=900))
+    grads = [rule.encode_grad(float(g)) for g in np.random.default_rng(4).standard_normal(1000) * 40]
+    want = [(sgd.coefficient(11 + j, g), sgd.decay(11 + j)) for j, g in enumerate(grads)]
+    assert step_constants(sgd, grads, first_step=11) == want
+    assert step_constants(sgd, []) == []
+    with pytest.raises(ValueError, match="step 1"):
+        step_constants(sgd, [grads[0], 0x7F80])  # +inf
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the compiled kernel is not built")
+def test_a_small_tensor_over_many_steps_is_split_across_threads_with_the_same_bits(monkeypatch):
+    """A LoRA-sized tensor (16,384 elements) replayed over thousands of steps goes to several threads
+    (else one core idles through a small adapter's whole rebuild), and gives the bits of one kernel call."""
+    from mezo_replay import steps
+
+    sgd = MezoSGD.create(lr=1e-3, eps=1e-3, seed=9)
+    constants = step_constants(sgd, [rule.encode_grad(float(g)) for g in
+                                     np.random.default_rng(1).standard_normal(4096)])
+    w = torch.randn(16384, generator=torch.Generator().manual_seed(2))
+    whole = w.clone()
+    cpu_kernel.apply_(whole, 0, sgd, 3, 0, cpu_kernel.REPLAY, constants=constants)
+    calls = []
+    real = cpu_kernel.apply_
+    monkeypatch.setattr(cpu_kernel, "apply_", lambda t, start, *a, **k: calls.append(start) or real(t, start, *a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        steps.replay_tensor_(w, sgd, 3, constants)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(calls) == [0, 8192]
+    assert torch.equal(w.view(torch.int32), whole.view(torch.int32))

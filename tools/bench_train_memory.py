@@ -1,12 +1,18 @@
 """Peak memory of MeZO training steps against plain inference on the same batch, side by side.
 
-A random-init model of a given OPT shape (default: OPT-1.3B) is built in each of two fresh processes;
-one runs forward passes only (the baseline), the other runs MeZO steps (two forwards and three in-place
-noise passes each, recording a trajectory). The figure is the peak memory of that phase above what the
-process held once the model was built: torch.cuda.max_memory_allocated on CUDA, the resident set
-sampled every 2 ms on the CPU.
+A random-init model of a given shape (default: OPT-1.3B; `llama-*` shapes build a LlamaForCausalLM) is
+built in each of two fresh processes; one runs forward passes only (the baseline), the other runs MeZO
+steps (two forwards and three in-place noise passes each, recording a trajectory). The figure is the peak
+memory of that phase above what the process held once the model was built: torch.cuda.max_memory_allocated
+on CUDA, the resident set sampled every 2 ms on the CPU.
+
+With --peft lora both processes wrap the model with peft (get_peft_model, LoraConfig r=--lora-r on q_proj
+and v_proj) and MeZO tunes the adapter's parameters only; the baseline is inference of that same wrapped
+model, and the adapter's size is printed beside the difference (the issue's bound: training peak <=
+inference + adapter).
 
     python tools/bench_train_memory.py [--device cuda] [--dtype bf16] [--batch 16] [--seq 256] [--steps 3]
+    python tools/bench_train_memory.py --shape llama-70m --peft lora --dtype fp32 --batch 4 --seq 128 --steps 2
 
 Each figure is the median over --repeats pairs of fresh processes. --warmup steps (or forward pairs) run
 in the child before the sampling starts; the default is none, so that one-time allocations (the noise
@@ -30,6 +36,8 @@ SHAPES = {  # hidden, layers, heads, ffn, vocabulary
     "opt-125m": (768, 12, 12, 3072, 50272),
     "opt-350m-ish": (1024, 24, 16, 4096, 50272),
     "opt-1.3b": (2048, 24, 32, 8192, 50272),
+    "llama-tiny": (64, 2, 4, 128, 1024),
+    "llama-70m": (512, 8, 8, 2048, 32000),  # 66M parameters: big enough that activations and weights matter
 }
 
 CHILD = r"""
@@ -39,10 +47,21 @@ a = json.loads(sys.argv[1])
 torch.manual_seed(0)
 h, n, heads, ffn, vocab = a["shape"]
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a["dtype"]]
-cfg = tf.OPTConfig(vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, ffn_dim=ffn,
-                   max_position_embeddings=2048, word_embed_proj_dim=h)
+if a["arch"] == "llama":
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
+                         intermediate_size=ffn, max_position_embeddings=2048)
+    cls = tf.LlamaForCausalLM
+else:
+    cfg = tf.OPTConfig(vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, ffn_dim=ffn,
+                       max_position_embeddings=2048, word_embed_proj_dim=h)
+    cls = tf.OPTForCausalLM
 with torch.device(a["device"]):
-    model = tf.OPTForCausalLM(cfg).to(dtype).eval()
+    model = cls(cfg).to(dtype).eval()
+    if a["peft"] == "lora":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=a["lora_r"], lora_alpha=2 * a["lora_r"], lora_dropout=0.0,
+                                                           target_modules=["q_proj", "v_proj"]))
+        model.eval()
 ids = torch.randint(0, vocab, (a["batch"], a["seq"]), generator=torch.Generator().manual_seed(1)).to(a["device"])
 def loss():
     return model(input_ids=ids, labels=ids).loss.float()
@@ -79,6 +98,7 @@ sampler = threading.Thread(target=sample)
 if not cuda:
     sampler.start()
 largest = max(p.numel() * p.element_size() for p in model.parameters())
+tuned = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 start = time.perf_counter()
 work(a["steps"])
 if a["mode"] == "mezo":
@@ -89,14 +109,15 @@ done.set()
 if not cuda:
     sampler.join()
 peak = torch.cuda.max_memory_allocated() if cuda else peak_rss[0]
-print(json.dumps({"peak": peak - before, "held": before, "largest": largest, "seconds": elapsed,
+print(json.dumps({"peak": peak - before, "held": before, "largest": largest, "seconds": elapsed, "tuned": tuned,
                   "params": sum(p.numel() for p in model.parameters())}))
 """
 
 
 def run(mode: str, args: argparse.Namespace) -> dict:
     spec = {"mode": mode, "shape": SHAPES[args.shape], "dtype": args.dtype, "device": args.device,
-            "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup}
+            "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+            "arch": "llama" if args.shape.startswith("llama") else "opt", "peft": args.peft, "lora_r": args.lora_r}
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"Error: the {mode} child failed:\n{out.stderr}")
@@ -111,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--peft", choices=["none", "lora"], default="none",
+                    help="lora: MeZO tunes a peft LoRA adapter (q_proj, v_proj) of the model, not the model")
+    ap.add_argument("--lora-r", type=int, default=8)
     add_timing_options(ap, repeats=3, warmup=0, compares=False)
     args = ap.parse_args(argv)
     check_timing_options(args)
@@ -119,17 +143,28 @@ def main(argv: list[str] | None = None) -> None:
            for i, k in enumerate(("inference", "mezo"))}
     mezo = pairs[0][1]
     gib = 2**30
-    print(header(f"peak memory, {args.shape} ({mezo['params']:,} params, random init), {args.dtype}, batch "
+    what = (f"LoRA r={args.lora_r} on q_proj, v_proj by peft ({mezo['tuned']:,} bytes tuned)" if args.peft == "lora"
+            else "full tuning")
+    print(header(f"peak memory, {args.shape} ({mezo['params']:,} params, random init), {what}, {args.dtype}, batch "
                  f"{args.batch} x {args.seq}, {args.steps} MeZO steps vs {2 * args.steps} forwards, each pair in fresh "
                  f"processes", args, args.device))
     print(f"model and process before the runs: {mezo['held'] / gib:.3f} GiB")
     print(f"{'run':<24}{'peak above that, GiB':>22}{'seconds':>10}  spread of peaks")
-    for name, key, i in (("inference (baseline)", "inference", 0), ("MeZO steps", "mezo", 1)):
+    names = (("inference (baseline)", "MeZO steps") if args.peft == "none"
+             else ("inference, LoRA model", "MeZO-LoRA steps"))
+    for name, key, i in ((names[0], "inference", 0), (names[1], "mezo", 1)):
         peaks = [p[i]["peak"] / gib for p in pairs]
         print(f"{name:<24}{med[key]['peak'] / gib:>22.3f}{med[key]['seconds']:>10.1f}  "
               f"{min(peaks):.3f}-{max(peaks):.3f} GiB over {len(peaks)}")
-    print(f"MeZO - inference = {(med['mezo']['peak'] - med['inference']['peak']) / gib:+.3f} GiB (medians); "
-          f"largest tensor {mezo['largest'] / gib:.3f} GiB")
+    diff = med['mezo']['peak'] - med['inference']['peak']
+    print(f"MeZO - inference = {diff / gib:+.3f} GiB (medians); largest tensor {mezo['largest'] / gib:.3f} GiB")
+    if args.peft == "lora":
+        noise = max(max(p[i]["peak"] for p in pairs) - min(p[i]["peak"] for p in pairs) for i in (0, 1))
+        verdict = ("holds" if diff <= mezo["tuned"] else
+                   f"within the run-to-run spread of the peaks ({noise / 2**20:.1f} MiB)" if diff <= mezo["tuned"] + noise
+                   else "does NOT hold")
+        print(f"adapter: {mezo['tuned']:,} bytes ({mezo['tuned'] / 2**20:.2f} MiB); MeZO-LoRA peak <= inference peak + "
+              f"adapter: {verdict} ({diff / 2**20:+.2f} MiB vs {mezo['tuned'] / 2**20:.2f} MiB)")
 
 
 if __name__ == "__main__":
