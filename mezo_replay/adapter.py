@@ -20,6 +20,7 @@ import secrets
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -88,7 +89,7 @@ def base_name(traj: Trajectory) -> str:
     return source + (f"@{base['revision']}" if base.get("revision") else "")
 
 
-def needs_base_message(traj: Trajectory, shown: str) -> str:
+def needs_base_message(traj: Trajectory, shown: str, command: str = "reconstruct") -> str:
     """The refusal for a full-tuning trajectory given without its base, with the command to run."""
     from .embedded import MODEL_NAME
 
@@ -102,8 +103,9 @@ def needs_base_message(traj: Trajectory, shown: str) -> str:
         spelt = source or "BASE"
     recorded = f"its base, {source}" + (f" at commit {base['revision']}" if base.get("revision") else "") \
         if source else "its base (whose source was not recorded)"
+    tail = " -o OUT" if command == "reconstruct" else ""
     return (f"{shown} tunes the weights of {recorded}: give the base first, "
-            f"`mezo-replay reconstruct {spelt} {shown} -o OUT`")
+            f"`mezo-replay {command} {spelt} {shown}{tail}`")
 
 
 def adapter_config(traj: Trajectory) -> dict[str, Any]:
@@ -244,7 +246,9 @@ def shown_path(text: str) -> str:
     return text
 
 
-def _plan(traj: Trajectory, step: int | None, unverified: bool, shown: str) -> replay.ReplayPlan:
+def plan(traj: Trajectory, step: int | None, unverified: bool, shown: str) -> replay.ReplayPlan:
+    """The replay of a trajectory that needs no base, refused (one line, naming the base and the command
+    to run) for one that does; `unverified` lets a step without a recorded fingerprint through."""
     if replay.needs_base(traj):
         raise MezoReplayError(needs_base_message(traj, shown))
     if is_adapter(traj):
@@ -266,12 +270,14 @@ def write_adapter(trajectory: str | os.PathLike[str] | Trajectory, out: str | os
     traj = trajectory if isinstance(trajectory, Trajectory) else read_trajectory(trajectory)
     shown = shown_path(rebuild_from or traj.path.name)
     out = Path(out)
-    p = _plan(traj, step, unverified, shown)
-    _check_kind(traj, out)
+    p = plan(traj, step, unverified, shown)
+    check_kind(traj, out)
     return _write(p, out, overwrite=overwrite, device=device, progress=progress, shown=shown)
 
 
-def _check_kind(traj: Trajectory, out: Path) -> None:
+def check_kind(traj: Trajectory, out: Path) -> None:
+    """A base-less trajectory that is no adapter (e.g. a spec vector) has no adapter_config to write, and no
+    model config either: its tensors go into one plain .safetensors file, named so."""
     if not is_adapter(traj) and out.suffix != ".safetensors":
         raise MezoReplayError(f"{out}: {traj.path.name} is not a PEFT adapter, so it rebuilds into one "
                               f".safetensors file of its tuned tensors: name the output *.safetensors")
@@ -331,7 +337,7 @@ def rebuild_many(trajectories: Sequence[str | os.PathLike[str]], out_dir: str | 
     total = 0
     for path, given in zip(paths, shown):
         traj = read_trajectory(path)
-        total += _plan(traj, step, unverified, given).element_steps
+        total += plan(traj, step, unverified, given).element_steps
         if out_dir.is_dir():
             check_output(many_target(out_dir, path, is_adapter(traj)), overwrite=overwrite, folder=is_adapter(traj))
         del traj
@@ -341,7 +347,7 @@ def rebuild_many(trajectories: Sequence[str | os.PathLike[str]], out_dir: str | 
     done = []
     for path, given in zip(paths, shown):
         traj = read_trajectory(path)
-        p = _plan(traj, step, unverified, given)
+        p = plan(traj, step, unverified, given)
         target = _write(p, many_target(out_dir, path, is_adapter(traj)), overwrite=overwrite, device=device,
                         progress=progress, shown=given)
         if on_done is not None:
@@ -349,6 +355,31 @@ def rebuild_many(trajectories: Sequence[str | os.PathLike[str]], out_dir: str | 
         done.append(target)
         del traj, p
     return done
+
+
+def checked_output(traj: Trajectory, given: Path) -> Path:
+    """The weights file of an output `verify` is to check: an adapter folder's adapter_model.safetensors,
+    once its adapter_config.json is the one a rebuild writes (base name and revision aside: a user may
+    point those at a local copy), or the .safetensors file itself."""
+    if not given.is_dir():
+        return given
+    if not is_adapter(traj):
+        raise MezoReplayError(f"{given} is a folder; {traj.path.name} rebuilds into one .safetensors file")
+    try:
+        found = json.loads((given / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MezoReplayError(f"{given}: no {ADAPTER_CONFIG}, so not an adapter folder") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MezoReplayError(f"{given / ADAPTER_CONFIG} is not valid JSON: {e}") from None
+    want = adapter_config(traj)
+    ignored = ("base_model_name_or_path", "revision")
+    if not isinstance(found, dict):
+        raise MezoReplayError(f"{given / ADAPTER_CONFIG} is not a JSON object")
+    differ = sorted(k for k in set(found) | set(want) if k not in ignored and found.get(k) != want.get(k))
+    if differ:
+        raise MezoReplayError(f"{given / ADAPTER_CONFIG} differs from the trajectory's adapter config in "
+                              f"{', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''}")
+    return given / ADAPTER_WEIGHTS
 
 
 # --- the card ------------------------------------------------------------------------------------
@@ -444,7 +475,7 @@ def merge(trajectory: str | os.PathLike[str] | Trajectory, base: str | os.PathLi
     if kind(traj) != "lora":
         raise MezoReplayError(f"--merge: a {kind(traj)} adapter adds virtual tokens, not a weight change, so it "
                               f"cannot be merged into the base; load the adapter folder with PeftModel instead")
-    _plan(traj, step, unverified, traj.path.name)
+    plan(traj, step, unverified, traj.path.name)
     check_output(out, overwrite=overwrite, folder=True)
     folder = check_merge_base(traj, base)
     import transformers
@@ -457,8 +488,11 @@ def merge(trajectory: str | os.PathLike[str] | Trajectory, base: str | os.PathLi
                                 progress=progress)
         tuned = traj.header.get("config")  # the tuned model's own config (a classifier's labels), if recorded
         config = {} if tuned is None else {"config": transformers.AutoConfig.for_model(**tuned)}
-        model = cls.from_pretrained(folder, dtype=dtype, **config)
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        with warnings.catch_warnings():  # deprecation notices of transformers/peft internals: not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = cls.from_pretrained(folder, dtype=dtype, **config)
+            merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         with atomic_output(out, overwrite=overwrite, folder=True) as tmp:
             merged.save_pretrained(tmp)
             for f in _carried(folder):
