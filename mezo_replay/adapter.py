@@ -394,7 +394,8 @@ def auto_class(traj: Trajectory) -> str:
     return _AUTO_CLASS.get(task, "AutoModelForCausalLM") if isinstance(task, str) else "AutoModelForCausalLM"
 
 
-def _load_base_code(traj: Trajectory, folder: str) -> list[str]:
+def load_code(traj: Trajectory, folder: str) -> list[str]:
+    """Python that loads the adapter folder on its base, for cards."""
     from .embedded import MODEL_NAME
     from .publish import base_on_hub
 
@@ -435,7 +436,7 @@ def adapter_card(traj: Trajectory, steps: int, rebuild_from: str, folder: str) -
         f"[mezo-replay](https://pypi.org/project/mezo-replay/) from the trajectory `{rebuild_from}` after "
         f"{steps:,} steps. Its tensors are bit for bit the ones training reached, checked against the "
         f"fingerprints the trajectory recorded.", "",
-        "## Load", "", "```python", *_load_base_code(traj, folder), "```", "",
+        "## Load", "", "```python", *load_code(traj, folder), "```", "",
         "## Rebuild", "", "The trajectory alone rebuilds this folder (no base model needed):", "",
         "```bash", f"mezo-replay reconstruct {rebuild_from} -o {folder}", "```", "",
     ]
