@@ -224,10 +224,12 @@ def _write_tensors(path: Path, p: replay.ReplayPlan, metadata: dict[str, str], d
     entries = p.trajectory.header["tensors"]
     with open(path, "xb") as f:
         f.write(_safetensors_header(entries, metadata))
-        for (name, w), t in zip(replay.replayed(p, device, progress), entries):
-            assert name == t["name"] and w.dtype == _TORCH[t["dtype"]]
-            f.write(w.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        index = 0
+        for name, w in replay.replayed(p, device, progress):  # no zip(): it would keep the last tensor alive
+            assert name == entries[index]["name"] and w.dtype == _TORCH[entries[index]["dtype"]]
+            f.write(w.contiguous().reshape(-1).view(torch.uint8).numpy())
             del w
+            index += 1
 
 
 def _metadata(p: replay.ReplayPlan) -> dict[str, str]:
@@ -461,6 +463,16 @@ def check_merge_base(traj: Trajectory, base: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def check_mergeable(traj: Trajectory) -> None:
+    """Only a LoRA adapter is a weight change peft can fold into its base."""
+    if not is_adapter(traj):
+        raise MezoReplayError(f"--merge is for PEFT adapter trajectories; {traj.path.name} tunes the base's own "
+                              f"weights: rebuild it with `mezo-replay reconstruct BASE {traj.path.name} -o OUT`")
+    if kind(traj) != "lora":
+        raise MezoReplayError(f"--merge: a {kind(traj)} adapter adds virtual tokens, not a weight change, so it "
+                              f"cannot be merged into the base; load the adapter folder with PeftModel instead")
+
+
 def merge(trajectory: str | os.PathLike[str] | Trajectory, base: str | os.PathLike[str],
           out: str | os.PathLike[str], *, step: int | None = None, overwrite: bool = False,
           unverified: bool = False, device: str | torch.device = "cpu", progress: Progress | None = None) -> Path:
@@ -470,12 +482,7 @@ def merge(trajectory: str | os.PathLike[str] | Trajectory, base: str | os.PathLi
     the weight's dtype, where the adapter adds scaling * (x A^T) B^T to x W^T."""
     traj = trajectory if isinstance(trajectory, Trajectory) else read_trajectory(trajectory)
     out = Path(out)
-    if not is_adapter(traj):
-        raise MezoReplayError(f"--merge is for PEFT adapter trajectories; {traj.path.name} tunes the base's own "
-                              f"weights: rebuild it with `mezo-replay reconstruct BASE {traj.path.name} -o OUT`")
-    if kind(traj) != "lora":
-        raise MezoReplayError(f"--merge: a {kind(traj)} adapter adds virtual tokens, not a weight change, so it "
-                              f"cannot be merged into the base; load the adapter folder with PeftModel instead")
+    check_mergeable(traj)
     plan(traj, step, unverified, traj.path.name)
     check_output(out, overwrite=overwrite, folder=True)
     folder = check_merge_base(traj, base)

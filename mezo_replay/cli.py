@@ -463,15 +463,13 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
                 raise MezoReplayError(f"--merge is for PEFT adapter trajectories; {trajectories[0]} already "
                                       f"rebuilds into the full model: drop --merge")
             p = replay.plan(base_path, traj, step)
-            if p.trajectory.truncated:
-                click.echo(f"warning: {trajectories[0]} is truncated; using its {p.trajectory.steps} complete steps",
-                           err=True)
             if not unverified:
                 p.require_fingerprint()
             with _element_bar(p.element_steps, "replay", quiet) as progress:
                 written = replay.reconstruct(p, out, overwrite=overwrite, device=_device(device),
                                              progress=progress, unverified=True)
             status = _status(p) + ("" if p.verified_by is not None else "; only the base was checked")
+            _warn_truncated(trajectories[0], traj)
             click.echo(f"wrote {written}: {len(p.names)} tuned tensors after {p.steps} steps; {status}")
             return
         for arg in trajectories[1:]:
@@ -486,9 +484,8 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
             _rebuild_many(paths, trajectories, out, step, unverified, dev, overwrite, quiet)
             return
         traj = read_trajectory(paths[0])
-        if traj.truncated:
-            click.echo(f"warning: {trajectories[0]} is truncated; using its {traj.steps} complete steps", err=True)
         if merge_base is not None:
+            adapter.check_mergeable(traj)
             p = adapter.plan(traj, step, unverified, trajectories[0])
             base_path = _base_path(merge_base, paths[0])
             if quiet:
@@ -496,6 +493,7 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
             with _element_bar(p.element_steps, "replay", quiet) as progress:
                 adapter.merge(traj, base_path, out, step=step, overwrite=overwrite, unverified=unverified,
                               device=dev, progress=progress)
+            _warn_truncated(trajectories[0], traj)
             click.echo(f"wrote {out}: {merge_base} with the {adapter.kind(traj)} adapter of {trajectories[0]} "
                        f"merged in (after {p.steps} steps); {_status(p)}")
             return
@@ -505,9 +503,16 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
         with _element_bar(p.element_steps, "replay", quiet) as progress:
             adapter.write_adapter(traj, out, step=step, overwrite=overwrite, unverified=unverified, device=dev,
                                   progress=progress, rebuild_from=trajectories[0])
+    _warn_truncated(trajectories[0], traj)
     click.echo(f"{_done_line(trajectories[0], out, p)}; {_status(p)}")
     if adapter.is_adapter(traj):
         click.echo(f"load it with PeftModel.from_pretrained(base, {str(out)!r}); base: {adapter.base_name(traj)}")
+
+
+def _warn_truncated(shown: str, traj: Trajectory) -> None:
+    """After a success only: a refusal stays one line."""
+    if traj.truncated:
+        click.echo(f"warning: {shown} is truncated; used its {traj.steps} complete steps", err=True)
 
 
 def _rebuild_many(paths: list[Path], given: list[str], out: Path, step: int | None, unverified: bool, device: str,
@@ -521,7 +526,8 @@ def _rebuild_many(paths: list[Path], given: list[str], out: Path, step: int | No
                          dynamic_ncols=True))
 
     def on_done(path: Path, target: Path, p: Any) -> None:
-        line = _done_line(given[paths.index(path)], target, p)
+        line = _done_line(given[paths.index(path)], target, p) + (
+            f" (truncated: its {p.trajectory.steps} complete steps)" if p.trajectory.truncated else "")
         if bars and not quiet:
             bars[0].write(line)
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,6 +29,21 @@ PROMPTS = ["Review: the soup was cold and bland. Sentiment:", "Review: a delight
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mezo_replay", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600, env={**os.environ, **(env or {})})
+
+
+def inproc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The same command line run in this process (no interpreter start-up): for the many cases."""
+    from click.testing import CliRunner
+
+    from mezo_replay.cli import main
+
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        r = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 def one_error_line(r: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -114,3 +130,268 @@ def runs(tmp_path_factory):
               "bob": peft_trajectory(base, d / "bob.mzt", seed=2),
               "prefix": peft_trajectory(base, d / "prefix.mzt", kind="prefix", seed=5)}
     return d, base, logits
+
+
+def full_trajectory(base: Path, path: Path) -> Path:
+    """A full fine-tune of `base` (its own weights tuned): it needs the base to rebuild."""
+    model = load_base(base)
+    opt = MeZO(model.named_parameters(), lr=1e-3, eps=1e-3, seed=0)
+    opt.record(path, base_source="acme/tiny-llama", base_revision="a" * 40)
+    x = batch(base)
+    for _ in range(2):
+        opt.step(lambda: model(**x, labels=x["input_ids"]).loss)
+    opt.close()
+    return path
+
+
+def tensors_of(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def listing(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+# --- rebuilding ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["alice", "prefix"])
+def test_cli_rebuild_loads_in_peft_with_the_trained_logits_bitwise(runs, tmp_path, name):
+    d, base, logits = runs
+    r = cli("reconstruct", str(d / f"{name}.mzt"), "-o", "adapter", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "verified against the trajectory" in r.stdout and "PeftModel.from_pretrained" in r.stdout
+    out = tmp_path / "adapter"
+    assert listing(tmp_path) == ["adapter", "adapter/README.md", "adapter/adapter_config.json",
+                                 "adapter/adapter_model.safetensors"]  # no temporary left behind
+    assert torch.equal(adapter_logits(base, out), logits[name])
+
+    traj = read_trajectory(d / f"{name}.mzt")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base) and config["revision"] is None
+    assert config["inference_mode"] is True
+    recorded = traj.header["peft"]["adapter_config"]
+    assert {k: v for k, v in config.items() if k not in ("base_model_name_or_path", "revision", "inference_mode")} \
+        == {k: v for k, v in recorded.items() if k not in ("base_model_name_or_path", "revision", "inference_mode")}
+    tensors, meta = tensors_of(out / "adapter_model.safetensors")
+    assert list(tensors) == [t["name"] for t in traj.header["tensors"]]
+    assert meta == {"format": "pt", "mezo_replay.steps": str(traj.steps),
+                    "mezo_replay.base_fingerprint": traj.header["base"]["fingerprint"],
+                    "mezo_replay.base_weights": traj.header["peft"]["base_weights"]}
+    from mezo_replay.fingerprint import tensor_fingerprint
+
+    assert [tensor_fingerprint(t) for t in tensors.values()] == traj.final_fingerprint
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and f"reconstruct {name}.mzt -o adapter" in card
+    assert str(d) not in card  # the writer's directories stay private
+
+
+def test_two_rebuilt_adapters_switch_on_one_base(runs, tmp_path):
+    from peft import PeftModel
+
+    d, base, logits = runs
+    r = cli("reconstruct", str(d / "alice.mzt"), str(d / "bob.mzt"), "-o", "users", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "rebuilt 2 outputs in users" in r.stdout
+    model = PeftModel.from_pretrained(load_base(base), tmp_path / "users" / "alice", adapter_name="alice").eval()
+    model.load_adapter(tmp_path / "users" / "bob", adapter_name="bob")
+    x = batch(base)
+    with torch.no_grad():
+        for who in ("bob", "alice", "bob"):
+            model.set_adapter(who)
+            assert torch.equal(model(**x).logits, logits[who]), who
+    assert not torch.equal(logits["alice"], logits["bob"])
+
+
+def test_many_trajectories_hold_one_adapter_at_a_time(runs, tmp_path, monkeypatch):
+    """Instrumented: when each trajectory is read and each tensor replayed, no earlier trajectory or
+    replayed tensor is still alive, so memory is one adapter's whatever the count."""
+    from mezo_replay import adapter, replay
+
+    d, base, logits = runs
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"user{i}.mzt")
+        paths[-1].write_bytes((d / ("alice.mzt" if i % 2 else "bob.mzt")).read_bytes())
+    trajs: list[weakref.ref] = []
+    tensors: list[weakref.ref] = []
+    reads, most = [0], [0]
+
+    def alive(refs: list[weakref.ref], collect: bool = True) -> int:
+        if collect:
+            gc.collect()
+        return sum(r() is not None for r in refs)
+
+    real_read, real_replayed = adapter.read_trajectory, replay.replayed
+
+    def read(path, *a, **k):
+        most[0] = max(most[0], alive(trajs))
+        t = real_read(path, *a, **k)
+        trajs.append(weakref.ref(t))
+        reads[0] += 1
+        return t
+
+    def replayed(*a, **k):
+        for name, w in real_replayed(*a, **k):
+            most[0] = max(most[0], alive(trajs) - 1)  # the one being written
+            assert alive(tensors, collect=False) == 0
+            tensors.append(weakref.ref(w))
+            yield name, w
+
+    monkeypatch.setattr(adapter, "read_trajectory", read)
+    monkeypatch.setattr(replay, "replayed", replayed)
+    totals = []
+    done = adapter.rebuild_many(paths, tmp_path / "out", on_total=totals.append)
+    assert [p.name for p in done] == [f"user{i}" for i in range(3)]
+    assert reads[0] == 6 and most[0] == 0  # read twice (check, then rebuild), never two at once
+    assert totals == [3 * read_trajectory(paths[0]).steps * sum(
+        math.prod(t["shape"]) for t in read_trajectory(paths[0]).header["tensors"])]
+    assert torch.equal(adapter_logits(base, tmp_path / "out" / "user1"), logits["alice"])
+
+
+def test_merge_matches_the_adapter_to_rounding_and_refuses_another_base(runs, tmp_path):
+    """Merged weights are peft's W + scaling * B @ A rounded once to float32, where the adapter computes
+    x W^T + scaling * (x A^T) B^T: equal up to float32 rounding, here within 1e-5 of logits of size ~1."""
+    import shutil
+
+    import transformers as tf
+
+    d, base, logits = runs
+    r = inproc("reconstruct", str(d / "alice.mzt"), "--merge", str(base), "-o", "merged", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tf.AutoTokenizer.from_pretrained(tmp_path / "merged")  # the tokenizer came along
+    with torch.no_grad():
+        got = merged(**batch(base)).logits
+    assert torch.allclose(got, logits["alice"], rtol=0, atol=1e-5)
+    assert not torch.allclose(got, load_base(base)(**batch(base)).logits, rtol=0, atol=1e-3)  # the adapter counts
+
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    r = cli("reconstruct", str(d / "alice.mzt"), "--merge", str(other), "-o", "merged2", "-q", cwd=tmp_path)
+    one_error_line(r, "not the model this adapter was trained on", read_trajectory(d / "alice.mzt")
+                   .header["peft"]["base_weights"], BaseCheckpoint.open(other).weights_fingerprint())
+    assert not (tmp_path / "merged2").exists()
+
+
+def test_verify_and_info(runs, tmp_path):
+    d, base, logits = runs
+    assert inproc("reconstruct", str(d / "alice.mzt"), "-o", "a", "-q", cwd=tmp_path).returncode == 0
+    r = cli("verify", str(d / "alice.mzt"), "a", "-q", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("OK: a after 4 steps"), r.stderr
+    r = inproc("verify", str(d / "bob.mzt"), "a", "-q", cwd=tmp_path)
+    one_error_line(r, "does not match")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/elsewhere/base"  # pointing the base elsewhere is allowed
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    assert inproc("verify", str(d / "alice.mzt"), "a", "-q", cwd=tmp_path).returncode == 0
+    config["r"] = 8
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    one_error_line(inproc("verify", str(d / "alice.mzt"), "a", "-q", cwd=tmp_path), "differs", "in r")
+
+    r = inproc("info", str(d / "alice.mzt"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "lora adapter (peft LORA): r 4, alpha 8" in r.stdout and "not needed to rebuild" in r.stdout
+    assert "generated init 8 tensors 0 (of 3,584 raw" in r.stdout
+    s = json.loads(inproc("info", str(d / "alice.mzt"), "--json", cwd=tmp_path).stdout)
+    assert s["kind"] == "lora" and s["needs_base"] is False and s["peft"]["adapter_config"]["r"] == 4
+    assert sum(t["stored_bytes"] for t in s["stored"]["generated_tensors"]) == 0
+
+
+def test_base_less_trajectory_without_peft_rebuilds_into_one_safetensors_file(runs, tmp_path):
+    """A run whose tensors all start from generated values but that records no adapter (no `peft`): no
+    adapter_config to write, so its tensors go into one plain .safetensors file."""
+    d, base, logits = runs
+    path = tmp_path / "plain.mzt"
+    data = read_trajectory(d / "alice.mzt")
+    raw = (d / "alice.mzt").read_bytes()
+    header = dict(data.header)
+    del header["peft"]
+    path.write_bytes(with_header(raw, header))
+    one_error_line(inproc("reconstruct", str(path), "-o", "out", "-q", cwd=tmp_path), "name the output *.safetensors")
+    r = inproc("reconstruct", str(path), "-o", "out.safetensors", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    tensors, meta = tensors_of(tmp_path / "out.safetensors")
+    adapter_tensors, _ = tensors_of_rebuilt(d / "alice.mzt", tmp_path / "ref")
+    assert list(tensors) == list(adapter_tensors)
+    assert all(torch.equal(tensors[k], adapter_tensors[k]) for k in tensors)
+    assert "mezo_replay.base_weights" not in meta and meta["mezo_replay.steps"] == "4"
+
+
+def tensors_of_rebuilt(traj: Path, out: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from mezo_replay.adapter import write_adapter
+
+    write_adapter(traj, out)
+    return tensors_of(out / "adapter_model.safetensors")
+
+
+def with_header(raw: bytes, header: dict) -> bytes:
+    """The same file with another HEAD chunk (what a newer or hostile writer could produce)."""
+    import struct
+
+    from tests.test_mzt import chunk, zframe
+
+    length = struct.unpack("<I", raw[16:20])[0]
+    return raw[:16] + chunk(b"HEAD", zframe(json.dumps(header).encode())) + raw[28 + length:]
+
+
+# --- bad input: one line, exit 1, nothing written ------------------------------------------------
+
+def bad_inputs(d: Path, base: Path) -> dict[str, tuple[list[str], str]]:
+    raw = (d / "alice.mzt").read_bytes()
+    header = read_trajectory(d / "alice.mzt").header
+    (d / "bad").mkdir(exist_ok=True)
+    unknown = json.loads(json.dumps(header))
+    unknown["tensors"][0]["init"] = {"name": "orthogonal"}
+    (d / "bad" / "unknown.mzt").write_bytes(with_header(raw, unknown))
+    corrupt = bytearray(raw)
+    corrupt[-40] ^= 0xFF
+    (d / "bad" / "corrupt.mzt").write_bytes(bytes(corrupt))
+    (d / "bad" / "cut.mzt").write_bytes(raw[:60])
+    (d / "bad" / "cut-steps.mzt").write_bytes(raw[:-30])
+    (d / "bad" / "alice.mzt").write_bytes(raw)
+    full_trajectory(base, d / "bad" / "full.mzt") if not (d / "bad" / "full.mzt").exists() else None
+    a, b = str(d / "alice.mzt"), str(d / "bad")
+    return {
+        "base given to an adapter": ([str(base), a, "-o", "out"], "is a PEFT lora adapter"),
+        "full without base": ([f"{b}/full.mzt", "-o", "out"], f"give the base first, `mezo-replay reconstruct "
+                                                             f"hf://acme/tiny-llama@{'a' * 40}"),
+        "existing output": ([a, "-o", "exists"], "exists already exists; pass --overwrite"),
+        "existing output among many": ([a, str(d / "bob.mzt"), "-o", "."], "bob already exists"),
+        "duplicate stems": ([a, f"{b}/alice.mzt", "-o", "out"], "two trajectories would write out/alice"),
+        "corrupt": ([f"{b}/corrupt.mzt", "-o", "out"], "is corrupt"),
+        "truncated header": ([f"{b}/cut.mzt", "-o", "out"], "truncated inside its HEAD"),
+        "truncated steps": ([f"{b}/cut-steps.mzt", "-o", "out"], "records no fingerprint"),
+        "corrupt among many": ([a, f"{b}/corrupt.mzt", "-o", "out"], "is corrupt"),
+        "unknown init": ([f"{b}/unknown.mzt", "-o", "out"], "orthogonal"),
+        "merge prefix": ([str(d / "prefix.mzt"), "--merge", str(base), "-o", "out"], "cannot be merged"),
+        "merge full": ([f"{b}/full.mzt", "--merge", str(base), "-o", "out"], "--merge is for PEFT adapter"),
+        "base then two": ([str(base), a, str(d / "bob.mzt"), "-o", "out"], "give exactly one TRAJECTORY"),
+        "missing trajectory": (["nope.mzt", "-o", "out"], "nope.mzt"),
+    }
+
+
+BAD = ["base given to an adapter", "full without base", "existing output", "existing output among many",
+       "duplicate stems", "corrupt", "truncated header", "truncated steps", "corrupt among many", "unknown init",
+       "merge prefix", "merge full", "base then two", "missing trajectory"]
+
+
+SUBPROCESS = {"base given to an adapter", "full without base"}  # the rest in-process: the same code, faster
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, case):
+    d, base, _ = runs
+    args, message = bad_inputs(d, base)[case]
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "bob").mkdir()
+    before = listing(tmp_path)
+    run = cli if case in SUBPROCESS else inproc
+    one_error_line(run("reconstruct", *args, "-q", cwd=tmp_path), message)
+    assert listing(tmp_path) == before
