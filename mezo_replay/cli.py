@@ -802,8 +802,13 @@ def ls(repo: str, as_json: bool) -> None:
             rows.append({"path": path, "error": str(e)})
             continue
         b = t.header["base"]
+        try:
+            what = _kind_summary(t)["kind"]
+        except MezoReplayError:
+            what = "?"
         rows.append({"path": path, "steps": t.steps, "file_bytes": t.file_bytes, "complete": t.final_fingerprint
-                     is not None, "base": (b["source"] or "?") + (f"@{b['revision'][:12]}" if b["revision"] else "")})
+                     is not None, "base": (b["source"] or "?") + (f"@{b['revision'][:12]}" if b["revision"] else ""),
+                     "kind": what})
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -816,7 +821,8 @@ def ls(repo: str, as_json: bool) -> None:
         if "error" in r:
             click.echo(f"{r['path']:<{width}}  unreadable: {r['error']}")
         else:
-            mark = "" if r["complete"] else "  (incomplete)"
+            mark = ("" if r["kind"] in ("full", "base-less") else f"  ({r['kind']} adapter: no base needed)") + \
+                ("" if r["complete"] else "  (incomplete)")
             click.echo(f"{r['path']:<{width}}  {r['steps']:>9,}  {r['file_bytes']:>10,}  {r['base']}{mark}")
 
 

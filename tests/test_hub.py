@@ -204,3 +204,5 @@ def test_peft_trajectory_from_the_hub_rebuilds_without_a_base(peft_hub, tmp_path
     r = run("reconstruct", "hf://acme/tiny-llama", "hf://acme/adapters/users/carol/run.mzt", "-o", "x", "-q",
             cwd=tmp_path, env=env)
     assert r.returncode == 1 and "--merge hf://acme/tiny-llama" in r.stderr and not (tmp_path / "x").exists()
+    r = run("ls", "acme/adapters", cwd=tmp_path, env=env)
+    assert "users/carol/run.mzt" in r.stdout and "lora adapter: no base needed" in r.stdout, r.stderr
