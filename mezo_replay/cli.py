@@ -240,7 +240,10 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
     demo = model is None or embedded.portable_name(embedded.local_path(model)) is not None
     d = embedded.DEFAULTS if demo else MEZO_DEFAULTS
     if quiet:
-        _quiet_transformers()
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     with _user_errors():
         if data is None and eval_data is not None:
             raise MezoReplayError("--eval-data needs --data (without --data the embedded task is used)")
