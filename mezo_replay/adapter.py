@@ -386,14 +386,25 @@ def checked_output(traj: Trajectory, given: Path) -> Path:
 
 # --- the card ------------------------------------------------------------------------------------
 
-def auto_class(traj: Trajectory) -> str:
+def auto_class(traj: Trajectory, base: Path | None = None) -> str:
     """The transformers class that loads the adapter's base: the tuned model's architecture when the
-    header has its config, else by peft task type."""
-    arch = ((traj.header.get("config") or {}).get("architectures") or [None])[0]
-    if isinstance(arch, str) and re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", arch):
-        return arch
+    header has its config, else the base folder's own (when there is one to look at), else by peft task
+    type; a task-less adapter is a masked LM's when its template has a {mask} (label words on BERT)."""
+    configs = [traj.header.get("config")]
+    if base is not None:
+        try:
+            configs.append(json.loads((base / "config.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            pass
+    for config in configs:
+        arch = ((config if isinstance(config, dict) else {}).get("architectures") or [None])[0]
+        if isinstance(arch, str) and re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", arch):
+            return arch
     task = peft_header(traj)["adapter_config"].get("task_type")
-    return _AUTO_CLASS.get(task, "AutoModelForCausalLM") if isinstance(task, str) else "AutoModelForCausalLM"
+    if isinstance(task, str):
+        return _AUTO_CLASS.get(task, "AutoModelForCausalLM")
+    masked = "{mask}" in str((traj.header.get("metadata") or {}).get("template", ""))
+    return "AutoModelForMaskedLM" if masked else "AutoModelForCausalLM"
 
 
 def load_code(traj: Trajectory, folder: str) -> list[str]:
@@ -490,7 +501,7 @@ def merge(trajectory: str | os.PathLike[str] | Trajectory, base: str | os.PathLi
     from peft import PeftModel
 
     dtype = _TORCH[traj.header["tensors"][0]["dtype"]]
-    cls = getattr(transformers, auto_class(traj))
+    cls = getattr(transformers, auto_class(traj, folder), None) or transformers.AutoModelForCausalLM
     with tempfile.TemporaryDirectory(prefix="mezo-replay-adapter-") as work:
         adapter = write_adapter(traj, Path(work) / "adapter", step=step, unverified=unverified, device=device,
                                 progress=progress)

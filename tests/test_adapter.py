@@ -395,3 +395,17 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, case):
     run = cli if case in SUBPROCESS else inproc
     one_error_line(run("reconstruct", *args, "-q", cwd=tmp_path), message)
     assert listing(tmp_path) == before
+
+
+def test_step_zero_is_peft_s_starting_point(runs, tmp_path):
+    """--step 0 rebuilds the generated initial values: LoRA's B is zero, so the adapter changes nothing yet
+    and the logits are the base's, bit for bit."""
+    d, base, _ = runs
+    r = inproc("reconstruct", str(d / "alice.mzt"), "--step", "0", "-o", "start", "-q", cwd=tmp_path)
+    assert r.returncode == 0 and "after 0 steps" in r.stdout, r.stderr
+    tensors, meta = tensors_of(tmp_path / "start" / "adapter_model.safetensors")
+    assert meta["mezo_replay.steps"] == "0"
+    assert all(not t.any() for k, t in tensors.items() if ".lora_B." in k)
+    assert all(t.any() for k, t in tensors.items() if ".lora_A." in k)
+    with torch.no_grad():
+        assert torch.equal(adapter_logits(base, tmp_path / "start"), load_base(base)(**batch(base)).logits)
