@@ -83,9 +83,9 @@ def kind(traj: Trajectory) -> str:
 
 
 def base_name(traj: Trajectory) -> str:
-    """The recorded base as a user types it: `org/name@sha`, a path, or a placeholder."""
+    """The recorded base as a user types it: `org/name@sha` or a path."""
     base = traj.header.get("base") or {}
-    source = base.get("source") or "BASE"
+    source = base.get("source") or "(not recorded)"
     return source + (f"@{base['revision']}" if base.get("revision") else "")
 
 
@@ -283,6 +283,9 @@ def check_kind(traj: Trajectory, out: Path) -> None:
     if not is_adapter(traj) and out.suffix != ".safetensors":
         raise MezoReplayError(f"{out}: {traj.path.name} is not a PEFT adapter, so it rebuilds into one "
                               f".safetensors file of its tuned tensors: name the output *.safetensors")
+    if is_adapter(traj) and out.suffix == ".safetensors":
+        raise MezoReplayError(f"{out}: {traj.path.name} is a PEFT adapter, which rebuilds into a folder "
+                              f"(adapter_config.json, adapter_model.safetensors): name the output without .safetensors")
 
 
 def _write(p: replay.ReplayPlan, out: Path, *, overwrite: bool, device: str | torch.device,

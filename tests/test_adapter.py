@@ -374,12 +374,13 @@ def bad_inputs(d: Path, base: Path) -> dict[str, tuple[list[str], str]]:
         "merge full": ([f"{b}/full.mzt", "--merge", str(base), "-o", "out"], "--merge is for PEFT adapter"),
         "base then two": ([str(base), a, str(d / "bob.mzt"), "-o", "out"], "give exactly one TRAJECTORY"),
         "missing trajectory": (["nope.mzt", "-o", "out"], "nope.mzt"),
+        "adapter to a file": ([a, "-o", "out.safetensors"], "rebuilds into a folder"),
     }
 
 
 BAD = ["base given to an adapter", "full without base", "existing output", "existing output among many",
        "duplicate stems", "corrupt", "truncated header", "truncated steps", "corrupt among many", "unknown init",
-       "merge prefix", "merge full", "base then two", "missing trajectory"]
+       "merge prefix", "merge full", "base then two", "missing trajectory", "adapter to a file"]
 
 
 SUBPROCESS = {"base given to an adapter", "full without base"}  # the rest in-process: the same code, faster
@@ -439,3 +440,17 @@ def test_many_trajectories_peak_memory_is_one_adapters(tmp_path):
     four = peak("four", [f"u{i}.mzt" for i in range(4)])
     assert len(list((tmp_path / "four").iterdir())) == 4
     assert four - one < (64 << 20) // 2, (one, four)
+
+
+VECTOR = Path(__file__).resolve().parents[1] / "spec" / "vectors" / "tiny-lora"
+
+
+@pytest.mark.skipif(not (VECTOR / "traj.mzt").is_file(), reason="the base-less spec vector is not in this checkout")
+def test_spec_vector_rebuilds_into_an_adapter_with_the_expected_bytes(tmp_path):
+    r = inproc("reconstruct", str(VECTOR / "traj.mzt"), "-o", "adapter", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    expected = json.loads((VECTOR / "expected.json").read_text())["tensors"]
+    tensors, meta = tensors_of(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert list(tensors) == list(expected)
+    for name, t in tensors.items():
+        assert t.contiguous().view(-1).view(torch.uint8).numpy().tobytes().hex() == expected[name]["bytes"], name
