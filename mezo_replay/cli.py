@@ -160,9 +160,10 @@ def _two_defaults(key: str) -> str:
               help="Total MeZO steps (MeZO's paper runs 20,000).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), show_default=_two_defaults("lr"),
               help="Peak learning rate. The default for your model is MeZO's published setting (1e-6 or "
-                   "1e-7 for full fine-tuning); the tiny demo model needs far more.")
+                   "1e-7 for full fine-tuning); the tiny demo model needs far more. For a PEFT adapter: 5e-5 for "
+                   "lora, 1e-3 for prefix (MeZO's PEFT settings; the demo: 1e-3 and 1e-2).")
 @click.option("--eps", type=click.FloatRange(min=0, min_open=True), show_default=_two_defaults("eps"),
-              help="Perturbation scale.")
+              help="Perturbation scale. For a PEFT adapter: 1e-2 for lora, 1e-1 for prefix (MeZO's PEFT settings).")
 @click.option("--schedule", type=click.Choice(["constant", "linear", "cosine"]), default="constant",
               show_default=True, help="Learning-rate schedule after warmup.")
 @click.option("--warmup-steps", type=click.IntRange(0), default=0, show_default=True,
@@ -173,6 +174,28 @@ def _two_defaults(key: str) -> str:
               help="Tune only parameters matching this glob (repeatable), e.g. 'layers.*.self_attn'.")
 @click.option("--freeze", multiple=True, show_default="none",
               help="Do not tune parameters matching this glob (repeatable).")
+@click.option("--peft", "peft_kind", type=click.Choice(["lora", "prefix"]), show_default="none: full tuning",
+              help="Tune a PEFT adapter built with the peft library instead of the model's own weights, which "
+                   "never change. lora: low-rank updates W + (alpha/r)·B·A on the --lora-targets layers; prefix: "
+                   "--num-virtual-tokens learned key/value prefixes (causal LMs only). The adapter starts from "
+                   "values the run seed regenerates, so the trajectory rebuilds without the base, as a PEFT "
+                   "adapter folder (`mezo-replay reconstruct RUN.mzt -o RUN-adapter`). --lr and --eps have "
+                   "their own defaults with it (see them).")
+@click.option("--lora-r", type=click.IntRange(1), default=8, show_default=True,
+              help="LoRA rank r: A is r x in, B is out x r.")
+@click.option("--lora-alpha", type=click.IntRange(1), default=16, show_default=True,
+              help="LoRA scale alpha: the update is (alpha/r)·B·A.")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Dropout on the LoRA input while training. Both forwards of a MeZO step see the same masks "
+                   "(drawn from the run seed and step), so the step measures one function; evaluation and "
+                   "the rebuilt adapter use none.")
+@click.option("--lora-targets", show_default="peft's choice for the architecture: q_proj,v_proj for Llama and "
+              "OPT, c_attn for GPT-2, query_key_value for BLOOM, query,value for BERT",
+              help="Comma-separated names of the Linear/Conv1D layers to adapt (a module's last name part, or "
+                   "its full name), e.g. q_proj,k_proj,v_proj,o_proj. A name that matches nothing is refused "
+                   "with the names that exist.")
+@click.option("--num-virtual-tokens", type=click.IntRange(1), default=10, show_default=True,
+              help="Prefix tuning: learned positions prepended to every layer's keys and values.")
 @click.option("--batch-size", type=click.IntRange(1), show_default=_two_defaults("batch_size"),
               help="Examples per step.")
 @click.option("--max-length", type=click.IntRange(2), show_default=_two_defaults("max_length"),
@@ -180,7 +203,8 @@ def _two_defaults(key: str) -> str:
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), show_default=_two_defaults("seed"),
               help="Run seed: noise and batch order.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Parameter dtype to train in (a base in that dtype is saved if the model's differs).")
+              help="Parameter dtype to train in (a base in that dtype is saved if the model's differs; not with "
+                   "--peft, whose adapter goes onto the original model, and keeps peft's float32 adapter).")
 @click.option("--noise", type=click.Choice(["gaussian16", "rademacher16"]), default="gaussian16",
               show_default=True, help="Perturbation distribution (spec/noise.md).")
 @click.option("--eval-every", type=click.IntRange(0), show_default=_two_defaults("eval_every"),
@@ -210,7 +234,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
           label_words: str | None, text_key: str, prompt_key: str, completion_key: str, label_key: str,
           objective: str, out: Path, resume: Path | None, steps: int | None, lr: float | None, eps: float | None,
           schedule: str, warmup_steps: int, weight_decay: float, tune: tuple[str, ...], freeze: tuple[str, ...],
-          batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
+          peft_kind: str | None, lora_r: int, lora_alpha: int, lora_dropout: float, lora_targets: str | None,
+          num_virtual_tokens: int, batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
           eval_every: int | None, eval_batch_size: int, record_losses: bool, checkpoint_every: int,
           allow_new_tensors: bool, flush_every: int, device: str, log_path: str | None, overwrite: bool,
           quiet: bool) -> None:
@@ -229,16 +254,20 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
       mezo-replay train --model ./opt --data sst2.csv --task label-words --template '{sentence} It was' \\
           --label-words '{"0": " terrible", "1": " great"}' --objective accuracy
       mezo-replay train --resume traj.mzt --steps 20000      # after a crash or Ctrl-C
+      mezo-replay train --model ./opt --data train.jsonl --peft lora --lora-r 8 --lr 1e-4 -o run.mzt
     """
     from . import embedded
     from .data import load_splits
     from .mzt import read_trajectory
-    from .defaults import MEZO_DEFAULTS
+    from .defaults import MEZO_DEFAULTS, PEFT_DEFAULTS, PEFT_DEMO_DEFAULTS
+    from .peft_tuning import PeftOptions
     from .storage import storage
     from .train import StepReport, TrainConfig, relpath, train as run
 
     demo = model is None or embedded.portable_name(embedded.local_path(model)) is not None
     d = embedded.DEFAULTS if demo else MEZO_DEFAULTS
+    if peft_kind is not None:
+        d = {**d, **(PEFT_DEMO_DEFAULTS if demo else PEFT_DEFAULTS)[peft_kind]}
     if quiet:
         import transformers
 
@@ -260,7 +289,16 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
             eval_every=d["eval_every"] if eval_every is None else eval_every, eval_batch_size=eval_batch_size,
             record_losses=record_losses, flush_every=flush_every,
             resume=resume is not None, overwrite=overwrite, device=_device(device),
-            checkpoint_every=checkpoint_every, allow_new_tensors=allow_new_tensors)
+            checkpoint_every=checkpoint_every, allow_new_tensors=allow_new_tensors,
+            peft=None if peft_kind is None else PeftOptions(
+                peft_kind, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, num_virtual_tokens=num_virtual_tokens,
+                targets=None if lora_targets is None else tuple(t.strip() for t in lora_targets.split(","))))
+        ctx = click.get_current_context()
+        if peft_kind is None and (lora_targets is not None or any(
+                ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+                for name in ("lora_r", "lora_alpha", "lora_dropout", "num_virtual_tokens"))):
+            raise MezoReplayError("--lora-*/--num-virtual-tokens set the adapter of --peft: add --peft lora or "
+                                  "--peft prefix (without it the model's own weights are tuned)")
         bars: list[tqdm] = []  # made at the first step, so model loading prints before it
 
         def on_step(r: StepReport) -> None:
@@ -287,7 +325,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
     traj = read_trajectory(result.trajectory)
     say = (lambda msg: click.echo(msg, err=True)) if log_path == "-" else click.echo
     if result.resumed_from:
-        say(f"resumed at step {result.resumed_from}: replayed and checked against the base")
+        start = "the adapter's generated start" if result.peft is not None else "the base"
+        say(f"resumed at step {result.resumed_from}: replayed from {start} and checked")
     if traj.evals:  # from the file, so a resumed run reports the whole run
         first, last = traj.evals[0], traj.evals[-1]
         e0, e1 = first["metrics"], last["metrics"]
@@ -300,6 +339,15 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
     say(f"wrote {relpath(result.trajectory)}: {traj.steps:,} steps, {traj.file_bytes:,} bytes = "
         f"{sizes.file_bytes_per_step:.2f} bytes/step ({traj.bytes_per_step:.2f} bytes/step of step records)")
     say(f"  stored: {_stored_text(sizes.as_dict())}")
+    if result.peft is not None:
+        tuned_n = sum(p.numel() for p in result.optimizer.params)
+        total = sum(p.numel() for p in result.model.parameters())
+        say(f"  tuned: {tuned_n:,} {result.peft.options.kind} adapter parameters of {total:,} "
+            f"({100 * tuned_n / total:.2g}%); the base weights are unchanged")
+        folder = result.trajectory.with_name(result.trajectory.stem + "-adapter")
+        cmd = ["mezo-replay", "reconstruct", relpath(result.trajectory), "-o", relpath(folder)]
+        say("rebuild the adapter (a PEFT folder; no base needed) with:\n  " + shlex.join(cmd))
+        return
     tuned = result.trajectory.with_name(result.trajectory.stem + "-tuned" + (".safetensors" if result.base.is_file()
                                                                             else ""))
     base = embedded.portable_name(result.base) or relpath(result.base)  # works wherever the package is

@@ -9,6 +9,10 @@ reads after each step, so the weights in memory always equal a replay of the rec
 final fingerprint can be written. A resumed run replays the recorded steps onto the base, checks them,
 and continues with the same batches (data.batch_order is a pure function of seed and step), so it ends
 on the same bytes as a run that was never interrupted.
+
+With `peft` (peft_tuning.py) the tuned tensors are a peft adapter's (LoRA, prefix), starting from values the
+seed regenerates: the base weights never change, no base copy is made, and the trajectory rebuilds into an
+adapter without the base; a resume replays onto the regenerated start instead of the base.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from .fingerprint import DTYPE_NAMES, checkpoint_fingerprint
 from .hub import resolve_model
 from .mzt import TrajectoryWriter, read_trajectory
 from .optimizer import MeZO
+from .peft_tuning import PeftOptions, PeftSetup, same_dropout, wrap
 from .rule import Schedule
 from .safetensors_io import BaseCheckpoint
 from .steps import replay_tensor_, step_constants
@@ -77,6 +82,7 @@ class TrainConfig:
     metadata: dict[str, str] = field(default_factory=dict)
     checkpoint_every: int = 0  # also record a checkpoint fingerprint every N steps (besides each evaluation)
     allow_new_tensors: bool = False  # store new tensors beyond a small head (e.g. a base of another layout)
+    peft: PeftOptions | None = None  # tune a peft adapter (LoRA, prefix) instead of the model's own weights
 
 
 @dataclass
@@ -92,12 +98,13 @@ class StepReport:
 @dataclass
 class TrainResult:
     trajectory: Path
-    base: Path
+    base: Path  # the checkpoint the trajectory replays onto; for a PEFT run the model the adapter goes on
     model: Any
     optimizer: MeZO
     evals: list[tuple[int, dict[str, float]]]
     resumed_from: int
     interrupted: bool
+    peft: PeftSetup | None = None
 
 
 def load_model(path: Path, dtype: str, device: str, labels: Sequence[str] | None = None,
@@ -257,9 +264,12 @@ STEP_SETTINGS = {
     "generator.seed": "--seed", "noise.name": "--noise", "rule.lr": "--lr", "rule.eps": "--eps",
     "rule.schedule.name": "--schedule", "rule.schedule.warmup_steps": "--warmup-steps",
     "rule.schedule.total_steps": "--steps (the schedule's length)", "rule.weight_decay": "--weight-decay",
+    "peft": "--peft", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
+    "lora_targets": "--lora-targets", "num_virtual_tokens": "--num-virtual-tokens",
 }
 _SHAPES_DATA = {"task", "max_length", "template", "label_words", "label_key", "text_key", "prompt_key",
                 "completion_key", "labels", "examples"}  # settings the encoded training set depends on
+_PEFT_KEYS = {"peft", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "num_virtual_tokens"}
 _LATER_KEYS = {"dtype", "train_data_sha256"}  # not recorded by earlier versions: compared only when present
 
 
@@ -287,9 +297,15 @@ def setting_differences(old: Mapping[str, Any], fresh: Mapping[str, Any]) -> lis
         diffs = _differences(_filled(old[part]), _filled(fresh[part]))
         named = [d for d in diffs if d[0] == "name"]  # another sampler or rule: its own keys follow from it
         found += [(f"{part}.{k}", a, b) for k, a, b in (named or diffs)]
+    if any(k == "peft" for k, _, _ in found):  # another kind of adapter, or none: its own keys follow from it
+        found = [d for d in found if d[0] == "peft" or d[0] not in _PEFT_KEYS]
+    if not any(k in _PEFT_KEYS for k, _, _ in found):  # the adapter's own settings, if no option named them
+        old_cfg = {k: v for k, v in (old.get("peft") or {}).get("adapter_config", {}).items() if k != "peft_version"}
+        new_cfg = {k: v for k, v in (fresh.get("peft") or {}).get("adapter_config", {}).items() if k != "peft_version"}
+        found += [(f"adapter config {k}", a, b) for k, a, b in _differences(old_cfg, new_cfg)]
     out = [f"{STEP_SETTINGS.get(k, k)} {_shown(a, b)} there, {_shown(b, a)} now" for k, a, b in found]
     old_names, new_names = [t["name"] for t in old["tensors"]], [t["name"] for t in fresh["tensors"]]
-    if old_names != new_names:
+    if old_names != new_names and not any(k == "peft" for k, _, _ in found):  # else the adapter explains it
         out.append(f"--tune/--freeze: {len(old_names)} tuned tensors there, {len(new_names)} now")
     return out
 
@@ -342,6 +358,9 @@ def _resume_locked(opt: MeZO, path: Path, flush_every: int, lock: FileLock,
             [t.get("decay") for t in old["tensors"]] != [t.get("decay") for t in fresh["tensors"]]:
         raise MezoReplayError(f"--resume refused: the model is not the base {path} was trained from "
                               f"(fingerprint mismatch)")
+    if (old.get("peft") or {}).get("base_weights") != (fresh.get("peft") or {}).get("base_weights"):
+        raise MezoReplayError(f"--resume refused: the model is not the one {path}'s adapter was trained on "
+                              f"(peft.base_weights fingerprint mismatch)")
     n = traj.steps
     constants = step_constants(opt.rule, traj.grad_bits)
     for k, p in enumerate(opt.params):
@@ -443,6 +462,11 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     if not cfg.train_examples:
         raise DataError("the training set is empty")
     check_objective(cfg.task, cfg.objective)
+    if cfg.peft is not None:
+        if cfg.tune or cfg.freeze:
+            raise MezoReplayError(f"--peft {cfg.peft.kind} tunes the adapter's parameters only: --tune/--freeze "
+                                  f"choose among the model's own weights and cannot be combined with it")
+        cfg.peft.check()
     src = resolve_model(embedded.local_path(cfg.model), cfg.config)
     source = embedded.portable_name(src.path) or src.source  # never the package's absolute path
     labels = None
@@ -461,39 +485,60 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     eval_set = task.encode(tokenizer, cfg.eval_examples) if cfg.eval_examples else []
     eval_batches = [task.make_batch(eval_set[i:i + cfg.eval_batch_size], pad)
                     for i in range(0, len(eval_set), cfg.eval_batch_size)]
-    select_parameters(model, cfg.tune, cfg.freeze)
     schedule = Schedule(cfg.schedule, cfg.warmup_steps, cfg.steps if cfg.schedule != "constant" or
                         cfg.warmup_steps else 0)
-    keys = checkpoint_names(model, BaseCheckpoint.open(src.weights).entries)  # a cast copy keeps the names
-    opt = MeZO(((keys[n], p) for n, p in model.named_parameters()), lr=cfg.lr, eps=cfg.eps, seed=cfg.seed,
-               noise=cfg.noise, schedule=schedule.validated(), weight_decay=cfg.weight_decay)
-    added = new_tensors(opt, src.weights, allowed=labels is not None,
-                        head={keys[n] for n in head_parameters(model)}, model_elements=sum(p.numel() for p in model.parameters()),
-                        allow_large=cfg.allow_new_tensors)
-    meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
-            "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
-            "dtype": cfg.dtype, "train_data_sha256": data_fingerprint(train_set),
-            "base_model": source + (f"@{src.revision}" if src.revision else ""), **cfg.metadata}
+    stored = BaseCheckpoint.open(src.weights)
+    keys = checkpoint_names(model, stored.entries)  # a cast copy keeps the names
     config = None
     if labels is not None:  # the classifier's config, so a rebuilt folder loads as the classifier
         config = json.loads(model.config.to_json_string())
         config["architectures"] = [type(model).__name__]
+    adapter: PeftSetup | None = None
+    extra: dict[str, Any] = {}
+    if cfg.peft is not None:
+        head = head_parameters(model)
+        absent = {n.rsplit(".", 1)[0] for n in keys if keys[n] not in stored.entries and n not in head}
+        adapter = wrap(model, cfg.peft, task=cfg.task, masked=masked, seed=cfg.seed, extra_modules=absent)
+        model = adapter.model
+        named: Iterator[tuple[str, Any]] = iter(adapter.params.items())
+        extra = {"peft": {"adapter_config": adapter.adapter_config, "base_weights": stored.weights_fingerprint()}}
+    else:
+        select_parameters(model, cfg.tune, cfg.freeze)
+        named = ((keys[n], p) for n, p in model.named_parameters())
+    opt = MeZO(named, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise, schedule=schedule.validated(),
+               weight_decay=cfg.weight_decay)
+    if adapter is not None:
+        added: Mapping[str, Any] | list[str] = adapter.inits
+    else:
+        added = new_tensors(opt, src.weights, allowed=labels is not None,
+                            head={keys[n] for n in head_parameters(model)},
+                            model_elements=sum(p.numel() for p in model.parameters()),
+                            allow_large=cfg.allow_new_tensors)
+    meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
+            "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
+            "dtype": cfg.dtype, "train_data_sha256": data_fingerprint(train_set),
+            "base_model": source + (f"@{src.revision}" if src.revision else ""),
+            **(adapter.metadata() if adapter is not None else {}), **cfg.metadata}
     if cfg.resume:
-        start = _resume(opt, cfg.out, cfg.flush_every, opt.header(metadata=meta, new_tensors=added))
+        start = _resume(opt, cfg.out, cfg.flush_every,
+                        opt.header(metadata=meta, new_tensors=added, config=config, extra=extra))
         if start >= cfg.steps:
             writer, opt.writer = opt.writer, None
             writer.close()  # unlocks; writes nothing, not even a second final fingerprint
             raise MezoReplayError(f"--resume: {cfg.out} already holds {start} steps (--steps {cfg.steps})")
-        base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, True)  # after the checks: nothing if refused
+        # after the checks: nothing if refused. An adapter needs no base copy: it rebuilds from the file
+        # alone, and goes onto the original model (the one its adapter_config names), cast as it loads.
+        base = src.path if adapter is not None else prepare_base(src.path, src.weights, cfg.dtype, cfg.out, True)
     else:
         start = 0
-        base = prepare_base(src.path, src.weights, cfg.dtype, cfg.out, cfg.overwrite)
-        same = base == src.weights  # else: a copy cast to the training dtype, named by its path from the
-        # trajectory's folder (it is saved beside it), which stays true when both are moved together
+        base = src.path if adapter is not None else \
+            prepare_base(src.path, src.weights, cfg.dtype, cfg.out, cfg.overwrite)
+        same = adapter is not None or base == src.weights  # else: a copy cast to the training dtype, named by
+        # its path from the trajectory's folder (it is saved beside it), which stays true when both are moved
         opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every,
                    base_source=source if same else os.path.relpath(base, cfg.out.parent),
                    base_revision=src.revision if same else None,
-                   metadata=meta, new_tensors=added, record_losses=cfg.record_losses, config=config)
+                   metadata=meta, new_tensors=added, record_losses=cfg.record_losses, config=config, extra=extra)
 
     def evaluate(step: int) -> dict[str, float]:
         metrics = task.evaluate(model, eval_batches)
@@ -509,6 +554,11 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     def closure_for(step: int) -> Callable[[], torch.Tensor]:
         idx = batch_order(len(train_set), cfg.batch_size, cfg.seed, step)
         batch: Batch = task.make_batch([train_set[i] for i in idx], pad).to(cfg.device)
+        if adapter is not None and cfg.peft is not None and cfg.peft.dropout:
+            def dropped() -> torch.Tensor:
+                with same_dropout(model, cfg.seed, step):
+                    return task.objective(model, batch, cfg.objective)
+            return dropped
         return lambda: task.objective(model, batch, cfg.objective)
 
     def eval_due(done: int) -> bool:
@@ -533,7 +583,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     interrupted = fit(opt, cfg.steps, closure_for, after_step=after_step, checkpoint_every=checkpoint_due)
     if evals and not all(math.isfinite(v) for v in evals[-1][1].values()):
         raise MezoReplayError("evaluation is not finite: lower --lr")
-    return TrainResult(cfg.out, base, model, opt, evals, start, interrupted)
+    return TrainResult(cfg.out, base, model, opt, evals, start, interrupted, adapter)
 
 
 def data_fingerprint(encoded: Sequence[Encoded]) -> str:

@@ -1,4 +1,4 @@
-"""Fine-tunes of tiny Llama-, GPT-2- and BERT-style models on local JSONL data in every task format, each
+"""Fine-tunes of tiny Llama-, GPT-2-, OPT-, BLOOM- and BERT-style models on local JSONL data in every task format, each
 reconstructed byte for byte from base + trajectory. Models are built from transformers configs around
 the embedded tokenizer (no Hub here)."""
 from __future__ import annotations
@@ -31,6 +31,13 @@ def make_model(arch: str, out: Path) -> Path:
     elif arch == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256,
                                                  bos_token_id=0, eos_token_id=1, pad_token_id=2))
+    elif arch == "opt":
+        model = tf.OPTForCausalLM(tf.OPTConfig(
+            vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=32, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=2))
+    elif arch == "bloom":
+        model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4,
+                                                   bos_token_id=0, eos_token_id=1, pad_token_id=2))
     elif arch == "bert":
         tok.add_special_tokens({"mask_token": "<|mask|>"})
         model = tf.BertForMaskedLM(tf.BertConfig(
@@ -71,9 +78,17 @@ CASES = [
     ("gpt2", "label-words", {"template": "{sentence} It was", "label_words": LABEL_WORDS}, "f1"),
     ("bert", "label-words", {"template": "{sentence} It was {mask}.", "label_words": LABEL_WORDS}, "ce"),
 ]
+SLOW_CASES = [  # the other causal LMs the issue names, full-parameter (tests/test_peft_train.py: their adapters)
+    ("opt", "prompt-completion", {}, "ce"),
+    ("opt", "label-words", {"template": "{sentence} It was", "label_words": LABEL_WORDS}, "accuracy"),
+    ("bloom", "prompt-completion", {}, "ce"),
+    ("bloom", "lm", {}, "ce"),
+]
 
 
-@pytest.mark.parametrize("arch, kind, options, objective", CASES, ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in CASES])
+@pytest.mark.parametrize("arch, kind, options, objective", [
+    *[pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[3]}") for c in CASES],
+    *[pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[3]}", marks=pytest.mark.slow) for c in SLOW_CASES]])
 def test_task_formats_reconstruct_exactly(tmp_path, arch, kind, options, objective):
     model_dir = make_model(arch, tmp_path / arch)
     files = write_data(tmp_path)
@@ -126,7 +141,8 @@ def test_bad_task_inputs(tmp_path):
     assert not (tmp_path / "t.mzt").exists()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", *[pytest.param(a, marks=pytest.mark.slow)
+                                                             for a in ("opt", "bloom")]])
 def test_classifier_head_travels_in_the_trajectory(tmp_path, arch):
     """A sequence classifier on a language-model base: the new head's initial values are in the .mzt,
     and reconstruct gives a folder that loads as the classifier with the tuned weights."""
