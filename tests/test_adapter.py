@@ -454,3 +454,38 @@ def test_spec_vector_rebuilds_into_an_adapter_with_the_expected_bytes(tmp_path):
     assert list(tensors) == list(expected)
     for name, t in tensors.items():
         assert t.contiguous().view(-1).view(torch.uint8).numpy().tobytes().hex() == expected[name]["bytes"], name
+
+
+def test_train_peft_lora_cli_then_the_printed_rebuild_gives_the_trained_logits(tmp_path):
+    """End to end through both commands: `train --peft lora` on the embedded model, then the exact rebuild
+    command it prints, run as printed. The folder's PeftModel gives, bit for bit, the logits of the model
+    training ended with: peft's own wrapping of the base, holding the trajectory's final tensors (their
+    fingerprints are the ones training recorded when it stopped)."""
+    import shlex
+
+    import peft
+
+    from mezo_replay import replay
+
+    r = cli("train", "--peft", "lora", "--lora-r", "2", "--steps", "3", "--batch-size", "4", "--eval-every", "0",
+            "-q", "-o", "run.mzt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    printed = [line.strip() for line in r.stdout.splitlines() if line.strip().startswith("mezo-replay reconstruct")]
+    assert printed == ["mezo-replay reconstruct run.mzt -o run-adapter"], r.stdout
+    r = cli(*shlex.split(printed[0])[1:], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    traj = read_trajectory(tmp_path / "run.mzt")
+    assert traj.header["base"]["source"] == embedded.MODEL_NAME
+    config = json.loads((tmp_path / "run-adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == embedded.MODEL_NAME
+
+    config = peft.get_peft_config(dict(traj.header["peft"]["adapter_config"]))
+    trained = peft.get_peft_model(load_base(embedded.MODEL_DIR), config).eval()
+    final = dict(replay.replayed(replay.plan(None, traj)))
+    peft.set_peft_model_state_dict(trained, final)
+    assert all(torch.equal(p, final[saved_name(n)]) for n, p in trained.named_parameters() if ".lora_" in n)
+    x = batch(embedded.MODEL_DIR)
+    with torch.no_grad():
+        expected = trained(**x).logits
+        assert not torch.equal(expected, load_base(embedded.MODEL_DIR)(**x).logits)  # the adapter does something
+    assert torch.equal(adapter_logits(embedded.MODEL_DIR, tmp_path / "run-adapter"), expected)
