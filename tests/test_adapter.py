@@ -489,3 +489,44 @@ def test_train_peft_lora_cli_then_the_printed_rebuild_gives_the_trained_logits(t
         expected = trained(**x).logits
         assert not torch.equal(expected, load_base(embedded.MODEL_DIR)(**x).logits)  # the adapter does something
     assert torch.equal(adapter_logits(embedded.MODEL_DIR, tmp_path / "run-adapter"), expected)
+
+
+@pytest.mark.parametrize("task", ["label-words", "classify-head"])
+def test_bert_adapters_from_train_rebuild_and_merge(tmp_path, task):
+    """What `train --peft lora` makes of a masked LM: label words (peft task type none) and a new
+    classifier head (SEQ_CLS; the head and pooler travel whole in INIT chunks). The CLI rebuilds each into
+    a folder whose PeftModel gives the trained logits bitwise, and merges it into the base."""
+    import transformers as tf
+    from peft import PeftModel
+
+    from mezo_replay.data import load_splits
+    from mezo_replay.peft_tuning import PeftOptions
+    from mezo_replay.train import TrainConfig, train
+    from tests.test_peft_train import BATCH, MASKED, write_data
+
+    model_dir = make_model("bert", tmp_path / "bert")
+    files = write_data(tmp_path)
+    rows, ev = load_splits(files["label-words.train"], files["label-words.eval"])
+    options = MASKED if task == "label-words" else {"text_key": "sentence"}
+    result = train(TrainConfig(model=model_dir, train_examples=rows, eval_examples=ev, out=tmp_path / "run.mzt",
+                               steps=2, lr=5e-2, batch_size=8, task=task, task_options=options,
+                               peft=PeftOptions("lora", r=4)))
+    with torch.no_grad():
+        expected = result.model(input_ids=BATCH[0], attention_mask=BATCH[1]).logits
+    r = inproc("reconstruct", "run.mzt", "-o", "adapter", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    head = task == "classify-head"
+    auto = tf.AutoModelForSequenceClassification if head else tf.AutoModelForMaskedLM
+    base = auto.from_pretrained(model_dir, **({"num_labels": 2} if head else {})).eval()
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=BATCH[0], attention_mask=BATCH[1]).logits, expected)
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert ("BertForSequenceClassification" if head else "AutoModelForMaskedLM") in card
+
+    r = inproc("reconstruct", "run.mzt", "--merge", str(model_dir), "-o", "merged", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    merged = auto.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        got = merged(input_ids=BATCH[0], attention_mask=BATCH[1]).logits
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5)
