@@ -456,6 +456,7 @@ def test_spec_vector_rebuilds_into_an_adapter_with_the_expected_bytes(tmp_path):
         assert t.contiguous().view(-1).view(torch.uint8).numpy().tobytes().hex() == expected[name]["bytes"], name
 
 
+@pytest.mark.slow
 def test_train_peft_lora_cli_then_the_printed_rebuild_gives_the_trained_logits(tmp_path):
     """End to end through both commands: `train --peft lora` on the embedded model, then the exact rebuild
     command it prints, run as printed. The folder's PeftModel gives, bit for bit, the logits of the model
