@@ -402,12 +402,6 @@ def _base_path(base: str, traj: Path) -> Path:
     return fetch_base(bref, revision)[0]
 
 
-def _inputs(base: str, trajectory: str) -> tuple[Path, Path]:
-    """Local paths for BASE and TRAJECTORY (full tuning)."""
-    traj = _trajectory_path(trajectory)
-    return _base_path(base, traj), traj
-
-
 def _split_args(args: tuple[str, ...], command: str, extra: str | None = None) -> tuple[str | None, list[str]]:
     """([BASE], TRAJECTORY...) as given: BASE when the first argument is no trajectory."""
     if not args:
@@ -506,13 +500,14 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
     with _user_errors():
         base, trajectories = _split_args(args, "reconstruct")
         if base is not None:
-            base_path, traj_path = _inputs(base, trajectories[0])
+            traj_path = _trajectory_path(trajectories[0])
             traj = read_trajectory(traj_path)
-            if not replay.needs_base(traj):
+            if not replay.needs_base(traj):  # refused before a Hub base is fetched for nothing
                 raise MezoReplayError(_base_given_to_adapter(trajectories[0], base, traj, "reconstruct"))
             if merge_base is not None:
                 raise MezoReplayError(f"--merge is for PEFT adapter trajectories; {trajectories[0]} already "
                                       f"rebuilds into the full model: drop --merge")
+            base_path = _base_path(base, traj_path)
             p = replay.plan(base_path, traj, step)
             if not unverified:
                 p.require_fingerprint()
