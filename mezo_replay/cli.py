@@ -357,98 +357,283 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
 
 # --- reconstruct / verify ------------------------------------------------------------------------
 
-def _inputs(base: str, trajectory: str) -> tuple[Path, Path]:
-    """Local paths for BASE and TRAJECTORY, fetching hf:// ones through the Hugging Face cache. A base on the
-    Hub defaults to the commit the trajectory records, and another commit is refused."""
-    from .embedded import local_path
-    from .hub import fetch_base, fetch_trajectory, parse_hf
-    from .mzt import read_trajectory
+def _is_trajectory_arg(arg: str) -> bool:
+    """A TRAJECTORY rather than a BASE: an hf:// reference ending in .mzt, a local name ending in .mzt
+    (so a missing or damaged one is reported as a trajectory), or a file that starts with the .mzt magic
+    (bytes 1-3 'MZT': an altered magic is still named as such by the reader)."""
+    if arg.startswith("hf://"):
+        return arg.rstrip("/").endswith(".mzt")
+    path = Path(arg)
+    if path.suffix == ".mzt":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)[1:4] == b"MZT"
+    except OSError:
+        return False
 
-    base = str(local_path(base))  # the embedded model's portable name, as `train` prints it
+
+def _trajectory_path(trajectory: str) -> Path:
+    """The local file of a TRAJECTORY argument, fetching an hf:// one through the Hugging Face cache."""
+    from .hub import fetch_trajectory, parse_hf
+
     tref = parse_hf(trajectory)
     traj = fetch_trajectory(tref) if tref else Path(trajectory)
     if not traj.is_file():
         raise MezoReplayError(f"{trajectory}: no such trajectory file")
+    return traj
+
+
+def _base_path(base: str, traj: Path) -> Path:
+    """The local path of a BASE argument: the embedded model's portable name, a path, or an hf:// model that
+    defaults to the commit the trajectory records (another commit is refused)."""
+    from .embedded import local_path
+    from .hub import fetch_base, parse_hf
+    from .mzt import read_trajectory
+
+    base = str(local_path(base))  # the embedded model's portable name, as `train` prints it
     bref = parse_hf(base)
     if bref is None:
         if not Path(base).exists():
             raise MezoReplayError(f"{base}: no such file or folder (a Hub base is written hf://org/name)")
-        return Path(base), traj
+        return Path(base)
     recorded = read_trajectory(traj).header["base"]
     revision = recorded["revision"] if recorded["source"] == bref.repo_id else None
-    return fetch_base(bref, revision)[0], traj
+    return fetch_base(bref, revision)[0]
+
+
+def _split_args(args: tuple[str, ...], command: str, extra: str | None = None) -> tuple[str | None, list[str]]:
+    """([BASE], TRAJECTORY...) as given: BASE when the first argument is no trajectory."""
+    if not args:
+        raise click.UsageError("give a TRAJECTORY (.mzt), or BASE and TRAJECTORY")
+    if _is_trajectory_arg(args[0]):
+        return None, list(args)
+    if len(args) < 2:
+        raise MezoReplayError(f"{args[0]} is not a trajectory (a .mzt file or hf://org/name/PATH.mzt); a BASE "
+                              f"must be followed by the TRAJECTORY trained on it")
+    if len(args) > 2 and extra is None:
+        raise MezoReplayError(f"with a BASE ({args[0]}) give exactly one TRAJECTORY; several trajectories rebuild "
+                              f"only without one (PEFT adapters): `mezo-replay {command} A.mzt B.mzt -o OUT`")
+    return args[0], list(args[1:])
+
+
+def _base_given_to_adapter(shown: str, base: str, traj: Trajectory, command: str) -> str:
+    from .adapter import kind
+
+    return (f"{shown} is a PEFT {kind(traj)} adapter: it rebuilds from the trajectory alone, so a BASE would go "
+            f"unused (refused rather than ignored, since it suggests a merged model); run `mezo-replay {command} "
+            f"{shown}" + (" -o OUT` for the adapter folder, or `mezo-replay reconstruct " + shown +
+                          f" --merge {base} -o OUT` for the merged model" if command == "reconstruct" else "`"))
+
+
+def _status(p: Any) -> str:
+    return (f"verified against the trajectory: {p.verified_by}" if p.verified_by is not None else
+            f"NOT verified (--unverified): the trajectory records no fingerprint for step {p.steps}")
+
+
+def _done_line(traj_name: str, out: Path, p: Any) -> str:
+    from .adapter import is_adapter, kind
+
+    t = p.trajectory
+    params = sum(math.prod(x["shape"]) for x in t.header["tensors"])
+    what = f"{kind(t)} adapter" if is_adapter(t) else "tuned tensors"
+    n = len(p.names)
+    return (f"wrote {out}: {what} from {traj_name}, {n} tensor{'s' if n != 1 else ''} ({params:,} parameters) "
+            f"after {p.steps} steps")
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 @main.command()
-@click.argument("base")
-@click.argument("trajectory")
+@click.argument("args", nargs=-1, metavar="[BASE] TRAJECTORY...")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
-              help="Output: a .safetensors file for a file base, a folder for a model-folder base.")
-@click.option("--step", type=click.IntRange(0), help="Rebuild the checkpoint after this many steps: 0, an "
-              "evaluated step, a --checkpoint-every step, or the last; others need --unverified.")
+              help="Output. PEFT trajectory: an adapter folder; several: a folder that gets one adapter folder "
+                   "per trajectory (named after its file); with --merge: the merged model's folder; with a BASE: a "
+                   ".safetensors file for a file base, a folder for a model-folder base.")
+@click.option("--merge", "merge_base", metavar="BASE", show_default="none: write the adapter",
+              help="Merge a LoRA adapter into BASE (a model folder, hf://org/name or the embedded model's name) "
+                   "with peft's merge_and_unload and write the full model. BASE must be the model the adapter was "
+                   "trained on (its weights fingerprint is checked).")
+@click.option("--step", type=click.IntRange(0), show_default="the last step",
+              help="Rebuild the checkpoint after this many steps: 0, an evaluated step, a --checkpoint-every "
+                   "step, or the last; others need --unverified.")
 @click.option("--unverified", is_flag=True, help="Write a step the trajectory records no fingerprint for (only "
-              "the base is checked then).")
+              "the base, or the generated initial values, are checked then).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto: same bits on any.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (each adapter folder, with several).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_backend_option
-def reconstruct(base: str, trajectory: str, out: Path, step: int | None, unverified: bool, device: str,
-                overwrite: bool, quiet: bool) -> None:
-    """Rebuild fine-tuned weights from BASE and a TRAJECTORY (.mzt).
+def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: int | None, unverified: bool,
+                device: str, overwrite: bool, quiet: bool) -> None:
+    """Rebuild fine-tuned weights, or PEFT adapters, from trajectories (.mzt).
 
-    BASE is a .safetensors file or a model folder (model.safetensors, or shards with
-    model.safetensors.index.json), or a Hub model hf://org/name[@revision]. TRAJECTORY is a .mzt file or
-    hf://org/name[@revision]/path/in/repo.mzt. Hub files come through the Hugging Face cache (HF_HOME,
-    HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN apply); a Hub base defaults to the commit the trajectory
-    was trained on. A folder output keeps config and tokenizer files, so `from_pretrained(OUT)` loads
-    it. The base is checked against the trajectory's fingerprints before use, and the result against the
-    fingerprints recorded for its step (at the end of training, at each evaluation and every
-    --checkpoint-every steps); nothing is written unless both match. Other steps need --unverified.
+    A PEFT trajectory (`train --peft lora|prefix`) needs no base: it rebuilds into an adapter folder
+    (adapter_config.json, adapter_model.safetensors, README.md) that
+    `PeftModel.from_pretrained(base, OUT)` loads. Several of them rebuild in one call, one at a time,
+    into OUT/<name>/ each. A BASE given with a PEFT trajectory is refused: use --merge BASE for a
+    merged model. A full fine-tune needs BASE first: a .safetensors file, a model folder, the
+    embedded model's name or hf://org/name[@revision] (defaulting to the commit it was trained on).
+
+    TRAJECTORY is a .mzt file or hf://org/name[@revision]/path/in/repo.mzt. Hub files come through
+    the Hugging Face cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN apply). The result is
+    checked against the fingerprints recorded for its step (the end of training, each evaluation,
+    every --checkpoint-every steps) and the output appears only if it matches; an existing output is
+    replaced only with --overwrite.
 
     \b
-    Example:
+    Examples:
+      mezo-replay reconstruct run.mzt -o run-adapter                 # PEFT: no base needed
+      mezo-replay reconstruct users/*.mzt -o adapters                # adapters/<name>/ each
+      mezo-replay reconstruct hf://my-org/runs/alice/run.mzt -o alice-adapter
+      mezo-replay reconstruct run.mzt --merge hf://my-org/base -o merged   # full model, LoRA merged in
+      mezo-replay reconstruct mezo-replay:embedded/tiny-llama traj.mzt -o tuned   # full fine-tune
       mezo-replay reconstruct hf://facebook/opt-1.3b hf://my-org/opt-sst2/run.mzt -o opt-sst2
     """
-    from . import replay
+    from . import adapter, replay
+    from .mzt import read_trajectory
 
     with _user_errors():
-        base_path, traj_path = _inputs(base, trajectory)
-        p = replay.plan(base_path, traj_path, step)
-        if p.trajectory.truncated:
-            click.echo(f"warning: {trajectory} is truncated; using its {p.trajectory.steps} complete steps",
-                       err=True)
-        if not unverified:
-            p.require_fingerprint()
+        base, trajectories = _split_args(args, "reconstruct")
+        if base is not None:
+            traj_path = _trajectory_path(trajectories[0])
+            traj = read_trajectory(traj_path)
+            if not replay.needs_base(traj):  # refused before a Hub base is fetched for nothing
+                raise MezoReplayError(_base_given_to_adapter(trajectories[0], base, traj, "reconstruct"))
+            if merge_base is not None:
+                raise MezoReplayError(f"--merge is for PEFT adapter trajectories; {trajectories[0]} already "
+                                      f"rebuilds into the full model: drop --merge")
+            base_path = _base_path(base, traj_path)
+            p = replay.plan(base_path, traj, step)
+            if not unverified:
+                p.require_fingerprint()
+            with _element_bar(p.element_steps, "replay", quiet) as progress:
+                written = replay.reconstruct(p, out, overwrite=overwrite, device=_device(device),
+                                             progress=progress, unverified=True)
+            status = _status(p) + ("" if p.verified_by is not None else "; only the base was checked")
+            _warn_truncated(trajectories[0], traj)
+            click.echo(f"wrote {written}: {len(p.names)} tuned tensors after {p.steps} steps; {status}")
+            return
+        for arg in trajectories[1:]:
+            if not _is_trajectory_arg(arg):
+                raise MezoReplayError(f"{arg} is not a trajectory (a .mzt file or hf://org/name/PATH.mzt): a BASE "
+                                      f"goes first, and only with a single full-tuning TRAJECTORY")
+        paths = [_trajectory_path(t) for t in trajectories]
+        dev = _device(device)
+        if len(paths) > 1:
+            if merge_base is not None:
+                raise MezoReplayError("--merge takes one trajectory: merge each adapter in a call of its own")
+            _rebuild_many(paths, trajectories, out, step, unverified, dev, overwrite, quiet)
+            return
+        traj = read_trajectory(paths[0])
+        if merge_base is not None:
+            adapter.check_mergeable(traj)
+            p = adapter.plan(traj, step, unverified, trajectories[0])
+            base_path = _base_path(merge_base, paths[0])
+            if quiet:
+                _quiet_transformers()
+            with _element_bar(p.element_steps, "replay", quiet) as progress:
+                adapter.merge(traj, base_path, out, step=step, overwrite=overwrite, unverified=unverified,
+                              device=dev, progress=progress)
+            _warn_truncated(trajectories[0], traj)
+            click.echo(f"wrote {out}: {merge_base} with the {adapter.kind(traj)} adapter of {trajectories[0]} "
+                       f"merged in (after {p.steps} steps); {_status(p)}")
+            return
+        p = adapter.plan(traj, step, unverified, trajectories[0])
+        adapter.check_kind(traj, out)
+        adapter.check_output(out, overwrite=overwrite, folder=adapter.is_adapter(traj))
         with _element_bar(p.element_steps, "replay", quiet) as progress:
-            written = replay.reconstruct(p, out, overwrite=overwrite, device=_device(device), progress=progress,
-                                         unverified=True)
-    status = (f"verified against the trajectory: {p.verified_by}" if p.verified_by is not None else
-              f"NOT verified (--unverified): the trajectory records no fingerprint for step {p.steps}; "
-              f"only the base was checked")
-    click.echo(f"wrote {written}: {len(p.names)} tuned tensors after {p.steps} steps; {status}")
+            adapter.write_adapter(traj, out, step=step, overwrite=overwrite, unverified=unverified, device=dev,
+                                  progress=progress, rebuild_from=trajectories[0])
+    _warn_truncated(trajectories[0], traj)
+    click.echo(f"{_done_line(trajectories[0], out, p)}; {_status(p)}")
+    if adapter.is_adapter(traj):
+        click.echo(f"load it with PeftModel.from_pretrained(base, {str(out)!r}); base: {adapter.base_name(traj)}")
+
+
+def _warn_truncated(shown: str, traj: Trajectory) -> None:
+    """After a success only: a refusal stays one line."""
+    if traj.truncated:
+        click.echo(f"warning: {shown} is truncated; used its {traj.steps} complete steps", err=True)
+
+
+def _rebuild_many(paths: list[Path], given: list[str], out: Path, step: int | None, unverified: bool, device: str,
+                  overwrite: bool, quiet: bool) -> None:
+    from .adapter import rebuild_many
+
+    bars: list[tqdm] = []
+
+    def on_total(total: int) -> None:
+        bars.append(tqdm(total=total, desc=f"replay {len(paths)}", unit="elt-step", unit_scale=True, disable=quiet,
+                         dynamic_ncols=True))
+
+    def on_done(path: Path, target: Path, p: Any) -> None:
+        line = _done_line(given[paths.index(path)], target, p) + (
+            f" (truncated: its {p.trajectory.steps} complete steps)" if p.trajectory.truncated else "")
+        if bars and not quiet:
+            bars[0].write(line)
+        else:
+            click.echo(line)
+
+    try:
+        done = rebuild_many(paths, out, step=step, overwrite=overwrite, unverified=unverified, device=device,
+                            progress=lambda n: bars[0].update(n), on_total=on_total, on_done=on_done, names=given)
+    finally:
+        for bar in bars:
+            bar.close()
+    state = "verified against their trajectories' fingerprints" if not unverified else "(--unverified)"
+    click.echo(f"rebuilt {len(done)} outputs in {out}, {state}")
 
 
 @main.command()
-@click.argument("base")
-@click.argument("trajectory")
-@click.argument("tuned", type=click.Path(path_type=Path, exists=True), required=False)
-@click.option("--step", type=click.IntRange(0), help="Check the checkpoint after this many steps.")
+@click.argument("args", nargs=-1, metavar="[BASE] TRAJECTORY [TUNED]")
+@click.option("--step", type=click.IntRange(0), show_default="the last step",
+              help="Check the checkpoint after this many steps.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the replay.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_backend_option
-def verify(base: str, trajectory: str, tuned: Path | None, step: int | None, device: str, quiet: bool) -> None:
-    """Check that BASE + TRAJECTORY give the recorded weights (exit 0) or not (exit 1).
+def verify(args: tuple[str, ...], step: int | None, device: str, quiet: bool) -> None:
+    """Check that a trajectory gives the weights it recorded (exit 0) or not (exit 1).
 
-    BASE and TRAJECTORY are local paths or hf:// references, as for `reconstruct`. With TUNED (a
-    .safetensors file or model folder) its tensors are checked instead of a replay.
+    A PEFT trajectory is checked alone: `verify TRAJECTORY [ADAPTER]`, where ADAPTER is a folder
+    `reconstruct` wrote (its adapter_config.json must match too, except the base's name and revision,
+    which you may point elsewhere). A full fine-tune needs its base: `verify BASE TRAJECTORY [TUNED]`,
+    TUNED a .safetensors file or model folder. Without ADAPTER or TUNED the trajectory is replayed and
+    the result checked against its fingerprints; with one, that output's tensors are checked instead.
+
+    \b
+    Examples:
+      mezo-replay verify run.mzt run-adapter
+      mezo-replay verify mezo-replay:embedded/tiny-llama traj.mzt tuned
     """
-    from . import replay
+    from . import adapter, replay
+    from .mzt import read_trajectory
 
     with _user_errors():
-        p = replay.plan(*_inputs(base, trajectory), step)
+        base, rest = _split_args(args, "verify", extra="tuned")
+        if len(rest) > 2:
+            raise MezoReplayError(f"too many arguments: {' '.join(rest[2:])}")
+        traj_path = _trajectory_path(rest[0])
+        traj = read_trajectory(traj_path)
+        tuned = Path(rest[1]) if len(rest) > 1 else None
+        if tuned is not None and not tuned.exists():
+            raise MezoReplayError(f"{tuned}: no such file or folder")
+        if base is not None:
+            if not replay.needs_base(traj):
+                raise MezoReplayError(_base_given_to_adapter(rest[0], base, traj, "verify"))
+            p = replay.plan(_base_path(base, traj_path), traj, step)
+        else:
+            if replay.needs_base(traj):
+                raise MezoReplayError(adapter.needs_base_message(traj, rest[0], "verify"))
+            p = adapter.plan(traj, step, True, rest[0])
+            tuned = adapter.checked_output(traj, tuned) if tuned is not None else None
         with _element_bar(p.element_steps, "verify", quiet) as progress:
             replay.verify(p, tuned, device=_device(device), progress=progress)
-    what = f"{tuned}" if tuned else "the replay"
+    what = f"{rest[1]}" if len(rest) > 1 else "the replay"
     click.echo(f"OK: {what} after {p.steps} steps: {p.verified_by}")
 
 
@@ -482,11 +667,65 @@ def summary(traj: Trajectory) -> dict[str, Any]:
         "rule": h["rule"], "tensors": len(h["tensors"]), "parameters": params,
         "dtypes": sorted({t["dtype"] for t in h["tensors"]}), "metadata": h["metadata"], "evals": traj.evals,
     }
+    out.update(_kind_summary(traj))
     if traj.losses is not None and traj.steps:
         k = max(1, traj.steps // 10)
         out["loss_first"] = float(traj.losses[:k].mean())
         out["loss_last"] = float(traj.losses[-k:].mean())
     return out
+
+
+def _kind_summary(traj: Trajectory) -> dict[str, Any]:
+    """What the trajectory tunes, and whether it needs its base to rebuild."""
+    from .adapter import is_adapter, kind, peft_header
+    from .replay import needs_base
+
+    found: dict[str, Any] = {"needs_base": needs_base(traj), "kind": "full", "peft": None}
+    if is_adapter(traj):
+        try:
+            found.update(kind=kind(traj), peft=peft_header(traj))
+        except MezoReplayError as e:
+            found.update(kind="unreadable adapter", peft_error=str(e))
+    elif not found["needs_base"]:
+        found["kind"] = "base-less"
+    return found
+
+
+_PEFT_KEYS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+              "modules_to_save": "whole modules", "num_virtual_tokens": "virtual tokens",
+              "prefix_projection": "projection", "task_type": "task"}
+
+
+def _peft_text(config: dict[str, Any]) -> str:
+    """'r 8, alpha 16, dropout 0, targets q_proj, v_proj, task CAUSAL_LM': the settings that tell adapters apart."""
+    parts = []
+    for key, label in _PEFT_KEYS.items():
+        value = config.get(key)
+        if value is None or value == [] or (key == "prefix_projection" and value is False):
+            continue
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        parts.append(f"{label} {shown}")
+    return ", ".join(parts)
+
+
+def _kind_lines(s: dict[str, Any], path: Path) -> list[str]:
+    base = s["base"]["source"] or "(source not recorded)"
+    base += f" @ {s['base']['revision']}" if s["base"].get("revision") else ""
+    if s["peft"] is not None:
+        config = s["peft"]["adapter_config"]
+        rebuild = shlex.join(["mezo-replay", "reconstruct", str(path), "-o", path.stem + "-adapter"])
+        return [f"  kind       {s['kind']} adapter (peft {config['peft_type']}): {_peft_text(config)}",
+                f"  base       {base}: not needed to rebuild the adapter, only to use it",
+                f"             rebuild: {rebuild}",
+                f"             base weights fingerprint {s['peft']['base_weights']} (checked by --merge)",
+                f"             tuned-tensor fingerprint {s['base']['fingerprint']}"]
+    lines = [f"  kind       {s['kind']}" + (f": {s['peft_error']}" if "peft_error" in s else
+                                           " fine-tune of the base's own weights" if s["kind"] == "full" else
+                                           ": every tensor starts from values the file holds or generates; it "
+                                           "rebuilds into one .safetensors file without a base"),
+             f"  base       {base}" + (" (needed to rebuild)" if s["needs_base"] else ""),
+             f"             fingerprint {s['base']['fingerprint']}"]
+    return lines
 
 
 def _stored_text(stored: dict[str, Any]) -> str:
@@ -501,6 +740,11 @@ def _stored_text(stored: dict[str, Any]) -> str:
             parts.append(f"{count} {kind[:-1] if count == 1 else kind} {n:,}")
         else:
             parts.append(f"{ {'steps': 'step records', 'unread': 'unread tail'}.get(kind, kind)} {n:,}")
+    generated = stored.get("generated_tensors") or []
+    if generated:
+        raw = sum(int(t["raw_bytes"]) for t in generated)
+        parts.append(f"generated init {len(generated)} tensor{'s' if len(generated) != 1 else ''} 0 "
+                     f"(of {raw:,} raw: drawn from the seed)")
     return ", ".join(parts) + " (bytes)"
 
 
@@ -531,9 +775,7 @@ def info(trajectory: Path, as_json: bool) -> None:
             f"  size       {s['file_bytes']:,} bytes = {s['file_bytes_per_step']:.2f} bytes/step; step records "
             f"{s['step_bytes']:,} bytes = {s['bytes_per_step']:.2f} bytes/step",
             f"  stored     {_stored_text(s['stored'])}",
-            f"  base       {s['base']['source'] or '(source not recorded)'}"
-            + (f" @ {s['base']['revision']}" if s["base"].get("revision") else ""),
-            f"             fingerprint {s['base']['fingerprint']}",
+            *_kind_lines(s, trajectory),
             f"  tuned      {s['tensors']:,} tensors, {s['parameters']:,} parameters ({', '.join(s['dtypes'])})",
             f"  rule       {r['name']}: lr {r['lr']:.6g}, eps {r['eps']:.6g}, {_schedule_text(r['schedule'])}"
             + (f", weight decay {r['weight_decay']:.6g}" if r.get("weight_decay") else "") + " (exact: --json)",
@@ -606,8 +848,13 @@ def ls(repo: str, as_json: bool) -> None:
             rows.append({"path": path, "error": str(e)})
             continue
         b = t.header["base"]
+        try:
+            what = _kind_summary(t)["kind"]
+        except MezoReplayError:
+            what = "?"
         rows.append({"path": path, "steps": t.steps, "file_bytes": t.file_bytes, "complete": t.final_fingerprint
-                     is not None, "base": (b["source"] or "?") + (f"@{b['revision'][:12]}" if b["revision"] else "")})
+                     is not None, "base": (b["source"] or "?") + (f"@{b['revision'][:12]}" if b["revision"] else ""),
+                     "kind": what})
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -620,7 +867,8 @@ def ls(repo: str, as_json: bool) -> None:
         if "error" in r:
             click.echo(f"{r['path']:<{width}}  unreadable: {r['error']}")
         else:
-            mark = "" if r["complete"] else "  (incomplete)"
+            mark = ("" if r["kind"] in ("full", "base-less") else f"  ({r['kind']} adapter: no base needed)") + \
+                ("" if r["complete"] else "  (incomplete)")
             click.echo(f"{r['path']:<{width}}  {r['steps']:>9,}  {r['file_bytes']:>10,}  {r['base']}{mark}")
 
 

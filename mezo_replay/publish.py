@@ -19,6 +19,7 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 
+from .adapter import load_code, is_adapter, kind, peft_header
 from .embedded import MODEL_NAME as EMBEDDED_MODEL
 from .errors import MezoReplayError
 from .mzt import Trajectory, read_trajectory
@@ -175,6 +176,8 @@ def model_card(traj: Trajectory, *, path_in_repo: str, repo_id: str) -> ModelCar
     rows.append(("Written by", _cell(h.get("creator", "?"))))
 
     url = f"hf://{repo_id}/{path_in_repo}"
+    if is_adapter(traj):
+        return _adapter_card(traj, data, rows, url, name, hub_id, sha, base_link, embedded)
     if hub_id is not None:
         cmd = f"mezo-replay reconstruct hf://{hub_id}{'@' + sha if sha else ''} {url} -o tuned"
         how = ("This downloads the base, replays every step and checks the result against the fingerprint "
@@ -205,6 +208,46 @@ def model_card(traj: Trajectory, *, path_in_repo: str, repo_id: str) -> ModelCar
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
 
+def _listed(value: object) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _adapter_card(traj: Trajectory, data: ModelCardData, rows: list[tuple[str, str]], url: str, name: str,
+                  hub_id: str | None, sha: str | None, base_link: str, embedded: bool) -> ModelCard:
+    """The card of a PEFT trajectory: it rebuilds with no base into an adapter folder, which then loads on
+    the base named in the metadata."""
+    k = kind(traj)
+    data.tags = [*TAGS, "peft", k]
+    config = peft_header(traj)["adapter_config"]
+    rows.insert(1, ("Adapter", f"peft {_cell(config.get('peft_type'))}, "
+                               + ", ".join(f"{key} {_cell(_listed(config[key]))}" for key in
+                                           ("r", "lora_alpha", "target_modules", "num_virtual_tokens", "task_type")
+                                           if config.get(key) is not None)))
+    rows.insert(2, ("Base weights fingerprint", f"`{peft_header(traj)['base_weights']}` (checked by `--merge`)"))
+    folder = PurePosixPath(name).stem + "-adapter"
+    of = f"of {hub_id}" if hub_id else "of mezo-replay's demo model" if embedded else ""
+    body = [
+        f"# {PurePosixPath(name).stem}: a MeZO {k} adapter {of}".rstrip(), "",
+        f"`{name}` is a [MeZO]({_MEZO_PAPER}) trajectory of a PEFT {k} adapter for {base_link}: the training "
+        f"settings plus one record per step ({human_bytes(traj.file_bytes)} in all, "
+        f"{storage(traj).file_bytes_per_step:.1f} bytes per step); the adapter's starting values are drawn from "
+        f"its seed. [mezo-replay]({_PROJECT}) rebuilds it, bit-exactly and without the base model, into an "
+        f"adapter folder that peft loads.", "",
+        "| | |", "|---|---|", *(f"| {label} | {value} |" for label, value in rows), "",
+    ]
+    evals = _last_evals(traj)
+    if evals:
+        body += ["## Evaluation", "", *_eval_table(evals), ""]
+    body += ["## Rebuild the adapter", "", "```bash", "pip install mezo-replay peft",
+             f"mezo-replay reconstruct {url} -o {folder}", "```", "",
+             "The result is checked against the fingerprint recorded when training ended. Then load it on its base:",
+             "", "```python", *load_code(traj, folder), "```", ""]
+    if hub_id is not None:
+        body += ["Or merge it into the base (the base's weights are checked first):", "", "```bash",
+                 f"mezo-replay reconstruct {url} --merge hf://{hub_id}{'@' + sha if sha else ''} -o merged", "```", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
 def root_card(repo_id: str) -> ModelCard:
     """The card of a repo that holds trajectories in folders, each with its own README.md."""
     data = ModelCardData(library_name="mezo-replay", tags=list(TAGS))
@@ -213,7 +256,9 @@ def root_card(repo_id: str) -> ModelCard:
             f"trajectories (`.mzt` files), one per folder. Each folder's README.md names the trajectory's base "
             f"model and gives the command that rebuilds the tuned weights:\n\n"
             f"```bash\npip install mezo-replay\n"
-            f"mezo-replay reconstruct hf://BASE_REPO@SHA hf://{repo_id}/FOLDER/FILE.mzt -o tuned\n```\n")
+            f"mezo-replay reconstruct hf://BASE_REPO@SHA hf://{repo_id}/FOLDER/FILE.mzt -o tuned\n"
+            f"mezo-replay reconstruct hf://{repo_id}/FOLDER/FILE.mzt -o adapter   # a PEFT (LoRA, prefix) "
+            f"trajectory: no base\n```\n")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 

@@ -2,7 +2,8 @@
 
 "Bytes per step" of step records alone undersells a file: losses, evaluations, fingerprints, the
 header and the initial values of new tensors (a classifier head) are stored too, and can outweigh the
-steps many times over. `train` and `info` report both, from this walk over the chunks a reader used.
+steps many times over. Initial values generated from the seed (a PEFT adapter's, spec/init.md) are
+listed too, at 0 bytes, so a reader sees where an adapter's starting point went. `train` and `info` report both, from this walk over the chunks a reader used.
 """
 from __future__ import annotations
 
@@ -29,13 +30,17 @@ class Storage:
     by_kind: dict[str, int] = field(default_factory=dict)    # header (with the preamble), steps, ...
     chunks: dict[str, int] = field(default_factory=dict)     # number of chunks of each kind
     init_tensors: list[dict[str, object]] = field(default_factory=list)  # name, raw bytes, stored bytes
+    # tensors whose initial values are generated from the seed (spec/init.md): name, raw bytes, the init
+    # object; they cost 0 bytes beyond their header entry
+    generated: list[dict[str, object]] = field(default_factory=list)
 
     @property
     def file_bytes_per_step(self) -> float:
         return self.file_bytes / self.steps if self.steps else 0.0
 
     def as_dict(self) -> dict[str, object]:
-        return {"by_kind": dict(self.by_kind), "chunks": dict(self.chunks), "init_tensors": self.init_tensors}
+        return {"by_kind": dict(self.by_kind), "chunks": dict(self.chunks), "init_tensors": self.init_tensors,
+                "generated_tensors": self.generated}
 
 
 def storage(traj: Trajectory) -> Storage:
@@ -71,8 +76,10 @@ def storage(traj: Trajectory) -> Storage:
     inits = [{"name": tensors[k]["name"], "raw_bytes": math.prod(tensors[k]["shape"]) * _itemsize(tensors[k]["dtype"]),
               "stored_bytes": n} if 0 <= k < len(tensors) else {"name": f"#{k}", "raw_bytes": 0, "stored_bytes": n}
              for k, n in sorted(init_stored.items())]
+    generated = [{"name": t["name"], "raw_bytes": math.prod(t["shape"]) * _itemsize(t["dtype"]), "stored_bytes": 0,
+                  "init": t["init"]} for t in tensors if isinstance(t.get("init"), dict)]
     return Storage(traj.file_bytes, traj.steps, {k: by_kind[k] for k in order if k in by_kind},
-                   {k: chunks[k] for k in order if k in chunks}, inits)
+                   {k: chunks[k] for k in order if k in chunks}, inits, generated)
 
 
 def _init_index(f: BinaryIO) -> int:

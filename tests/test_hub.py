@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mezo_replay import embedded
 
@@ -165,3 +166,43 @@ def test_online_hub_errors_are_one_line(tmp_path, monkeypatch, error, message):
                                   str(tmp_path / "out"), "-q"])
     assert r.exit_code == 1 and message in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+# --- PEFT trajectories on the Hub ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def peft_hub(tmp_path_factory):
+    """A base on the Hub and a LoRA trajectory trained on it, published beside a full one."""
+    from tests.test_adapter import peft_trajectory
+
+    d = tmp_path_factory.mktemp("peft-hub")
+    env = {"HF_HUB_CACHE": str(d / "cache"), "HF_HUB_OFFLINE": "1", "HF_TOKEN": ""}
+    make_model("llama", d / "base")
+    cache_repo(d / "cache", "acme/tiny-llama", d / "base", SHA_A)
+    logits = peft_trajectory(d / "base", d / "carol.mzt", base_source="acme/tiny-llama", base_revision=SHA_A)
+    cache_repo(d / "cache", "acme/adapters", {"users/carol/run.mzt": d / "carol.mzt"}, SHA_R)
+    return d, env, logits
+
+
+def test_peft_trajectory_from_the_hub_rebuilds_without_a_base(peft_hub, tmp_path):
+    from tests.test_adapter import adapter_logits
+
+    d, env, logits = peft_hub
+    r = run("reconstruct", "hf://acme/adapters/users/carol/run.mzt", "-o", "adapter", "-q", cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "lora adapter" in r.stdout, r.stderr
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("acme/tiny-llama", SHA_A)
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "base_model: acme/tiny-llama" in card and "base_model_relation: adapter" in card
+    assert "mezo-replay reconstruct hf://acme/adapters/users/carol/run.mzt -o adapter" in card
+    assert torch.equal(adapter_logits(d / "base", tmp_path / "adapter"), logits)
+    # --merge with a Hub base resolves the commit the trajectory records
+    r = run("reconstruct", "hf://acme/adapters/users/carol/run.mzt", "--merge", "hf://acme/tiny-llama", "-o", "merged",
+            "-q", cwd=tmp_path, env=env)
+    assert r.returncode == 0 and (tmp_path / "merged" / "model.safetensors").is_file(), r.stderr
+    # a base given for an adapter is refused, saying what to run instead
+    r = run("reconstruct", "hf://acme/tiny-llama", "hf://acme/adapters/users/carol/run.mzt", "-o", "x", "-q",
+            cwd=tmp_path, env=env)
+    assert r.returncode == 1 and "--merge hf://acme/tiny-llama" in r.stderr and not (tmp_path / "x").exists()
+    r = run("ls", "acme/adapters", cwd=tmp_path, env=env)
+    assert "users/carol/run.mzt" in r.stdout and "lora adapter: no base needed" in r.stdout, r.stderr

@@ -271,3 +271,22 @@ def test_cli_push_then_pull_round_trip(mzt, tmp_path, monkeypatch):
     assert sorted(files) == ["README.md", "users/alice/README.md", "users/alice/run.mzt"]
     assert op_bytes(files["users/alice/run.mzt"]) == mzt.read_bytes()
     assert fake.calls[0][2]["private"] is True
+
+
+def test_peft_card_names_the_base_and_the_base_less_rebuild(tmp_path):
+    from tests.test_adapter import peft_trajectory
+    from tests.test_train_tasks import make_model
+
+    base = make_model("llama", tmp_path / "base")
+    peft_trajectory(base, tmp_path / "lora.mzt", base_source="acme/tiny-llama", base_revision=SHA)
+    api = FakeApi()
+    push_to_hub(tmp_path / "lora.mzt", "alice/adapters", path_in_repo="users/bob/", api=api)
+    card = next(op for op in api.calls[-1][2] if op.path_in_repo == "users/bob/README.md")
+    text = card.path_or_fileobj.decode()
+    meta = ModelCard(text).data
+    assert meta.base_model == "acme/tiny-llama" and meta.base_model_relation == "adapter"
+    assert "peft" in meta.tags and "lora" in meta.tags
+    assert "mezo-replay reconstruct hf://alice/adapters/users/bob/lora.mzt -o lora-adapter\n" in text
+    assert f"--merge hf://acme/tiny-llama@{SHA}" in text
+    assert f"from_pretrained('acme/tiny-llama', revision='{SHA}')" in text and "PeftModel.from_pretrained" in text
+    assert str(tmp_path) not in text
