@@ -20,6 +20,7 @@ from mezo_replay.peft_tuning import PeftOptions
 from mezo_replay.safetensors_io import BaseCheckpoint
 from mezo_replay.train import TrainConfig, train
 from tests.test_train_tasks import LABEL_WORDS, make_model, write_data
+from tests.test_resume import inproc
 
 BATCH = (torch.tensor([[0, 5, 6, 7, 8, 9], [0, 10, 11, 12, 2, 2]]), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]))
 MASKED = {"template": "{sentence} It was {mask}.", "label_words": LABEL_WORDS}
@@ -255,19 +256,6 @@ def test_cli_train_peft_lora_prints_the_adapter_rebuild(tmp_path):
                        "--eval-every", "0", "-q", "--resume", "run.mzt", cwd=tmp_path)
     assert code == 0, err
     assert read_trajectory(tmp_path / "run.mzt").steps == 3
-
-
-def inproc(*args: str, cwd: Path) -> tuple[int, str]:
-    """The command line in this process (click's runner): each refusal loads a model, and a subprocess
-    would only add the import time."""
-    from click.testing import CliRunner
-
-    from mezo_replay.cli import main
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(cwd)
-        r = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return r.exit_code, r.stderr
 
 
 REFUSALS = [
