@@ -78,6 +78,7 @@ def main() -> None:
     \b
     A MeZO fine-tune is the base model plus one (seed, projected gradient) record per step.
     `train` records those into a trajectory file (.mzt); `reconstruct` replays it on the base.
+    With --peft lora|prefix the steps tune a peft adapter, which rebuilds from the file alone.
     Models: Hugging Face causal LMs, masked LMs (label words) and sequence classifiers.
 
     \b
@@ -86,6 +87,8 @@ def main() -> None:
       mezo-replay info traj.mzt        # steps, whole-file bytes, what is stored, evals
       mezo-replay reconstruct mezo-replay:embedded/tiny-llama traj.mzt -o tuned   # as `train` prints
       mezo-replay verify mezo-replay:embedded/tiny-llama traj.mzt tuned   # check weights
+      mezo-replay train --peft lora -o run.mzt          # a LoRA adapter instead of every weight
+      mezo-replay reconstruct run.mzt -o run-adapter    # no base: PeftModel.from_pretrained(base, ...)
     """
 
 
