@@ -142,6 +142,10 @@ def wrap(model: Any, options: PeftOptions, *, task: str, masked: bool, seed: int
     import peft
 
     options.check()
+    if options.kind == "prefix":
+        # peft hands the prefix to transformers as `past_key_values`, which transformers 5 now warns about on
+        # every model call; the user can do nothing about it, so it is kept off their terminal.
+        warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
     if options.kind == "prefix" and masked:
         raise MezoReplayError("--peft prefix: peft's prefix tuning serves causal LMs only, and this is a masked LM "
                               "(peft has no masked-LM task for it); use --peft lora")
