@@ -30,7 +30,9 @@ import torch
 
 from . import replay
 from .errors import MezoReplayError, OutputExistsError, TrajectoryError
-from .mzt import Trajectory, read_trajectory
+from .fingerprint import DTYPE_NAMES
+from .mzt import Trajectory, fsync_dir, read_trajectory
+from .safetensors_io import replace_with
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,7 +40,6 @@ CARD = "README.md"
 TAGS = ["mezo-replay", "mezo", "zeroth-order", "peft"]
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
-_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _KIND_TAG = {"LORA": "lora", "PREFIX_TUNING": "prefix-tuning"}
 # peft task types -> the transformers auto class that loads their base model
 _AUTO_CLASS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -144,19 +145,6 @@ def check_output(out: Path, *, overwrite: bool, folder: bool) -> None:
                               f"config.json or *.safetensors")
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def atomic_output(out: Path, *, overwrite: bool, folder: bool) -> Iterator[Path]:
     """A temporary sibling of `out` to write into, renamed onto `out` when the block ends normally and
@@ -168,38 +156,16 @@ def atomic_output(out: Path, *, overwrite: bool, folder: bool) -> Iterator[Path]
     try:
         yield tmp
         for f in (tmp.iterdir() if folder else [tmp]):
-            _fsync(f)
-        _fsync(tmp)
-        _rename_into_place(tmp, out, overwrite)
+            fsync_dir(f)
+        fsync_dir(tmp)
+        replace_with(tmp, out, overwrite)
     except BaseException:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.lexists(tmp):
             tmp.unlink()
         raise
-    _fsync(out.parent)
-
-
-def _rename_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
-        return
-    if not overwrite:  # appeared while we were writing
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if not tmp.is_dir():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"  # a folder cannot be renamed over
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    if old.is_symlink():
-        old.unlink()
-    else:
-        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out.parent)
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -226,7 +192,7 @@ def _write_tensors(path: Path, p: replay.ReplayPlan, metadata: dict[str, str], d
         f.write(_safetensors_header(entries, metadata))
         index = 0
         for name, w in replay.replayed(p, device, progress):  # no zip(): it would keep the last tensor alive
-            assert name == entries[index]["name"] and w.dtype == _TORCH[entries[index]["dtype"]]
+            assert name == entries[index]["name"] and w.dtype == DTYPE_NAMES[entries[index]["dtype"]]
             f.write(w.contiguous().reshape(-1).view(torch.uint8).numpy())
             del w
             index += 1
@@ -503,7 +469,11 @@ def merge(trajectory: str | os.PathLike[str] | Trajectory, base: str | os.PathLi
     import transformers
     from peft import PeftModel
 
-    dtype = _TORCH[traj.header["tensors"][0]["dtype"]]
+    from .train import DTYPES
+
+    # the dtype the base was trained in (peft keeps the adapter itself in float32 on a bf16 model)
+    dtype = DTYPES.get((traj.header.get("metadata") or {}).get("dtype", ""),
+                       DTYPE_NAMES[traj.header["tensors"][0]["dtype"]])
     cls = getattr(transformers, auto_class(traj, folder), None) or transformers.AutoModelForCausalLM
     with tempfile.TemporaryDirectory(prefix="mezo-replay-adapter-") as work:
         adapter = write_adapter(traj, Path(work) / "adapter", step=step, unverified=unverified, device=device,

@@ -798,7 +798,8 @@ def _decode_eval(dctx: zstandard.ZstdDecompressor, payload: bytes, steps: int, b
 
 # --- writing ----------------------------------------------------------------------------------------
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Makes a rename in `directory` durable where the platform can; silently a no-op where it cannot."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -898,7 +899,7 @@ def create_locked(path: PathLike, fill: Callable[[BinaryIO], None], *, overwrite
         lock.release()
         tmp.unlink(missing_ok=True)
         f, lock = in_place
-    _fsync_dir(path.absolute().parent)
+    fsync_dir(path.absolute().parent)
     lock.path = path
     return f, lock
 

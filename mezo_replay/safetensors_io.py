@@ -335,6 +335,30 @@ def _looks_like_checkpoint_dir(d: Path) -> bool:
     return not children or any(n == "config.json" or n.endswith(".safetensors") for n in children)
 
 
+def replace_with(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Puts a finished temporary sibling `tmp` (file or folder) in place of `out`. A non-empty folder cannot
+    be renamed over, so an old one is moved aside first and dropped after, and put back if the rename fails."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    if not overwrite:  # appeared while we were writing
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if not tmp.is_dir():
+        os.replace(tmp, out)  # atomic for files
+        return
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -510,26 +534,7 @@ class CheckpointWriter:
         return self.out
 
     def _rename_into_place(self) -> None:
-        if not os.path.lexists(self.out):
-            os.rename(self._tmp, self.out)
-            return
-        if not self.overwrite:  # appeared while we were writing
-            raise OutputExistsError(f"{self.out} already exists; pass --overwrite to replace it")
-        if not self.base.is_dir:
-            os.replace(self._tmp, self.out)  # atomic for files
-            return
-        # A non-empty directory can't be renamed over: move the old one aside, then drop it.
-        old = self.out.parent / f".{self.out.name}.old-{secrets.token_hex(4)}"
-        os.rename(self.out, old)
-        try:
-            os.rename(self._tmp, self.out)
-        except BaseException:
-            os.rename(old, self.out)
-            raise
-        if old.is_symlink():
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_with(self._tmp, self.out, self.overwrite)
 
     def _close_files(self) -> None:
         for fh in [*self._out_fh.values(), *self._base_fh.values()]:
