@@ -4,8 +4,6 @@ untouched base, gives the logits the model ended training with, bit for bit."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from mezo_replay.peft_tuning import PeftOptions
 from mezo_replay.safetensors_io import BaseCheckpoint
 from mezo_replay.train import TrainConfig, train
 from tests.test_train_tasks import LABEL_WORDS, make_model, write_data
+from tests.test_rebuild_cli import cli, printed_command
 from tests.test_resume import inproc
 
 BATCH = (torch.tensor([[0, 5, 6, 7, 8, 9], [0, 10, 11, 12, 2, 2]]), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]))
@@ -235,11 +234,6 @@ def test_resumed_peft_run_equals_an_uninterrupted_one(tmp_path):
     assert read_trajectory(tmp_path / "part.mzt").steps == 4
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mezo_replay", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
-
-
 def test_cli_train_peft_lora_prints_the_adapter_rebuild(tmp_path):
     r = cli("train", "--peft", "lora", "--lora-r", "2", "--steps", "2", "--batch-size", "4", "--eval-every", "0",
             "-q", "-o", "run.mzt", cwd=tmp_path)
@@ -252,6 +246,13 @@ def test_cli_train_peft_lora_prints_the_adapter_rebuild(tmp_path):
     rule = header["rule"]  # the demo's PEFT defaults (defaults.PEFT_DEMO_DEFAULTS), not full tuning's
     assert rule["lr"] == pytest.approx(1e-3, rel=1e-6) and rule["eps"] == pytest.approx(1e-2, rel=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.mzt"]  # no cast copy of the base
+    rebuilt = cli(*printed_command(r.stdout), cwd=tmp_path)  # the exact printed command, no base
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert sorted(p.name for p in (tmp_path / "run-adapter").iterdir()) == \
+        ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "run-adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(t["name"] for t in header["tensors"])
     code, err = inproc("train", "--peft", "lora", "--lora-r", "2", "--steps", "3", "--batch-size", "4",
                        "--eval-every", "0", "-q", "--resume", "run.mzt", cwd=tmp_path)
     assert code == 0, err
