@@ -6,6 +6,6 @@ compiler: mezo-replay then falls back to its torch path, with a warning, and the
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
-    "mezo_replay._cpu_kernel", ["mezo_replay/_cpu_kernel.c"], optional=True,
+    "mezo_replay.kernels._cpu_kernel", ["mezo_replay/kernels/_cpu_kernel.c"], optional=True,
     extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c99", "-Wno-psabi"],
 )])

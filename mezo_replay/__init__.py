@@ -12,24 +12,24 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "MeZO": "optimizer", "NonFiniteLossError": "optimizer",
-    "Trajectory": "mzt", "TrajectoryWriter": "mzt", "read_trajectory": "mzt",
-    "plan": "replay", "reconstruct": "replay", "verify": "replay",
-    "BaseMismatchError": "replay", "VerificationError": "replay",
-    "MezoReplayError": "errors", "fit": "train", "Schedule": "rule",
-    "load_trajectory": "hub", "push_to_hub": "publish",
+    "MeZO": "training.optimizer", "NonFiniteLossError": "training.optimizer",
+    "Trajectory": "format.mzt", "TrajectoryWriter": "format.mzt", "read_trajectory": "format.mzt",
+    "plan": "rebuild.replay", "reconstruct": "rebuild.replay", "verify": "rebuild.replay",
+    "BaseMismatchError": "rebuild.replay", "VerificationError": "rebuild.replay",
+    "MezoReplayError": "errors", "fit": "training.train", "Schedule": "arithmetic.rule",
+    "load_trajectory": "hub.fetch", "push_to_hub": "hub.publish",
 }
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from .errors import MezoReplayError
-    from .mzt import Trajectory, TrajectoryWriter, read_trajectory
-    from .optimizer import MeZO, NonFiniteLossError
-    from .replay import BaseMismatchError, VerificationError, plan, reconstruct, verify
-    from .rule import Schedule
-    from .hub import load_trajectory
-    from .publish import push_to_hub
-    from .train import fit
+    from .format.mzt import Trajectory, TrajectoryWriter, read_trajectory
+    from .training.optimizer import MeZO, NonFiniteLossError
+    from .rebuild.replay import BaseMismatchError, VerificationError, plan, reconstruct, verify
+    from .arithmetic.rule import Schedule
+    from .hub.fetch import load_trajectory
+    from .hub.publish import push_to_hub
+    from .training.train import fit
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,7 @@ from . import __version__
 from .errors import MezoReplayError
 
 if TYPE_CHECKING:  # torch loads only when a command needs it, so --help answers at once
-    from .mzt import Trajectory
+    from .format.mzt import Trajectory
 
 FAIL = 1
 
@@ -47,7 +47,7 @@ def _element_bar(total: int, desc: str, quiet: bool) -> Iterator[Callable[[int],
 def _backend_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """--backend, shared by the commands that run the rule's arithmetic."""
     def choose(ctx: click.Context, param: click.Parameter, value: str) -> str:
-        from .steps import set_backend
+        from .kernels.steps import set_backend
 
         set_backend(value)
         return value
@@ -109,7 +109,7 @@ def _label_words(value: str | None) -> dict[str, str] | None:
 # Defaults that differ between the embedded demo and a user's model, as --help shows them: the first
 # value is MeZO's published setting (defaults.MEZO_DEFAULTS), then the demo's (embedded.DEFAULTS).
 def _two_defaults(key: str) -> str:
-    from .defaults import MEZO_DEFAULTS
+    from .training.defaults import MEZO_DEFAULTS
     from .embedded import DEFAULTS
 
     def text(x: float) -> str:
@@ -260,12 +260,12 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
       mezo-replay train --model ./opt --data train.jsonl --peft lora --lora-r 8 --lr 1e-4 -o run.mzt
     """
     from . import embedded
-    from .data import load_splits
-    from .mzt import read_trajectory
-    from .defaults import MEZO_DEFAULTS, PEFT_DEFAULTS, PEFT_DEMO_DEFAULTS
-    from .peft_tuning import PeftOptions
-    from .storage import storage
-    from .train import StepReport, TrainConfig, relpath, train as run
+    from .training.data import load_splits
+    from .format.mzt import read_trajectory
+    from .training.defaults import MEZO_DEFAULTS, PEFT_DEFAULTS, PEFT_DEMO_DEFAULTS
+    from .training.peft_tuning import PeftOptions
+    from .format.storage import storage
+    from .training.train import StepReport, TrainConfig, relpath, train as run
 
     demo = model is None or embedded.portable_name(embedded.local_path(model)) is not None
     d = embedded.DEFAULTS if demo else MEZO_DEFAULTS
@@ -378,7 +378,7 @@ def _is_trajectory_arg(arg: str) -> bool:
 
 def _trajectory_path(trajectory: str) -> Path:
     """The local file of a TRAJECTORY argument, fetching an hf:// one through the Hugging Face cache."""
-    from .hub import fetch_trajectory, parse_hf
+    from .hub.fetch import fetch_trajectory, parse_hf
 
     tref = parse_hf(trajectory)
     traj = fetch_trajectory(tref) if tref else Path(trajectory)
@@ -391,8 +391,8 @@ def _base_path(base: str, traj: Path) -> Path:
     """The local path of a BASE argument: the embedded model's portable name, a path, or an hf:// model that
     defaults to the commit the trajectory records (another commit is refused)."""
     from .embedded import local_path
-    from .hub import fetch_base, parse_hf
-    from .mzt import read_trajectory
+    from .hub.fetch import fetch_base, parse_hf
+    from .format.mzt import read_trajectory
 
     base = str(local_path(base))  # the embedded model's portable name, as `train` prints it
     bref = parse_hf(base)
@@ -421,7 +421,7 @@ def _split_args(args: tuple[str, ...], command: str, extra: str | None = None) -
 
 
 def _base_given_to_adapter(shown: str, base: str, traj: Trajectory, command: str) -> str:
-    from .adapter import kind
+    from .rebuild.adapter import kind
 
     return (f"{shown} is a PEFT {kind(traj)} adapter: it rebuilds from the trajectory alone, so a BASE would go "
             f"unused (refused rather than ignored, since it suggests a merged model); run `mezo-replay {command} "
@@ -435,7 +435,7 @@ def _status(p: Any) -> str:
 
 
 def _done_line(traj_name: str, out: Path, p: Any) -> str:
-    from .adapter import is_adapter, kind
+    from .rebuild.adapter import is_adapter, kind
 
     t = p.trajectory
     params = sum(math.prod(x["shape"]) for x in t.header["tensors"])
@@ -497,8 +497,8 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
       mezo-replay reconstruct mezo-replay:embedded/tiny-llama traj.mzt -o tuned   # full fine-tune
       mezo-replay reconstruct hf://facebook/opt-1.3b hf://my-org/opt-sst2/run.mzt -o opt-sst2
     """
-    from . import adapter, replay
-    from .mzt import read_trajectory
+    from .rebuild import adapter, replay
+    from .format.mzt import read_trajectory
 
     with _user_errors():
         base, trajectories = _split_args(args, "reconstruct")
@@ -566,7 +566,7 @@ def _warn_truncated(shown: str, traj: Trajectory) -> None:
 
 def _rebuild_many(paths: list[Path], given: list[str], out: Path, step: int | None, unverified: bool, device: str,
                   overwrite: bool, quiet: bool) -> None:
-    from .adapter import rebuild_many
+    from .rebuild.adapter import rebuild_many
 
     bars: list[tqdm] = []
 
@@ -613,8 +613,8 @@ def verify(args: tuple[str, ...], step: int | None, device: str, quiet: bool) ->
       mezo-replay verify run.mzt run-adapter
       mezo-replay verify mezo-replay:embedded/tiny-llama traj.mzt tuned
     """
-    from . import adapter, replay
-    from .mzt import read_trajectory
+    from .rebuild import adapter, replay
+    from .format.mzt import read_trajectory
 
     with _user_errors():
         base, rest = _split_args(args, "verify", extra="tuned")
@@ -652,7 +652,7 @@ def _schedule_text(sched: dict[str, Any]) -> str:
 
 
 def summary(traj: Trajectory) -> dict[str, Any]:
-    from .storage import storage
+    from .format.storage import storage
 
     h = traj.header
     params = sum(math.prod(t["shape"]) for t in h["tensors"])
@@ -680,8 +680,8 @@ def summary(traj: Trajectory) -> dict[str, Any]:
 
 def _kind_summary(traj: Trajectory) -> dict[str, Any]:
     """What the trajectory tunes, and whether it needs its base to rebuild."""
-    from .adapter import is_adapter, kind, peft_header
-    from .replay import needs_base
+    from .rebuild.adapter import is_adapter, kind, peft_header
+    from .rebuild.replay import needs_base
 
     found: dict[str, Any] = {"needs_base": needs_base(traj), "kind": "full", "peft": None}
     if is_adapter(traj):
@@ -760,7 +760,7 @@ def info(trajectory: Path, as_json: bool) -> None:
     A truncated file is summarised with the steps that can be recovered; a corrupt one too, with exit
     status 1 and the damaged chunk named.
     """
-    from .mzt import read_trajectory
+    from .format.mzt import read_trajectory
 
     with _user_errors():
         traj = read_trajectory(trajectory, strict=False)
@@ -820,7 +820,7 @@ def push(trajectory: Path, repo_id: str, path_in_repo: str | None, private: bool
       mezo-replay push run.mzt my-org/opt-sst2-mezo
       mezo-replay reconstruct hf://facebook/opt-1.3b hf://my-org/opt-sst2-mezo/run.mzt -o opt-sst2
     """
-    from .publish import push_to_hub
+    from .hub.publish import push_to_hub
 
     with _user_errors():
         url = push_to_hub(trajectory, repo_id, path_in_repo=path_in_repo, private=private, commit_message=message)
@@ -838,8 +838,8 @@ def ls(repo: str, as_json: bool) -> None:
 
     Works offline from the Hugging Face cache with HF_HUB_OFFLINE=1.
     """
-    from .hub import list_trajectories
-    from .mzt import read_trajectory
+    from .hub.fetch import list_trajectories
+    from .format.mzt import read_trajectory
 
     with _user_errors():
         found = list_trajectories(repo)
@@ -901,7 +901,7 @@ def repair(trajectory: Path, out: Path | None, in_place: bool, overwrite: bool) 
       mezo-replay repair run.mzt                 # writes run-repaired.mzt
       mezo-replay train --resume run-repaired.mzt --steps 1000   # with the original options
     """
-    from .repair import repair as run
+    from .format.repair import repair as run
 
     if in_place and out is not None:
         _fail("give -o or --in-place, not both")

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mezo_replay import embedded, initial
-from mezo_replay.mzt import read_trajectory
-from mezo_replay.optimizer import MeZO
-from mezo_replay.safetensors_io import BaseCheckpoint
+from mezo_replay import embedded
+from mezo_replay.arithmetic import initial
+from mezo_replay.format.mzt import read_trajectory
+from mezo_replay.training.optimizer import MeZO
+from mezo_replay.format.safetensors_io import BaseCheckpoint
 from tests.test_train_tasks import make_model
 
 PROMPTS = ["Review: the soup was cold and bland. Sentiment:", "Review: a delight from start to end. Sentiment:"]
@@ -180,7 +181,7 @@ def test_cli_rebuild_loads_in_peft_with_the_trained_logits_bitwise(runs, tmp_pat
     assert meta == {"format": "pt", "mezo_replay.steps": str(traj.steps),
                     "mezo_replay.base_fingerprint": traj.header["base"]["fingerprint"],
                     "mezo_replay.base_weights": traj.header["peft"]["base_weights"]}
-    from mezo_replay.fingerprint import tensor_fingerprint
+    from mezo_replay.format.fingerprint import tensor_fingerprint
 
     assert [tensor_fingerprint(t) for t in tensors.values()] == traj.final_fingerprint
     card = (out / "README.md").read_text()
@@ -208,7 +209,7 @@ def test_two_rebuilt_adapters_switch_on_one_base(runs, tmp_path):
 def test_many_trajectories_hold_one_adapter_at_a_time(runs, tmp_path, monkeypatch):
     """Instrumented: when each trajectory is read and each tensor replayed, no earlier trajectory or
     replayed tensor is still alive, so memory is one adapter's whatever the count."""
-    from mezo_replay import adapter, replay
+    from mezo_replay.rebuild import adapter, replay
 
     d, base, logits = runs
     paths = []
@@ -325,7 +326,7 @@ def test_base_less_trajectory_without_peft_rebuilds_into_one_safetensors_file(ru
 
 
 def tensors_of_rebuilt(traj: Path, out: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from mezo_replay.adapter import write_adapter
+    from mezo_replay.rebuild.adapter import write_adapter
 
     write_adapter(traj, out)
     return tensors_of(out / "adapter_model.safetensors")
@@ -427,7 +428,7 @@ def test_many_trajectories_peak_memory_is_one_adapters(tmp_path):
     opt.close()
     for i in range(1, 4):
         (tmp_path / f"u{i}.mzt").write_bytes((tmp_path / "u0.mzt").read_bytes())
-    code = ("import resource, sys; from mezo_replay.adapter import rebuild_many; rebuild_many(sys.argv[2:], sys.argv[1]); "
+    code = ("import resource, sys; from mezo_replay.rebuild.adapter import rebuild_many; rebuild_many(sys.argv[2:], sys.argv[1]); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
 
     def peak(out: str, files: list[str]) -> int:
@@ -466,7 +467,7 @@ def test_train_peft_lora_cli_then_the_printed_rebuild_gives_the_trained_logits(t
 
     import peft
 
-    from mezo_replay import replay
+    from mezo_replay.rebuild import replay
 
     r = cli("train", "--peft", "lora", "--lora-r", "2", "--steps", "3", "--batch-size", "4", "--eval-every", "0",
             "-q", "-o", "run.mzt", cwd=tmp_path)
@@ -500,9 +501,9 @@ def test_bert_adapters_from_train_rebuild_and_merge(tmp_path, task):
     import transformers as tf
     from peft import PeftModel
 
-    from mezo_replay.data import load_splits
-    from mezo_replay.peft_tuning import PeftOptions
-    from mezo_replay.train import TrainConfig, train
+    from mezo_replay.training.data import load_splits
+    from mezo_replay.training.peft_tuning import PeftOptions
+    from mezo_replay.training.train import TrainConfig, train
     from tests.test_peft_train import BATCH, MASKED, write_data
 
     model_dir = make_model("bert", tmp_path / "bert")

@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from mezo_replay.cli import main
-from mezo_replay.mzt import read_trajectory
-from mezo_replay.safetensors_io import BaseCheckpoint
+from mezo_replay.format.mzt import read_trajectory
+from mezo_replay.format.safetensors_io import BaseCheckpoint
 from tests.test_roundtrip import tensor_bytes, tiny_model, train_steps
 
 
@@ -226,7 +226,7 @@ def test_info_counts_every_byte_of_the_file(work):
 
 @pytest.mark.parametrize("source", ["mezo-replay:embedded/tiny-llama", "/home/alice/models/secret-llama"])
 def test_model_card_names_no_local_path_and_counts_whole_file(tmp_path, source):
-    from mezo_replay.publish import model_card
+    from mezo_replay.hub.publish import model_card
     from tests.test_publish import make_trajectory
 
     traj = read_trajectory(make_trajectory(tmp_path / "r.mzt", base_source=source, base_revision=None,

@@ -1,4 +1,4 @@
-"""Tests of mezo_replay.data and of the embedded model/task."""
+"""Tests of mezo_replay.training.data and of the embedded model/task."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from mezo_replay.data import (
+from mezo_replay.training.data import (
     IGNORE_INDEX,
     Batch,
     DataError,
@@ -262,7 +262,7 @@ def test_causal_lm_loss_matches_full_logits_and_ignores_padding(embedded):
 import sys  # noqa: E402
 import types  # noqa: E402
 
-from mezo_replay.data import Encoded, load_examples, load_splits  # noqa: E402
+from mezo_replay.training.data import Encoded, load_examples, load_splits  # noqa: E402
 
 ROWS = [{"text": "good, really", "label": 1}, {"text": 'said "no"', "label": 0}]
 STR_ROWS = [{k: str(v) for k, v in r.items()} for r in ROWS]

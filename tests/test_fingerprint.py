@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mezo_replay.fingerprint import (DTYPE_NAMES, base_fingerprint, canonicalize_nan_, fingerprint_raw,
+from mezo_replay.format.fingerprint import (DTYPE_NAMES, base_fingerprint, canonicalize_nan_, fingerprint_raw,
                                      tensor_fingerprint)
 
 

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mezo_replay.errors import LimitError, MezoReplayError
-from mezo_replay.mzt import (TrajectoryWriter, _json_loads, invalid_steps, read_trajectory, step_coefficients,
+from mezo_replay.format.mzt import (TrajectoryWriter, _json_loads, invalid_steps, read_trajectory, step_coefficients,
                              step_rates)
-from mezo_replay.rule import MezoSGD, Schedule, round_significant
+from mezo_replay.arithmetic.rule import MezoSGD, Schedule, round_significant
 from tests.test_mzt import FINAL, FPS, make_header
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ def test_round_trip_of_valid_trajectories(tmp_path: Path, run) -> None:
     assert traj.fingerprints == {t: FPS if t % 2 else FINAL for t in fprt_at}
     assert traj.evals == want_evals and not traj.truncated and traj.corrupt is None
     if losses:
-        from mezo_replay.mzt import losses_to_bf16  # kept as bfloat16 (format.md lsbf)
+        from mezo_replay.format.mzt import losses_to_bf16  # kept as bfloat16 (format.md lsbf)
 
         want = losses_to_bf16(np.array(values, np.float32)).astype(np.uint32) << 16
         assert traj.losses.view(np.uint32).tolist() == want.tolist()

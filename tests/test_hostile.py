@@ -16,9 +16,9 @@ import pytest
 import zstandard
 
 from mezo_replay.errors import CorruptChunkError, LimitError, TrajectoryError
-from mezo_replay.mzt import (BUDGET_BASE, JSON_BUDGET_BASE, MAX_EVAL_BYTES, TrajectoryWriter, _json_loads,
+from mezo_replay.format.mzt import (BUDGET_BASE, JSON_BUDGET_BASE, MAX_EVAL_BYTES, TrajectoryWriter, _json_loads,
                              invalid_steps, read_trajectory)
-from mezo_replay.rule import MezoSGD, Schedule
+from mezo_replay.arithmetic.rule import MezoSGD, Schedule
 from tests.test_mzt import PREAMBLE, chunk, crafted, head_chunk, make_header, step_chunk, zframe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,7 +210,7 @@ def test_init_bytes_are_not_copied(tmp_path: Path) -> None:
     n = 8 << 20
     data = np.random.default_rng(0).integers(0, 2**32, n // 4, dtype=np.uint32).tobytes()
     header = make_header()
-    from mezo_replay.fingerprint import fingerprint_raw
+    from mezo_replay.format.fingerprint import fingerprint_raw
     from tests.test_mzt import rebase
     header["tensors"].append({"name": "c.head", "dtype": "F32", "shape": [n // 4],
                               "sha256": fingerprint_raw("F32", [n // 4], data), "init": True})
@@ -236,8 +236,8 @@ def test_writer_refuses_what_the_reader_refuses(tmp_path: Path) -> None:
 
 def test_vectorised_coefficients_equal_the_rule_on_a_long_run() -> None:
     """step_coefficients: the (c, d) a replay needs, for a million steps without a Python loop per step."""
-    from mezo_replay.mzt import step_coefficients
-    from mezo_replay.rule import encode_grad
+    from mezo_replay.format.mzt import step_coefficients
+    from mezo_replay.arithmetic.rule import encode_grad
 
     rule = MezoSGD.create(lr=3e-4, eps=1e-3, seed=0, weight_decay=0.1,
                           schedule=Schedule("cosine", warmup_steps=50, total_steps=4000))

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from mezo_replay import initial, mzt, reference as R, replay
+from mezo_replay.arithmetic import initial, reference as R
+from mezo_replay.format import mzt
+from mezo_replay.rebuild import replay
 from mezo_replay.errors import CorruptChunkError, LimitError, MezoReplayError
-from mezo_replay.fingerprint import base_fingerprint, tensor_fingerprint
-from mezo_replay.optimizer import MeZO
+from mezo_replay.format.fingerprint import base_fingerprint, tensor_fingerprint
+from mezo_replay.training.optimizer import MeZO
 from tests.test_mzt import PREAMBLE, chunk, crafted, head_chunk, make_header, rebase, step_chunk, zframe
 from tests.test_spec_vectors import DEVICES, TORCH_DTYPE, torch_to_bits
 

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from mezo_replay import cpu_kernel, philox, reference as R, rule, triton_kernels
-from mezo_replay.rule import MezoSGD
-from mezo_replay.steps import step_constants
+from mezo_replay.kernels import cpu_kernel, triton_kernels
+from mezo_replay.arithmetic import philox, reference as R, rule
+from mezo_replay.arithmetic.rule import MezoSGD
+from mezo_replay.kernels.steps import step_constants
 
 from .test_spec_vectors import TORCH_DTYPE, bits_to_torch, random_bits, torch_to_bits
 
@@ -190,7 +191,7 @@ def test_every_kernel_variant_compiles_for_hopper_without_flushing_subnormals():
     would flush subnormals to zero and break the spec on tiny weights)."""
     code = """
 import torch
-from mezo_replay import triton_kernels as T
+from mezo_replay.kernels import triton_kernels as T
 for dt in (torch.float32, torch.bfloat16, torch.float16):
     for mode in (T.REPLAY, T.PERTURB, T.RESTORE_UPDATE):
         for noise in T.NOISES:
@@ -208,7 +209,7 @@ print("ok")
 
 
 def test_backend_auto_picks_the_kernel_for_each_device():
-    from mezo_replay import steps
+    from mezo_replay.kernels import steps
 
     steps.set_backend("auto")
     cpu = torch.zeros(3)
@@ -249,7 +250,7 @@ def test_seeds_and_steps_at_the_edges_of_32_bits(kernel, seed, first_step):
 def test_grouped_training_launch_equals_the_reference_per_tensor():
     """Training's grouped launch (all tensors of a dtype at once, mixed sizes and decay flags, a
     non-contiguous one left to the per-tensor path) lands where the reference does, tensor by tensor."""
-    from mezo_replay import steps
+    from mezo_replay.kernels import steps
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     specs = [("BF16", 1), ("F32", 1031), ("BF16", 4099), ("F16", 9), ("BF16", 0), ("F32", 2048)]
@@ -291,7 +292,7 @@ def test_step_constants_are_the_rules_own_step_by_step():
 def test_a_small_tensor_over_many_steps_is_split_across_threads_with_the_same_bits(monkeypatch):
     """A LoRA-sized tensor (16,384 elements) replayed over thousands of steps goes to several threads
     (else one core idles through a small adapter's whole rebuild), and gives the bits of one kernel call."""
-    from mezo_replay import steps
+    from mezo_replay.kernels import steps
 
     sgd = MezoSGD.create(lr=1e-3, eps=1e-3, seed=9)
     constants = step_constants(sgd, [rule.encode_grad(float(g)) for g in

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mezo_replay.optimizer import MeZO
+from mezo_replay.training.optimizer import MeZO
 
 MIB = 2**20
 
 PROBE = r"""
 import json, os, sys, threading, time, torch
-from mezo_replay import replay
+from mezo_replay.rebuild import replay
 torch.set_num_threads(1)
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from mezo_replay import embedded
-from mezo_replay.mzt import read_trajectory
+from mezo_replay.format.mzt import read_trajectory
 from tests.test_train_tasks import make_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -14,8 +14,8 @@ import zstandard
 
 from mezo_replay.errors import (CorruptChunkError, LimitError, MezoReplayError, OutputExistsError, TrajectoryError,
                                 UnsupportedError)
-from mezo_replay.fingerprint import base_fingerprint
-from mezo_replay.mzt import (MAGIC, MAX_TENSORS, TrajectoryWriter, read_trajectory, validate_header)
+from mezo_replay.format.fingerprint import base_fingerprint
+from mezo_replay.format.mzt import (MAGIC, MAX_TENSORS, TrajectoryWriter, read_trajectory, validate_header)
 
 PREAMBLE = b"\x89MZT\r\n\x1a\n" + b"\x01\x00\x00\x00" + b"\x00\x00\x00\x00"
 FPS = ["11" * 32, "22" * 32]
@@ -347,7 +347,7 @@ def test_float32_loss_chunks_still_read_and_mix_with_lsbf(tmp_path: Path) -> Non
 
 
 def test_loss_rounding_to_bfloat16() -> None:
-    from mezo_replay.mzt import losses_to_bf16
+    from mezo_replay.format.mzt import losses_to_bf16
 
     cases = {0x3F808000: 0x3F80, 0x3F818000: 0x3F82, 0x3F808001: 0x3F81,  # ties to even; above the tie
              0x7F7FFFFF: 0x7F80, 0xFF800000: 0xFF80, 0x00000001: 0x0000, 0x7FA00001: 0x7FC0, 0xFFC12345: 0x7FC0}
@@ -661,7 +661,7 @@ def test_open_append_refuses_a_corrupt_file(tmp_path: Path) -> None:
 
 def test_zero_filled_tail_after_a_crash_is_truncation(tmp_path):
     """Some filesystems leave zero blocks past the last write after a crash: recoverable, appendable."""
-    from mezo_replay.mzt import TrajectoryWriter, read_trajectory
+    from mezo_replay.format.mzt import TrajectoryWriter, read_trajectory
     from tests.test_roundtrip import tiny_model, train_steps
     import torch
 
@@ -680,7 +680,7 @@ def test_zero_filled_tail_after_a_crash_is_truncation(tmp_path):
 
 def test_nul_in_tensor_name_is_refused():
     from mezo_replay.errors import TrajectoryError
-    from mezo_replay.mzt import validate_header
+    from mezo_replay.format.mzt import validate_header
 
     header = make_header()
     header["tensors"][0]["name"] = "a\0b"
@@ -691,8 +691,8 @@ def test_nul_in_tensor_name_is_refused():
 def test_step_records_cost_at_most_two_bytes_per_step(tmp_path):
     """The MeZO paper's figure: projected gradients drawn as MeZO's are (Gaussian, one scale), at the
     default flush interval. (The embedded training run's own figure is printed by `train` and `info`.)"""
-    from mezo_replay.mzt import TrajectoryWriter, read_trajectory
-    from mezo_replay.rule import encode_grad
+    from mezo_replay.format.mzt import TrajectoryWriter, read_trajectory
+    from mezo_replay.arithmetic.rule import encode_grad
 
     rng = np.random.default_rng(0)
     with TrajectoryWriter(tmp_path / "g.mzt", make_header(losses=False)) as w:
@@ -705,7 +705,7 @@ def test_step_records_cost_at_most_two_bytes_per_step(tmp_path):
 
 
 def test_eval_records_ride_with_the_next_flush(tmp_path):
-    from mezo_replay.mzt import TrajectoryWriter, read_trajectory
+    from mezo_replay.format.mzt import TrajectoryWriter, read_trajectory
 
     with TrajectoryWriter(tmp_path / "e.mzt", make_header(losses=False), steps_per_chunk=8) as w:
         w.add_eval(0, "eval", {"loss": 2.5})

@@ -6,7 +6,7 @@ do: the recorded projected gradient is the central difference of the loss measur
 perturbed copies of the model, the weights move along -lr * g * z, the loss falls on the embedded task,
 and on a quadratic, where the right answer is known in closed form, every step moves toward the minimum.
 
-z always comes from the numpy reference (mezo_replay/reference.py), which shares no code with the torch
+z always comes from the numpy reference (mezo_replay/arithmetic/reference.py), which shares no code with the torch
 path, so the oracle is independent of the noise code under test too.
 """
 from __future__ import annotations
@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from mezo_replay import embedded, reference as R
-from mezo_replay.data import batch_order, completion_nll
-from mezo_replay.mzt import read_trajectory
-from mezo_replay.optimizer import MeZO
-from mezo_replay.train import TrainConfig, fit, load_model, train
-from mezo_replay.tasks import make_task
+from mezo_replay import embedded
+from mezo_replay.arithmetic import reference as R
+from mezo_replay.training.data import batch_order, completion_nll
+from mezo_replay.format.mzt import read_trajectory
+from mezo_replay.training.optimizer import MeZO
+from mezo_replay.training.train import TrainConfig, fit, load_model, train
+from mezo_replay.training.tasks import make_task
 
 # Significand bits p and smallest normal exponent of each dtype: the rounding unit of a value x is
 # 2^(max(floor(log2|x|), emin) - p + 1).

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mezo_replay import embedded, replay
-from mezo_replay.data import load_splits
+from mezo_replay import embedded
+from mezo_replay.rebuild import replay
+from mezo_replay.training.data import load_splits
 from mezo_replay.errors import MezoReplayError
-from mezo_replay.initial import generate
-from mezo_replay.mzt import read_trajectory
-from mezo_replay.peft_tuning import PeftOptions
-from mezo_replay.safetensors_io import BaseCheckpoint
-from mezo_replay.train import TrainConfig, train
+from mezo_replay.arithmetic.initial import generate
+from mezo_replay.format.mzt import read_trajectory
+from mezo_replay.training.peft_tuning import PeftOptions
+from mezo_replay.format.safetensors_io import BaseCheckpoint
+from mezo_replay.training.train import TrainConfig, train
 from tests.test_train_tasks import LABEL_WORDS, make_model, write_data
 from tests.test_rebuild_cli import cli, printed_command
 from tests.test_resume import inproc

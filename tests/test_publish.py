@@ -10,11 +10,11 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard
 from huggingface_hub.errors import (HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled,
                                     RepositoryNotFoundError)
 
-from mezo_replay import publish
+from mezo_replay.hub import publish
 from mezo_replay.errors import MezoReplayError
-from mezo_replay.mzt import read_trajectory
-from mezo_replay.optimizer import MeZO
-from mezo_replay.publish import model_card, push_to_hub
+from mezo_replay.format.mzt import read_trajectory
+from mezo_replay.training.optimizer import MeZO
+from mezo_replay.hub.publish import model_card, push_to_hub
 from tests.test_roundtrip import lm_closure, tiny_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -262,7 +262,7 @@ def test_cli_push_then_pull_round_trip(mzt, tmp_path, monkeypatch):
     from mezo_replay.cli import main
 
     fake = FakeApi()
-    monkeypatch.setattr("mezo_replay.publish.HfApi", lambda *a, **k: fake)
+    monkeypatch.setattr("mezo_replay.hub.publish.HfApi", lambda *a, **k: fake)
     r = CliRunner().invoke(main, ["push", str(mzt), "acme/runs", "--path-in-repo", "users/alice/run.mzt",
                                   "--private"])
     assert r.exit_code == 0, r.output

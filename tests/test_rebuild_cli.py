@@ -18,10 +18,11 @@ import pytest
 import torch
 import zstandard
 
-from mezo_replay import embedded, reference as R
-from mezo_replay.fingerprint import checkpoint_fingerprint, fingerprint_raw, tensor_fingerprint
-from mezo_replay.mzt import read_trajectory
-from mezo_replay.safetensors_io import BaseCheckpoint
+from mezo_replay import embedded
+from mezo_replay.arithmetic import reference as R
+from mezo_replay.format.fingerprint import checkpoint_fingerprint, fingerprint_raw, tensor_fingerprint
+from mezo_replay.format.mzt import read_trajectory
+from mezo_replay.format.safetensors_io import BaseCheckpoint
 from tests.test_train_tasks import LABEL_WORDS, make_model, write_data
 
 CLI = [sys.executable, "-m", "mezo_replay"]
@@ -196,7 +197,7 @@ def test_prefixed_checkpoint_into_a_headless_model_maps_names(tmp_path):
     """The reverse case transformers also handles: a task checkpoint (`bert.*`) loaded as a BertModel."""
     import transformers as tf
 
-    from mezo_replay.train import checkpoint_names, head_parameters
+    from mezo_replay.training.train import checkpoint_names, head_parameters
 
     torch.manual_seed(0)
     cfg = tf.BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -271,7 +272,7 @@ def test_checkpoint_vector_against_an_independent_computation(tmp_path):
     """spec/vectors/tiny-checkpoints: the numpy reference replays each tensor to step N, and SHA-256 written
     out by hand (format.md: name, zero byte, raw tensor fingerprint, in index order) gives expected.json's
     checkpoint fingerprints, which the reader returns and reconstruct verifies."""
-    from mezo_replay import replay
+    from mezo_replay.rebuild import replay
 
     d = VECTORS / "tiny-checkpoints"
     expected = json.loads((d / "expected.json").read_text())
@@ -318,7 +319,7 @@ def test_a_bad_checkpoint_chunk_is_corrupt(tmp_path, body, reason):
 
 
 def test_the_writer_refuses_a_checkpoint_it_cannot_stand_behind(tmp_path):
-    from mezo_replay.mzt import TrajectoryWriter
+    from mezo_replay.format.mzt import TrajectoryWriter
 
     header = read_trajectory(VECTORS / "tiny" / "traj.mzt").header
     with TrajectoryWriter(tmp_path / "w.mzt", header) as w:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mezo_replay import embedded
-from mezo_replay.mzt import read_trajectory
+from mezo_replay.format.mzt import read_trajectory
 
 STEPS, FLUSH = 24, 4
 ARGS = ["train", "--steps", str(STEPS), "--flush-every", str(FLUSH), "--batch-size", "4", "--eval-every", "0",

@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mezo_replay import reference as R, replay
-from mezo_replay.fingerprint import DTYPE_NAMES
-from mezo_replay.mzt import read_trajectory
-from mezo_replay.optimizer import MeZO
-from mezo_replay.safetensors_io import BaseCheckpoint
+from mezo_replay.arithmetic import reference as R
+from mezo_replay.rebuild import replay
+from mezo_replay.format.fingerprint import DTYPE_NAMES
+from mezo_replay.format.mzt import read_trajectory
+from mezo_replay.training.optimizer import MeZO
+from mezo_replay.format.safetensors_io import BaseCheckpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -192,7 +193,7 @@ def test_cuda_training_reconstructs_on_cpu_and_cuda(tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_schedule_and_weight_decay_round_trip(tmp_path, dtype):
-    from mezo_replay.rule import Schedule
+    from mezo_replay.arithmetic.rule import Schedule
 
     model = tiny_model("gpt2", DTYPES[dtype])
     model.save_pretrained(tmp_path / "base")
@@ -214,8 +215,8 @@ def test_schedule_and_weight_decay_round_trip(tmp_path, dtype):
 def test_backends_agree_across_training_and_replay(tmp_path, dtype, train_with, replay_with):
     """Train with one backend, reconstruct with another: the same bytes. Training with triton runs the
     grouped kernel (one launch per phase for all tensors) under the interpreter where there is no GPU."""
-    from mezo_replay import cpu_kernel, steps, triton_kernels
-    from mezo_replay.rule import Schedule
+    from mezo_replay.kernels import cpu_kernel, steps, triton_kernels
+    from mezo_replay.arithmetic.rule import Schedule
 
     if not cpu_kernel.available():
         pytest.skip("the compiled CPU kernel is not built")
@@ -236,7 +237,7 @@ def test_backends_agree_across_training_and_replay(tmp_path, dtype, train_with, 
 
 
 def test_compiled_backend_missing_falls_back_with_a_warning(monkeypatch):
-    from mezo_replay import cpu_kernel, steps
+    from mezo_replay.kernels import cpu_kernel, steps
 
     monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     try:

@@ -1,4 +1,4 @@
-"""Tests for mezo_replay.safetensors_io on real checkpoints written by transformers and safetensors."""
+"""Tests for mezo_replay.format.safetensors_io on real checkpoints written by transformers and safetensors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mezo_replay.errors import CheckpointError, MezoReplayError, OutputExistsError
-from mezo_replay.safetensors_io import BaseCheckpoint, CheckpointWriter
+from mezo_replay.format.safetensors_io import BaseCheckpoint, CheckpointWriter
 
 # name -> (dtype, tie_word_embeddings, max_shard_size); the small shard sizes force several shards.
 MODELS = {

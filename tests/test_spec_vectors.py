@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from mezo_replay import philox, reference as R, rule, steps
-from mezo_replay.noise import GAUSS16_SHA256, noise
-from mezo_replay.rule import MezoSGD
+from mezo_replay.arithmetic import philox, reference as R, rule
+from mezo_replay.kernels import steps
+from mezo_replay.arithmetic.noise import GAUSS16_SHA256, noise
+from mezo_replay.arithmetic.rule import MezoSGD
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "spec" / "vectors"
@@ -40,7 +41,7 @@ def torch_to_bits(t: torch.Tensor, dtype: str) -> np.ndarray:
 
 def test_table_files_match_the_spec_hash():
     spec_table = (ROOT / "spec" / "gaussian16.bin").read_bytes()
-    pkg_table = (ROOT / "mezo_replay" / "gaussian16.bin").read_bytes()
+    pkg_table = (ROOT / "mezo_replay" / "arithmetic" / "gaussian16.bin").read_bytes()
     assert hashlib.sha256(spec_table).hexdigest() == GAUSS16_SHA256 == R.GAUSS16_SHA256
     assert spec_table == pkg_table
     assert GAUSS16_SHA256 in (ROOT / "spec" / "noise.md").read_text()
@@ -132,7 +133,7 @@ def test_rule_host_vectors():
     for g in host["invalid_grad"]:
         with pytest.raises(ValueError):
             rule.encode_grad(g)
-    from mezo_replay.mzt import invalid_steps
+    from mezo_replay.format.mzt import invalid_steps
 
     for bits in host["invalid_grad_bits"]:  # what a reader refuses (rule.md), whatever the rule
         assert invalid_steps(np.array([0x3F80, int(bits, 16)], np.uint16), MezoSGD(lr=2.0**-100, eps=1.0, seed=0)
@@ -228,9 +229,9 @@ def test_tiny_end_to_end_vector(tmp_path, name, backend):
     """spec/vectors/tiny*: the numpy reference and the torch reconstruct both land on expected.json."""
     import hashlib
 
-    from mezo_replay import replay
-    from mezo_replay.mzt import read_trajectory
-    from mezo_replay.safetensors_io import BaseCheckpoint
+    from mezo_replay.rebuild import replay
+    from mezo_replay.format.mzt import read_trajectory
+    from mezo_replay.format.safetensors_io import BaseCheckpoint
 
     tiny = VECTORS / name
     expected = json.loads((tiny / "expected.json").read_text())
@@ -254,9 +255,9 @@ def test_tiny_end_to_end_vector(tmp_path, name, backend):
 def test_nan_vector_starts_from_non_canonical_nans():
     """tiny-nan exercises canonicalisation: its base holds NaNs of every sign, payload and signalling
     kind, which the expected outputs (and every fingerprint) hold as the one canonical NaN."""
-    from mezo_replay.fingerprint import fingerprint_raw
-    from mezo_replay.mzt import read_trajectory
-    from mezo_replay.safetensors_io import BaseCheckpoint
+    from mezo_replay.format.fingerprint import fingerprint_raw
+    from mezo_replay.format.mzt import read_trajectory
+    from mezo_replay.format.safetensors_io import BaseCheckpoint
 
     base = BaseCheckpoint.open(VECTORS / "tiny-nan" / "base.safetensors")
     header = read_trajectory(VECTORS / "tiny-nan" / "traj.mzt").header
@@ -272,7 +273,7 @@ def test_nan_vector_starts_from_non_canonical_nans():
 
 
 def _torch_initial_bits(spec: dict, seed: int, k: int, n: int, dtype: str, device: str) -> np.ndarray:
-    from mezo_replay.initial import generate
+    from mezo_replay.arithmetic.initial import generate
 
     return torch_to_bits(generate(spec, seed, k, [n], TORCH_DTYPE[dtype], device), dtype)
 
@@ -324,8 +325,8 @@ def test_init_double_rounding_cases_are_what_they_say():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_init_tensor_vectors(device):
-    from mezo_replay.fingerprint import fingerprint_raw
-    from mezo_replay.initial import generate
+    from mezo_replay.format.fingerprint import fingerprint_raw
+    from mezo_replay.arithmetic.initial import generate
 
     for case in load("init")["tensors"]:
         seed, k, dtype, shape = int(case["seed"]), case["tensor"], case["dtype"], case["shape"]
@@ -342,8 +343,8 @@ def test_tiny_lora_vector_needs_no_base(backend):
     starting values, and every torch backend through replay.plan(None, ...), land on expected.json."""
     import hashlib
 
-    from mezo_replay import replay
-    from mezo_replay.mzt import read_trajectory
+    from mezo_replay.rebuild import replay
+    from mezo_replay.format.mzt import read_trajectory
 
     tiny = VECTORS / "tiny-lora"
     expected = json.loads((tiny / "expected.json").read_text())
@@ -377,7 +378,7 @@ def test_tiny_lora_vector_needs_no_base(backend):
 def test_init_element_vectors_far_into_a_tensor(monkeypatch):
     """generate() has no start offset (it builds whole tensors); shifting its draws by the element
     index runs its arithmetic on init.json's elements beyond 2^32 too."""
-    from mezo_replay import initial
+    from mezo_replay.arithmetic import initial
 
     far = [c for c in load("init")["elements"] if int(c["element"]) >= 2**32]
     assert len(far) >= 30

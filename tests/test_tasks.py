@@ -1,4 +1,4 @@
-"""Tests of mezo_replay.tasks on the embedded tiny Llama and its real byte-level BPE tokenizer."""
+"""Tests of mezo_replay.training.tasks on the embedded tiny Llama and its real byte-level BPE tokenizer."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mezo_replay import tasks as T
-from mezo_replay.data import (IGNORE_INDEX, DataError, causal_lm_loss, encode_prompt_completion,
+from mezo_replay.training import tasks as T
+from mezo_replay.training.data import (IGNORE_INDEX, DataError, causal_lm_loss, encode_prompt_completion,
                               make_batch)
-from mezo_replay.tasks import OBJECTIVES, check_objective, check_template_fits_model, macro_f1, make_task
+from mezo_replay.training.tasks import OBJECTIVES, check_objective, check_template_fits_model, macro_f1, make_task
 
 from .test_data import ID, word_tokenizer
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 
-from mezo_replay import embedded, replay
-from mezo_replay.safetensors_io import BaseCheckpoint
-from mezo_replay.train import TrainConfig, train
+from mezo_replay import embedded
+from mezo_replay.rebuild import replay
+from mezo_replay.format.safetensors_io import BaseCheckpoint
+from mezo_replay.training.train import TrainConfig, train
 from tests.test_roundtrip import tensor_bytes
 
 CLI = [sys.executable, "-m", "mezo_replay"]
@@ -132,7 +133,7 @@ def test_every_train_option_states_its_default():
 
 
 def test_user_model_gets_mezo_defaults_recorded(tmp_path):
-    from mezo_replay.mzt import read_trajectory
+    from mezo_replay.format.mzt import read_trajectory
 
     model, data = user_model(tmp_path), write_data(tmp_path)
     r = cli("train", "--model", str(model), "--data", str(data), "--steps", "2", "-q", "-o", "u.mzt", cwd=tmp_path)
@@ -158,7 +159,7 @@ def test_mask_template_on_a_causal_lm_names_the_cause(tmp_path):
 
 
 def test_eval_batch_size_option(tmp_path):
-    from mezo_replay.mzt import read_trajectory
+    from mezo_replay.format.mzt import read_trajectory
 
     r = cli("train", "--steps", "1", "--eval-batch-size", "5", "-q", "-o", "b.mzt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -170,7 +171,7 @@ def test_eval_batch_size_option(tmp_path):
 
 
 def test_eval_batch_size_reaches_the_eval_batches(tmp_path, monkeypatch):
-    import mezo_replay.train as T
+    import mezo_replay.training.train as T
 
     sizes: list[int] = []
     make_task = T.make_task
@@ -198,7 +199,7 @@ def test_embedded_trajectory_records_no_local_path(tmp_path):
     head = zstandard.ZstdDecompressor().decompress(data[28:28 + length]).decode()
     assert str(embedded.MODEL_DIR.parent) not in head and str(tmp_path) not in head
     assert '"source":"mezo-replay:embedded/tiny-llama"' in head.replace(" ", "")
-    from mezo_replay.mzt import read_trajectory
+    from mezo_replay.format.mzt import read_trajectory
 
     assert read_trajectory(tmp_path / "p.mzt").header["rule"]["lr"] == pytest.approx(5e-5, rel=1e-6)  # the demo's
     args = printed_command(r.stdout)
@@ -213,7 +214,7 @@ def test_embedded_trajectory_records_no_local_path(tmp_path):
 
 def test_no_record_losses_smaller_and_still_exact_and_whole_file_sizes(tmp_path):
     from mezo_replay.cli import summary
-    from mezo_replay.mzt import read_trajectory
+    from mezo_replay.format.mzt import read_trajectory
 
     common = ("train", "--steps", "12", "--eval-every", "6", "-q")
     r1 = cli(*common, "-o", "with.mzt", cwd=tmp_path)
@@ -260,7 +261,7 @@ def test_classify_head_init_bytes_are_reported(tmp_path):
 
 def test_load_model_holds_weights_in_memory(tmp_path):
     """from_pretrained leaves weights memory-mapped; load_model must not (first forwards would page them in)."""
-    from mezo_replay.train import load_model
+    from mezo_replay.training.train import load_model
 
     maps = Path("/proc/self/maps")
     if not maps.exists():

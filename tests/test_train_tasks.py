@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mezo_replay import embedded, replay
-from mezo_replay.data import load_splits
-from mezo_replay.mzt import read_trajectory
-from mezo_replay.safetensors_io import BaseCheckpoint
-from mezo_replay.train import TrainConfig, train
+from mezo_replay import embedded
+from mezo_replay.rebuild import replay
+from mezo_replay.training.data import load_splits
+from mezo_replay.format.mzt import read_trajectory
+from mezo_replay.format.safetensors_io import BaseCheckpoint
+from mezo_replay.training.train import TrainConfig, train
 from tests.test_roundtrip import tensor_bytes
 
 LABEL_WORDS = {"0": " terrible", "1": " great"}

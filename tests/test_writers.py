@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mezo_replay import mzt
+from mezo_replay.format import mzt
 from mezo_replay.errors import CorruptChunkError, MezoReplayError, OutputExistsError
-from mezo_replay.filelock import FileBusyError, FileLock
-from mezo_replay.mzt import TrajectoryWriteError, TrajectoryWriter, read_trajectory
-from mezo_replay.repair import repair
+from mezo_replay.format.filelock import FileBusyError, FileLock
+from mezo_replay.format.mzt import TrajectoryWriteError, TrajectoryWriter, read_trajectory
+from mezo_replay.format.repair import repair
 from tests.test_mzt import FINAL, chunk_offsets, grad_bits, make_header
 
 LINUX = sys.platform.startswith("linux")

@@ -44,13 +44,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import add_timing_options, check_timing_options, flip_one_bit, header, require_same, timed  # noqa: E402
 
-from mezo_replay import replay  # noqa: E402
-from mezo_replay.fingerprint import tensor_fingerprint  # noqa: E402
-from mezo_replay.initial import generate, kaiming_uniform_bound, uniform16, zeros  # noqa: E402
-from mezo_replay.mzt import TrajectoryWriter, read_trajectory  # noqa: E402
-from mezo_replay.optimizer import MeZO  # noqa: E402
-from mezo_replay.rule import encode_grad  # noqa: E402
-from mezo_replay.steps import replay_tensor_, set_backend, step_constants  # noqa: E402
+from mezo_replay.rebuild import replay  # noqa: E402
+from mezo_replay.format.fingerprint import tensor_fingerprint  # noqa: E402
+from mezo_replay.arithmetic.initial import generate, kaiming_uniform_bound, uniform16, zeros  # noqa: E402
+from mezo_replay.format.mzt import TrajectoryWriter, read_trajectory  # noqa: E402
+from mezo_replay.training.optimizer import MeZO  # noqa: E402
+from mezo_replay.arithmetic.rule import encode_grad  # noqa: E402
+from mezo_replay.kernels.steps import replay_tensor_, set_backend, step_constants  # noqa: E402
 
 TARGET_S = 30.0  # the issue's figure for 3.1e10 element-steps on 2 CPU cores
 SYNTHETIC_BASE = hashlib.sha256(b"mezo-replay bench: synthetic OPT-1.3B-shaped base").hexdigest()
@@ -308,15 +308,15 @@ def adapters(folder: Path, args: argparse.Namespace) -> None:
 
 def child(args: argparse.Namespace) -> None:
     """One count of --adapters in a fresh process: rebuild, save, and report time and memory. Through
-    mezo_replay.adapter.rebuild_many (adapter folders, one call for all) where this checkout has it, else
+    mezo_replay.rebuild.adapter.rebuild_many (adapter folders, one call for all) where this checkout has it, else
     replay.replayed and a safetensors file per adapter."""
     spec = json.loads(args.child)
     paths = sorted(Path(spec["trajs"]).glob("*.mzt"))[:spec["count"]]
     out = Path(spec["out"])
     try:
-        from mezo_replay.adapter import rebuild_many
+        from mezo_replay.rebuild.adapter import rebuild_many
 
-        way = "mezo_replay.adapter.rebuild_many, one call"
+        way = "mezo_replay.rebuild.adapter.rebuild_many, one call"
 
         def run(group: list[Path], where: Path) -> int:
             plans = []
@@ -325,7 +325,7 @@ def child(args: argparse.Namespace) -> None:
     except ImportError:
         from safetensors.torch import save_file
 
-        way = "replay.replayed + safetensors save_file per adapter (mezo_replay.adapter is not in this checkout)"
+        way = "replay.replayed + safetensors save_file per adapter (mezo_replay.rebuild.adapter is not in this checkout)"
 
         def run(group: list[Path], where: Path) -> int:
             es = 0

@@ -65,9 +65,10 @@ def check(r: dict, inject: bool) -> tuple[int, int, float, int]:
 
     import torch
 
-    from mezo_replay import embedded, replay
-    from mezo_replay.fingerprint import tensor_fingerprint
-    from mezo_replay.mzt import read_trajectory
+    from mezo_replay import embedded
+    from mezo_replay.rebuild import replay
+    from mezo_replay.format.fingerprint import tensor_fingerprint
+    from mezo_replay.format.mzt import read_trajectory
 
     traj = read_trajectory(r["out"])
     params = sum(math.prod(t["shape"]) for t in traj.header["tensors"])

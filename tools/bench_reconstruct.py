@@ -32,11 +32,11 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import add_timing_options, check_timing_options, flip_one_bit, header, require_same, timed  # noqa: E402
 
-from mezo_replay import replay  # noqa: E402
-from mezo_replay.mzt import TrajectoryWriter, read_trajectory  # noqa: E402
-from mezo_replay.optimizer import MeZO  # noqa: E402
-from mezo_replay.rule import MezoSGD, encode_grad  # noqa: E402
-from mezo_replay.steps import replay_tensor_, set_backend, step_constants  # noqa: E402
+from mezo_replay.rebuild import replay  # noqa: E402
+from mezo_replay.format.mzt import TrajectoryWriter, read_trajectory  # noqa: E402
+from mezo_replay.training.optimizer import MeZO  # noqa: E402
+from mezo_replay.arithmetic.rule import MezoSGD, encode_grad  # noqa: E402
+from mezo_replay.kernels.steps import replay_tensor_, set_backend, step_constants  # noqa: E402
 
 TENSOR = 1 << 23
 

@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import add_timing_options, check_timing_options, flip_one_bit, header, require_same, timed  # noqa: E402
 
-from mezo_replay import cpu_kernel, triton_kernels  # noqa: E402
-from mezo_replay import reference as R  # noqa: E402
-from mezo_replay.rule import MezoSGD, encode_grad  # noqa: E402
-from mezo_replay.steps import replay_tensor_, set_backend, step_constants  # noqa: E402
+from mezo_replay.kernels import cpu_kernel, triton_kernels  # noqa: E402
+from mezo_replay.arithmetic import reference as R  # noqa: E402
+from mezo_replay.arithmetic.rule import MezoSGD, encode_grad  # noqa: E402
+from mezo_replay.kernels.steps import replay_tensor_, set_backend, step_constants  # noqa: E402
 
 TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 

@@ -27,7 +27,7 @@ from bench_train_memory import SHAPES  # noqa: E402
 from mezo_baseline import ReferenceMeZO  # noqa: E402
 
 from mezo_replay import MeZO  # noqa: E402
-from mezo_replay.steps import set_backend  # noqa: E402
+from mezo_replay.kernels.steps import set_backend  # noqa: E402
 
 
 def weights_digest(model) -> bytes:

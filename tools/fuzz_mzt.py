@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mezo_replay.errors import MezoReplayError  # noqa: E402
-from mezo_replay.mzt import read_trajectory  # noqa: E402
+from mezo_replay.format.mzt import read_trajectory  # noqa: E402
 
 CORPUS = ROOT / "tests" / "corpus" / "mzt"
 PREAMBLE_SIZE = 16
@@ -356,9 +356,9 @@ def make_corpus(folder: Path) -> None:
     """Small valid files that together reach every chunk type and header feature."""
     import shutil
 
-    from mezo_replay.fingerprint import base_fingerprint, fingerprint_raw
-    from mezo_replay.mzt import TrajectoryWriter
-    from mezo_replay.rule import encode_grad
+    from mezo_replay.format.fingerprint import base_fingerprint, fingerprint_raw
+    from mezo_replay.format.mzt import TrajectoryWriter
+    from mezo_replay.arithmetic.rule import encode_grad
 
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("tiny", "tiny-cosine-decay", "tiny-new-tensor", "tiny-nan", "tiny-checkpoints", "tiny-lora"):
@@ -402,7 +402,7 @@ def make_corpus(folder: Path) -> None:
             w.write_fingerprint(["aa" * 32, "bb" * 32, "cc" * 32])
     path = folder / "no-losses.mzt"
     path.unlink(missing_ok=True)
-    from mezo_replay.mzt import GAUSSIAN16_SHA256
+    from mezo_replay.format.mzt import GAUSSIAN16_SHA256
     gaussian = {"name": "gaussian16", "table_sha256": GAUSSIAN16_SHA256}
     h = header(records={"losses": False}, noise=gaussian, tensors=header()["tensors"][:2],
                rule={"name": "mezo-sgd", "eps": 0.5, "lr": 2.0**-20, "grad_encoding": "bf16",
@@ -419,7 +419,7 @@ def make_corpus(folder: Path) -> None:
     (folder / "split-init.mzt").write_bytes(join(pre, [chunks[0]] + init_chunks + rest))
     (folder / "torn.mzt").write_bytes(data[:-7])
     # files from before `lsbf` hold binary32 `loss` chunks: the same run, its losses re-encoded that way
-    from mezo_replay.mzt import _encode_losses_f32, decode_losses
+    from mezo_replay.format.mzt import _encode_losses_f32, decode_losses
     legacy = [(b"loss", _CCTX.compress(_encode_losses_f32(*decode_losses(content(p), "lsbf"))))
               if t == b"lsbf" else (t, p) for t, p in chunks]
     (folder / "legacy-f32-losses.mzt").write_bytes(join(pre, legacy))

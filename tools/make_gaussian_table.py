@@ -58,6 +58,6 @@ def build() -> bytes:
 if __name__ == "__main__":
     data = build()
     root = Path(__file__).resolve().parent.parent
-    for path in (root / "spec" / "gaussian16.bin", root / "mezo_replay" / "gaussian16.bin"):
+    for path in (root / "spec" / "gaussian16.bin", root / "mezo_replay" / "arithmetic" / "gaussian16.bin"):
         path.write_bytes(data)
     print(hashlib.sha256(data).hexdigest(), file=sys.stdout)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mezo_replay import reference as R
+from mezo_replay.arithmetic import reference as R
 
 SPEC = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 
@@ -200,7 +200,7 @@ def double_roundings(spec: dict, seed: int, k: int, n: int, dtype: str, want: in
 
 
 def init() -> dict:
-    from mezo_replay.fingerprint import fingerprint_raw
+    from mezo_replay.format.fingerprint import fingerprint_raw
 
     def element(spec: dict, seed: int, k: int, i: int) -> dict:
         idx = np.array([i], dtype=np.uint64)
@@ -247,8 +247,8 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
     import torch
     from safetensors.torch import save_file
 
-    from mezo_replay.fingerprint import canonicalize_nan_, checkpoint_fingerprint, tensor_fingerprint
-    from mezo_replay.optimizer import MeZO
+    from mezo_replay.format.fingerprint import canonicalize_nan_, checkpoint_fingerprint, tensor_fingerprint
+    from mezo_replay.training.optimizer import MeZO
 
     out = SPEC / name
     out.mkdir(exist_ok=True)
@@ -306,10 +306,10 @@ def tiny_lora(name: str = "tiny-lora") -> None:
 
     import torch
 
-    from mezo_replay import initial
-    from mezo_replay.fingerprint import DTYPE_NAMES, canonicalize_nan_, tensor_fingerprint
-    from mezo_replay.optimizer import MeZO
-    from mezo_replay.safetensors_io import BaseCheckpoint
+    from mezo_replay.arithmetic import initial
+    from mezo_replay.format.fingerprint import DTYPE_NAMES, canonicalize_nan_, tensor_fingerprint
+    from mezo_replay.training.optimizer import MeZO
+    from mezo_replay.format.safetensors_io import BaseCheckpoint
 
     out = SPEC / name
     out.mkdir(exist_ok=True)
@@ -375,7 +375,7 @@ def main() -> None:
         (SPEC / f"{name}.json").write_text(json.dumps(fn(), indent=1) + "\n")
         print("wrote", SPEC / f"{name}.json")
     tiny()
-    from mezo_replay.rule import Schedule
+    from mezo_replay.arithmetic.rule import Schedule
 
     tiny("tiny-cosine-decay", schedule=Schedule("cosine", warmup_steps=2, total_steps=6), weight_decay=0.5)
     tiny("tiny-new-tensor", new_tensor=True)

@@ -48,7 +48,7 @@ def loop_counts(dtype: str = "BF16", noise: str = "gaussian16", *, native_bf16: 
     import torch
     import triton
 
-    from mezo_replay import triton_kernels as T
+    from mezo_replay.kernels import triton_kernels as T
 
     dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
     k = T.compile_for_gpu(dt, T.REPLAY, noise=noise, native_bf16=native_bf16, block=block, num_warps=num_warps)

@@ -22,8 +22,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mezo_replay.mzt import TrajectoryWriter, read_trajectory  # noqa: E402
-from mezo_replay.storage import storage  # noqa: E402
+from mezo_replay.format.mzt import TrajectoryWriter, read_trajectory  # noqa: E402
+from mezo_replay.format.storage import storage  # noqa: E402
 
 
 def table(path: Path) -> str:

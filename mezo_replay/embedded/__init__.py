@@ -50,7 +50,7 @@ DEFAULTS: dict = {
 
 def load_task() -> tuple[list[dict], list[dict]]:
     """The embedded task's (train, eval) examples: dicts with "prompt" and "completion"."""
-    from ..data import load_jsonl  # torch comes with it: not at import, so that --help stays instant
+    from ..training.data import load_jsonl  # torch comes with it: not at import, so that --help stays instant
 
     return load_jsonl(TASK_DIR / "train.jsonl"), load_jsonl(TASK_DIR / "eval.jsonl")
 

@@ -18,13 +18,13 @@ from typing import Any, Literal
 
 import torch
 
-from . import __version__
-from .errors import MezoReplayError
-from .fingerprint import DTYPE_NAMES, base_fingerprint, canonicalize_nan_, tensor_fingerprint
-from .initial import generate
-from .mzt import TrajectoryWriter
-from .rule import MezoSGD, Schedule, encode_grad
-from .steps import perturb_all_, restore_update_all_
+from .. import __version__
+from ..errors import MezoReplayError
+from ..format.fingerprint import DTYPE_NAMES, base_fingerprint, canonicalize_nan_, tensor_fingerprint
+from ..arithmetic.initial import generate
+from ..format.mzt import TrajectoryWriter
+from ..arithmetic.rule import MezoSGD, Schedule, encode_grad
+from ..kernels.steps import perturb_all_, restore_update_all_
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -124,7 +124,7 @@ class MeZO:
 
         `new_tensors` names tuned tensors absent from the base (a new classification head): their initial
         values travel in the trajectory. A mapping gives each one's `init` entry instead: True (stored in
-        INIT chunks), or a generated value (spec/init.md, made with mezo_replay.initial), which costs no
+        INIT chunks), or a generated value (spec/init.md, made with mezo_replay.arithmetic.initial), which costs no
         bytes; the parameter must then already hold exactly that value. `config` is the tuned model's config.json when it differs from the
         base's, so that a reconstruction loads as the right model class. `extra` adds top-level header keys
         that do not change replayed bits (e.g. `peft`, the adapter's description)."""

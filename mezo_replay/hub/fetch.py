@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MezoReplayError
+from ..errors import MezoReplayError
 
 # Files a model needs besides its weights; pickled weights are never fetched.
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
@@ -165,6 +165,6 @@ def list_trajectories(repo: str) -> list[tuple[str, Path]]:
 
 def load_trajectory(repo_id: str, path: str | None = None, *, revision: str | None = None):  # noqa: ANN201
     """Read a trajectory from the Hub, like `from_pretrained`: `load_trajectory("org/runs", "alice/run.mzt")`."""
-    from .mzt import read_trajectory
+    from ..format.mzt import read_trajectory
 
     return read_trajectory(fetch_trajectory(HubRef(repo_id, revision, path)))

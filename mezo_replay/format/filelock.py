@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Union
 
-from .errors import MezoReplayError
+from ..errors import MezoReplayError
 
 try:
     import fcntl

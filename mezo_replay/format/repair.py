@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
-from .errors import MezoReplayError, TrajectoryError
+from ..errors import MezoReplayError, TrajectoryError
 from .filelock import FileLock
 from .mzt import _write_all, create_locked, read_trajectory
 

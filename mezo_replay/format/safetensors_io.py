@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .errors import CheckpointError, OutputExistsError
+from ..errors import CheckpointError, OutputExistsError
 from .fingerprint import base_fingerprint, fingerprint_raw
 
 MAX_HEADER_BYTES = 100_000_000  # a real header is a few MB even for huge models; more means a hostile file

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from . import replay
-from .errors import MezoReplayError, OutputExistsError, TrajectoryError
-from .fingerprint import DTYPE_NAMES
-from .mzt import Trajectory, fsync_dir, read_trajectory
-from .safetensors_io import replace_with
+from ..errors import MezoReplayError, OutputExistsError, TrajectoryError
+from ..format.fingerprint import DTYPE_NAMES
+from ..format.mzt import Trajectory, fsync_dir, read_trajectory
+from ..format.safetensors_io import replace_with
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -92,7 +92,7 @@ def base_name(traj: Trajectory) -> str:
 
 def needs_base_message(traj: Trajectory, shown: str, command: str = "reconstruct") -> str:
     """The refusal for a full-tuning trajectory given without its base, with the command to run."""
-    from .embedded import MODEL_NAME
+    from ..embedded import MODEL_NAME
 
     base = traj.header.get("base") or {}
     source = base.get("source")
@@ -378,8 +378,8 @@ def auto_class(traj: Trajectory, base: Path | None = None) -> str:
 
 def load_code(traj: Trajectory, folder: str) -> list[str]:
     """Python that loads the adapter folder on its base, for cards."""
-    from .embedded import MODEL_NAME
-    from .publish import base_on_hub
+    from ..embedded import MODEL_NAME
+    from ..hub.publish import base_on_hub
 
     base = traj.header["base"]
     cls = auto_class(traj)
@@ -400,8 +400,8 @@ def adapter_card(traj: Trajectory, steps: int, rebuild_from: str, folder: str) -
     """README.md of an adapter folder: Hub metadata naming the base, how to load it and how it was built."""
     from huggingface_hub import ModelCardData
 
-    from .embedded import MODEL_NAME
-    from .publish import base_on_hub
+    from ..embedded import MODEL_NAME
+    from ..hub.publish import base_on_hub
 
     hub_id, sha = base_on_hub(traj.header)
     k = kind(traj)
@@ -429,7 +429,7 @@ def adapter_card(traj: Trajectory, steps: int, rebuild_from: str, folder: str) -
 
 def check_merge_base(traj: Trajectory, base: str | os.PathLike[str]) -> Path:
     """The base folder to merge into, refused unless its weights are the ones the adapter was trained on."""
-    from .safetensors_io import BaseCheckpoint
+    from ..format.safetensors_io import BaseCheckpoint
 
     folder = Path(base)
     if not (folder / "config.json").is_file():
@@ -469,7 +469,7 @@ def merge(trajectory: str | os.PathLike[str] | Trajectory, base: str | os.PathLi
     import transformers
     from peft import PeftModel
 
-    from .train import DTYPES
+    from ..training.train import DTYPES
 
     # the dtype the base was trained in (peft keeps the adapter itself in float32 on a bf16 model)
     dtype = DTYPES.get((traj.header.get("metadata") or {}).get("dtype", ""),
@@ -495,6 +495,6 @@ def merge(trajectory: str | os.PathLike[str] | Trajectory, base: str | os.PathLi
 
 def _carried(folder: Path) -> Iterable[Path]:
     """Tokenizer and other loader files of the base folder: not its weights, config or card."""
-    from .safetensors_io import BaseCheckpoint
+    from ..format.safetensors_io import BaseCheckpoint
 
     return [f for f in BaseCheckpoint.open(folder).aux_files() if f.name not in (CARD, "config.json")]

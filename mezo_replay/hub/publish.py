@@ -19,11 +19,11 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 
-from .adapter import load_code, is_adapter, kind, peft_header
-from .embedded import MODEL_NAME as EMBEDDED_MODEL
-from .errors import MezoReplayError
-from .mzt import Trajectory, read_trajectory
-from .storage import storage
+from ..rebuild.adapter import load_code, is_adapter, kind, peft_header
+from ..embedded import MODEL_NAME as EMBEDDED_MODEL
+from ..errors import MezoReplayError
+from ..format.mzt import Trajectory, read_trajectory
+from ..format.storage import storage
 
 TAGS = ["mezo-replay", "mezo", "zeroth-order", "trajectory"]
 NOT_LOGGED_IN = "not logged in: run `hf auth login` or set HF_TOKEN"

@@ -23,11 +23,11 @@ from typing import BinaryIO, Callable, Union
 import numpy as np
 import zstandard
 
-from .errors import (CorruptChunkError, LimitError, MezoReplayError, OutputExistsError, TrajectoryError,
+from ..errors import (CorruptChunkError, LimitError, MezoReplayError, OutputExistsError, TrajectoryError,
                      UnsupportedError)
 from .filelock import FileLock
 from .fingerprint import SHA256_HEX, base_fingerprint
-from .rule import _COS_K, MezoSGD
+from ..arithmetic.rule import _COS_K, MezoSGD
 
 PathLike = Union[str, "os.PathLike[str]"]
 

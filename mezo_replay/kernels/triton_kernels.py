@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .noise import _gauss16_bits
-from .rule import MezoSGD
+from ..arithmetic.noise import _gauss16_bits
+from ..arithmetic.rule import MezoSGD
 
 try:
     import triton

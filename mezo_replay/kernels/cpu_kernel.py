@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .noise import gauss16_table
-from .rule import MezoSGD
+from ..arithmetic.noise import gauss16_table
+from ..arithmetic.rule import MezoSGD
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 NOISES = {"gaussian16": 0, "rademacher16": 1}

@@ -20,7 +20,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .errors import MezoReplayError
+from ..errors import MezoReplayError
 
 IGNORE_INDEX = -100
 

@@ -3,7 +3,7 @@ trajectory regenerates.
 
 peft builds the adapter (LoRA or prefix tuning), so the result is a real peft adapter that serving stacks
 load. What peft draws at random (LoRA's A, a prefix's embeddings) is then overwritten with values from the
-run's own generator (mezo_replay.initial, spec/init.md): same distribution and scale as peft's, but
+run's own generator (mezo_replay.arithmetic.initial, spec/init.md): same distribution and scale as peft's, but
 reproducible from the seed alone, so the trajectory stores no initial value and rebuilds without a base.
 Each tuned tensor is named by the key peft saves it under in adapter_model.safetensors, and its generator
 index is that name's position in UTF-8 order, the order MeZO sorts its tensors in.
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .errors import MezoReplayError
-from .initial import gaussian16, generate, kaiming_uniform_bound, uniform16, zeros
+from ..errors import MezoReplayError
+from ..arithmetic.initial import gaussian16, generate, kaiming_uniform_bound, uniform16, zeros
 
 KINDS = ("lora", "prefix")
 

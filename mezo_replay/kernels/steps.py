@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from . import cpu_kernel, triton_kernels
-from .mzt import invalid_steps, step_coefficients
-from .noise import noise
-from .rule import MezoSGD
+from ..format.mzt import invalid_steps, step_coefficients
+from ..arithmetic.noise import noise
+from ..arithmetic.rule import MezoSGD
 
 BACKENDS = ("auto", "torch", "compiled", "triton")
 _backend = "auto"

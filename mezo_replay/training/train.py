@@ -31,19 +31,19 @@ from typing import IO, Any
 
 import torch
 
-from . import embedded
+from .. import embedded
 from .data import Batch, DataError, Encoded, batch_order
 from .defaults import MEZO_DEFAULTS
-from .errors import CorruptChunkError, MezoReplayError
-from .filelock import FileLock
-from .fingerprint import DTYPE_NAMES, checkpoint_fingerprint
-from .hub import resolve_model
-from .mzt import TrajectoryWriter, read_trajectory
+from ..errors import CorruptChunkError, MezoReplayError
+from ..format.filelock import FileLock
+from ..format.fingerprint import DTYPE_NAMES, checkpoint_fingerprint
+from ..hub.fetch import resolve_model
+from ..format.mzt import TrajectoryWriter, read_trajectory
 from .optimizer import MeZO
 from .peft_tuning import PeftOptions, PeftSetup, same_dropout, wrap
-from .rule import Schedule
-from .safetensors_io import BaseCheckpoint
-from .steps import replay_tensor_, step_constants
+from ..arithmetic.rule import Schedule
+from ..format.safetensors_io import BaseCheckpoint
+from ..kernels.steps import replay_tensor_, step_constants
 from .tasks import Task, check_objective, check_template_fits_model, make_task
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

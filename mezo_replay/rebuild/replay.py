@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import MezoReplayError
-from .fingerprint import DTYPE_NAMES, canonicalize_nan_, checkpoint_fingerprint, tensor_fingerprint
-from .initial import generate
-from .mzt import Trajectory, read_trajectory
-from .rule import MezoSGD
-from .safetensors_io import BaseCheckpoint, CheckpointWriter
-from .steps import StepConstants, replay_tensor_, step_constants
+from ..errors import MezoReplayError
+from ..format.fingerprint import DTYPE_NAMES, canonicalize_nan_, checkpoint_fingerprint, tensor_fingerprint
+from ..arithmetic.initial import generate
+from ..format.mzt import Trajectory, read_trajectory
+from ..arithmetic.rule import MezoSGD
+from ..format.safetensors_io import BaseCheckpoint, CheckpointWriter
+from ..kernels.steps import StepConstants, replay_tensor_, step_constants
 
 Progress = Callable[[int], None]
 
