@@ -21,6 +21,7 @@ from ..arithmetic.noise import noise
 from ..arithmetic.rule import MezoSGD
 
 BACKENDS = ("auto", "torch", "compiled", "triton")
+UPDATE_PERTURB = 3  # the kernels' mode code for P3 of a step fused with P1 of the next
 _backend = "auto"
 _warned: set[str] = set()
 
@@ -94,7 +95,10 @@ def _decay(s: torch.Tensor, d: float) -> torch.Tensor:
     return torch.where(torch.isfinite(s) & (s.abs() >= 2.0**-60), decayed, s)
 
 
-def restore_update_(w: torch.Tensor, z: torch.Tensor, eps: float, c: float, d: float = 0.0) -> None:
+Coefficient = "float | torch.Tensor"  # c: a host float, or a 0-dim float32 tensor on the weights' device
+
+
+def restore_update_(w: torch.Tensor, z: torch.Tensor, eps: float, c: float | torch.Tensor, d: float = 0.0) -> None:
     """P3: w = R_D(fl32(DECAY(fl32(w + eps*z)) - c*z)), the restore, decay and update in one pass."""
     s = w.to(torch.float32) + z * eps
     if d:
@@ -146,12 +150,15 @@ def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0)
 
 
 def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: int,
-            constants: Sequence[StepConstants], scale: float = 0.0, decay: bool = True,
-            slice_size: int | None = None, progress: Callable[[int], None] | None = None) -> None:
+            constants: Sequence[tuple[float | torch.Tensor, float]], scale: float = 0.0, decay: bool = True,
+            slice_size: int | None = None, progress: Callable[[int], None] | None = None,
+            go: torch.Tensor | None = None) -> None:
     """The one dispatcher: a kernel when the tensor's device has one, the torch phases otherwise.
 
     mode REPLAY runs P1, P2, P3 for every step in `constants`; PERTURB adds scale*z of `first_step`;
-    RESTORE_UPDATE runs P3 of `first_step` with constants[0]. decay=False ignores the d of `constants`.
+    RESTORE_UPDATE runs P3 of `first_step` with constants[0]; UPDATE_PERTURB runs that P3 and then P1 of
+    `first_step + 1` (only where `go`, a 0-dim bool tensor, is true; None: always). decay=False ignores the
+    d of `constants`. In the one-step modes c may be a 0-dim float32 tensor on w's device.
     `progress` gets element-steps done.
     """
     def torch_slice(start: int, s: torch.Tensor) -> None:
@@ -164,9 +171,26 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
                 perturb_(s, z, rule.eps)
                 perturb_(s, z, -2.0 * rule.eps)
             restore_update_(s, z, rule.eps, c, d if decay else 0.0)
+            if mode == UPDATE_PERTURB:
+                z = noise(rule.noise, rule.seed, first_step + 1, index, start, s.numel(), s.device)
+                if go is None:
+                    perturb_(s, z, rule.eps)
+                else:  # the P1 half only where go is true: otherwise P3's bytes stay as they are
+                    s.copy_(torch.where(go, (s.to(torch.float32) + z * rule.eps).to(s.dtype), s))
 
     def run(t: torch.Tensor) -> None:
+        nonlocal constants
         path = _path(t)
+        if mode == UPDATE_PERTURB and path != "torch":
+            # TODO(kernels): one fused pass in the C and Triton kernels; until then the two passes it replaces
+            c = constants[0][0]
+            c = float(c) if isinstance(c, torch.Tensor) else c
+            _apply_(t, rule, index, first_step, cpu_kernel.RESTORE_UPDATE, [(c, constants[0][1])], decay=decay)
+            if go is None or bool(go):
+                _apply_(t, rule, index, first_step + 1, cpu_kernel.PERTURB, [(0.0, 0.0)], rule.eps, decay=False)
+            return
+        if path != "torch" and mode != cpu_kernel.REPLAY and isinstance(constants[0][0], torch.Tensor):
+            constants = [(float(constants[0][0]), constants[0][1])]  # TODO(kernels): read c on the device
         if path == "triton":  # one launch covers the tensor; the kernel reports progress per launch
             triton_kernels.apply_(t, 0, rule, index, first_step, mode, constants=constants, decay=decay,
                                   scale=scale, progress=progress)
@@ -213,27 +237,42 @@ def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequen
                 progress=progress)
 
 
+def update_perturb_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, c: float | torch.Tensor,
+                        d: float, decays: Sequence[bool], go: torch.Tensor | None = None) -> None:
+    """P3 of `step` then P1 of `step + 1` on every tuned tensor, in one pass over the weights: the bytes of
+    restore_update_all_(step) followed by perturb_all_(step + 1, eps), so a training step that goes
+    straight on to the next one costs two passes instead of three.
+
+    c may be a 0-dim float32 tensor on the weights' device, so that the GPU never waits for the host to
+    know it; go (a 0-dim bool tensor there, None for true) lets the device skip the P1 half, leaving
+    exactly restore_update_all_'s result, e.g. when the step it belongs to must stop the run."""
+    _each_(tensors, rule, step, UPDATE_PERTURB, decays, c=c, d=d, go=go)
+
+
 def perturb_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, scale: float) -> None:
     """P1 or P2 of one step on every tuned tensor (tensors[k] is trajectory tensor k)."""
     _each_(tensors, rule, step, cpu_kernel.PERTURB, [False] * len(tensors), scale=scale)
 
 
-def restore_update_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, c: float, d: float,
-                        decays: Sequence[bool]) -> None:
-    """P3 of one step on every tuned tensor; decays[k] says whether tensor k takes the decay d."""
+def restore_update_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, c: float | torch.Tensor,
+                        d: float, decays: Sequence[bool]) -> None:
+    """P3 of one step on every tuned tensor; decays[k] says whether tensor k takes the decay d. c as in
+    update_perturb_all_."""
     _each_(tensors, rule, step, cpu_kernel.RESTORE_UPDATE, decays, c=c, d=d)
 
 
 def _each_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, mode: int, decays: Sequence[bool], *,
-           c: float = 0.0, d: float = 0.0, scale: float = 0.0) -> None:
+           c: float | torch.Tensor = 0.0, d: float = 0.0, scale: float = 0.0, go: torch.Tensor | None = None) -> None:
     """Tensors the Triton kernel takes go through one grouped launch per dtype (a launch per tensor
     would cost more than the arithmetic on a model's many small tensors); the rest one by one."""
     grouped = [k for k, t in enumerate(tensors) if t.is_contiguous() and _path(t) == "triton"]
+    if grouped and (mode == UPDATE_PERTURB or isinstance(c, torch.Tensor)):  # TODO(kernels): grouped fused launch
+        grouped = []
     if grouped:
         triton_kernels.apply_group_([tensors[k] for k in grouped], grouped, [decays[k] for k in grouped], rule,
                                     step, mode, c=c, d=d, scale=scale)
     done = set(grouped)
     for k, t in enumerate(tensors):
         if k not in done:
-            _apply_(t, rule, k, step, mode, [(c, d if decays[k] else 0.0)], scale, decay=bool(decays[k]))
+            _apply_(t, rule, k, step, mode, [(c, d if decays[k] else 0.0)], scale, decay=bool(decays[k]), go=go)
 
