@@ -66,6 +66,9 @@ def test_train_step_runs_and_mismatch_fails(capsys):
     bench_train_step.main(tiny)
     out = capsys.readouterr().out
     assert "mezo-replay MeZO" in out and "reference MeZO" in out and "backend auto == torch path" in out
+    assert "x forwards" in out
+    assert ("mezo-replay fused" in out and "after two fused MeZO steps and settle(): backend auto == torch path" in out) \
+        or "fused: not measured" in out  # before the optimizer has step(settle=False)
     with pytest.raises(SystemExit) as e:
         bench_train_step.main(tiny + ["--inject-mismatch", "--repeats", "1", "--warmup", "0"])
     assert e.value.code == 1 and "FAIL: sha256 of the weights" in capsys.readouterr().err
