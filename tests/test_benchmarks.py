@@ -205,3 +205,52 @@ def test_roofline_derives_a_ceiling():
             "assert c == min(b.values()) and per > 0; print('ceiling', c)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "ceiling" in proc.stdout, proc.stderr
+
+
+def test_profile_train_step_runs_on_the_cpu_in_a_subprocess():
+    """The profile as a user runs it: the split of the step, the top ops, the value reads, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(TOOLS.parent)}
+    proc = subprocess.run([sys.executable, str(TOOLS / "profile_train_step.py"), "--shape", "tiny", "--device", "cpu",
+                           "--dtype", "fp32", "--batch", "2", "--seq", "8", "--steps", "2", "--warmup", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for expected in ("profile of 2 MeZO steps", "host time per step", "forward", "perturb_all_", "record",
+                     "value reads from Python per step", "top ops by self CPU time", "time outside any torch op"):
+        assert expected in out, expected
+    bad = subprocess.run([sys.executable, str(TOOLS / "profile_train_step.py"), "--shape", "tiny", "--steps", "0"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == ["Error: --steps must be at least 1 and --warmup at least 0"]
+
+
+def test_profile_reads_host_gaps_and_syncs_from_a_cuda_trace(capsys):
+    """The CUDA half of the report, on a hand-made trace (no GPU here): one step, a forward launching two
+    kernels 10 us apart, a sync and a device-to-host copy, then a noise pass's kernel after a 100 us gap."""
+    import profile_train_step as prof
+
+    def ev(name, cat, start, dur, corr=None, tid=1):
+        return prof.Event(name, cat, start, start + dur, tid, corr)
+
+    events = [
+        ev("mezo step 1", "user_annotation", 0, 1000),
+        ev("forward", "user_annotation", 10, 300),
+        ev("aten::addmm", "cpu_op", 20, 30),
+        ev("cudaLaunchKernel", "cuda_runtime", 25, 5, corr=1),
+        ev("cudaLaunchKernel", "cuda_runtime", 60, 5, corr=2),
+        ev("cudaMemcpyAsync", "cuda_runtime", 400, 5, corr=3),
+        ev("cudaStreamSynchronize", "cuda_runtime", 405, 50),
+        ev("perturb_all_", "user_annotation", 500, 100),
+        ev("cudaLaunchKernel", "cuda_runtime", 510, 5, corr=4),
+        ev("gemm", "kernel", 100, 50, corr=1, tid=7),
+        ev("softmax", "kernel", 160, 40, corr=2, tid=7),
+        ev("Memcpy DtoH (Device -> Pageable)", "gpu_memcpy", 200, 2, corr=3, tid=7),
+        ev("noise", "kernel", 302, 20, corr=4, tid=7),
+    ]
+    prof.report(events, True, [1], top=5, gaps_shown=2)
+    out = capsys.readouterr().out
+    assert "span 0.22 ms, busy 0.11 ms" in out  # 100..322 us; 50 + 40 + 2 + 20 us busy
+    assert "host gaps (device idle between consecutive kernels" in out and "0.11 ms per step" in out
+    assert "0.100 ms  step 1: after 'Memcpy DtoH (Device -> Pageable)' before 'noise', launched in perturb_all_" in out
+    assert "0.010 ms  step 1: after 'gemm' before 'softmax', launched by 'aten::addmm'" not in out  # 60 is outside addmm
+    assert "cudaStreamSynchronize 1, DtoH copies 1" in out
+    assert "top kernels by self device time" in out and "gemm" in out
