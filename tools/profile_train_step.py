@@ -291,6 +291,7 @@ def count_reads(device: torch.device):
     """Counts reads of a value of a tensor on `device` from Python (each one a host sync on CUDA)."""
     counter = [0]
     saved = {name: getattr(torch.Tensor, name) for name in READS}
+    own = {name for name in READS if name in vars(torch.Tensor)}  # the rest are inherited: delete the shims
 
     def counting(fn):
         @functools.wraps(fn)
@@ -306,7 +307,10 @@ def count_reads(device: torch.device):
         yield counter
     finally:
         for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
+            if name in own:
+                setattr(torch.Tensor, name, fn)
+            else:
+                delattr(torch.Tensor, name)
 
 
 def main(argv: list[str] | None = None) -> None:
