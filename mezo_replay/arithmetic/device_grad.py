@@ -10,7 +10,8 @@ binary64 fixes, and nothing depends on how a backend rounds a conversion:
 * The losses are widened to binary64. bf16, f16 and f32 values are all binary64 values, so widening is
   exact (as `float(tensor)`, which the host path uses, is).
 * `lp - lm` and `/ (2 eps)` are one subtraction and one division, each correctly rounded to nearest even,
-  as CPython's are. On the CPU torch uses the IEEE instructions. On CUDA, binary64 `-` and `/` compile to
+  as CPython's are. torch's sub is a + alpha*b with alpha = -1; -b is exact, so fused into an fma or not,
+  the result is the one rounding of a - b. On the CPU torch uses the IEEE instructions. On CUDA, binary64 `-` and `/` compile to
   `sub.rn.f64` / `div.rn.f64` (the full-precision division routine): nvcc's fast-math switches
   (-prec-div, -ftz) change only binary32 code, and -fmad cannot fuse a lone subtraction or a division.
   PyTorch is not built with fast math anyway. One trap remains: torch's CUDA `div` by a *CPU scalar*
