@@ -125,7 +125,7 @@ def report(events: list[Event], cuda: bool, reads: list[int], top: int, gaps_sho
 
 
 def _per_step(counts: list[int]) -> str:
-    return ", ".join(str(c) for c in counts) + f" (steps {1}..{len(counts)})"
+    return ", ".join(str(c) for c in counts) + f" (steps 1..{len(counts)})"
 
 
 def _cpu_report(steps: list[Event], ops: list[Event], n: int, host_ms: float, top: int) -> None:
