@@ -371,7 +371,6 @@ def main(argv: list[str] | None = None) -> None:
     class Timing:  # header() reads repeats and warmup
         repeats, warmup = args.steps, args.warmup
 
-    h, layers, *_ = __import__("bench_train_memory").SHAPES[args.shape]
     params = sum(p.numel() for p in model.parameters())
     what = "fused two-pass step, step(closure, settle=False)" if fused else "settled three-pass step, step(closure)"
     print(header(f"profile of {args.steps} MeZO steps, {what}: {args.shape} ({params:,} params) {args.dtype}, "
