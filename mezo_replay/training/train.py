@@ -427,10 +427,12 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
     `checkpoint_every` (N, or a predicate of the step count) records a checkpoint fingerprint after
     those steps (not the last: the final fingerprint covers it), so they can be rebuilt verified.
 
-    `reads_weights` (a bool, or a predicate of `done`) says whether after_step(done, loss) reads the
-    weights (evaluates the model, saves it). Where it does not, the step's update is left pending and
-    the next step applies it in its first pass (MeZO.step(settle=False)): two passes over the weights
-    per step instead of three, with the same trajectory. Checkpoints, a stop and the end settle it.
+    `reads_weights` (a bool, or a predicate of `done`) says whether anything between step `done` and the
+    next reads the weights: after_step(done, loss) evaluating or saving the model, or closure_for(done).
+    Where nothing does, the step's update is left pending and the next step applies it in its first
+    pass (MeZO.step(settle=False)): two passes over the weights per step instead of three, with the same
+    trajectory. Checkpoints, a stop and the end settle it. The default (True) settles every step, as
+    fit always did, since it cannot know what the callbacks read.
     """
     due = checkpoint_every if callable(checkpoint_every) else (
         lambda done: bool(checkpoint_every) and done % checkpoint_every == 0)
@@ -439,8 +441,7 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
     try:
         with _stop_on_signals() as stop:
             for step in range(opt.step_count, steps):
-                settle = after_step is not None and reads(step + 1)
-                loss = opt.step(closure_for(step), settle=settle)
+                loss = opt.step(closure_for(step), settle=reads(step + 1))
                 if after_step is not None:
                     after_step(step + 1, loss)
                 if step + 1 < steps and due(step + 1):
