@@ -150,9 +150,13 @@ def cpu_backend(request):
     steps.set_backend("auto")
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("cpu_backend,dtype", [
+    ("compiled", "fp32"), ("compiled", "bf16"), ("compiled", "fp16"), ("torch", "fp32"),
+    pytest.param("torch", "bf16", marks=pytest.mark.slow), pytest.param("torch", "fp16", marks=pytest.mark.slow)],
+    indirect=["cpu_backend"])
 def test_every_settle_pattern_writes_the_legacy_bytes(tmp_path, dtype, cpu_backend):
-    """Weight decay and a cosine schedule, so c and d change every step; the weights move (checked)."""
+    """Weight decay and a cosine schedule, so c and d change every step; the weights move (checked).
+    The compiled kernel (the CPU default) takes every dtype by default, the torch path fp32 (all: -m slow)."""
     legacy = run("legacy", dtype, tmp_path / "legacy.mzt")
     assert not all(torch.equal(w, p.detach()) for w, p in zip(legacy[1], tiny_model(dtype).parameters()))
     assert len(set(read_trajectory(tmp_path / "legacy.mzt").grad_bits.tolist())) > 1
@@ -186,7 +190,7 @@ def test_steps_read_the_weights_only_settled(tmp_path, cpu_backend):
     assert seen == [2, 4, 6]
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("bad,on_nonfinite", [((2, "nan"), "raise"), ((2, "nan"), "skip"), ((3, "huge"), "skip")])
 def test_a_failing_step_mid_run_is_the_legacy_one(tmp_path, dtype, bad, on_nonfinite, cpu_backend):
     """raise: the error comes from that step's call, with its zero update recorded and the weights
