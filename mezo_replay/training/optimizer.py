@@ -6,6 +6,11 @@
         loss = opt.step(lambda: loss_fn(model, batch))   # forward passes only; no backward
     opt.close()                                          # writes the final fingerprint
 
+A step may leave its update pending (`step(closure, settle=False)`): the next step applies it in the same
+pass over the weights as its own first perturbation, so a run of steps costs two passes per step instead
+of three, with the same bytes. `settle()` applies a pending update alone; everything here that reads the
+weights settles first, and so must a caller that reads them between such steps.
+
 Named parameters are required because a trajectory addresses tensors by name (spec/selection.md).
 The optimizer owns the in-place arithmetic of spec/rule.md, so training and replay share it.
 """
@@ -24,7 +29,7 @@ from ..format.fingerprint import DTYPE_NAMES, base_fingerprint, canonicalize_nan
 from ..arithmetic.initial import generate
 from ..format.mzt import TrajectoryWriter
 from ..arithmetic.rule import MezoSGD, Schedule, encode_grad
-from ..kernels.steps import perturb_all_, restore_update_all_
+from ..kernels.steps import perturb_all_, restore_update_all_, update_perturb_all_
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -37,6 +42,28 @@ def default_no_decay(name: str, p: torch.Tensor) -> bool:
 
 class NonFiniteLossError(MezoReplayError):
     """A loss was inf or NaN; the step was recorded as a zero update so file and weights still agree."""
+
+
+def _hold(loss: torch.Tensor | float) -> torch.Tensor | float:
+    """Keeps a closure's loss for reading after the second forward, without waiting for the device.
+
+    A one-element floating tensor is copied (asynchronously, on its device) to float32, or float64 for a
+    float64 loss: exact for every floating dtype, so the host later reads the very value float(loss)
+    would have given. It is a copy because a compiled model (CUDA graphs) may reuse its output's memory in
+    the next forward. Anything else is read now, as before (float() raises what it always raised)."""
+    if isinstance(loss, torch.Tensor) and loss.is_floating_point() and loss.numel() == 1:
+        dtype = torch.float64 if loss.dtype == torch.float64 else torch.float32
+        return loss.detach().reshape(()).to(dtype, copy=True)
+    return float(loss)
+
+
+def _read(plus: torch.Tensor | float, minus: torch.Tensor | float) -> tuple[float, float]:
+    """Both losses as binary64 floats, with one host synchronisation where both live on one device."""
+    if isinstance(plus, torch.Tensor) and isinstance(minus, torch.Tensor) and \
+            plus.device == minus.device and plus.dtype == minus.dtype:
+        a, b = torch.stack((plus, minus)).tolist()
+        return a, b
+    return float(plus), float(minus)
 
 
 class MeZO:
@@ -77,22 +104,50 @@ class MeZO:
         self.last_grad_bits: int | None = None
         self.writer: TrajectoryWriter | None = None
         self.writer_records_losses = True
+        self._pending: tuple[int, float, float] | None = None  # (step, c, d) of an update not yet applied
         self._base_fingerprints = self.fingerprints()
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def _perturb(self, scale: float) -> None:
-        perturb_all_([p.data for p in self.params], self.rule, self.step_count, scale)
+    @property
+    def pending(self) -> bool:
+        """Whether the last step's update waits for the next step's first pass (or settle())."""
+        return self._pending is not None
 
     @torch.no_grad()
-    def step(self, closure: Closure) -> float:
-        """One MeZO step; returns the mean of the two losses measured."""
+    def settle(self) -> None:
+        """Applies a pending update alone, so the weights equal a replay of the recorded steps; a no-op
+        if none is pending. The same bytes as if that step had been taken with settle=True."""
+        if self._pending is None:
+            return
+        t, c, d = self._pending
+        self._pending = None  # first: a pass that fails half-way must never be applied a second time
+        restore_update_all_([p.data for p in self.params], self.rule, t, c, d, self.decay)
+
+    @torch.no_grad()
+    def step(self, closure: Closure, *, settle: bool = True) -> float:
+        """One MeZO step; returns the mean of the two losses measured.
+
+        settle=False leaves this step's update pending (see `settle`): the next step applies it fused
+        with its +eps perturbation, one pass over the weights instead of two. The weights then hold the
+        second perturbation, not the model's weights, until the next step or settle(). A step that fails
+        (non-finite loss, diverged) is always settled before its error is raised, as it always was.
+
+        The losses are read together after the second forward: reading the first one before would make
+        the host wait for the device while the second forward could already be queued."""
         eps = self.rule.eps
-        self._perturb(eps)
-        loss_plus = float(closure())
-        self._perturb(-2.0 * eps)
-        loss_minus = float(closure())
         t = self.step_count
+        tensors = [p.data for p in self.params]
+        if self._pending is not None:
+            pt, c, d = self._pending
+            self._pending = None  # as in settle(): never applied twice
+            update_perturb_all_(tensors, self.rule, pt, c, d, self.decay)  # P3 of step pt, P1 of step t
+        else:
+            perturb_all_(tensors, self.rule, t, eps)
+        plus = _hold(closure())
+        perturb_all_(tensors, self.rule, t, -2.0 * eps)
+        minus = _hold(closure())
+        loss_plus, loss_minus = _read(plus, minus)  # the step's one host synchronisation
         d = self.rule.decay(t)
         bits, failure = 0, None
         try:
@@ -100,12 +155,14 @@ class MeZO:
             c = self.rule.coefficient(t, bits)
         except ValueError as e:  # non-finite loss or a diverged step: no gradient step, and say so
             bits, c, failure = 0, 0.0, e
-        restore_update_all_([p.data for p in self.params], self.rule, t, c, d, self.decay)
+        self._pending = (t, c, d)
         loss = (loss_plus + loss_minus) / 2.0
         if self.writer is not None:
             self.writer.append_step(bits, loss if self.writer_records_losses else None)
         self.step_count += 1
         self.last_grad_bits = bits
+        if settle or failure is not None:
+            self.settle()
         if failure is not None and (self.on_nonfinite == "raise" or math.isfinite(loss)):
             raise NonFiniteLossError(f"step {self.step_count - 1}: {failure}; recorded as a zero update "
                                      f"(losses {loss_plus:g}, {loss_minus:g})")
@@ -114,6 +171,8 @@ class MeZO:
     # -- trajectory -------------------------------------------------------------------------------
 
     def fingerprints(self) -> list[str]:
+        """SHA-256 of each tuned tensor as a replay would give it (a pending update is applied first)."""
+        self.settle()
         return [tensor_fingerprint(p.detach()) for p in self.params]
 
     def header(self, *, base_source: str | None = None, base_revision: str | None = None,
@@ -128,6 +187,7 @@ class MeZO:
         bytes; the parameter must then already hold exactly that value. `config` is the tuned model's config.json when it differs from the
         base's, so that a reconstruction loads as the right model class. `extra` adds top-level header keys
         that do not change replayed bits (e.g. `peft`, the adapter's description)."""
+        self.settle()  # the initial values checked below are read from the weights
         if self.step_count:
             raise MezoReplayError("a trajectory must start before the first step")
         if unknown := set(new_tensors) - set(self.names):
@@ -161,7 +221,7 @@ class MeZO:
     def record(self, path: str | os.PathLike[str], *, overwrite: bool = False, steps_per_chunk: int = 256,
                **header_args: Any) -> TrajectoryWriter:
         """Starts writing every step to a new `.mzt` file; see `header` for the arguments."""
-        header = self.header(**header_args)
+        header = self.header(**header_args)  # settles: the INIT chunks below read the weights
         self.writer = TrajectoryWriter(path, header, overwrite=overwrite, steps_per_chunk=steps_per_chunk)
         self.writer_records_losses = bool(header["records"]["losses"])
         for k, entry in enumerate(header["tensors"]):
@@ -173,12 +233,15 @@ class MeZO:
     def attach(self, writer: TrajectoryWriter, steps_done: int) -> None:
         """Continues an existing trajectory (resume): the weights must already equal a replay of its
         `steps_done` steps, which is how train.py's resume leaves them."""
+        self.settle()  # a pending update belongs to the steps before; the new ones start from settled weights
         if writer.steps != steps_done:
             raise ValueError(f"the trajectory holds {writer.steps} steps, not {steps_done}")
         self.writer, self.writer_records_losses, self.step_count = writer, writer.records_losses, steps_done
 
     def close(self) -> None:
-        """Ends the trajectory with the fingerprint of the weights as they are now (NaNs made canonical)."""
+        """Ends the trajectory with the fingerprint of the weights as they are now (NaNs made canonical);
+        a pending update is applied first, so the weights left behind are the trained ones."""
+        self.settle()
         for p in self.params:
             canonicalize_nan_(p.data)
         if self.writer is not None:

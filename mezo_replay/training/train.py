@@ -5,7 +5,8 @@ tiny model and task that ship in mezo_replay/embedded, so the default run proves
 
 Crash safety comes from the file format (append-only, checksummed chunks, flushed every
 `flush_every` steps) and from stopping only between steps: SIGINT and SIGTERM set a flag that the loop
-reads after each step, so the weights in memory always equal a replay of the recorded steps, and the
+reads after each step, so the weights in memory always equal a replay of the recorded steps (once a
+pending update is settled, which stopping does), and the
 final fingerprint can be written. A resumed run replays the recorded steps onto the base, checks them,
 and continues with the same batches (data.batch_order is a pure function of seed and step), so it ends
 on the same bytes as a run that was never interrupted.
@@ -413,7 +414,8 @@ def record_checkpoint(opt: MeZO) -> None:
 
 def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.Tensor | float]], *,
         after_step: Callable[[int, float], None] | None = None,
-        checkpoint_every: int | Callable[[int], bool] = 0) -> bool:
+        checkpoint_every: int | Callable[[int], bool] = 0,
+        reads_weights: bool | Callable[[int], bool] = True) -> bool:
     """Runs `opt` from its current step to `steps`, then closes it (writing the final fingerprint).
 
     The loop `mezo-replay train` uses, for people who bring their own model and data: `closure_for(t)`
@@ -424,21 +426,29 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
 
     `checkpoint_every` (N, or a predicate of the step count) records a checkpoint fingerprint after
     those steps (not the last: the final fingerprint covers it), so they can be rebuilt verified.
+
+    `reads_weights` (a bool, or a predicate of `done`) says whether anything between step `done` and the
+    next reads the weights: after_step(done, loss) evaluating or saving the model, or closure_for(done).
+    Where nothing does, the step's update is left pending and the next step applies it in its first
+    pass (MeZO.step(settle=False)): two passes over the weights per step instead of three, with the same
+    trajectory. Checkpoints, a stop and the end settle it. The default (True) settles every step, as
+    fit always did, since it cannot know what the callbacks read.
     """
     due = checkpoint_every if callable(checkpoint_every) else (
         lambda done: bool(checkpoint_every) and done % checkpoint_every == 0)
+    reads = reads_weights if callable(reads_weights) else (lambda done: bool(reads_weights))
     interrupted = False
     try:
         with _stop_on_signals() as stop:
             for step in range(opt.step_count, steps):
-                loss = opt.step(closure_for(step))
+                loss = opt.step(closure_for(step), settle=reads(step + 1))
                 if after_step is not None:
                     after_step(step + 1, loss)
                 if step + 1 < steps and due(step + 1):
-                    record_checkpoint(opt)
+                    record_checkpoint(opt)  # fingerprints() settles
                 if stop.set:
                     interrupted = True
-                    break
+                    break  # close() below settles
     except KeyboardInterrupt:
         if opt.writer is not None:
             opt.writer.close()
@@ -541,6 +551,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
                    metadata=meta, new_tensors=added, record_losses=cfg.record_losses, config=config, extra=extra)
 
     def evaluate(step: int) -> dict[str, float]:
+        opt.settle()  # the model must hold its weights, not a pending step's perturbation
         metrics = task.evaluate(model, eval_batches)
         assert opt.writer is not None
         opt.writer.add_eval(step, "eval", metrics)
@@ -567,9 +578,12 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
     def checkpoint_due(done: int) -> bool:  # evaluated weights can be rebuilt and verified
         return eval_due(done) or bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0
 
+    def evaluates(done: int) -> bool:  # the steps after which after_step reads the weights
+        return eval_due(done) or bool(eval_batches) and done == cfg.steps
+
     def after_step(done: int, loss: float) -> None:
         metrics = None
-        if eval_due(done) or (eval_batches and done == cfg.steps):
+        if evaluates(done):
             metrics = evaluate(done)
         size = os.path.getsize(cfg.out)
         lr = opt.rule.lr_at(done - 1)
@@ -580,7 +594,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
 
     if eval_batches and start == 0:
         evaluate(0)
-    interrupted = fit(opt, cfg.steps, closure_for, after_step=after_step, checkpoint_every=checkpoint_due)
+    interrupted = fit(opt, cfg.steps, closure_for, after_step=after_step, checkpoint_every=checkpoint_due,
+                      reads_weights=lambda done: evaluates(done) or done == cfg.steps)
     if evals and not all(math.isfinite(v) for v in evals[-1][1].values()):
         raise MezoReplayError("evaluation is not finite: lower --lr")
     return TrainResult(cfg.out, base, model, opt, evals, start, interrupted, adapter)
