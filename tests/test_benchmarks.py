@@ -65,10 +65,11 @@ def test_train_step_runs_and_mismatch_fails(capsys):
             "--repeats", "2"]
     bench_train_step.main(tiny)
     out = capsys.readouterr().out
-    assert "mezo-replay MeZO" in out and "reference MeZO" in out and "backend auto == torch path" in out
+    assert "mezo-replay settled" in out and "reference MeZO" in out and "backend auto == torch path" in out
     assert "x forwards" in out
-    assert ("mezo-replay fused" in out and "after two fused MeZO steps and settle(): backend auto == torch path" in out) \
-        or "fused: not measured" in out  # before the optimizer has step(settle=False)
+    for how in ("fused", "queued"):
+        assert f"mezo-replay {how}" in out
+        assert f"after two {how} MeZO steps and settle(): backend auto == torch path" in out
     with pytest.raises(SystemExit) as e:
         bench_train_step.main(tiny + ["--inject-mismatch", "--repeats", "1", "--warmup", "0"])
     assert e.value.code == 1 and "FAIL: sha256 of the weights" in capsys.readouterr().err

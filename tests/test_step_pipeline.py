@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from mezo_replay.format.mzt import read_trajectory
 from mezo_replay.kernels import cpu_kernel, steps
 from mezo_replay.kernels.steps import perturb_all_, restore_update_all_
 from mezo_replay.training.optimizer import MeZO, NonFiniteLossError
+from mezo_replay.training import train as train_module
 from mezo_replay.training.train import TrainConfig, fit, train
 
 N = 6
@@ -124,9 +126,14 @@ def run(mode: str, dtype: str, path: Path, bad: tuple[int, str] | None = None, o
             finally:
                 opt.close()
         else:
-            reads = {"settle": True, "pending": False, "mixed": lambda done: done % 2 == 0}[mode]
-            fit(opt, N, closure_for, reads_weights=reads,
-                after_step=None if after is None else (lambda done, loss: after(opt, done)))
+            reads = {"settle": True, "pending": False, "mixed": lambda done: done % 2 == 0, "queued": False,
+                     "queued-mixed": lambda done: done % 3 == 0}[mode]
+            # queued: fit's GPU loop (MeZO.queue_step: gradient on the device, records read one step late),
+            # here on the CPU so that its logic is held to the legacy bytes without a GPU
+            queued = {"cpu"} if mode.startswith("queued") else set()
+            with mock.patch.object(train_module, "QUEUED_DEVICES", queued):
+                fit(opt, N, closure_for, reads_weights=reads,
+                    after_step=None if after is None else (lambda done, loss: after(opt, done)))
     except NonFiniteLossError as e:
         error = type(e).__name__
     assert not opt.pending
@@ -160,7 +167,7 @@ def test_every_settle_pattern_writes_the_legacy_bytes(tmp_path, dtype, cpu_backe
     legacy = run("legacy", dtype, tmp_path / "legacy.mzt")
     assert not all(torch.equal(w, p.detach()) for w, p in zip(legacy[1], tiny_model(dtype).parameters()))
     assert len(set(read_trajectory(tmp_path / "legacy.mzt").grad_bits.tolist())) > 1
-    for mode in ("settle", "pending", "mixed", "manual"):
+    for mode in ("settle", "pending", "mixed", "manual", "queued", "queued-mixed"):
         assert_same(run(mode, dtype, tmp_path / f"{mode}.mzt"), legacy)
 
 
@@ -199,7 +206,7 @@ def test_a_failing_step_mid_run_is_the_legacy_one(tmp_path, dtype, bad, on_nonfi
     stopped = on_nonfinite == "raise" or bad[1] == "huge"
     assert legacy[2] == ("NonFiniteLossError" if stopped else None)
     assert read_trajectory(tmp_path / "legacy.mzt").steps == (bad[0] + 1 if stopped else N)
-    for mode in ("pending", "mixed", "manual"):
+    for mode in ("pending", "mixed", "manual", "queued", "queued-mixed"):
         assert_same(run(mode, dtype, tmp_path / f"{mode}.mzt", bad, on_nonfinite), legacy)
 
 
@@ -369,3 +376,57 @@ def test_sigint_then_resume_then_the_printed_reconstruct(tmp_path):
     assert (tmp_path / "run-tuned" / "model.safetensors").read_bytes() == \
         (whole / "run-tuned" / "model.safetensors").read_bytes()
 
+
+
+# --- queued steps (fit's GPU loop) ------------------------------------------------------------------
+
+def test_queued_steps_report_late_in_order_and_checkpoint_settled(tmp_path):
+    """fit with queued steps and checkpoints every 2 steps: the same file (ckpt chunks included) as settled
+    steps, after_step sees every step once, in order, with the same losses, and checkpoints see settled
+    weights (their fingerprints are in the file, which equals the settled run's)."""
+    def go(queued: set[str], name: str) -> tuple[bytes, list[tuple[int, float]]]:
+        model = tiny_model("bf16")
+        opt = new_opt(model, tmp_path / name)
+        seen: list[tuple[int, float]] = []
+        with mock.patch.object(train_module, "QUEUED_DEVICES", queued):
+            fit(opt, N, make_closure_for(model), after_step=lambda done, loss: seen.append((done, loss)),
+                checkpoint_every=2, reads_weights=False)
+        return (tmp_path / name).read_bytes(), seen
+
+    settled, queued = go(set(), "settled.mzt"), go({"cpu"}, "queued.mzt")
+    assert queued == settled
+    assert [d for d, _ in queued[1]] == list(range(1, N + 1))
+    assert len(read_trajectory(tmp_path / "queued.mzt").checkpoints) == N // 2 - 1
+
+
+@pytest.mark.cuda
+def test_queued_steps_never_wait_for_the_gpu(tmp_path):
+    """On CUDA, queue_step makes no synchronising call (torch's sync debug mode raises on one) apart
+    from the wait for the previous step's record, and the run equals settled steps byte for byte."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+    def go(name: str, queued: bool) -> tuple[bytes, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 64).cuda().to(torch.bfloat16)
+        target = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+        opt = new_opt(model, tmp_path / name)
+
+        def closure() -> torch.Tensor:
+            return (model.weight.float() - target.float()).square().mean()
+
+        for _ in range(N):
+            if queued:
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    opt.queue_step(closure)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            else:
+                opt.step(closure)
+        opt.close()
+        return (tmp_path / name).read_bytes(), weights(opt)
+
+    a, b = go("settled.mzt", False), go("queued.mzt", True)
+    assert a[0] == b[0]
+    assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a[1], b[1]))

@@ -65,14 +65,15 @@ if [[ " $STAGES " == *" tests "* ]]; then
     # device-side gradient against the host's) and the oracle tests (MeZO's sign), which run wherever the
     # suite runs. The fused-step kernel tests join when present.
     TESTS=(tests/test_spec_vectors.py tests/test_kernels.py tests/test_roundtrip.py tests/test_oracle.py
-        tests/test_device_grad.py::test_cuda_gives_the_host_bits_without_synchronising)
+        tests/test_device_grad.py::test_cuda_gives_the_host_bits_without_synchronising
+        tests/test_step_pipeline.py::test_queued_steps_never_wait_for_the_gpu)
     [[ -f tests/test_fused_step.py ]] && TESTS+=(tests/test_fused_step.py)
     stage tests 165 gpu_tests.log python3 -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}"
 fi
 if [[ " $STAGES " == *" bench "* || " $STAGES " == *" profile "* ]]; then
-    # Issue 11: the training step (settled three-pass, fused two-pass, two forwards, the reference; the fused
-    # step's bytes checked against the torch path's), then where a step's time goes (torch.profiler: top
-    # kernels, host gaps, host syncs per step).
+    # Issue 11: the training step (settled three-pass, fused two-pass, queued two-pass without host waits,
+    # two forwards, the reference; the fused and queued steps' bytes checked against the torch path's), then
+    # where a queued step's time goes (torch.profiler: top kernels, host gaps, host syncs per step).
     [[ " $STAGES " == *" bench "* ]] && stage train-step 60 train_step.txt python3 tools/bench_train_step.py --device cuda --shape opt-1.3b --dtype bf16 --batch 16 --seq 256 --repeats 5
     stage profile 45 profile.txt python3 tools/profile_train_step.py --device cuda --shape opt-1.3b --dtype bf16 --batch 16 --seq 256 --steps 3 --warmup 2
 fi

@@ -15,8 +15,8 @@ Same model and batch as tools/bench_train_step.py. Printed per profiled step:
   tensor on the profiled device, counted by wrapping those methods) on either device, and on CUDA the
   synchronising runtime calls and device-to-host copies the trace shows.
 
---no-settle (the default where the optimizer has it) profiles `opt.step(closure, settle=False)`, the fused
-two-pass step fit() takes between evaluations; --settle the settled three-pass step. Timings under the
+--step queued (the default) profiles `opt.queue_step(closure)`, the step fit() takes on a GPU between
+evaluations; --step fused `step(closure, settle=False)`; --step settled the three-pass step. Timings under the
 profiler are inflated by its own overhead (most on the CPU, where every op is recorded); the shares and
 counts are what to read. Nothing is compared byte for byte here; bench_train_step.py does that.
 """
@@ -38,7 +38,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import header  # noqa: E402
-from bench_train_step import add_model_options, build, has_settle  # noqa: E402
+from bench_train_step import add_model_options, build  # noqa: E402
 
 from mezo_replay import MeZO  # noqa: E402
 from mezo_replay.training import optimizer as optimizer_module  # noqa: E402
@@ -318,9 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     add_model_options(ap)
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
     ap.add_argument("--warmup", type=int, default=2, help="unprofiled steps first (default 2)")
-    ap.add_argument("--settle", action=argparse.BooleanOptionalAction, default=None,
-                    help="--settle: the settled three-pass step; --no-settle: step(closure, settle=False), the "
-                         "fused two-pass step (the default where the optimizer has it)")
+    ap.add_argument("--step", choices=["settled", "fused", "queued"], default="queued",
+                    help="settled: step(closure), three passes; fused: step(closure, settle=False), two passes, "
+                         "one host read; queued: queue_step(closure), two passes, the host never waits (what fit "
+                         "does on a GPU between evaluations) (default: queued)")
     ap.add_argument("--top", type=int, default=15, help="rows of the top kernels / ops (default 15)")
     ap.add_argument("--gaps", type=int, default=8, help="largest host gaps shown (default 8)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
@@ -343,14 +344,14 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="profile_train_step."))
     opt = MeZO(model.named_parameters(), lr=1e-7, eps=1e-3, seed=0)
     opt.record(work / "profile.mzt")  # a real run writes its records: that is part of the step
-    fused = has_settle(opt) if args.settle is None else not args.settle
-    if fused and not has_settle(opt):
-        print("note: this MeZO.step has no settle parameter: profiling the settled step")
-        fused = False
+    def one_step() -> None:
+        if args.step == "queued":
+            opt.queue_step(closure)
+        else:
+            opt.step(closure, settle=args.step == "settled")
 
-    pending = {"settle": False} if fused else {}
     for _ in range(args.warmup):
-        opt.step(closure, **pending)
+        one_step()
     if cuda:
         torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -358,12 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     with profile(activities=activities) as prof, annotate_passes(opt):
         for k in range(args.steps):
             with record_function(f"{STEP} {k + 1}"), count_reads(torch.device(args.device)) as counter:
-                opt.step(closure, **pending)
+                one_step()
             reads.append(counter[0])
         if cuda:
             torch.cuda.synchronize()
-    if fused:
-        opt.settle()
+    opt.settle()
     opt.close()
     trace = Path(args.trace) if args.trace else work / "trace.json"
     prof.export_chrome_trace(str(trace))
@@ -372,7 +372,9 @@ def main(argv: list[str] | None = None) -> None:
         repeats, warmup = args.steps, args.warmup
 
     params = sum(p.numel() for p in model.parameters())
-    what = "fused two-pass step, step(closure, settle=False)" if fused else "settled three-pass step, step(closure)"
+    what = {"settled": "settled three-pass step, step(closure)",
+            "fused": "fused two-pass step, step(closure, settle=False)",
+            "queued": "queued two-pass step, queue_step(closure)"}[args.step]
     print(header(f"profile of {args.steps} MeZO steps, {what}: {args.shape} ({params:,} params) {args.dtype}, "
                  f"batch {args.batch} x {args.seq}, backend {args.backend}", Timing, args.device).replace(
                      "median of", "profiled").replace("warm-up", "warm-up steps"))

@@ -28,6 +28,7 @@ from ..errors import MezoReplayError
 from ..format.fingerprint import DTYPE_NAMES, base_fingerprint, canonicalize_nan_, tensor_fingerprint
 from ..arithmetic.initial import generate
 from ..format.mzt import TrajectoryWriter
+from ..arithmetic.device_grad import device_coefficient
 from ..arithmetic.rule import MezoSGD, Schedule, encode_grad
 from ..kernels.steps import perturb_all_, restore_update_all_, update_perturb_all_
 
@@ -64,6 +65,28 @@ def _read(plus: torch.Tensor | float, minus: torch.Tensor | float) -> tuple[floa
         a, b = torch.stack((plus, minus)).tolist()
         return a, b
     return float(plus), float(minus)
+
+
+class _Unread:
+    """A queued step's record (bits, loss+, loss-, stop) copied to the host behind the device's queue."""
+
+    def __init__(self, t: int, host: torch.Tensor, event: Any) -> None:
+        self.t, self.host, self.event = t, host, event
+
+    @classmethod
+    def send(cls, t: int, record: torch.Tensor) -> _Unread:
+        if record.device.type != "cuda":
+            return cls(t, record.cpu(), None)
+        host = torch.empty(record.shape, dtype=record.dtype, pin_memory=True)
+        host.copy_(record, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(t, host, event)
+
+    def values(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()  # waits for this copy only, not for the work queued after it
+        return self.host.tolist()
 
 
 class MeZO:
@@ -104,7 +127,9 @@ class MeZO:
         self.last_grad_bits: int | None = None
         self.writer: TrajectoryWriter | None = None
         self.writer_records_losses = True
-        self._pending: tuple[int, float, float] | None = None  # (step, c, d) of an update not yet applied
+        # (step, c, d, go) of an update not yet applied; c and go are device tensors after a queued step
+        self._pending: tuple[int, float | torch.Tensor, float, torch.Tensor | None] | None = None
+        self._unread: _Unread | None = None  # the record of a queued step, on its way to the host
         self._base_fingerprints = self.fingerprints()
 
     # -- the step ---------------------------------------------------------------------------------
@@ -117,12 +142,16 @@ class MeZO:
     @torch.no_grad()
     def settle(self) -> None:
         """Applies a pending update alone, so the weights equal a replay of the recorded steps; a no-op
-        if none is pending. The same bytes as if that step had been taken with settle=True."""
-        if self._pending is None:
-            return
-        t, c, d = self._pending
-        self._pending = None  # first: a pass that fails half-way must never be applied a second time
-        restore_update_all_([p.data for p in self.params], self.rule, t, c, d, self.decay)
+        if none is pending. The same bytes as if that step had been taken with settle=True. After a queued
+        step (see `queue_step`) it first writes that step's record, and raises its NonFiniteLossError, if
+        any, once the weights are settled."""
+        landed = self._land()
+        if self._pending is not None:
+            t, c, d, _ = self._pending
+            self._pending = None  # first: a pass that fails half-way must never be applied a second time
+            restore_update_all_([p.data for p in self.params], self.rule, t, c, d, self.decay)
+        if landed is not None and landed[2] is not None:
+            raise landed[2]
 
     @torch.no_grad()
     def step(self, closure: Closure, *, settle: bool = True) -> float:
@@ -135,15 +164,11 @@ class MeZO:
 
         The losses are read together after the second forward: reading the first one before would make
         the host wait for the device while the second forward could already be queued."""
+        self.flush()  # after queued steps: their last record first (a wait, as this step makes anyway)
         eps = self.rule.eps
         t = self.step_count
         tensors = [p.data for p in self.params]
-        if self._pending is not None:
-            pt, c, d = self._pending
-            self._pending = None  # as in settle(): never applied twice
-            update_perturb_all_(tensors, self.rule, pt, c, d, self.decay)  # P3 of step pt, P1 of step t
-        else:
-            perturb_all_(tensors, self.rule, t, eps)
+        self._first_pass(tensors, t)
         plus = _hold(closure())
         perturb_all_(tensors, self.rule, t, -2.0 * eps)
         minus = _hold(closure())
@@ -155,7 +180,7 @@ class MeZO:
             c = self.rule.coefficient(t, bits)
         except ValueError as e:  # non-finite loss or a diverged step: no gradient step, and say so
             bits, c, failure = 0, 0.0, e
-        self._pending = (t, c, d)
+        self._pending = (t, c, d, None)
         loss = (loss_plus + loss_minus) / 2.0
         if self.writer is not None:
             self.writer.append_step(bits, loss if self.writer_records_losses else None)
@@ -167,6 +192,88 @@ class MeZO:
             raise NonFiniteLossError(f"step {self.step_count - 1}: {failure}; recorded as a zero update "
                                      f"(losses {loss_plus:g}, {loss_minus:g})")
         return loss
+
+    def _first_pass(self, tensors: list[torch.Tensor], t: int) -> None:
+        """P1 of step t, fused with the pending update of the step before when there is one."""
+        if self._pending is not None:
+            pt, c, d, go = self._pending
+            self._pending = None  # as in settle(): never applied twice
+            update_perturb_all_(tensors, self.rule, pt, c, d, self.decay, go=go)  # P3 of step pt, P1 of t
+        else:
+            perturb_all_(tensors, self.rule, t, self.rule.eps)
+
+    @torch.no_grad()
+    def queue_step(self, closure: Closure) -> tuple[int, float] | None:
+        """One step that never makes the host wait for the device: for GPU training loops (fit uses it).
+
+        Its projected gradient and coefficient are computed on the device (arithmetic/device_grad.py, the
+        host's bits exactly), its update stays pending with the coefficient on the device, and its record
+        travels to the host asynchronously. The host reads it during the next step, after that step's first
+        pass and first forward are queued, so the device is never left idle waiting for the host; then
+        the record is written, and that earlier step's (steps done, mean loss) is returned. A step that
+        must stop the run (a non-finite loss in raise mode, a diverged step) makes the next first pass
+        skip its perturbation on the device, so when its NonFiniteLossError is raised here one step late,
+        the weights are that step's settled weights, as step() leaves them; the queued forward is discarded.
+        settle() (and everything that reads the weights) completes the last queued step."""
+        eps = self.rule.eps
+        t = self.step_count
+        tensors = [p.data for p in self.params]
+        self._first_pass(tensors, t)
+        plus = _hold(closure())
+        landed = self._land()  # step t-1's record: its device work finished while this forward was queued
+        if landed is not None and landed[2] is not None:
+            raise landed[2]  # the first pass skipped step t's P1: the weights are step t-1's, settled
+        perturb_all_(tensors, self.rule, t, -2.0 * eps)
+        minus = _hold(closure())
+        device = tensors[0].device
+        lp, lm = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64, device=device)
+                  for x in (plus, minus))
+        bits, c, failed = device_coefficient(lp, lm, self.rule, t)
+        if self.on_nonfinite == "skip":  # skip goes on past a non-finite loss, not past a diverged step
+            failed = failed & torch.isfinite(lp.double() + lm.double())
+        self._pending = (t, c, self.rule.decay(t), ~failed)
+        self._unread = _Unread.send(t, torch.stack((bits.double(), lp.double(), lm.double(), failed.double())))
+        self.step_count += 1
+        return landed[:2] if landed is not None else None
+
+    def flush(self) -> tuple[int, float] | None:
+        """Writes the record of the last queued step, waiting for the device, and returns its (steps done,
+        mean loss); None if no record waits. That step's NonFiniteLossError is raised with the weights
+        settled, as step() would have left them."""
+        landed = self._land()
+        if landed is None:
+            return None
+        if landed[2] is not None:
+            self.settle()
+            raise landed[2]
+        return landed[0], landed[1]
+
+    def _land(self) -> tuple[int, float, NonFiniteLossError | None] | None:
+        """Writes the record of the last queued step, waiting for it if need be: (steps done, mean loss,
+        the error that step must raise or None); None if no record was outstanding."""
+        if self._unread is None:
+            return None
+        unread, self._unread = self._unread, None
+        t, (bits_f, loss_plus, loss_minus, stop) = unread.t, unread.values()
+        bits, failure = 0, None
+        try:  # the host's arithmetic again: it is what the file has always held, and it names the failure
+            bits = encode_grad((loss_plus - loss_minus) / (2.0 * self.rule.eps))
+            self.rule.coefficient(t, bits)
+        except ValueError as e:
+            bits, failure = 0, e
+        loss = (loss_plus + loss_minus) / 2.0
+        host_stop = failure is not None and (self.on_nonfinite == "raise" or math.isfinite(loss))
+        if bits != int(bits_f) or host_stop != bool(stop):  # a guard: the weights already took the device's
+            raise MezoReplayError(f"step {t}: the device's projected gradient ({int(bits_f):#06x}, stop "
+                                  f"{bool(stop)}) differs from the host's ({bits:#06x}); please report this")
+        if self.writer is not None:
+            self.writer.append_step(bits, loss if self.writer_records_losses else None)
+        self.last_grad_bits = bits
+        error = None
+        if stop:
+            error = NonFiniteLossError(f"step {t}: {failure}; recorded as a zero update "
+                                       f"(losses {loss_plus:g}, {loss_minus:g})")
+        return t + 1, loss, error
 
     # -- trajectory -------------------------------------------------------------------------------
 
@@ -240,14 +347,21 @@ class MeZO:
 
     def close(self) -> None:
         """Ends the trajectory with the fingerprint of the weights as they are now (NaNs made canonical);
-        a pending update is applied first, so the weights left behind are the trained ones."""
-        self.settle()
+        a pending update is applied first, so the weights left behind are the trained ones. A queued
+        step's error (see `queue_step`) is raised after the trajectory is closed."""
+        error: NonFiniteLossError | None = None
+        try:
+            self.settle()
+        except NonFiniteLossError as e:
+            error = e
         for p in self.params:
             canonicalize_nan_(p.data)
         if self.writer is not None:
             self.writer.write_fingerprint(self.fingerprints())
             self.writer.close()
             self.writer = None
+        if error is not None:
+            raise error
 
     def __enter__(self) -> MeZO:
         return self

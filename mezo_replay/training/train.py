@@ -25,7 +25,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -412,6 +412,12 @@ def record_checkpoint(opt: MeZO) -> None:
         opt.writer.add_checkpoint(opt.step_count, checkpoint_fingerprint(opt.names, opt.fingerprints()))
 
 
+# Devices on which fit queues steps (MeZO.queue_step) where nothing reads the weights in between: there a
+# host read drains the device's queue, so the next forward's launches would start on an idle device. On the
+# CPU a read costs nothing, and step()'s one read per step is simpler. (Tests add "cpu" to cover the logic.)
+QUEUED_DEVICES = {"cuda"}
+
+
 def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.Tensor | float]], *,
         after_step: Callable[[int, float], None] | None = None,
         checkpoint_every: int | Callable[[int], bool] = 0,
@@ -432,24 +438,44 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
     Where nothing does, the step's update is left pending and the next step applies it in its first
     pass (MeZO.step(settle=False)): two passes over the weights per step instead of three, with the same
     trajectory. Checkpoints, a stop and the end settle it. The default (True) settles every step, as
-    fit always did, since it cannot know what the callbacks read.
+    fit always did, since it cannot know what the callbacks read. On a GPU such steps are also queued
+    (MeZO.queue_step): the host never waits for the device, and after_step(done, loss) is called during
+    step done+1, once that step's work is queued.
     """
     due = checkpoint_every if callable(checkpoint_every) else (
         lambda done: bool(checkpoint_every) and done % checkpoint_every == 0)
     reads = reads_weights if callable(reads_weights) else (lambda done: bool(reads_weights))
+    queues = opt.params[0].device.type in QUEUED_DEVICES
+
+    def report(done: int, loss: float) -> None:
+        if after_step is not None:
+            after_step(done, loss)
+        if done < steps and due(done):
+            record_checkpoint(opt)  # fingerprints() settles
+
     interrupted = False
     try:
         with _stop_on_signals() as stop:
             for step in range(opt.step_count, steps):
-                loss = opt.step(closure_for(step), settle=reads(step + 1))
-                if after_step is not None:
-                    after_step(step + 1, loss)
-                if step + 1 < steps and due(step + 1):
-                    record_checkpoint(opt)  # fingerprints() settles
+                done = step + 1
+                if queues and not reads(done):
+                    # a step the host never waits for; its report comes one step late (it reads no weights)
+                    earlier = opt.queue_step(closure_for(step))
+                    if earlier is not None:
+                        report(*earlier)
+                    if not (stop.set or done == steps or (done < steps and due(done))):
+                        continue
+                    report(*opt.flush())  # type: ignore[misc]  # a queued step always leaves a record
+                else:
+                    if (earlier := opt.flush()) is not None:
+                        report(*earlier)
+                    report(done, opt.step(closure_for(step), settle=reads(done)))
                 if stop.set:
                     interrupted = True
                     break  # close() below settles
     except KeyboardInterrupt:
+        with suppress(Exception):
+            opt.flush()  # the last queued step is complete: its record belongs in the file
         if opt.writer is not None:
             opt.writer.close()
             opt.writer = None
