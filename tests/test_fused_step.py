@@ -293,3 +293,30 @@ def test_every_isa_build_of_the_c_kernel_compiles_warning_free(tmp_path):
         asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(obj)], capture_output=True, text=True).stdout
         bodies = {name: asm.split(f"<{name}>:")[1].split("\n\n")[0] for name in ("apply_avx512", "apply_avx2")}
         assert "zmm" in bodies["apply_avx512"] and "ymm" in bodies["apply_avx2"]
+
+
+@pytest.mark.skipif(not triton_kernels.available(), reason="Triton is not installed")
+def test_native_bf16_is_the_default_only_where_it_rounds_like_the_spec():
+    """Interpreted (numpy truncates in that conversion) or on the CPU: the integer rounding. On an
+    NVIDIA GPU of sm_80 or later: the hardware conversion, whose bits test_kernels holds to the spec's."""
+    assert triton_kernels.native_bf16_default(torch.device("cpu")) is False
+    if torch.cuda.is_available():
+        expect = torch.version.hip is None and torch.cuda.get_device_capability() >= (8, 0)
+        assert triton_kernels.native_bf16_default(torch.device("cuda")) is expect
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton_kernels.available(), reason="needs a CUDA device")
+def test_native_and_integer_bf16_give_the_same_fused_bytes_on_the_gpu():
+    """The grouped fused launch with each bfloat16 rounding, on weights that cross rounding ties."""
+    sgd = MezoSGD.create(lr=2.0**-18, eps=2.0**-20, seed=4, weight_decay=0.2)
+    bits = [np.arange(1 << 16, dtype=np.uint16), random_bits("BF16", 4099, seed=2)]
+    c = torch.tensor(sgd.coefficient(1, rule.encode_grad(-0.75)), dtype=torch.float32, device="cuda")
+    out = []
+    for native in (False, True):
+        ts = [bits_to_torch(b, "BF16", "cuda") for b in bits]
+        triton_kernels.apply_group_(ts, [0, 1], [True, False], sgd, 1, cpu_kernel.UPDATE_PERTURB, c=c, d=sgd.decay(1),
+                                    go=torch.tensor(True, device="cuda"), native_bf16=native)
+        out.append(ts)
+    for a, b in zip(*out):
+        assert _same_bits(a, b)

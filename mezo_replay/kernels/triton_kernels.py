@@ -91,7 +91,8 @@ if triton is not None:
         anything: the kernel restores them at the store (a NaN stays NaN, spec/rule.md).
 
         DT 3 is bfloat16 through the hardware's round-to-nearest-even conversion (fewer instructions;
-        GPU only, since the interpreter truncates): tests hold it to DT 1's bits on the GPU.
+        the default from sm_80 on, never interpreted, since the interpreter truncates): tests hold it to
+        DT 1's bits on the GPU, on every float32 pattern.
         """
         if DT == 3:
             return x.to(tl.bfloat16).to(tl.float32)
