@@ -320,3 +320,22 @@ def test_native_and_integer_bf16_give_the_same_fused_bytes_on_the_gpu():
         out.append(ts)
     for a, b in zip(*out):
         assert _same_bits(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not triton_kernels.available(), reason="Triton is not installed")
+def test_the_fused_pass_runs_fewer_gpu_instructions_than_the_two_it_replaces():
+    """tools/roofline.py's SASS counts (sm_90, no GPU needed): UPDATE_PERTURB per element below PERTURB +
+    RESTORE_UPDATE (it saves a load, a store and the address work of a whole pass), above either alone."""
+    code = """
+from roofline import pass_counts
+from mezo_replay.kernels import triton_kernels as T
+n = {m: sum(c.values()) / per for m, (c, per) in ((m, pass_counts('BF16', m)) for m in
+     (T.PERTURB, T.RESTORE_UPDATE, T.UPDATE_PERTURB))}
+assert max(n[T.PERTURB], n[T.RESTORE_UPDATE]) < n[T.UPDATE_PERTURB] < 0.9 * (n[T.PERTURB] + n[T.RESTORE_UPDATE]), n
+print("ok", n)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'tools'}"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
