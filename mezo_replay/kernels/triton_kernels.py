@@ -324,9 +324,11 @@ def _device_constants(constants: Sequence[tuple[float, float]], decay: bool,
 
 def _scalars(c: float | torch.Tensor, go: torch.Tensor | None, device: torch.device,
              dummy: torch.Tensor) -> tuple[float, torch.Tensor, bool, torch.Tensor, bool]:
-    """(c1, c_ptr, C_PTR, go_ptr, GO_PTR) for a launch: a host float travels as a scalar argument (nothing
-    to upload), a 0-dim tensor as a pointer the kernel reads (nothing for the host to wait on); go as a
-    pointer to its byte. Only device-side views and casts here: none of them waits for the GPU."""
+    """(c1, c_ptr, C_PTR, go_ptr, GO_PTR) for a launch: a host float travels as a by-value argument, a 0-dim
+    tensor as a pointer the kernel reads (C_PTR, a compile-time flag: two variants, each with no extra work).
+    That is the cheapest either way: wrapping a host float in a device tensor would cost a host-to-device
+    copy per step, and reading a device c on the host would wait for every queued kernel. go travels as a
+    pointer to its byte. Only views and no-op casts here: none of them waits for the GPU."""
     c_ptr, go_ptr = dummy, dummy
     if isinstance(c, torch.Tensor):
         c_ptr = c.reshape(()).to(device=device, dtype=torch.float32)
