@@ -186,20 +186,33 @@ def test_native_bf16_rounding_equals_the_spec_on_every_pattern():
 
 @pytest.mark.skipif(not triton_kernels.available(), reason="Triton is not installed")
 def test_every_kernel_variant_compiles_for_hopper_without_flushing_subnormals():
-    """Both kernels (per tensor, and grouped for training) compiled for sm_90 with Triton's own ptxas, in a process without TRITON_INTERPRET: the GPU build
-    of each mode, dtype and noise works on a machine with no GPU, and its PTX has no .ftz (which
-    would flush subnormals to zero and break the spec on tiny weights)."""
+    """Both kernels (per tensor, and grouped for training) compiled for sm_90 with Triton's own ptxas, in a
+    process without TRITON_INTERPRET: the GPU build of each mode (the fused UPDATE_PERTURB too, and the
+    variants reading c and go from device memory), dtype and noise works on a machine with no GPU, its PTX
+    has no .ftz (which would flush subnormals to zero and break the spec on tiny weights), and bfloat16
+    rounds by the hardware conversion there by default, by the integer formula when asked."""
     code = """
 import torch
 from mezo_replay.kernels import triton_kernels as T
+variants = []
 for dt in (torch.float32, torch.bfloat16, torch.float16):
-    for mode in (T.REPLAY, T.PERTURB, T.RESTORE_UPDATE):
+    for mode in (T.REPLAY, T.PERTURB, T.RESTORE_UPDATE, T.UPDATE_PERTURB):
         for noise in T.NOISES:
-            for decay in (False, True):
+            for decay in ((False, True) if mode != T.PERTURB else (False,)):  # PERTURB never decays
                 for group in ((False, True) if mode != T.REPLAY else (False,)):
-                    ptx = T.compile_for_gpu(dt, mode, noise=noise, decay=decay, group=group).asm["ptx"]
-                    assert ".ftz" not in ptx, (dt, mode, noise, decay, group)
-                    assert "sm_90" in ptx
+                    variants.append((dt, mode, dict(noise=noise, decay=decay, group=group)))
+        if mode in (T.RESTORE_UPDATE, T.UPDATE_PERTURB):  # c (and go) read from device memory
+            for group in (False, True):
+                variants.append((dt, mode, dict(decay=True, group=group, c_on_device=True,
+                                                go_on_device=mode == T.UPDATE_PERTURB)))
+for mode in (T.REPLAY, T.UPDATE_PERTURB):  # bfloat16's integer rounding (the default before sm_80)
+    variants.append((torch.bfloat16, mode, dict(decay=True, native_bf16=False)))
+for dt, mode, kw in variants:
+    ptx = T.compile_for_gpu(dt, mode, **kw).asm["ptx"]
+    assert ".ftz" not in ptx, (dt, mode, kw)
+    assert "sm_90" in ptx
+    native = dt == torch.bfloat16 and kw.get("native_bf16", True)
+    assert ("cvt.rn.bf16.f32" in ptx) == native, (dt, mode, kw)
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

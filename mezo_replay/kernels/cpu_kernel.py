@@ -21,7 +21,7 @@ from ..arithmetic.rule import MezoSGD
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 NOISES = {"gaussian16": 0, "rademacher16": 1}
-REPLAY, PERTURB, RESTORE_UPDATE = 0, 1, 2
+REPLAY, PERTURB, RESTORE_UPDATE, UPDATE_PERTURB = 0, 1, 2, 3
 ISAS = ("generic", "avx2", "avx512")  # the kernel's builds, narrowest first (generic: SSE2 on x86-64)
 _D = ctypes.POINTER(ctypes.c_double)
 
@@ -63,6 +63,9 @@ def apply_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: i
     """One call of the kernel on a contiguous CPU slice holding elements start.. of tensor `index`.
 
     isa: one of isas() (all give the same bits; the tests run each); None takes the widest.
+    UPDATE_PERTURB runs P3 of first_step with constants[0], then P1 of first_step + 1 (scale eps), in one
+    pass: the bytes of RESTORE_UPDATE then PERTURB. c and d are host floats: for a CPU tensor float(c) of
+    a 0-dim tensor is free, so the kernel has no device-memory variant.
     """
     lib = _library()
     if lib is None:
@@ -70,6 +73,8 @@ def apply_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: i
     have = isas()
     if isa is not None and isa not in have:
         raise ValueError(f"this CPU runs the kernel with {', '.join(have)}, not {isa!r}")
+    if mode not in (REPLAY, PERTURB, RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError(f"unknown kernel mode {mode!r}")
     if w.device.type != "cpu" or not w.is_contiguous() or w.dtype not in DTYPES:
         raise ValueError("the compiled kernel takes contiguous float32/bfloat16/float16 CPU tensors")
     c = (ctypes.c_double * len(constants))(*(x for x, _ in constants))

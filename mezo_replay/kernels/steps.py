@@ -21,7 +21,7 @@ from ..arithmetic.noise import noise
 from ..arithmetic.rule import MezoSGD
 
 BACKENDS = ("auto", "torch", "compiled", "triton")
-UPDATE_PERTURB = 3  # the kernels' mode code for P3 of a step fused with P1 of the next
+UPDATE_PERTURB = cpu_kernel.UPDATE_PERTURB  # P3 of a step fused with P1 of the next (both kernels' code 3)
 _backend = "auto"
 _warned: set[str] = set()
 
@@ -179,27 +179,22 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
                     s.copy_(torch.where(go, (s.to(torch.float32) + z * rule.eps).to(s.dtype), s))
 
     def run(t: torch.Tensor) -> None:
-        nonlocal constants
         path = _path(t)
-        if mode == UPDATE_PERTURB and path != "torch":
-            # TODO(kernels): one fused pass in the C and Triton kernels; until then the two passes it replaces
-            c = constants[0][0]
-            c = float(c) if isinstance(c, torch.Tensor) else c
-            _apply_(t, rule, index, first_step, cpu_kernel.RESTORE_UPDATE, [(c, constants[0][1])], decay=decay)
-            if go is None or bool(go):
-                _apply_(t, rule, index, first_step + 1, cpu_kernel.PERTURB, [(0.0, 0.0)], rule.eps, decay=False)
-            return
-        if path != "torch" and mode != cpu_kernel.REPLAY and isinstance(constants[0][0], torch.Tensor):
-            constants = [(float(constants[0][0]), constants[0][1])]  # TODO(kernels): read c on the device
-        if path == "triton":  # one launch covers the tensor; the kernel reports progress per launch
+        if path == "triton":  # one launch covers the tensor; the kernel reports progress per launch, and
+            # reads a device c and go itself (no host sync)
             triton_kernels.apply_(t, 0, rule, index, first_step, mode, constants=constants, decay=decay,
-                                  scale=scale, progress=progress)
+                                  scale=scale, go=go, progress=progress)
             return
         if path == "compiled":  # ctypes releases the GIL: slices run on torch's CPU threads
-            cs = constants if decay else [(c, 0.0) for c, _ in constants]
+            kernel_mode, cs = mode, constants
+            if mode != cpu_kernel.REPLAY and isinstance(cs[0][0], torch.Tensor):
+                cs = [(float(cs[0][0]), cs[0][1])]  # a CPU tensor (the weights' device): reading it is free
+            if mode == UPDATE_PERTURB and go is not None and not bool(go):
+                kernel_mode = cpu_kernel.RESTORE_UPDATE  # the P1 half skipped: P3's bytes alone
+            cs = cs if decay else [(c, 0.0) for c, _ in cs]
             threads = max(1, torch.get_num_threads())
             size = max(_min_slice(len(constants)), min(1 << 20, -(-t.numel() // threads)))
-            work = (lambda p: cpu_kernel.apply_(p[1], p[0], rule, index, first_step, mode, constants=cs,
+            work = (lambda p: cpu_kernel.apply_(p[1], p[0], rule, index, first_step, kernel_mode, constants=cs,
                                                 scale=scale) or p[1])
             parts = list(_flat_slices(t, size))
             done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)  # small: no hop
@@ -266,11 +261,9 @@ def _each_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, mode: int,
     """Tensors the Triton kernel takes go through one grouped launch per dtype (a launch per tensor
     would cost more than the arithmetic on a model's many small tensors); the rest one by one."""
     grouped = [k for k, t in enumerate(tensors) if t.is_contiguous() and _path(t) == "triton"]
-    if grouped and (mode == UPDATE_PERTURB or isinstance(c, torch.Tensor)):  # TODO(kernels): grouped fused launch
-        grouped = []
     if grouped:
         triton_kernels.apply_group_([tensors[k] for k in grouped], grouped, [decays[k] for k in grouped], rule,
-                                    step, mode, c=c, d=d, scale=scale)
+                                    step, mode, c=c, d=d, scale=scale, go=go)
     done = set(grouped)
     for k, t in enumerate(tensors):
         if k not in done:

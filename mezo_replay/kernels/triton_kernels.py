@@ -4,19 +4,26 @@ Why Triton: one Python-level source compiles for every recent NVIDIA GPU (and AM
 source runs on the CPU under Triton's interpreter (TRITON_INTERPRET=1), so CI tests the very logic the
 GPU runs, bit for bit against the numpy reference, on machines without a GPU.
 
-One tile body, three modes (the same as the compiled CPU kernel's), launched per tensor (`apply_`) or,
+One tile body, four modes (the same as the compiled CPU kernel's), launched per tensor (`apply_`) or,
 for training, over all tensors of a dtype at once (`apply_group_`):
 - PERTURB: P1 or P2 of one step (training);
 - RESTORE_UPDATE: P3 of one step, restore, decay and update fused (training);
+- UPDATE_PERTURB: P3 of step t, then P1 of step t+1 on its rounded result, in one pass (training: a step
+  that goes straight on to the next costs two passes over the weights instead of three);
 - REPLAY: P1, P2 and P3 of many steps: each program loads its tile once, runs every step in registers
   and stores once (reconstruction).
 
+In the training modes c (and UPDATE_PERTURB's go) may be read from device memory (0-dim tensors), so the
+host never has to know the step's projected gradient before launching: no synchronisation per step.
+
 Exactness (spec/rule.md): every product is exact in binary32, so contraction into FMAs cannot change
 a bit, and the kernels are launched with it allowed (FP_FUSION): an FMA saves an instruction per
-phase; GPU tests hold the result to the reference. R_D for bfloat16 is the spec's
-integer rounding rather than a conversion instruction, because Triton's interpreter truncates where
-GPUs round, and the integer form is the same everywhere. Float16 uses the round-to-nearest-even
-conversion, which both the GPU and the interpreter (numpy) implement with subnormals.
+phase; GPU tests hold the result to the reference. R_D for bfloat16 has two forms that give the same
+bits: the spec's integer rounding, and the hardware's round-to-nearest-even conversion (cvt.rn.bf16.f32,
+sm_80 and later: fewer instructions per rounding). The conversion is the default on such GPUs (see
+native_bf16_default); the integer form everywhere else, and always under Triton's interpreter, which
+truncates in that conversion where GPUs round. Float16 uses the round-to-nearest-even conversion, which
+both the GPU and the interpreter (numpy) implement with subnormals.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ try:
 except ImportError:  # an optional dependency: CPU-only installs run without it
     triton = None
 
-REPLAY, PERTURB, RESTORE_UPDATE = 0, 1, 2  # the same codes as cpu_kernel's
+REPLAY, PERTURB, RESTORE_UPDATE, UPDATE_PERTURB = 0, 1, 2, 3  # the same codes as cpu_kernel's
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 NOISES = {"gaussian16": 0, "rademacher16": 1}
 FP_FUSION = True  # safe: every product is exact, so an FMA rounds as mul-then-add does
@@ -84,7 +91,8 @@ if triton is not None:
         anything: the kernel restores them at the store (a NaN stays NaN, spec/rule.md).
 
         DT 3 is bfloat16 through the hardware's round-to-nearest-even conversion (fewer instructions;
-        GPU only, since the interpreter truncates): tests hold it to DT 1's bits on the GPU.
+        the default from sm_80 on, never interpreted, since the interpreter truncates): tests hold it to
+        DT 1's bits on the GPU, on every float32 pattern.
         """
         if DT == 3:
             return x.to(tl.bfloat16).to(tl.float32)
@@ -106,13 +114,21 @@ if triton is not None:
         return tl.where(keep, (x - hi * d) - (x - hi) * d, s)
 
     @triton.jit
-    def _element_step(w, u, table_ptr, eps, scale, c, d,
-                      DT: tl.constexpr, NOISE: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr):
-        """One step of one mode on elements whose 16 random bits are u (int32), in binary32."""
+    def _noise(u, table_ptr, NOISE: tl.constexpr):
+        """z of elements whose 16 random bits are u (int32)."""
         if NOISE == 0:
             z = (tl.load(table_ptr + u).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
         else:
             z = tl.where(u < 32768, -1.0, 1.0)
+        return z
+
+    @triton.jit
+    def _element_step(w, u, u2, table_ptr, eps, scale, c, d, go,
+                      DT: tl.constexpr, NOISE: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
+                      GO_PTR: tl.constexpr):
+        """One step of one mode on elements whose 16 random bits are u (int32), in binary32. u2: the
+        next step's bits (UPDATE_PERTURB only); go: whether its P1 half runs (only read if GO_PTR)."""
+        z = _noise(u, table_ptr, NOISE)
         if MODE == 1:
             w = _round(w + z * scale, DT)
         else:
@@ -123,6 +139,12 @@ if triton is not None:
             if DECAY:
                 s = _decay(s, d)
             w = _round(s - z * c, DT)
+            if MODE == 3:  # P1 of the next step on P3's rounded value: PERTURB's bits with scale eps
+                w1 = _round(w + _noise(u2, table_ptr, NOISE) * eps, DT)
+                if GO_PTR:
+                    w = tl.where(go, w1, w)
+                else:
+                    w = w1
         return w
 
     @triton.jit
@@ -144,16 +166,18 @@ if triton is not None:
             tl.store(ptr, tl.where(nan, float("nan"), w), mask=mask)
 
     @triton.jit
-    def _tile(w_ptr, n, base, pid, table_ptr, c_ptr, d_ptr, nsteps, first_step, k_idx, k0, k1, eps, scale, c1, d1,
-              decay_on, DT: tl.constexpr, NOISE: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
-              BLOCK: tl.constexpr):
+    def _tile(w_ptr, n, base, pid, table_ptr, c_ptr, d_ptr, go_ptr, nsteps, first_step, k_idx, k0, k1, eps, scale,
+              c1, d1, decay_on, DT: tl.constexpr, NOISE: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
+              BLOCK: tl.constexpr, C_PTR: tl.constexpr, GO_PTR: tl.constexpr):
         """Tile `pid` of elements base .. base+n-1 of one tensor, stored contiguously at w_ptr.
 
         A tile holds BLOCK/8 Philox blocks as eight [BLOCK/8] tensors, the j-th holding element 8b+j of
         each block b: one Philox call per thread feeds its own 8 elements, and every tensor shares one
         layout, so nothing moves between threads. Tiles are aligned to Philox blocks in index space,
         so an unaligned `base` (a slice starting mid-block) only masks the edges. bfloat16 arrives as
-        int16. decay_on (runtime) selects decay where DECAY (compile time) allows it.
+        int16. decay_on (runtime) selects decay where DECAY (compile time) allows it. In the one-step
+        modes c is c1, or the float32 at c_ptr where C_PTR; UPDATE_PERTURB's go is the byte at go_ptr
+        where GO_PTR (else true). Reading them in the kernel is what spares the host a synchronisation.
         """
         blocks = (base >> 3) + pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8).to(tl.int64)
         o = blocks * 8 - base  # offset of each block's element 0 from w_ptr
@@ -163,26 +187,44 @@ if triton is not None:
         w0, w1, w2, w3 = _load(p, m0, DT), _load(p + 1, m1, DT), _load(p + 2, m2, DT), _load(p + 3, m3, DT)
         w4, w5, w6, w7 = _load(p + 4, m4, DT), _load(p + 5, m5, DT), _load(p + 6, m6, DT), _load(p + 7, m7, DT)
         n0, n1, n2, n3, n4, n5, n6, n7 = w0 != w0, w1 != w1, w2 != w2, w3 != w3, w4 != w4, w5 != w5, w6 != w6, w7 != w7
+        c_one = c1
+        if C_PTR:
+            c_one = tl.load(c_ptr)
+        go = True
+        if GO_PTR:
+            go = tl.load(go_ptr) != 0
         steps = 1
         if MODE == 0:
             steps = nsteps
         for j in range(steps):
-            c = c1
+            c = c_one
             d = d1
             if MODE == 0:
                 c = tl.load(c_ptr + j)
                 d = tl.load(d_ptr + j)
             d = tl.where(decay_on, d, 0.0)
             x0, x1, x2, x3 = _philox(blocks, k_idx, (first_step + j).to(tl.uint32), k0, k1)
+            if MODE == 3:  # the next step's words (its counter word wraps at 2^32 like the host's)
+                y0, y1, y2, y3 = _philox(blocks, k_idx, (first_step + j + 1).to(tl.uint32), k0, k1)
+            else:
+                y0, y1, y2, y3 = x0, x1, x2, x3
             # element 8b+j takes the low (even j) or high (odd j) half of word j // 2
-            w0 = _element_step(w0, (x0 & 0xFFFF).to(tl.int32), table_ptr, eps, scale, c, d, DT, NOISE, MODE, DECAY)
-            w1 = _element_step(w1, (x0 >> 16).to(tl.int32), table_ptr, eps, scale, c, d, DT, NOISE, MODE, DECAY)
-            w2 = _element_step(w2, (x1 & 0xFFFF).to(tl.int32), table_ptr, eps, scale, c, d, DT, NOISE, MODE, DECAY)
-            w3 = _element_step(w3, (x1 >> 16).to(tl.int32), table_ptr, eps, scale, c, d, DT, NOISE, MODE, DECAY)
-            w4 = _element_step(w4, (x2 & 0xFFFF).to(tl.int32), table_ptr, eps, scale, c, d, DT, NOISE, MODE, DECAY)
-            w5 = _element_step(w5, (x2 >> 16).to(tl.int32), table_ptr, eps, scale, c, d, DT, NOISE, MODE, DECAY)
-            w6 = _element_step(w6, (x3 & 0xFFFF).to(tl.int32), table_ptr, eps, scale, c, d, DT, NOISE, MODE, DECAY)
-            w7 = _element_step(w7, (x3 >> 16).to(tl.int32), table_ptr, eps, scale, c, d, DT, NOISE, MODE, DECAY)
+            w0 = _element_step(w0, (x0 & 0xFFFF).to(tl.int32), (y0 & 0xFFFF).to(tl.int32), table_ptr, eps,
+                               scale, c, d, go, DT, NOISE, MODE, DECAY, GO_PTR)
+            w1 = _element_step(w1, (x0 >> 16).to(tl.int32), (y0 >> 16).to(tl.int32), table_ptr, eps,
+                               scale, c, d, go, DT, NOISE, MODE, DECAY, GO_PTR)
+            w2 = _element_step(w2, (x1 & 0xFFFF).to(tl.int32), (y1 & 0xFFFF).to(tl.int32), table_ptr, eps,
+                               scale, c, d, go, DT, NOISE, MODE, DECAY, GO_PTR)
+            w3 = _element_step(w3, (x1 >> 16).to(tl.int32), (y1 >> 16).to(tl.int32), table_ptr, eps,
+                               scale, c, d, go, DT, NOISE, MODE, DECAY, GO_PTR)
+            w4 = _element_step(w4, (x2 & 0xFFFF).to(tl.int32), (y2 & 0xFFFF).to(tl.int32), table_ptr, eps,
+                               scale, c, d, go, DT, NOISE, MODE, DECAY, GO_PTR)
+            w5 = _element_step(w5, (x2 >> 16).to(tl.int32), (y2 >> 16).to(tl.int32), table_ptr, eps,
+                               scale, c, d, go, DT, NOISE, MODE, DECAY, GO_PTR)
+            w6 = _element_step(w6, (x3 & 0xFFFF).to(tl.int32), (y3 & 0xFFFF).to(tl.int32), table_ptr, eps,
+                               scale, c, d, go, DT, NOISE, MODE, DECAY, GO_PTR)
+            w7 = _element_step(w7, (x3 >> 16).to(tl.int32), (y3 >> 16).to(tl.int32), table_ptr, eps,
+                               scale, c, d, go, DT, NOISE, MODE, DECAY, GO_PTR)
         _store(p, w0, n0, m0, DT)
         _store(p + 1, w1, n1, m1, DT)
         _store(p + 2, w2, n2, m2, DT)
@@ -194,23 +236,23 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n", "base_hi", "base_lo", "tensor_index", "first_step", "key0", "key1",
                                    "nsteps"])
-    def _kernel(w_ptr, n, base_hi, base_lo, table_ptr, c_ptr, d_ptr, nsteps, first_step, tensor_index, key0, key1,
-                eps, scale, c1, d1,
+    def _kernel(w_ptr, n, base_hi, base_lo, table_ptr, c_ptr, d_ptr, go_ptr, nsteps, first_step, tensor_index, key0,
+                key1, eps, scale, c1, d1,
                 DT: tl.constexpr, NOISE: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, C_PTR: tl.constexpr, GO_PTR: tl.constexpr):
         """One tensor (or a contiguous run of one), base = base_hi * 2^31 + base_lo: Triton types an
         integer argument by its value, and one typed unsigned 32-bit does not widen the same way
         everywhere (the interpreter differs), so the 64-bit index travels as two halves."""
         base = (base_hi.to(tl.int64) << 31) + base_lo.to(tl.int64)
-        _tile(w_ptr, n, base, tl.program_id(0).to(tl.int64), table_ptr, c_ptr, d_ptr, nsteps, first_step,
+        _tile(w_ptr, n, base, tl.program_id(0).to(tl.int64), table_ptr, c_ptr, d_ptr, go_ptr, nsteps, first_step,
               tensor_index.to(tl.uint32), key0.to(tl.uint32), key1.to(tl.uint32), eps, scale, c1, d1, True,
-              DT, NOISE, MODE, DECAY, BLOCK)
+              DT, NOISE, MODE, DECAY, BLOCK, C_PTR, GO_PTR)
 
     @triton.jit(do_not_specialize=["step", "key0", "key1"])
-    def _group_kernel(ptrs, sizes, indices, decays, tile_slot, tile_num, table_ptr, step, key0, key1,
+    def _group_kernel(ptrs, sizes, indices, decays, tile_slot, tile_num, table_ptr, c_ptr, go_ptr, step, key0, key1,
                       eps, scale, c1, d1,
                       DT: tl.constexpr, NOISE: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
-                      BLOCK: tl.constexpr, PTR: tl.constexpr):
+                      BLOCK: tl.constexpr, PTR: tl.constexpr, C_PTR: tl.constexpr, GO_PTR: tl.constexpr):
         """One training phase over many tensors of one dtype in one launch: program i takes tile
         tile_num[i] of tensor tile_slot[i], whose address, size, trajectory index and decay flag come
         from the per-tensor tables. A model has hundreds of tensors, most of them small; a launch per
@@ -218,15 +260,33 @@ if triton is not None:
         pid = tl.program_id(0)
         slot = tl.load(tile_slot + pid)
         w_ptr = tl.load(ptrs + slot).to(tl.pointer_type(PTR))
-        _tile(w_ptr, tl.load(sizes + slot), 0, tl.load(tile_num + pid).to(tl.int64), table_ptr, table_ptr,
-              table_ptr, 1, step, tl.load(indices + slot).to(tl.uint32), key0.to(tl.uint32), key1.to(tl.uint32),
-              eps, scale, c1, d1, tl.load(decays + slot) != 0, DT, NOISE, MODE, DECAY, BLOCK)
+        _tile(w_ptr, tl.load(sizes + slot), 0, tl.load(tile_num + pid).to(tl.int64), table_ptr, c_ptr,
+              table_ptr, go_ptr, 1, step, tl.load(indices + slot).to(tl.uint32), key0.to(tl.uint32),
+              key1.to(tl.uint32), eps, scale, c1, d1, tl.load(decays + slot) != 0, DT, NOISE, MODE, DECAY, BLOCK,
+              C_PTR, GO_PTR)
 else:
     _kernel = None
 
 def _dt_code(dtype: torch.dtype, native_bf16: bool = False) -> int:
     """The kernels' DT: 0 float32, 1 bfloat16 (integer rounding), 2 float16, 3 bfloat16 (hardware)."""
     return 3 if native_bf16 and dtype == torch.bfloat16 else DTYPES[dtype]
+
+
+_native: dict[tuple[str, int | None], bool] = {}
+
+
+def native_bf16_default(device: torch.device) -> bool:
+    """Whether bfloat16 rounds by the hardware conversion by default on this device: on NVIDIA GPUs of
+    compute capability 8.0 or later, whose cvt.rn.bf16.f32 rounds to nearest even exactly as the spec's
+    integer formula does (the same bits: tests/test_kernels.py checks all 2^32 patterns and the kernel on
+    such a GPU), in fewer instructions. Not under the interpreter (numpy's conversion truncates), not
+    before sm_80 (Triton emulates the conversion there), not on AMD GPUs (not checked on one)."""
+    device = torch.device(device)
+    key = (device.type, device.index)
+    if key not in _native:
+        _native[key] = (not interpreting() and device.type == "cuda" and torch.version.hip is None
+                        and torch.cuda.get_device_capability(device) >= (8, 0))
+    return _native[key]
 
 
 def _element_type(dtype: torch.dtype):
@@ -262,31 +322,59 @@ def _device_constants(constants: Sequence[tuple[float, float]], decay: bool,
     return hit[1], hit[2]
 
 
+def _scalars(c: float | torch.Tensor, go: torch.Tensor | None, device: torch.device,
+             dummy: torch.Tensor) -> tuple[float, torch.Tensor, bool, torch.Tensor, bool]:
+    """(c1, c_ptr, C_PTR, go_ptr, GO_PTR) for a launch: a host float travels as a by-value argument, a 0-dim
+    tensor as a pointer the kernel reads (C_PTR, a compile-time flag: two variants, each with no extra work).
+    That is the cheapest either way: wrapping a host float in a device tensor would cost a host-to-device
+    copy per step, and reading a device c on the host would wait for every queued kernel. go travels as a
+    pointer to its byte. Only views and no-op casts here: none of them waits for the GPU."""
+    c_ptr, go_ptr = dummy, dummy
+    if isinstance(c, torch.Tensor):
+        c_ptr = c.reshape(()).to(device=device, dtype=torch.float32)
+        c = 0.0
+    if go is not None:
+        go = go.reshape(()).to(device=device)
+        go_ptr = (go if go.dtype == torch.bool else go != 0).view(torch.uint8)
+    return float(c), c_ptr, c_ptr is not dummy, go_ptr, go is not None
+
+
 def apply_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: int, mode: int, *,
-           constants: Sequence[tuple[float, float]] = ((0.0, 0.0),), decay: bool = False,
-           scale: float = 0.0, steps_per_launch: int = 1024, block: int = BLOCK, num_warps: int = 4,
-           native_bf16: bool = False, progress: Callable[[int], None] | None = None) -> None:
+           constants: Sequence[tuple[float | torch.Tensor, float]] = ((0.0, 0.0),), decay: bool = False,
+           scale: float = 0.0, go: torch.Tensor | None = None, steps_per_launch: int = 1024, block: int = BLOCK,
+           num_warps: int = 4, native_bf16: bool | None = None,
+           progress: Callable[[int], None] | None = None) -> None:
     """One tensor (or contiguous slice holding elements start..) through the kernel, in place.
 
     REPLAY launches cover `steps_per_launch` steps each, so each tile is read and written once per
-    launch and progress can be reported between launches. block, num_warps and native_bf16 are for
-    benchmarks: the bits are the same for any value.
+    launch and progress can be reported between launches. In RESTORE_UPDATE and UPDATE_PERTURB the c of
+    constants[0] may be a 0-dim tensor (read on the device); go (UPDATE_PERTURB: a 0-dim bool tensor, None
+    for true) skips the P1 half where false. block, num_warps and native_bf16 (None: native_bf16_default)
+    are for benchmarks: the bits are the same for any value.
     """
     if not runs_on(w) or not w.is_contiguous():
         raise ValueError("the Triton kernel takes contiguous float32/bfloat16/float16 CUDA tensors "
                          "(CPU tensors only under TRITON_INTERPRET=1)")
+    if mode not in (REPLAY, PERTURB, RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError(f"unknown kernel mode {mode!r}")
     if w.numel() == 0:
         return
     view = (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).view(-1)
     table = _table(w.device)
+    dummy = _device_constants(((0.0, 0.0),), False, w.device)[0]
     if mode == REPLAY:
         c_all, d_all = _device_constants(constants, decay, w.device)
-    else:  # single steps pass c and d as scalars: nothing to upload per tensor per step
-        c_all = d_all = _device_constants(((0.0, 0.0),), False, w.device)[0]
-    c1, d1 = constants[0] if mode == RESTORE_UPDATE else (0.0, 0.0)
+        c1, go_ptr, c_from_ptr, go_from_ptr, d1 = 0.0, dummy, False, False, 0.0
+    else:  # single steps pass c and d as scalars (or c as a device pointer): nothing to upload per tensor
+        c, d1 = constants[0] if mode in (RESTORE_UPDATE, UPDATE_PERTURB) else (0.0, 0.0)
+        c1, c_all, c_from_ptr, go_ptr, go_from_ptr = _scalars(c, go if mode == UPDATE_PERTURB else None,
+                                                              w.device, dummy)
+        d_all = dummy
+    if native_bf16 is None:
+        native_bf16 = native_bf16_default(w.device)
     meta = dict(DT=_dt_code(w.dtype, native_bf16), NOISE=NOISES[rule.noise],
-                MODE=mode, DECAY=bool(decay) and mode != PERTURB, BLOCK=block, num_warps=num_warps,
-                enable_fp_fusion=FP_FUSION)
+                MODE=mode, DECAY=bool(decay) and mode != PERTURB, BLOCK=block, C_PTR=c_from_ptr,
+                GO_PTR=go_from_ptr, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     total = len(constants) if mode == REPLAY else 1
     for first in range(0, total, steps_per_launch):
         count = min(steps_per_launch, total - first)
@@ -294,9 +382,9 @@ def apply_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: i
             n = min(_MAX_LAUNCH, w.numel() - part)
             base = start + part
             _kernel[(triton.cdiv((base & 7) + n, block),)](
-                view[part:], n, base >> 31, base & 0x7FFFFFFF, table, c_all[first:], d_all[first:], count,
-                first_step + first, index, rule.seed & 0xFFFFFFFF, rule.seed >> 32, rule.eps, scale, c1,
-                d1 if decay else 0.0, **meta)
+                view[part:], n, base >> 31, base & 0x7FFFFFFF, table, c_all[first:] if mode == REPLAY else c_all,
+                d_all[first:] if mode == REPLAY else d_all, go_ptr, count, first_step + first, index,
+                rule.seed & 0xFFFFFFFF, rule.seed >> 32, rule.eps, scale, c1, float(d1) if decay else 0.0, **meta)
         if progress is not None:
             progress(w.numel() * count)
 
@@ -326,12 +414,12 @@ def _group_tables(tensors: Sequence[torch.Tensor], indices: Sequence[int], decay
 
 
 def apply_group_(tensors: Sequence[torch.Tensor], indices: Sequence[int], decays: Sequence[bool], rule: MezoSGD,
-                 step: int, mode: int, *, c: float = 0.0, d: float = 0.0, scale: float = 0.0,
-                 block: int = BLOCK) -> None:
-    """PERTURB or RESTORE_UPDATE of one step on whole tensors (tensors[i] is trajectory tensor
-    indices[i]), one launch per dtype. Tensors must be contiguous; decays[i] says whether tensor i
-    takes the decay d."""
-    if mode == REPLAY:
+                 step: int, mode: int, *, c: float | torch.Tensor = 0.0, d: float = 0.0, scale: float = 0.0,
+                 go: torch.Tensor | None = None, block: int = BLOCK, native_bf16: bool | None = None) -> None:
+    """PERTURB, RESTORE_UPDATE or UPDATE_PERTURB of one step on whole tensors (tensors[i] is trajectory
+    tensor indices[i]), one launch per dtype. Tensors must be contiguous; decays[i] says whether tensor i
+    takes the decay d. c and go as in apply_: device tensors are read by the kernel, never by the host."""
+    if mode not in (PERTURB, RESTORE_UPDATE, UPDATE_PERTURB):
         raise ValueError("replay runs tensor by tensor (apply_), many steps per launch")
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -341,22 +429,28 @@ def apply_group_(tensors: Sequence[torch.Tensor], indices: Sequence[int], decays
             by_dtype.setdefault(t.dtype, []).append(i)
     for dtype, members in by_dtype.items():
         ts = [tensors[i] for i in members]
+        device = ts[0].device
         ptrs, sizes, idx, dec, slot, num = _group_tables(ts, [indices[i] for i in members],
                                                          [bool(decays[i]) for i in members], block)
-        ptr = _element_type(dtype)
+        table = _table(device)
+        c1, c_ptr, c_from_ptr, go_ptr, go_from_ptr = _scalars(c if mode != PERTURB else 0.0,
+                                                              go if mode == UPDATE_PERTURB else None, device, table)
+        native = native_bf16_default(device) if native_bf16 is None else native_bf16
         _group_kernel[(slot.numel(),)](
-            ptrs, sizes, idx, dec, slot, num, _table(ts[0].device), step, rule.seed & 0xFFFFFFFF, rule.seed >> 32,
-            rule.eps, scale, c, d, DT=DTYPES[dtype], NOISE=NOISES[rule.noise], MODE=mode,
-            DECAY=mode == RESTORE_UPDATE and any(decays[i] for i in members), BLOCK=block, PTR=ptr,
-            enable_fp_fusion=FP_FUSION)
+            ptrs, sizes, idx, dec, slot, num, table, c_ptr, go_ptr, step, rule.seed & 0xFFFFFFFF, rule.seed >> 32,
+            rule.eps, scale, c1, d, DT=_dt_code(dtype, native), NOISE=NOISES[rule.noise], MODE=mode,
+            DECAY=mode != PERTURB and any(decays[i] for i in members), BLOCK=block, PTR=_element_type(dtype),
+            C_PTR=c_from_ptr, GO_PTR=go_from_ptr, enable_fp_fusion=FP_FUSION)
 
 
 def compile_for_gpu(dtype: torch.dtype, mode: int, *, noise: str = "gaussian16", decay: bool = False,
-                    arch: int = 90, block: int = BLOCK, num_warps: int = 4, native_bf16: bool = False,
-                    group: bool = False):
+                    arch: int = 90, block: int = BLOCK, num_warps: int = 4, native_bf16: bool | None = None,
+                    group: bool = False, c_on_device: bool = False, go_on_device: bool = False):
     """Compiles the kernel for an NVIDIA GPU of compute capability `arch` on a machine without one
     (Triton ships ptxas): tests check that every variant builds and that its PTX flushes no
-    subnormals; tools/roofline.py counts its machine instructions. Not under TRITON_INTERPRET."""
+    subnormals; tools/roofline.py counts its machine instructions. Not under TRITON_INTERPRET.
+    native_bf16 None: what a launch on such a GPU uses by default (the conversion from sm_80 on);
+    c_on_device / go_on_device: the variants that read c / go through a pointer."""
     if triton is None or interpreting():
         raise RuntimeError("compiling needs Triton, and TRITON_INTERPRET unset")
     from triton.backends.compiler import GPUTarget
@@ -364,16 +458,18 @@ def compile_for_gpu(dtype: torch.dtype, mode: int, *, noise: str = "gaussian16",
 
     ptr = {torch.float32: "*fp32", torch.bfloat16: "*i16", torch.float16: "*fp16"}[dtype]
     signature = {"w_ptr": ptr, "n": "i32", "base_hi": "i32", "base_lo": "i32", "table_ptr": "*u16",
-                 "c_ptr": "*fp32", "d_ptr": "*fp32", "nsteps": "i32", "first_step": "i32", "tensor_index": "i32",
-                 "key0": "i32", "key1": "i32", "eps": "fp32", "scale": "fp32", "c1": "fp32", "d1": "fp32"}
-    dt = _dt_code(dtype, native_bf16)
-    constexprs = {"DT": dt, "NOISE": NOISES[noise], "MODE": mode, "DECAY": decay, "BLOCK": block}
+                 "c_ptr": "*fp32", "d_ptr": "*fp32", "go_ptr": "*u8", "nsteps": "i32", "first_step": "i32",
+                 "tensor_index": "i32", "key0": "i32", "key1": "i32", "eps": "fp32", "scale": "fp32", "c1": "fp32",
+                 "d1": "fp32"}
+    dt = _dt_code(dtype, arch >= 80 if native_bf16 is None else native_bf16)
+    constexprs = {"DT": dt, "NOISE": NOISES[noise], "MODE": mode, "DECAY": decay, "BLOCK": block,
+                  "C_PTR": c_on_device, "GO_PTR": go_on_device}
     kernel = _kernel
     if group:  # the grouped training kernel (apply_group_)
         kernel = _group_kernel
         signature = {"ptrs": "*i64", "sizes": "*i64", "indices": "*i64", "decays": "*i8", "tile_slot": "*i32",
-                     "tile_num": "*i32", "table_ptr": "*u16", "step": "i32", "key0": "i32", "key1": "i32",
-                     "eps": "fp32", "scale": "fp32", "c1": "fp32", "d1": "fp32"}
+                     "tile_num": "*i32", "table_ptr": "*u16", "c_ptr": "*fp32", "go_ptr": "*u8", "step": "i32",
+                     "key0": "i32", "key1": "i32", "eps": "fp32", "scale": "fp32", "c1": "fp32", "d1": "fp32"}
         constexprs["PTR"] = _element_type(dtype)
     signature.update({k: "constexpr" for k in constexprs})
     return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
