@@ -1,7 +1,8 @@
 """Replay throughput (element-steps per second) of every path on one device, measured in the same run on
 the same tensor, with their bytes compared (the run fails, exit 1, if any two differ): on the CPU the
-compiled kernel beside the torch path and the numpy reference; on CUDA the Triton kernel (and its
-native-bf16 variant) beside the torch path, with the ratio to the roofline of tools/roofline.py.
+compiled kernel beside the torch path and the numpy reference; on CUDA the Triton kernel (bfloat16 by the
+hardware conversion where the GPU has one, the default, and by the spec's integer rounding, the fallback)
+beside the torch path, with the ratio to the roofline of tools/roofline.py.
 
     python tools/bench_replay.py [--elements N] [--steps T] [--dtype BF16] [--device cpu|cuda] [--repeats 5]
 
@@ -55,12 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     constants = step_constants(sgd, grads)
 
-    def path(backend: str, native_bf16: bool = False, isa: str | None = None):
+    def path(backend: str, integer_bf16: bool = False, isa: str | None = None):
         """(timing, result bytes) of one path: replay of every step on a fresh copy of w."""
         set_backend(backend)
-        if native_bf16:
+        if integer_bf16:
             def run(x):
-                triton_kernels.apply_(x, 0, sgd, 0, 0, triton_kernels.REPLAY, constants=constants, native_bf16=True)
+                triton_kernels.apply_(x, 0, sgd, 0, 0, triton_kernels.REPLAY, constants=constants, native_bf16=False)
                 return x
         elif isa:  # one kernel call on one thread, with this instruction set
             def run(x):
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     if triton_kernels.available() and (cuda or triton_kernels.interpreting()):  # interpreted: a logic check
         rows.append(("triton", path("triton")))
         if args.dtype == "BF16" and cuda:
-            rows.append(("triton native-bf16", path("triton", native_bf16=True)))
+            rows.append(("triton integer-bf16", path("triton", integer_bf16=True)))
     set_backend("auto")
 
     n_ref = min(args.elements, args.reference_elements)
