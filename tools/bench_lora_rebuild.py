@@ -50,7 +50,7 @@ from mezo_replay.arithmetic.initial import generate, kaiming_uniform_bound, unif
 from mezo_replay.format.mzt import TrajectoryWriter, read_trajectory  # noqa: E402
 from mezo_replay.training.optimizer import MeZO  # noqa: E402
 from mezo_replay.arithmetic.rule import encode_grad  # noqa: E402
-from mezo_replay.kernels.steps import replay_tensor_, set_backend, step_constants  # noqa: E402
+from mezo_replay.kernels.steps import replay_tensor_, set_backend  # noqa: E402
 
 TARGET_S = 30.0  # the figure for 3.1e10 element-steps on 2 CPU cores
 SYNTHETIC_BASE = hashlib.sha256(b"mezo-replay bench: synthetic OPT-1.3B-shaped base").hexdigest()
@@ -302,8 +302,8 @@ def adapters(folder: Path, args: argparse.Namespace) -> None:
                          "the first run", b"".join(digests[n] for n in both))
         digests = {**mine, **digests}
     print(f"rebuilt by: {way}")
-    print(f"every adapter rebuilt in more than one run has the same bytes each time; each was checked against its "
-          f"trajectory's final fingerprint as it was rebuilt")
+    print("every adapter rebuilt in more than one run has the same bytes each time; each was checked against its "
+          "trajectory's final fingerprint as it was rebuilt")
 
 
 def child(args: argparse.Namespace) -> None:
