@@ -314,7 +314,7 @@ def _hub_error(e: BaseException, repo_id: str, token: str | None) -> MezoReplayE
             return MezoReplayError(f"repository {repo_id} was not found and could not be created: check the "
                                    f"namespace, and that your token may write to it ({status})")
         if status == 401:
-            return MezoReplayError(f"the Hub rejected the token (401): it is invalid or expired; run "
+            return MezoReplayError("the Hub rejected the token (401): it is invalid or expired; run "
                                    f"`hf auth login` or set HF_TOKEN")
         if status == 403:
             return MezoReplayError(f"no write access to {repo_id} (403): the token is read-only, or the namespace "
