@@ -315,7 +315,7 @@ def _hub_error(e: BaseException, repo_id: str, token: str | None) -> MezoReplayE
                                    f"namespace, and that your token may write to it ({status})")
         if status == 401:
             return MezoReplayError("the Hub rejected the token (401): it is invalid or expired; run "
-                                   f"`hf auth login` or set HF_TOKEN")
+                                   "`hf auth login` or set HF_TOKEN")
         if status == 403:
             return MezoReplayError(f"no write access to {repo_id} (403): the token is read-only, or the namespace "
                                    f"{repo_id.split('/')[0]!r} is not yours or an organization you can write to")
