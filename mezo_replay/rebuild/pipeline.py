@@ -129,7 +129,7 @@ def run(count: int, read: Reader, kernel: Kernel, finish: Finisher, device: torc
                 if cuda:
                     with torch.cuda.device(device), torch.cuda.stream(stream):
                         item.host.copy_(item.work, non_blocking=True)
-                        item.done = torch.cuda.Event()
+                        item.done = torch.cuda.Event(blocking=True)  # the writer sleeps on it, not spins
                         item.done.record(stream)
                     item.work = item.host  # the device copy goes back to the allocator (stream-ordered)
             except Exception:
