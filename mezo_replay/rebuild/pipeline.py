@@ -139,7 +139,7 @@ def run(count: int, read: Reader, kernel: Kernel, finish: Finisher, device: torc
             results.put(item)
             del item
         results.put(None)
-        threads[1].join()
+        _join(threads[1])
         if failed:
             raise failed[0].error
         clean = True
@@ -149,8 +149,7 @@ def run(count: int, read: Reader, kernel: Kernel, finish: Finisher, device: torc
         if not clean:
             results.put(None)
         for t in threads:
-            while t.is_alive():
-                t.join(_POLL)
+            _join(t)
         if cuda:
             empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
             if empty is not None:
@@ -172,7 +171,11 @@ def _finish_earlier(results: queue.Queue, writer: threading.Thread, failed: list
     """Lets the writer finish the tensors before the failing one, so that one of them failing its check
     is reported in its place, as the sequential loop would have; then re-raises that error."""
     results.put(None)
-    while writer.is_alive():
-        writer.join(_POLL)
+    _join(writer)
     if failed:
         raise failed[0].error from None
+
+
+def _join(thread: threading.Thread) -> None:
+    while thread.is_alive():  # in steps, so that Ctrl-C is taken while waiting
+        thread.join(_POLL)
