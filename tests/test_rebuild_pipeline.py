@@ -232,3 +232,19 @@ def test_cuda_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(replay.VerificationError):
         replay.reconstruct(replay.plan(base, traj), tmp_path / "out.safetensors", device="cuda")
     assert _leftovers(tmp_path) == [] and not _workers()
+
+
+@pytest.mark.parametrize("in_flight", ["1", "3"])
+def test_bench_prints_the_stages_and_the_ratio_to_the_kernel(tmp_path: Path, in_flight: str,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    monkeypatch.setattr(pipeline, "IN_FLIGHT", pipeline.IN_FLIGHT)  # the bench sets it; restored after
+    import bench_reconstruct
+
+    bench_reconstruct.main(["--params", "70000", "--steps", "3", "--repeats", "2", "--warmup", "1", "--stages",
+                            "--in-flight", in_flight, "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"{in_flight} tensor(s) in flight" in out and "run 2 == run 1" in out and "== torch path" in out
+    assert "stages, one after the other: " in out and "x kernel-only" in out
+    assert pipeline.IN_FLIGHT == int(in_flight)

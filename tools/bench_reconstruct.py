@@ -95,22 +95,29 @@ def run(params: int, steps: int, args: argparse.Namespace) -> tuple[list[float],
         sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
         digests = []
 
+        out = folder / "out.safetensors"
+
         def once(_: object, step: int | None = None) -> Path:
-            out = folder / "out.safetensors"
-            out.unlink(missing_ok=True)
             # A synthetic trajectory records no fingerprint: the bytes are checked here instead (runs agree,
             # and the first elements equal the plain torch path's).
             replay.reconstruct(replay.plan(base, traj, step=step), out, device=args.device, unverified=True)
             return out
 
-        def fingerprinted(x: object) -> Path:
-            out = once(x)
-            digests.append(hashlib.sha256(out.read_bytes()).digest())
-            return out
+        def digest_previous() -> None:
+            """Outside the clock (timed's setup): hashing the output file is the bench's check, not the
+            tool's work (for a 1.3B model, reading and hashing 2.6 GB took seconds inside the figure)."""
+            if out.exists():
+                with out.open("rb") as f:
+                    digests.append(hashlib.file_digest(f, "sha256").digest())
+                out.unlink()
 
         for _ in range(args.warmup):  # one step only: kernels compiled, allocator and page cache warm
+            out.unlink(missing_ok=True)
             once(None, step=1)
-        timing, out = timed(fingerprinted, args.repeats, 0, sync)
+        out.unlink(missing_ok=True)  # of step 1: not one to compare
+        timing, _ = timed(once, args.repeats, 0, sync, setup=digest_previous)
+        with out.open("rb") as f:
+            digests.append(hashlib.file_digest(f, "sha256").digest())
         for k, d in enumerate(digests[1:], 1):
             require_same(f"reconstruct {params:,} x {steps}, sha256 of the written file", f"run {k + 1}", d, "run 1", digests[0])
         n = min(args.check_elements, params, TENSOR)
