@@ -28,6 +28,7 @@ from ..kernels.steps import StepConstants, replay_tensor_, step_constants
 from . import pipeline
 
 Progress = Callable[[int], None]
+SYNC_EVERY = 256 << 20  # bytes of tuned tensors written between syncs to disk, behind the kernel
 
 
 class BaseMismatchError(MezoReplayError):
@@ -230,7 +231,16 @@ def reconstruct(p: ReplayPlan, out: str | os.PathLike[str], *, overwrite: bool =
     new = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in p.trajectory.header["tensors"] if t.get("init")}
     with CheckpointWriter(p.base, out, overwrite=overwrite, metadata=metadata, new_tensors=new,
                           config=p.trajectory.header.get("config")) as writer:
-        _check_all(p, _replay_all(p, device, progress, writer.write))
+        unsynced = [0]
+
+        def write(name: str, w: torch.Tensor) -> None:  # in the pipeline's writer thread
+            writer.write(name, w)
+            unsynced[0] += w.numel() * w.element_size()
+            if unsynced[0] >= SYNC_EVERY:
+                writer.sync()
+                unsynced[0] = 0
+
+        _check_all(p, _replay_all(p, device, progress, write))
         tuned = set(p.names)
         for name in p.base.entries:
             if name not in tuned:
