@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ..errors import MezoReplayError
-from ..format.fingerprint import DTYPE_NAMES, canonicalize_nan_, checkpoint_fingerprint, tensor_fingerprint
+from ..format.fingerprint import (DTYPE_NAMES, canonical_fingerprint_, canonicalize_nan_, checkpoint_fingerprint,
+                                  tensor_fingerprint)
 from ..arithmetic.initial import generate
 from ..format.mzt import Trajectory, read_trajectory
 from ..arithmetic.rule import MezoSGD
@@ -192,7 +193,7 @@ def _replay_all(p: ReplayPlan, device: str | torch.device, progress: Progress | 
         replay_tensor_(w, p.rule, index, p.constants, decay=decays[index], progress=progress)
 
     def finish(index: int, w: torch.Tensor) -> None:
-        fingerprints.append(tensor_fingerprint(canonicalize_nan_(w)))
+        fingerprints.append(canonical_fingerprint_(w))  # the bytes and hash of canonicalize_nan_, one pass
         _check(p, index, fingerprints[-1])
         if sink is not None:
             sink(p.names[index], w)
