@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import add_timing_options, check_timing_options, flip_one_bit, header, require_same, timed  # noqa: E402
 
-from mezo_replay.format.fingerprint import canonicalize_nan_, tensor_fingerprint  # noqa: E402
+from mezo_replay.format.fingerprint import canonical_fingerprint_, tensor_fingerprint  # noqa: E402
 from mezo_replay.format.safetensors_io import CheckpointWriter  # noqa: E402
 from mezo_replay.rebuild import pipeline, replay  # noqa: E402
 from mezo_replay.format.mzt import TrajectoryWriter, read_trajectory  # noqa: E402
@@ -138,8 +138,9 @@ STAGES = ("read", "base fingerprint", "host->device", "kernel", "device->host", 
 
 
 def stage_times(base: Path, traj: Path, steps: int, device: str, out: Path) -> dict[str, float]:
-    """Seconds spent in each stage of reconstruct, run one after the other for every tensor (the loop
-    reconstruct ran before the pipeline), with the device synchronised around each."""
+    """Seconds spent in each stage of reconstruct, run one after the other for every tensor (the order
+    of the loop reconstruct ran before the pipeline, today's code in each stage), with the device
+    synchronised around each."""
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     p = replay.plan(base, traj, step=steps)
@@ -168,7 +169,7 @@ def stage_times(base: Path, traj: Path, steps: int, device: str, out: Path) -> d
             lap("kernel")
             w = host.copy_(w, non_blocking=True) if cuda else w
             lap("device->host")
-            tensor_fingerprint(canonicalize_nan_(w))
+            canonical_fingerprint_(w)
             lap("result fingerprint")
             writer.write(name, w)
             lap("write")
