@@ -97,8 +97,9 @@ def test_same_bytes_as_the_sequential_loop(tmp_path: Path, kind: str, in_flight:
     monkeypatch.setattr(replay, "SYNC_EVERY", 1 if in_flight == 8 else replay.SYNC_EVERY)  # a sync per tensor
     calls: list[tuple[int, bool]] = []
     p = replay.plan(base, traj)
+    on_main = threading.main_thread
     got = replay.reconstruct(p, tmp_path / "new.safetensors",
-                             progress=lambda n: calls.append((n, threading.current_thread() is threading.main_thread())))
+                             progress=lambda n: calls.append((n, threading.current_thread() is on_main())))
     want = _sequential(replay.plan(base, traj), tmp_path / "old.safetensors")
     assert got.read_bytes() == want.read_bytes()
     out = BaseCheckpoint.open(got)
@@ -188,7 +189,8 @@ def test_a_corrupted_base_tensor_is_refused_before_its_kernel(tmp_path: Path, wh
     _corrupt(base, name)
     ran: list[int] = []
     real = replay.replay_tensor_
-    monkeypatch.setattr(replay, "replay_tensor_", lambda w, rule, i, *a, **k: ran.append(i) or real(w, rule, i, *a, **k))
+    monkeypatch.setattr(replay, "replay_tensor_",
+                        lambda w, rule, i, *a, **k: ran.append(i) or real(w, rule, i, *a, **k))
     with pytest.raises(replay.BaseMismatchError, match=f"wrong base: tensor '{name}'.*fingerprint mismatch"):
         replay.reconstruct(replay.plan(base, traj), tmp_path / "out.safetensors")
     n = len(replay.plan(base, traj).names)

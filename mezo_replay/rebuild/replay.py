@@ -4,9 +4,10 @@ Peak memory is a few tuned tensors (plus slice-sized temporaries), never the who
 tensor is read, checked against the fingerprint the trajectory recorded for the base, replayed through
 every step, checked against the fingerprints the trajectory recorded for that step, and written; frozen
 tensors are copied as bytes. reconstruct and verify overlap those stages across neighbouring tensors
-(pipeline.py: at most three tuned tensors in memory), so that a GPU's kernel is not left waiting on them. The output appears only when everything matched (CheckpointWriter writes
-to a temporary sibling). A step the trajectory recorded no fingerprint for is rebuilt only on request
-(`unverified`), since nothing could tell a wrong result from a right one.
+(pipeline.py: at most three tuned tensors in memory), so that a GPU's kernel is not left waiting on them.
+The output appears only when everything matched (CheckpointWriter writes to a temporary sibling). A
+step the trajectory recorded no fingerprint for is rebuilt only on request (`unverified`), since nothing
+could tell a wrong result from a right one.
 """
 from __future__ import annotations
 
