@@ -60,13 +60,37 @@ def _start(dtype: str, shape: Sequence[int]) -> hashlib._Hash:
     return h
 
 
-def _update(h: hashlib._Hash, dtype: str, words: np.ndarray) -> None:
-    """Hash one slice of bit patterns (unsigned words of the dtype's width), NaNs canonicalised."""
-    word, exp, man, canon = _BITS[dtype]
-    nan = ((words & word(exp)) == word(exp)) & ((words & word(man)) != 0)
-    if nan.any():
-        words = np.where(nan, word(canon), words)
-    h.update(np.ascontiguousarray(words, dtype=np.dtype(word).newbyteorder("<")).data)
+class _Scratch:
+    """Slice-sized buffers for the NaN scan, reused across the slices of one tensor: the scan is most of
+    a fingerprint's cost, and fresh 4 MiB temporaries per slice would add page faults to it."""
+
+    def __init__(self, dtype: str) -> None:
+        self.word, exp, man, self.canon = _BITS[dtype]
+        self.magnitude, self.exp = self.word(exp | man), self.word(exp)
+        n = _SLICE_BYTES // np.dtype(self.word).itemsize
+        self.bits, self.nan = np.empty(n, self.word), np.empty(n, np.bool_)
+
+    def nans(self, words: np.ndarray) -> np.ndarray | None:
+        """Where `words` hold a NaN (an all-ones exponent and a non-zero mantissa: a magnitude above the
+        infinity's), or None if nowhere."""
+        bits, nan = self.bits[:words.size], self.nan[:words.size]
+        np.bitwise_and(words, self.magnitude, out=bits)
+        np.greater(bits, self.exp, out=nan)
+        return nan if nan.any() else None
+
+
+def _update(h: hashlib._Hash, dtype: str, words: np.ndarray, scratch: _Scratch | None = None,
+            fix: bool = False) -> None:
+    """Hash one slice of bit patterns (unsigned words of the dtype's width), NaNs canonicalised; with
+    `fix`, canonicalised in `words` itself (which must be writable)."""
+    scratch = scratch or _Scratch(dtype)
+    nan = scratch.nans(words)
+    if nan is not None:
+        if fix:
+            np.putmask(words, nan, scratch.canon)
+        else:
+            words = np.where(nan, scratch.word(scratch.canon), words)
+    h.update(np.ascontiguousarray(words, dtype=np.dtype(scratch.word).newbyteorder("<")).data)
 
 
 def tensor_fingerprint(t: torch.Tensor) -> str:
@@ -75,8 +99,24 @@ def tensor_fingerprint(t: torch.Tensor) -> str:
     h = _start(name, t.shape)
     flat = t.detach().contiguous().reshape(-1).view(_INT_VIEW[name])  # at most one copy, on t's device
     step = _SLICE_BYTES // flat.element_size()
+    scratch = _Scratch(name)
     for i in range(0, flat.numel(), step):
-        _update(h, name, flat[i:i + step].cpu().numpy().view(_BITS[name][0]))
+        _update(h, name, flat[i:i + step].cpu().numpy().view(_BITS[name][0]), scratch)
+    return h.hexdigest()
+
+
+def canonical_fingerprint_(t: torch.Tensor) -> str:
+    """canonicalize_nan_(t), then tensor_fingerprint(t), in one pass over a CPU tensor: a rebuild's
+    result check, where the separate NaN pass cost as much as the fingerprint."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        return tensor_fingerprint(canonicalize_nan_(t))
+    name = _dtype_name(t.dtype)
+    h = _start(name, t.shape)
+    words = t.detach().reshape(-1).view(_INT_VIEW[name]).numpy().view(_BITS[name][0])
+    step = _SLICE_BYTES // words.itemsize
+    scratch = _Scratch(name)
+    for i in range(0, words.size, step):
+        _update(h, name, words[i:i + step], scratch, fix=True)
     return h.hexdigest()
 
 
@@ -93,8 +133,9 @@ def fingerprint_raw(dtype: str, shape: Sequence[int], data: bytes | memoryview |
         raise ValueError(f"{dtype}{list(shape)} needs {expected} bytes, got {raw.size}")
     words = raw.view(word)
     step = _SLICE_BYTES // word.itemsize
+    scratch = _Scratch(dtype)
     for i in range(0, words.size, step):
-        _update(h, dtype, words[i:i + step])
+        _update(h, dtype, words[i:i + step], scratch)
     return h.hexdigest()
 
 

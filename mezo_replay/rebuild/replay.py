@@ -1,11 +1,13 @@
 """Reconstruction: base checkpoint + trajectory -> the fine-tuned weights, streamed tensor by tensor.
 
-Peak memory is about one tuned tensor (plus slice-sized temporaries), never the whole model: each tuned
+Peak memory is a few tuned tensors (plus slice-sized temporaries), never the whole model: each tuned
 tensor is read, checked against the fingerprint the trajectory recorded for the base, replayed through
 every step, checked against the fingerprints the trajectory recorded for that step, and written; frozen
-tensors are copied as bytes. The output appears only when everything matched (CheckpointWriter writes
-to a temporary sibling). A step the trajectory recorded no fingerprint for is rebuilt only on request
-(`unverified`), since nothing could tell a wrong result from a right one.
+tensors are copied as bytes. reconstruct and verify overlap those stages across neighbouring tensors
+(pipeline.py: at most three tuned tensors in memory), so that a GPU's kernel is not left waiting on them.
+The output appears only when everything matched (CheckpointWriter writes to a temporary sibling). A
+step the trajectory recorded no fingerprint for is rebuilt only on request (`unverified`), since nothing
+could tell a wrong result from a right one.
 """
 from __future__ import annotations
 
@@ -18,14 +20,17 @@ from pathlib import Path
 import torch
 
 from ..errors import MezoReplayError
-from ..format.fingerprint import DTYPE_NAMES, canonicalize_nan_, checkpoint_fingerprint, tensor_fingerprint
+from ..format.fingerprint import (DTYPE_NAMES, canonical_fingerprint_, canonicalize_nan_, checkpoint_fingerprint,
+                                  tensor_fingerprint)
 from ..arithmetic.initial import generate
 from ..format.mzt import Trajectory, read_trajectory
 from ..arithmetic.rule import MezoSGD
 from ..format.safetensors_io import BaseCheckpoint, CheckpointWriter
 from ..kernels.steps import StepConstants, replay_tensor_, step_constants
+from . import pipeline
 
 Progress = Callable[[int], None]
+SYNC_EVERY = 256 << 20  # bytes of tuned tensors written between syncs to disk, behind the kernel
 
 
 class BaseMismatchError(MezoReplayError):
@@ -126,8 +131,9 @@ def plan(base: str | os.PathLike[str] | BaseCheckpoint | None, trajectory: str |
                       traj.checkpoints.get(steps))
 
 
-def read_base(p: ReplayPlan, index: int) -> torch.Tensor:
-    """Tuned tensor `index` as the base holds it, refused unless it is the one training started from."""
+def read_base(p: ReplayPlan, index: int, pin_memory: bool = False) -> torch.Tensor:
+    """Tuned tensor `index` as the base holds it, refused unless it is the one training started from;
+    pin_memory: in page-locked memory (for an asynchronous copy to a GPU)."""
     name = p.names[index]
     entry = p.trajectory.header["tensors"][index]
     if isinstance(entry.get("init"), dict):  # generated from the run's seed (spec/init.md)
@@ -135,16 +141,16 @@ def read_base(p: ReplayPlan, index: int) -> torch.Tensor:
         if tensor_fingerprint(w) != entry["sha256"]:
             raise VerificationError(f"the generated initial value of {name!r} does not match its fingerprint in "
                                     f"the trajectory: this generator disagrees with the one that wrote the file")
-        return w
+        return w.pin_memory() if pin_memory else w
     if entry.get("init"):
         raw = bytearray(p.trajectory.inits[index])
         w = torch.frombuffer(raw, dtype=torch.uint8).view(DTYPE_NAMES[entry["dtype"]]).reshape(entry["shape"]) \
             if raw else torch.empty(entry["shape"], dtype=DTYPE_NAMES[entry["dtype"]])
         if tensor_fingerprint(w) != entry["sha256"]:
             raise VerificationError(f"the initial value of {name!r} in the trajectory does not match its fingerprint")
-        return w
+        return w.pin_memory() if pin_memory else w
     assert p.base is not None
-    w = p.base.read(name)
+    w = p.base.read(name, pin_memory=pin_memory)
     if tensor_fingerprint(w) != p.trajectory.header["tensors"][index]["sha256"]:
         raise BaseMismatchError(f"wrong base: tensor {name!r} in {p.base.path} differs from the one the "
                                 f"trajectory was trained from (fingerprint mismatch)")
@@ -173,6 +179,28 @@ def _check_all(p: ReplayPlan, fingerprints: list[str]) -> None:
             checkpoint_fingerprint(p.names, fingerprints) != p.checkpoint:
         raise VerificationError(f"the tuned tensors after {p.steps} steps do not match the trajectory's checkpoint "
                                 f"fingerprint: the replay is not exact, or the file was altered")
+
+
+def _replay_all(p: ReplayPlan, device: str | torch.device, progress: Progress | None,
+                sink: Callable[[str, torch.Tensor], None] | None = None) -> list[str]:
+    """Every tuned tensor replayed, checked against its fingerprint for p.steps and handed to sink, in
+    index order, with reading and writing overlapped with the kernel across tensors (pipeline.run: at most
+    pipeline.IN_FLIGHT tensors in memory); the bytes and the errors are those of replay_named one tensor at a
+    time. Returns the result fingerprints, for _check_all."""
+    fingerprints: list[str] = []
+    decays = [bool(t.get("decay")) for t in p.trajectory.header["tensors"]]
+
+    def kernel(index: int, w: torch.Tensor) -> None:
+        replay_tensor_(w, p.rule, index, p.constants, decay=decays[index], progress=progress)
+
+    def finish(index: int, w: torch.Tensor) -> None:
+        fingerprints.append(canonical_fingerprint_(w))  # the bytes and hash of canonicalize_nan_, one pass
+        _check(p, index, fingerprints[-1])
+        if sink is not None:
+            sink(p.names[index], w)
+
+    pipeline.run(len(p.names), lambda index, pin: read_base(p, index, pin), kernel, finish, device)
+    return fingerprints
 
 
 def replayed(p: ReplayPlan, device: str | torch.device = "cpu",
@@ -205,13 +233,16 @@ def reconstruct(p: ReplayPlan, out: str | os.PathLike[str], *, overwrite: bool =
     new = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in p.trajectory.header["tensors"] if t.get("init")}
     with CheckpointWriter(p.base, out, overwrite=overwrite, metadata=metadata, new_tensors=new,
                           config=p.trajectory.header.get("config")) as writer:
-        fingerprints = []
-        for index, name in enumerate(p.names):
-            w = replay_named(p, index, device, progress)
-            fingerprints.append(tensor_fingerprint(w))
-            _check(p, index, fingerprints[-1])
+        unsynced = [0]
+
+        def write(name: str, w: torch.Tensor) -> None:  # in the pipeline's writer thread
             writer.write(name, w)
-        _check_all(p, fingerprints)
+            unsynced[0] += w.numel() * w.element_size()
+            if unsynced[0] >= SYNC_EVERY:
+                writer.sync()
+                unsynced[0] = 0
+
+        _check_all(p, _replay_all(p, device, progress, write))
         tuned = set(p.names)
         for name in p.base.entries:
             if name not in tuned:
@@ -225,19 +256,19 @@ def verify(p: ReplayPlan, tuned: str | os.PathLike[str] | None = None, *, device
     trajectory's fingerprints at p.steps. Nothing is written."""
     p.require_fingerprint(escape=None)
     given = BaseCheckpoint.open(tuned) if tuned is not None else None
+    if given is None:
+        _check_all(p, _replay_all(p, device, progress))
+        return
     fingerprints = []
     for index, name in enumerate(p.names):
-        if given is None:
-            w = replay_named(p, index, device, progress)
-        else:
-            read_base(p, index)
-            if name not in given.entries:
-                raise VerificationError(f"tensor {name!r} is missing from {given.path}")
-            w = given.read(name)
-            if DTYPE_NAMES.get(w.dtype) != p.trajectory.header["tensors"][index]["dtype"]:
-                raise VerificationError(f"tensor {name!r} in {given.path} has dtype {w.dtype}")
-            if progress is not None:
-                progress(w.numel() * p.steps)
+        read_base(p, index)
+        if name not in given.entries:
+            raise VerificationError(f"tensor {name!r} is missing from {given.path}")
+        w = given.read(name)
+        if DTYPE_NAMES.get(w.dtype) != p.trajectory.header["tensors"][index]["dtype"]:
+            raise VerificationError(f"tensor {name!r} in {given.path} has dtype {w.dtype}")
+        if progress is not None:
+            progress(w.numel() * p.steps)
         fingerprints.append(tensor_fingerprint(w))
         _check(p, index, fingerprints[-1])
     _check_all(p, fingerprints)
