@@ -257,3 +257,16 @@ def test_profile_reads_host_gaps_and_syncs_from_a_cuda_trace(capsys):
     assert "0.010 ms  step 1: after 'gemm' before 'softmax', launched by 'aten::addmm'" not in out  # 60 is outside addmm
     assert "cudaStreamSynchronize 1, DtoH copies 1" in out
     assert "top kernels by self device time" in out and "gemm" in out
+
+
+def test_fused_pass_bench_runs_and_compares_bytes(capsys):
+    """tools/bench_fused_pass.py in a tiny configuration: every row prints, and no row reports a difference."""
+    import bench_fused_pass
+    from mezo_replay.kernels import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("the compiled CPU kernel is not built")
+    bench_fused_pass.main(["--elements", "4099", "--repeats", "1", "--warmup", "0", "--dtype", "BF16", "F16"])
+    out = capsys.readouterr().out
+    assert "steps (threaded)" in out and "FAIL" not in out
+    assert out.count("apart/fused") == 1 and out.count("kernel ") == 2 * len(cpu_kernel.isas())
