@@ -231,7 +231,8 @@ class MeZO:
         bits, c, failed = device_coefficient(lp, lm, self.rule, t)
         if self.on_nonfinite == "skip":  # skip goes on past a non-finite loss, not past a diverged step
             failed = failed & torch.isfinite(lp.double() + lm.double())
-        self._pending = (t, c, self.rule.decay(t), ~failed)
+        # the kernels read c and go where the weights are (a loss may come back on another device)
+        self._pending = (t, c.to(device), self.rule.decay(t), (~failed).to(device))
         self._unread = _Unread.send(t, torch.stack((bits.double(), lp.double(), lm.double(), failed.double())))
         self.step_count += 1
         return landed[:2] if landed is not None else None

@@ -445,7 +445,8 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
     due = checkpoint_every if callable(checkpoint_every) else (
         lambda done: bool(checkpoint_every) and done % checkpoint_every == 0)
     reads = reads_weights if callable(reads_weights) else (lambda done: bool(reads_weights))
-    queues = opt.params[0].device.type in QUEUED_DEVICES
+    devices = {p.device for p in opt.params}  # one device: c and go live there, where every kernel reads them
+    queues = len(devices) == 1 and next(iter(devices)).type in QUEUED_DEVICES
 
     def report(done: int, loss: float) -> None:
         if after_step is not None:
