@@ -190,9 +190,14 @@ ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(1))
 model = LlamaForCausalLM.from_pretrained(base)
 args = TrainingArguments(output_dir=out, learning_rate=1e-3, max_steps=4, per_device_train_batch_size=2,
                          use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, ddp_backend="gloo")
-trainer = MeZOTrainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+seen = []
+class Seeing(MeZOTrainer):
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        seen.append(inputs["input_ids"].clone())
+        return super().training_step(model, inputs, num_items_in_batch)
+trainer = Seeing(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids])
 trainer.train()
-torch.save(model.state_dict(), os.path.join(out, f"rank{os.environ['RANK']}.pt"))
+torch.save({"weights": model.state_dict(), "seen": seen}, os.path.join(out, f"rank{os.environ['RANK']}.pt"))
 trainer.save_model(os.path.join(out, "final"))
 """
 
@@ -220,7 +225,9 @@ def test_two_processes_under_torchrun_rebuild_exactly(base: Path, tmp_path: Path
     assert traj.header["metadata"]["batch_size"] == "4"
     reconstruct(plan(base, traj), tmp_path / "rebuilt")
     want = load_file(tmp_path / "rebuilt" / "model.safetensors")
-    for rank in (0, 1):
-        got = torch.load(out / f"rank{rank}.pt")
-        assert all(same_bytes(got[k], want[k]) for k in want), rank
+    ranks = [torch.load(out / f"rank{rank}.pt") for rank in (0, 1)]
+    for rank, got in enumerate(ranks):
+        assert all(same_bytes(got["weights"][k], want[k]) for k in want), rank
+    # each rank stepped on its own rows: the same weights on both can only come from the combined loss
+    assert all(a.shape == (2, 12) and not torch.equal(a, b) for a, b in zip(ranks[0]["seen"], ranks[1]["seen"]))
     assert_weights(out / "final", tmp_path / "rebuilt")
