@@ -41,12 +41,12 @@ def dataset(rows: int = 16) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": r, "labels": r} for r in ids]
 
 
-def make(base: Path, out: Path, *, trainer_cls: type = MeZOTrainer, mezo: dict | None = None, **args) -> MeZOTrainer:
+def make(base: Path, out: Path, *, trainer_cls: type = MeZOTrainer, extra: dict | None = None, **args) -> MeZOTrainer:
     settings = dict(output_dir=str(out), learning_rate=1e-3, max_steps=4, per_device_train_batch_size=4,
                     use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=1)
     settings.update(args)
     model = LlamaForCausalLM.from_pretrained(base)
-    return trainer_cls(model=model, args=TrainingArguments(**settings), train_dataset=dataset(), **(mezo or {}))
+    return trainer_cls(model=model, args=TrainingArguments(**settings), train_dataset=dataset(), **(extra or {}))
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -72,7 +72,8 @@ def test_trainer_run_rebuilds_byte_for_byte_with_the_cli(base: Path, tmp_path: P
     """Cosine schedule and weight decay from TrainingArguments, a Trainer checkpoint at step 2: the CLI
     rebuilds the final weights, and the library the checkpoint's, both verified and byte for byte."""
     trainer = make(base, tmp_path / "run", lr_scheduler_type="cosine", weight_decay=0.1, seed=7,
-                   save_strategy="steps", save_steps=2, mezo={"mezo_eps": 1e-2})
+                   save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                   extra={"mezo_eps": 1e-2, "eval_dataset": dataset(4)})
     result = trainer.train()
     assert result.global_step == 4
     trainer.save_model(str(tmp_path / "final"))
@@ -86,6 +87,7 @@ def test_trainer_run_rebuilds_byte_for_byte_with_the_cli(base: Path, tmp_path: P
     decay = {t["name"]: t["decay"] for t in h["tensors"]}
     assert decay["model.norm.weight"] is False and decay["model.layers.0.self_attn.q_proj.weight"] is True
     assert h["metadata"]["world_size"] == "1" and h["metadata"]["batch_size"] == "4"
+    assert [(e["step"], sorted(e["metrics"])) for e in traj.evals] == [(2, ["loss"]), (4, ["loss"])]
     # the logged learning rate is the one the rule used at each step
     logged = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
     assert logged == [pytest.approx(1e-3 * rule.schedule.multiplier(t)) for t in range(4)]
@@ -106,14 +108,14 @@ def test_the_schedule_maps_exactly_or_comes_from_mezo_schedule(base: Path, tmp_p
     t.create_optimizer()
     t.create_scheduler(10)
     assert t._schedule == Schedule("constant", 0, 10)
-    t = make(base, tmp_path / "b", warmup_steps=3, mezo={"mezo_schedule": Schedule("linear", 3, 10)})
+    t = make(base, tmp_path / "b", warmup_steps=3, extra={"mezo_schedule": Schedule("linear", 3, 10)})
     t.create_optimizer()
     t.create_scheduler(10)
     assert t._schedule == Schedule("linear", 3, 10)
     assert t.lr_scheduler.get_last_lr() == [pytest.approx(1e-3 / 4)]  # (t+1)/(w+1) at t=0
 
 
-@pytest.mark.parametrize("args, mezo, says", [
+@pytest.mark.parametrize("args, extra, says", [
     ({"gradient_accumulation_steps": 2}, {}, "gradient_accumulation_steps=2"),
     ({"bf16": True}, {}, "mixed precision"),
     ({"fp16": True}, {}, "mixed precision"),
@@ -122,10 +124,10 @@ def test_the_schedule_maps_exactly_or_comes_from_mezo_schedule(base: Path, tmp_p
     ({"warmup_steps": 0.1}, {}, "warmup"),
     ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"num_cycles": 1}}, {}, "lr_scheduler_kwargs"),
 ])
-def test_unreplayable_settings_are_refused_in_one_line(base: Path, tmp_path: Path, args: dict, mezo: dict,
+def test_unreplayable_settings_are_refused_in_one_line(base: Path, tmp_path: Path, args: dict, extra: dict,
                                                        says: str) -> None:
     with pytest.raises(MezoReplayError) as e:
-        make(base, tmp_path, mezo=mezo, **args)
+        make(base, tmp_path, extra=extra, **args)
     assert says in str(e.value) and "\n" not in str(e.value)
 
 

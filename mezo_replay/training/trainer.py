@@ -18,6 +18,7 @@ update, and rank 0 alone writes the file. DDP's wrapping is harmless: no backwar
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,9 @@ from .optimizer import MeZO, NonFiniteLossError
 #: as t/w from 0, the rule as (t+1)/(w+1)).
 EXACT_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant",
                    "constant_with_warmup": "constant"}
+
+
+_TIMINGS = ("runtime", "samples_per_second", "steps_per_second")
 
 
 class _StandIn(torch.optim.Optimizer):
@@ -222,6 +226,18 @@ class MeZOTrainer(Trainer):
             writer.close()
         else:
             opt.close()
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Trainer's log; evaluation results (its `eval_` keys, without timings) also go into the
+        trajectory, at the step they were measured after, so the file tells how the run went."""
+        opt = self.mezo
+        if opt is not None and opt.writer is not None:
+            metrics = {k[len("eval_"):]: float(v) for k, v in logs.items()
+                       if k.startswith("eval_") and not k.endswith(_TIMINGS) and type(v) in (int, float)
+                       and math.isfinite(v)}
+            if metrics:
+                opt.writer.add_eval(opt.step_count, "eval", metrics)
+        super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """A checkpoint fingerprint in the trajectory too, so `reconstruct --step` is verified at every
