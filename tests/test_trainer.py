@@ -123,6 +123,7 @@ def test_the_schedule_maps_exactly_or_comes_from_mezo_schedule(base: Path, tmp_p
     ({"warmup_steps": 2}, {}, "warmup"),
     ({"warmup_steps": 0.1}, {}, "warmup"),
     ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"num_cycles": 1}}, {}, "lr_scheduler_kwargs"),
+    ({}, {"mezo_eps": 0.0}, "eps must be in"),
 ])
 def test_unreplayable_settings_are_refused_in_one_line(base: Path, tmp_path: Path, args: dict, extra: dict,
                                                        says: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,7 @@ import torch
 import transformers
 from transformers import Trainer
 
-from ..arithmetic.rule import Schedule
+from ..arithmetic.rule import MezoSGD, Schedule
 from ..errors import MezoReplayError
 from ..format.fingerprint import checkpoint_fingerprint
 from . import distributed
@@ -169,21 +170,34 @@ class MeZOTrainer(Trainer):
         opt = MeZO(inner.named_parameters(), lr=self.args.learning_rate, eps=self.mezo_eps, seed=self.args.seed,
                    noise=self.mezo_noise, schedule=schedule, weight_decay=self.args.weight_decay,
                    on_nonfinite=self.on_nonfinite)
-        source = self.base_source
+        source, revision = self.base_source, None
         if source is None:
-            source = getattr(inner, "name_or_path", None) or getattr(getattr(inner, "config", None),
-                                                                     "_name_or_path", None) or None
+            config = getattr(inner, "config", None)
+            source = getattr(inner, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
             if source and os.path.isdir(source):  # a local base: named from the trajectory's folder
                 source = os.path.relpath(source, self.trajectory_path.parent)
+            elif source:  # a Hub id: the commit it was loaded at, when transformers kept it
+                commit = getattr(config, "_commit_hash", None)
+                revision = commit if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}", commit) else None
         metadata = {"trainer": f"MeZOTrainer (transformers {transformers.__version__})",
                     "batch_size": str(self._train_batch_size * self._world.size),
                     "world_size": str(self._world.size), "parallel": "data" if self._world.distributed else "none",
                     **({"base_model": source} if source else {})}
-        header = opt.header(base_source=source, metadata=metadata, record_losses=self.record_losses)
-        distributed.agree("settings or base weights", header, self._world)
+        described = dict(base_source=source, base_revision=revision, metadata=metadata,
+                         record_losses=self.record_losses)
+        distributed.agree("settings or base weights", opt.header(**described), self._world)
+        failure = None
         if self._world.main:
-            opt.record(self.trajectory_path, overwrite=self.overwrite_trajectory, base_source=source,
-                       metadata=metadata, record_losses=self.record_losses)
+            try:
+                opt.record(self.trajectory_path, overwrite=self.overwrite_trajectory, **described)
+            except (MezoReplayError, OSError, ValueError) as e:
+                failure = e
+        # the other ranks stop too (else they would wait for rank 0's first loss until the timeout)
+        said = distributed.broadcast(None if failure is None else str(failure), self._world)
+        if failure is not None:
+            raise failure
+        if said is not None:
+            raise MezoReplayError(f"rank 0 could not start the trajectory: {said}")
         self.mezo = opt
 
     # -- the end of a run, checkpoints ---------------------------------------------------------------
@@ -279,6 +293,12 @@ def _refuse_unreplayable(t: MeZOTrainer) -> None:
                    "pass mezo_schedule=Schedule(name, warmup_steps, total_steps)")
         elif a.lr_scheduler_kwargs:
             why = f"lr_scheduler_kwargs={a.lr_scheduler_kwargs!r}: the trajectory's schedules take none"
+    if why is None:
+        try:  # the rule's own checks (lr, eps, seed, noise, weight decay), now rather than at the first step
+            MezoSGD.create(lr=a.learning_rate, eps=t.mezo_eps, seed=a.seed, noise=t.mezo_noise,
+                           schedule=t.mezo_schedule, weight_decay=a.weight_decay)
+        except (ValueError, TypeError) as e:
+            why = str(e)
     if why is not None:
         raise MezoReplayError(f"MeZOTrainer: {why}")
 
