@@ -1,6 +1,7 @@
 """mezo-replay: a MeZO fine-tune as a few kilobytes of seeded steps, replayed bit for bit on any device.
 
     from mezo_replay import MeZO, fit, read_trajectory, plan, reconstruct
+    from mezo_replay import MeZOTrainer        # transformers.Trainer, stepping with MeZO
 
 Names are imported on first use, so the command line starts without loading torch.
 """
@@ -17,7 +18,7 @@ _EXPORTS = {
     "plan": "rebuild.replay", "reconstruct": "rebuild.replay", "verify": "rebuild.replay",
     "BaseMismatchError": "rebuild.replay", "VerificationError": "rebuild.replay",
     "MezoReplayError": "errors", "fit": "training.train", "Schedule": "arithmetic.rule",
-    "load_trajectory": "hub.fetch", "push_to_hub": "hub.publish",
+    "load_trajectory": "hub.fetch", "push_to_hub": "hub.publish", "MeZOTrainer": "training.trainer",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .hub.fetch import load_trajectory
     from .hub.publish import push_to_hub
     from .training.train import fit
+    from .training.trainer import MeZOTrainer
 
 
 def __getattr__(name: str) -> Any:
