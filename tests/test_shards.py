@@ -39,14 +39,29 @@ def _backends() -> list:
     return out
 
 
-@pytest.fixture(params=_backends())
-def backend(request, monkeypatch):
-    name, isa = request.param
+def _use(request, monkeypatch, name: str, isa: str | None):
     if isa is not None:  # steps picks the widest build: pin the one under test
         monkeypatch.setattr(cpu_kernel, "apply_", functools.partial(cpu_kernel.apply_, isa=isa))
     steps.set_backend(name)
-    yield name
-    steps.set_backend("auto")
+    request.addfinalizer(lambda: steps.set_backend("auto"))
+    return name
+
+
+@pytest.fixture(params=_backends())
+def backend(request, monkeypatch):
+    return _use(request, monkeypatch, *request.param)
+
+
+def _with_worlds() -> list:
+    """Every backend x (world size, flat buffer views); under Triton's interpreter (about 20 s a case) only
+    2 ranks run by default, the rest with -m slow."""
+    out = []
+    for b in _backends():
+        for world, flat in ((2, True), (3, False), (4, False)):
+            slow = b.values[0][0] == "triton" and world != 2
+            out.append(pytest.param(b.values[0], world, flat, id=f"{b.id}-{world}-{'flat' if flat else 'copies'}",
+                                    marks=[pytest.mark.slow] if slow else []))
+    return out
 
 
 def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -102,8 +117,9 @@ def _training_step(tensors, t: int, starts, c, go=None) -> None:
     steps.restore_update_all_(tensors, SGD, t + 1, c, SGD.decay(t + 1), DECAYS, starts=starts)
 
 
-@pytest.mark.parametrize("world,flat", [(2, False), (3, True), (4, False)])
-def test_training_passes_on_shards_give_the_whole_tensors_bytes(backend, world, flat):
+@pytest.mark.parametrize("kind,world,flat", _with_worlds())
+def test_training_passes_on_shards_give_the_whole_tensors_bytes(request, monkeypatch, kind, world, flat):
+    _use(request, monkeypatch, *kind)
     whole = [_tensor(dt, shape, seed=i) for i, (dt, shape) in enumerate(PARAMS)]
     c = SGD.coefficient(0, rule.encode_grad(1.5))
     c_dev = torch.tensor(c, dtype=torch.float32)  # the optimizer's 0-dim c on the weights' device
@@ -121,8 +137,11 @@ def test_training_passes_on_shards_give_the_whole_tensors_bytes(backend, world, 
         assert torch.equal(_bits(torch.cat([g[k] for g in got])), _bits(w)), (k, PARAMS[k])
 
 
-def test_starts_default_to_whole_tensors(backend):
+@pytest.mark.parametrize("kind", [pytest.param(b.values[0], id=b.id, marks=[pytest.mark.slow] if b.id.startswith("triton")
+                                                else []) for b in _backends()])
+def test_starts_default_to_whole_tensors(request, monkeypatch, kind):
     """starts=None and starts of zeros are the same pass: the unsharded path is unchanged."""
+    _use(request, monkeypatch, *kind)
     a = [_tensor(dt, shape, seed=i) for i, (dt, shape) in enumerate(PARAMS)]
     b = [t.clone() for t in a]
     _training_step(a, 5, None, 0.25)
@@ -181,3 +200,57 @@ def test_grouped_launch_tiles_a_shard_that_starts_mid_block():
     triton_kernels.apply_group_([part], [0], [False], SGD, 0, triton_kernels.PERTURB, scale=SGD.eps, block=block,
                                 starts=[5])
     assert torch.equal(_bits(part), _bits(want[5:5 + block]))
+
+
+# --- fingerprints of a tensor held in shards ---------------------------------------------------------------
+
+def _nan_payloads(t: torch.Tensor) -> torch.Tensor:
+    """t with NaNs of several payloads and signs: canonicalised, they hash as one."""
+    ints = t.clone().view(INT_VIEW[t.dtype]).reshape(-1)
+    nans = {torch.float32: [0x7FC00001, -0x00400001, 0x7F800001, 0x7FFFFFFF],
+            torch.bfloat16: [0x7F81, -0x003F, 0x7FFF, 0x7FC1],
+            torch.float16: [0x7C01, -0x01FF, 0x7FFF, 0x7E01]}[t.dtype]
+    for i, v in zip((0, 7, 8, ints.numel() - 1), nans):
+        ints[i] = v
+    return ints.view(t.dtype).reshape(t.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sharded_fingerprint_equals_the_whole_tensors(dtype):
+    whole = _nan_payloads(_tensor(dtype, (23, 7), seed=11))
+    want = tensor_fingerprint(whole)
+    flat = whole.reshape(-1)
+    n = flat.numel()
+    for world in (1, 2, 3, 4, 23, 30):  # FSDP-like dim-0 chunks, empty ones included
+        parts = [whole[slice(*chunk_rows(23, world, r))] for r in range(world)]
+        assert fingerprint_chunks(dtype, whole.shape, parts) == want, world
+    for cuts in ([0, 1, n], [0, 7, 8, 9, 16, n], [0, 0, n, n], [0, n - 1, n]):  # off and on word blocks, empties
+        assert fingerprint_chunks(NAMES[dtype], whole.shape, [flat[a:b] for a, b in zip(cuts, cuts[1:])]) == want
+    raw = whole.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()  # little-endian host
+    for cuts in ([0, 1, len(raw)], [0, 3, 5, 6, len(raw) - 1, len(raw)], list(range(0, len(raw) + 1, 5)) + [len(raw)]):
+        assert fingerprint_chunks(dtype, whole.shape, [raw[a:b] for a, b in zip(cuts, cuts[1:])]) == want, cuts
+    fp = ShardedFingerprint(dtype, whole.shape)  # tensors and whole-word byte runs mixed; non-contiguous shard
+    fp.update(whole[:4].t().contiguous().t())
+    fp.update(np.frombuffer(whole[4:9].contiguous().view(torch.uint8).numpy().tobytes(), np.uint8))
+    fp.update(memoryview(whole[9:].contiguous().view(torch.uint8).numpy().tobytes()))
+    assert fp.hexdigest() == want
+
+
+def test_sharded_fingerprint_of_scalars_and_empty_tensors():
+    for t in (torch.tensor(1.5), torch.empty(0, 4), torch.empty(0)):
+        assert fingerprint_chunks(t.dtype, t.shape, [t]) == tensor_fingerprint(t)
+        assert fingerprint_chunks(t.dtype, t.shape, [t, t.reshape(-1)[:0]]) == tensor_fingerprint(t)
+
+
+def test_sharded_fingerprint_refuses_too_few_or_too_many_elements():
+    whole = _tensor(torch.bfloat16, (4, 3), seed=1)
+    with pytest.raises(ValueError, match="holds 12 elements; the shards streamed hold 6 elements"):
+        fingerprint_chunks("BF16", (4, 3), [whole[:2]])
+    with pytest.raises(ValueError, match="holds 12 elements; the shards streamed so far hold 15"):
+        fingerprint_chunks("BF16", (4, 3), [whole, whole[:1]])
+    with pytest.raises(ValueError, match="stray bytes"):
+        fingerprint_chunks("BF16", (4, 3), [whole.view(torch.uint8).reshape(-1).numpy().tobytes()[:-1]])
+    with pytest.raises(ValueError, match="float16 shard in a BF16"):
+        fingerprint_chunks("BF16", (4, 3), [whole.to(torch.float16)])
+    with pytest.raises(ValueError, match="unsupported"):
+        ShardedFingerprint(torch.float64, (2,))
