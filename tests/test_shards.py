@@ -21,6 +21,7 @@ from mezo_replay.arithmetic import rule
 from mezo_replay.arithmetic.rule import MezoSGD
 from mezo_replay.format.fingerprint import ShardedFingerprint, fingerprint_chunks, tensor_fingerprint
 from mezo_replay.kernels import cpu_kernel, steps, triton_kernels
+from mezo_replay.training.shards import chunk_rows
 
 from .test_spec_vectors import bits_to_torch, random_bits
 
@@ -73,11 +74,15 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(INT_VIEW[t.dtype]).reshape(-1)
 
 
-def chunk_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
-    """Rows [r0, r1) rank `rank` holds under torch.chunk on dim 0 (FSDP2's Shard(0)): ceil-sized chunks,
-    the last ones short or empty."""
-    size = -(-rows // world) if rows else 0
-    return min(rows, rank * size), min(rows, (rank + 1) * size)
+def test_chunk_rows_is_torch_chunk():
+    for rows in (0, 1, 3, 7, 23, 64):
+        for world in (1, 2, 3, 4, 8):
+            got = [chunk_rows(rows, world, r) for r in range(world)]
+            sizes = [c.shape[0] for c in torch.chunk(torch.empty(rows, 1), world)] if rows else []
+            assert [r1 - r0 for r0, r1 in got] == sizes + [0] * (world - len(sizes)), (rows, world)
+            assert got[0][0] == 0 and all(a[1] == b[0] for a, b in zip(got, got[1:])) and got[-1][1] == rows
+    with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
+        chunk_rows(4, 2, 2)
 
 
 # Odd row sizes put shard boundaries off the 8-element Philox blocks; 3 rows over 4 ranks leaves one empty.
@@ -254,3 +259,76 @@ def test_sharded_fingerprint_refuses_too_few_or_too_many_elements():
         fingerprint_chunks("BF16", (4, 3), [whole.to(torch.float16)])
     with pytest.raises(ValueError, match="unsupported"):
         ShardedFingerprint(torch.float64, (2,))
+
+
+# --- real DTensors and FSDP2 under torchrun (gloo, CPU) ----------------------------------------------------
+
+WORKER = r'''
+import math, os, sys
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.fsdp import fully_shard
+from mezo_replay.arithmetic.rule import MezoSGD
+from mezo_replay.format.fingerprint import tensor_fingerprint
+from mezo_replay.kernels import steps
+from mezo_replay.training import shards
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+mesh = init_device_mesh("cpu", (world,))
+sgd = MezoSGD.create(lr=0.05, eps=1e-3, seed=2**33 + 7, weight_decay=0.2)
+torch.manual_seed(0)  # the same whole tensors on every rank
+wholes = [torch.randn(37, 13).to(torch.bfloat16), torch.randn(1, 5), torch.randn(9).to(torch.float16)]
+wholes[0].view(torch.int16)[5, 3] = 0x7F81  # a NaN with a payload: fingerprints canonicalise it
+params = [distribute_tensor(w.clone(), mesh, [Shard(0)]) for w in wholes]
+params.append(distribute_tensor(torch.randn(6, 2), mesh, [Replicate()]))
+wholes.append(params[-1].to_local().clone())
+starts, local = zip(*(shards.local_shard_offset(p) for p in params))
+for w, s, l in zip(wholes, starts, local):
+    assert torch.equal(l.reshape(-1).view(torch.uint8), w.reshape(-1)[s:s + l.numel()].view(torch.uint8)), rank
+decays = [True, False, True, True]
+for ts, ss in ((wholes, None), (list(local), list(starts))):  # the same step, whole here and sharded
+    steps.perturb_all_(ts, sgd, 3, sgd.eps, starts=ss)
+    steps.update_perturb_all_(ts, sgd, 3, 0.5, sgd.decay(3), decays, starts=ss)
+    steps.restore_update_all_(ts, sgd, 4, torch.tensor(-0.25), sgd.decay(4), decays, starts=ss)
+for w, p in zip(wholes, params):  # the DTensors changed through their local storage
+    assert torch.equal(p.full_tensor().view(torch.uint8), w.view(torch.uint8)), rank
+    fp = shards.sharded_fingerprint(p)
+    assert fp == (tensor_fingerprint(w) if rank == 0 or p.placements[0].is_replicate() else None), rank
+
+model = torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Linear(37, 3))  # FSDP2's own sharding
+full = [p.detach().clone() for p in model.parameters()]
+fully_shard(model, mesh=mesh)
+laid = [shards.local_shard_offset(p) for p in model.parameters()]
+steps.perturb_all_([l for _, l in laid], sgd, 0, sgd.eps, starts=[s for s, _ in laid])
+steps.perturb_all_(full, sgd, 0, sgd.eps)
+for w, p in zip(full, model.parameters()):
+    assert torch.equal(p.full_tensor().view(torch.uint8), w.view(torch.uint8)), rank
+    fp = shards.sharded_fingerprint(p)
+    assert fp == (tensor_fingerprint(w) if rank == 0 else None)
+print(f"rank {rank} ok", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_dtensor_and_fsdp2_shards_under_torchrun(tmp_path, world):
+    """Real processes: DTensors sharded Shard(0) (uneven rows, an empty shard at 3 ranks, a replicated one)
+    and FSDP2's fully_shard parameters take a step through their local shards with local_shard_offset's
+    starts and gather to the whole tensors' bytes; sharded_fingerprint on rank 0 is the whole's."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
+                          "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(script)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert sorted(line for line in out.stdout.splitlines() if line.endswith(" ok")) == \
+        [f"rank {r} ok" for r in range(world)]
