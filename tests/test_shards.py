@@ -124,19 +124,21 @@ def _training_step(tensors, t: int, starts, c, go=None) -> None:
 
 @pytest.mark.parametrize("kind,world,flat", _with_worlds())
 def test_training_passes_on_shards_give_the_whole_tensors_bytes(request, monkeypatch, kind, world, flat):
-    _use(request, monkeypatch, *kind)
+    name = _use(request, monkeypatch, *kind)
     whole = [_tensor(dt, shape, seed=i) for i, (dt, shape) in enumerate(PARAMS)]
     c = SGD.coefficient(0, rule.encode_grad(1.5))
     c_dev = torch.tensor(c, dtype=torch.float32)  # the optimizer's 0-dim c on the weights' device
-    go = torch.tensor(False)
+    plan = [(0, c, None), (2, c_dev, torch.tensor(False))]
+    if name == "triton":  # the interpreter's time: one step, c and go both read by the kernel
+        plan = [(2, c_dev, torch.tensor(True))]
     want = [t.clone() for t in whole]
-    _training_step(want, 0, None, c)
-    _training_step(want, 2, None, c_dev, go)
+    for t, cc, go in plan:
+        _training_step(want, t, None, cc, go)
     got = []
     for rank in range(world):
         local, starts = _shards(whole, world, rank, flat)
-        _training_step(local, 0, starts, c)
-        _training_step(local, 2, starts, c_dev, go)
+        for t, cc, go in plan:
+            _training_step(local, t, starts, cc, go)
         got.append(local)
     for k, w in enumerate(want):
         assert torch.equal(_bits(torch.cat([g[k] for g in got])), _bits(w)), (k, PARAMS[k])
@@ -178,6 +180,22 @@ def test_single_tensor_passes_take_a_start(backend):
         steps.perturb_tensor_(part, SGD, 1, 4, SGD.eps, start=start)
         steps.restore_update_tensor_(part, SGD, 1, 4, 0.5, SGD.decay(1), start=start)
     assert torch.equal(_bits(torch.cat(got)), _bits(want))
+
+
+@pytest.mark.parametrize("kind", [pytest.param(b.values[0], id=b.id) for b in _backends() if not b.id.startswith("triton")])
+def test_a_shard_split_into_many_slices_keeps_its_offset(request, monkeypatch, kind):
+    """Shards big enough to be cut into slices (the torch path's 2^18 elements, the compiled kernel's per
+    thread): each slice adds its own offset to the shard's start."""
+    _use(request, monkeypatch, *kind)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # the compiled path: three threaded slices
+    whole = _tensor(torch.float32, (700_001,), seed=5)
+    want = whole.clone()
+    steps.update_perturb_all_([want], SGD, 6, 0.125, SGD.decay(6), [True])
+    cut = 12_345
+    parts = [whole[:cut].clone(), whole[cut:].clone()]
+    for part, start in zip(parts, (0, cut)):
+        steps.update_perturb_all_([part], SGD, 6, 0.125, SGD.decay(6), [True], starts=[start])
+    assert torch.equal(_bits(torch.cat(parts)), _bits(want))
 
 
 def test_bad_starts_fail_before_any_tensor_is_touched():

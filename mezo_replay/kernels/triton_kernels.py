@@ -249,8 +249,8 @@ if triton is not None:
               DT, NOISE, MODE, DECAY, BLOCK, C_PTR, GO_PTR)
 
     @triton.jit(do_not_specialize=["step", "key0", "key1"])
-    def _group_kernel(ptrs, sizes, starts, indices, decays, tile_slot, tile_num, table_ptr, c_ptr, go_ptr, step, key0, key1,
-                      eps, scale, c1, d1,
+    def _group_kernel(ptrs, sizes, starts, indices, decays, tile_slot, tile_num, table_ptr, c_ptr, go_ptr, step,
+                      key0, key1, eps, scale, c1, d1,
                       DT: tl.constexpr, NOISE: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
                       BLOCK: tl.constexpr, PTR: tl.constexpr, C_PTR: tl.constexpr, GO_PTR: tl.constexpr):
         """One training phase over many tensors of one dtype in one launch: program i takes tile
@@ -260,8 +260,8 @@ if triton is not None:
         pid = tl.program_id(0)
         slot = tl.load(tile_slot + pid)
         w_ptr = tl.load(ptrs + slot).to(tl.pointer_type(PTR))
-        _tile(w_ptr, tl.load(sizes + slot), tl.load(starts + slot), tl.load(tile_num + pid).to(tl.int64), table_ptr, c_ptr,
-              table_ptr, go_ptr, 1, step, tl.load(indices + slot).to(tl.uint32), key0.to(tl.uint32),
+        _tile(w_ptr, tl.load(sizes + slot), tl.load(starts + slot), tl.load(tile_num + pid).to(tl.int64), table_ptr,
+              c_ptr, table_ptr, go_ptr, 1, step, tl.load(indices + slot).to(tl.uint32), key0.to(tl.uint32),
               key1.to(tl.uint32), eps, scale, c1, d1, tl.load(decays + slot) != 0, DT, NOISE, MODE, DECAY, BLOCK,
               C_PTR, GO_PTR)
 else:
@@ -446,8 +446,8 @@ def apply_group_(tensors: Sequence[torch.Tensor], indices: Sequence[int], decays
                                                               go if mode == UPDATE_PERTURB else None, device, table)
         native = native_bf16_default(device) if native_bf16 is None else native_bf16
         _group_kernel[(slot.numel(),)](
-            ptrs, sizes, first, idx, dec, slot, num, table, c_ptr, go_ptr, step, rule.seed & 0xFFFFFFFF, rule.seed >> 32,
-            rule.eps, scale, c1, d, DT=_dt_code(dtype, native), NOISE=NOISES[rule.noise], MODE=mode,
+            ptrs, sizes, first, idx, dec, slot, num, table, c_ptr, go_ptr, step, rule.seed & 0xFFFFFFFF,
+            rule.seed >> 32, rule.eps, scale, c1, d, DT=_dt_code(dtype, native), NOISE=NOISES[rule.noise], MODE=mode,
             DECAY=mode != PERTURB and any(decays[i] for i in members), BLOCK=block, PTR=_element_type(dtype),
             C_PTR=c_from_ptr, GO_PTR=go_from_ptr, enable_fp_fusion=FP_FUSION)
 
@@ -476,7 +476,8 @@ def compile_for_gpu(dtype: torch.dtype, mode: int, *, noise: str = "gaussian16",
     kernel = _kernel
     if group:  # the grouped training kernel (apply_group_)
         kernel = _group_kernel
-        signature = {"ptrs": "*i64", "sizes": "*i64", "starts": "*i64", "indices": "*i64", "decays": "*i8", "tile_slot": "*i32",
+        signature = {"ptrs": "*i64", "sizes": "*i64", "starts": "*i64", "indices": "*i64", "decays": "*i8",
+                     "tile_slot": "*i32",
                      "tile_num": "*i32", "table_ptr": "*u16", "c_ptr": "*fp32", "go_ptr": "*u8", "step": "i32",
                      "key0": "i32", "key1": "i32", "eps": "fp32", "scale": "fp32", "c1": "fp32", "d1": "fp32"}
         constexprs["PTR"] = _element_type(dtype)

@@ -69,7 +69,8 @@ def sharded_fingerprint(param: torch.Tensor) -> str | None:
     """tensor_fingerprint of the whole `param`, computed on mesh coordinate 0 (which returns it; the others
     return None) from every coordinate's shard sent to it in order, in slices of at most 4 MiB: no rank
     holds more than its shard and one slice. Every rank of the mesh must call it (a collective). A plain or
-    replicated tensor is fingerprinted where it is, on every rank."""
+    replicated tensor is fingerprinted where it is, on every rank. The slices travel on the device the
+    group's backend carries (nccl: this rank's GPU, even for shards offloaded to the CPU; gloo: the CPU)."""
     layout = _dtensor_layout(param)
     if layout is None:
         return tensor_fingerprint(param.to_local() if hasattr(param, "to_local") else param)
@@ -80,10 +81,12 @@ def sharded_fingerprint(param: torch.Tensor) -> str | None:
     row = math.prod(param.shape[1:])
     width = local.element_size()
     per_message = max(1, _MESSAGE_BYTES // width)
+    nccl = dist.get_backend(group) == "nccl"
+    wire = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     if coordinate != 0:
         data = local.detach().reshape(-1).view(torch.uint8)  # bytes: every backend carries uint8
         for i in range(0, local.numel(), per_message):
-            dist.send(data[i * width:(i + per_message) * width].contiguous(),
+            dist.send(data[i * width:(i + per_message) * width].to(wire).contiguous(),
                       dst=dist.get_global_rank(group, 0), group=group)
         return None
     fp = ShardedFingerprint(param.dtype, param.shape)
@@ -92,7 +95,7 @@ def sharded_fingerprint(param: torch.Tensor) -> str | None:
         r0, r1 = chunk_rows(param.shape[0], world, source)
         n = (r1 - r0) * row
         for i in range(0, n, per_message):
-            buffer = torch.empty(min(per_message, n - i) * width, dtype=torch.uint8, device=local.device)
+            buffer = torch.empty(min(per_message, n - i) * width, dtype=torch.uint8, device=wire)
             dist.recv(buffer, src=dist.get_global_rank(group, source), group=group)
             fp.update(buffer.cpu().numpy())
     return fp.hexdigest()
