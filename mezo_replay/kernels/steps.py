@@ -5,6 +5,8 @@ Training and replay run this same code, so they cannot disagree. Slicing bounds 
 (noise and Philox words) to a few slices' worth, whatever the tensor's size, and is invisible in the
 result because every element's noise depends only on its own index (spec/generator.md).
 R_D is torch's copy_ from float32: bf16 and f16 round to nearest even and keep subnormals.
+For the same reason a rank holding only a contiguous run of a tensor (FSDP2's dim-0 shard) passes the
+index of its first element (`start`, `starts`) and gets exactly the bytes of the whole tensor there.
 """
 from __future__ import annotations
 
@@ -199,12 +201,13 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
             cs = cs if decay else [(c, 0.0) for c, _ in cs]
             threads = max(1, torch.get_num_threads())
             size = max(_min_slice(len(constants)), min(1 << 20, -(-t.numel() // threads)))
-            work = (lambda p: cpu_kernel.apply_(p[1], start + p[0], rule, index, first_step, kernel_mode, constants=cs,
-                                                scale=scale) or p[1])
+            work = (lambda p: cpu_kernel.apply_(p[1], start + p[0], rule, index, first_step, kernel_mode,
+                                                constants=cs, scale=scale) or p[1])
             parts = list(_flat_slices(t, size))
             done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)  # small: no hop
         else:
-            done = (torch_slice(offset, s) or s for offset, s in _flat_slices(t, slice_size or default_slice(t.device)))
+            size = slice_size or default_slice(t.device)
+            done = (torch_slice(offset, s) or s for offset, s in _flat_slices(t, size))
         for s in done:
             if progress is not None:
                 progress(s.numel() * len(constants))
