@@ -12,7 +12,7 @@ import hashlib
 import math
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -137,6 +137,90 @@ def fingerprint_raw(dtype: str, shape: Sequence[int], data: bytes | memoryview |
     for i in range(0, words.size, step):
         _update(h, dtype, words[i:i + step], scratch)
     return h.hexdigest()
+
+
+class ShardedFingerprint:
+    """tensor_fingerprint of a tensor that no process holds whole: its row-major elements arrive in order
+    as shards (a rank's dim-0 rows, a slice streamed to rank 0, a run of raw bytes) and are hashed as they
+    come, so the whole tensor is never concatenated. The hash is a stream over the canonicalised words,
+    so any split gives the same digest; raw byte chunks may even split a word (the odd bytes wait for the
+    next chunk).
+
+        fp = ShardedFingerprint("BF16", (4096, 4096))
+        for shard in shards: fp.update(shard)
+        fp.hexdigest() == tensor_fingerprint(whole)
+    """
+
+    def __init__(self, dtype: str | torch.dtype, shape: Sequence[int]) -> None:
+        self.dtype = dtype if isinstance(dtype, str) else _dtype_name(dtype)
+        self.shape = tuple(int(d) for d in shape)
+        self._hash = _start(self.dtype, self.shape)
+        self._word = np.dtype(_BITS[self.dtype][0]).newbyteorder("<")
+        self._scratch = _Scratch(self.dtype)
+        self._expected = math.prod(self.shape)
+        self._seen = 0  # words hashed
+        self._carry = b""  # the bytes of a word split between two raw chunks
+
+    def update(self, chunk: torch.Tensor | np.ndarray | bytes | bytearray | memoryview) -> None:
+        """The next elements in row-major order: a tensor of the fingerprint's dtype (any device, any
+        layout: its own row-major order is taken), or raw little-endian bytes (a numpy array is taken as
+        its bytes)."""
+        if isinstance(chunk, torch.Tensor):
+            if self._carry:
+                raise ValueError("a tensor chunk after raw bytes that end mid-element")
+            if _dtype_name(chunk.dtype) != self.dtype:
+                raise ValueError(f"a {chunk.dtype} shard in a {self.dtype} fingerprint")
+            flat = chunk.detach().contiguous().reshape(-1).view(_INT_VIEW[self.dtype])
+            self._grow(flat.numel())
+            step = _SLICE_BYTES // flat.element_size()
+            for i in range(0, flat.numel(), step):
+                _update(self._hash, self.dtype, flat[i:i + step].cpu().numpy().view(_BITS[self.dtype][0]),
+                        self._scratch)
+            return
+        if isinstance(chunk, np.ndarray):
+            raw = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+        else:
+            raw = np.frombuffer(chunk, dtype=np.uint8)
+        size = self._word.itemsize
+        if self._carry:
+            head = size - len(self._carry)
+            if raw.size < head:
+                self._carry += raw.tobytes()
+                return
+            self._words(np.frombuffer(self._carry + raw[:head].tobytes(), dtype=self._word))
+            self._carry, raw = b"", raw[head:]
+        whole = raw.size - raw.size % size
+        self._carry = raw[whole:].tobytes()
+        self._words(raw[:whole].view(self._word))
+
+    def _grow(self, n: int) -> None:
+        if self._seen + n > self._expected:
+            raise ValueError(f"{self.dtype}{list(self.shape)} holds {self._expected} elements; the shards "
+                             f"streamed so far hold {self._seen + n}")
+        self._seen += n
+
+    def _words(self, words: np.ndarray) -> None:
+        self._grow(words.size)
+        step = _SLICE_BYTES // self._word.itemsize
+        for i in range(0, words.size, step):
+            _update(self._hash, self.dtype, words[i:i + step], self._scratch)
+
+    def hexdigest(self) -> str:
+        """The fingerprint, once every element has arrived (fewer is an error, not a different hash)."""
+        if self._carry or self._seen != self._expected:
+            held = f"{self._seen} elements" + (f" and {len(self._carry)} stray bytes" if self._carry else "")
+            raise ValueError(f"{self.dtype}{list(self.shape)} holds {self._expected} elements; the shards "
+                             f"streamed hold {held}")
+        return self._hash.copy().hexdigest()
+
+
+def fingerprint_chunks(dtype: str | torch.dtype, shape: Sequence[int],
+                       chunks: Iterable[torch.Tensor | np.ndarray | bytes | bytearray | memoryview]) -> str:
+    """tensor_fingerprint of the tensor whose row-major elements are `chunks`, in order (ShardedFingerprint)."""
+    fp = ShardedFingerprint(dtype, shape)
+    for chunk in chunks:
+        fp.update(chunk)
+    return fp.hexdigest()
 
 
 def base_fingerprint(names: Sequence[str], fps: Sequence[str]) -> str:

@@ -5,6 +5,8 @@ Training and replay run this same code, so they cannot disagree. Slicing bounds 
 (noise and Philox words) to a few slices' worth, whatever the tensor's size, and is invisible in the
 result because every element's noise depends only on its own index (spec/generator.md).
 R_D is torch's copy_ from float32: bf16 and f16 round to nearest even and keep subnormals.
+For the same reason a rank holding only a contiguous run of a tensor (FSDP2's dim-0 shard) passes the
+index of its first element (`start`, `starts`) and gets exactly the bytes of the whole tensor there.
 """
 from __future__ import annotations
 
@@ -152,18 +154,23 @@ def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0)
 def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: int,
             constants: Sequence[tuple[float | torch.Tensor, float]], scale: float = 0.0, decay: bool = True,
             slice_size: int | None = None, progress: Callable[[int], None] | None = None,
-            go: torch.Tensor | None = None) -> None:
+            go: torch.Tensor | None = None, start: int = 0) -> None:
     """The one dispatcher: a kernel when the tensor's device has one, the torch phases otherwise.
 
     mode REPLAY runs P1, P2, P3 for every step in `constants`; PERTURB adds scale*z of `first_step`;
     RESTORE_UPDATE runs P3 of `first_step` with constants[0]; UPDATE_PERTURB runs that P3 and then P1 of
     `first_step + 1` (only where `go`, a 0-dim bool tensor, is true; None: always). decay=False ignores the
     d of `constants`. In the one-step modes c may be a 0-dim float32 tensor on w's device.
-    `progress` gets element-steps done.
+    `progress` gets element-steps done. start: the index in tensor `index` of w's first element (w a
+    contiguous run of its row-major elements, e.g. a rank's dim-0 shard), so that w gets exactly the bytes
+    those elements would get in the whole tensor.
     """
-    def torch_slice(start: int, s: torch.Tensor) -> None:
+    if start < 0:
+        raise ValueError(f"a shard's start must be a non-negative element index, not {start}")
+
+    def torch_slice(offset: int, s: torch.Tensor) -> None:
         for j, (c, d) in enumerate(constants):
-            z = noise(rule.noise, rule.seed, first_step + j, index, start, s.numel(), s.device)
+            z = noise(rule.noise, rule.seed, first_step + j, index, start + offset, s.numel(), s.device)
             if mode == cpu_kernel.PERTURB:
                 perturb_(s, z, scale)
                 continue
@@ -172,7 +179,7 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
                 perturb_(s, z, -2.0 * rule.eps)
             restore_update_(s, z, rule.eps, c, d if decay else 0.0)
             if mode == UPDATE_PERTURB:
-                z = noise(rule.noise, rule.seed, first_step + 1, index, start, s.numel(), s.device)
+                z = noise(rule.noise, rule.seed, first_step + 1, index, start + offset, s.numel(), s.device)
                 if go is None:
                     perturb_(s, z, rule.eps)
                 else:  # the P1 half only where go is true: otherwise P3's bytes stay as they are
@@ -182,7 +189,7 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
         path = _path(t)
         if path == "triton":  # one launch covers the tensor; the kernel reports progress per launch, and
             # reads a device c and go itself (no host sync)
-            triton_kernels.apply_(t, 0, rule, index, first_step, mode, constants=constants, decay=decay,
+            triton_kernels.apply_(t, start, rule, index, first_step, mode, constants=constants, decay=decay,
                                   scale=scale, go=go, progress=progress)
             return
         if path == "compiled":  # ctypes releases the GIL: slices run on torch's CPU threads
@@ -194,12 +201,13 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
             cs = cs if decay else [(c, 0.0) for c, _ in cs]
             threads = max(1, torch.get_num_threads())
             size = max(_min_slice(len(constants)), min(1 << 20, -(-t.numel() // threads)))
-            work = (lambda p: cpu_kernel.apply_(p[1], p[0], rule, index, first_step, kernel_mode, constants=cs,
-                                                scale=scale) or p[1])
+            work = (lambda p: cpu_kernel.apply_(p[1], start + p[0], rule, index, first_step, kernel_mode,
+                                                constants=cs, scale=scale) or p[1])
             parts = list(_flat_slices(t, size))
             done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)  # small: no hop
         else:
-            done = (torch_slice(start, s) or s for start, s in _flat_slices(t, slice_size or default_slice(t.device)))
+            size = slice_size or default_slice(t.device)
+            done = (torch_slice(offset, s) or s for offset, s in _flat_slices(t, size))
         for s in done:
             if progress is not None:
                 progress(s.numel() * len(constants))
@@ -208,64 +216,91 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
 
 
 def perturb_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, scale: float,
-                    slice_size: int | None = None) -> None:
-    """P1 (scale = eps) or P2 (scale = -2 eps) of one step on one tuned tensor."""
-    _apply_(w, rule, index, step, cpu_kernel.PERTURB, [(0.0, 0.0)], scale, decay=False, slice_size=slice_size)
+                    slice_size: int | None = None, start: int = 0) -> None:
+    """P1 (scale = eps) or P2 (scale = -2 eps) of one step on one tuned tensor (or its shard at start)."""
+    _apply_(w, rule, index, step, cpu_kernel.PERTURB, [(0.0, 0.0)], scale, decay=False, slice_size=slice_size,
+            start=start)
 
 
 def restore_update_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, c: float, d: float = 0.0,
-                           slice_size: int | None = None) -> None:
+                           slice_size: int | None = None, start: int = 0) -> None:
     """P3 of one step on one tuned tensor (d: its decay factor, 0 for tensors without decay)."""
-    _apply_(w, rule, index, step, cpu_kernel.RESTORE_UPDATE, [(c, d)], decay=d != 0.0, slice_size=slice_size)
+    _apply_(w, rule, index, step, cpu_kernel.RESTORE_UPDATE, [(c, d)], decay=d != 0.0, slice_size=slice_size,
+            start=start)
 
 
 def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequence[StepConstants], *,
                    decay: bool = False, first_step: int = 0, slice_size: int | None = None,
-                   progress: Callable[[int], None] | None = None) -> None:
-    """Steps first_step, first_step+1, ... of one tuned tensor, in place.
+                   progress: Callable[[int], None] | None = None, start: int = 0) -> None:
+    """Steps first_step, first_step+1, ... of one tuned tensor, in place; with start, of the shard of it
+    whose first element is element `start` of the whole tensor (a rank's rows of a sharded parameter).
 
     Each slice runs all its steps before the next slice starts, so the noise of a step is drawn once
     for its three phases and the slice stays in cache.
     """
     if constants:
         _apply_(w, rule, index, first_step, cpu_kernel.REPLAY, constants, decay=decay, slice_size=slice_size,
-                progress=progress)
+                progress=progress, start=start)
 
 
 def update_perturb_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, c: float | torch.Tensor,
-                        d: float, decays: Sequence[bool], go: torch.Tensor | None = None) -> None:
+                        d: float, decays: Sequence[bool], go: torch.Tensor | None = None,
+                        starts: Sequence[int] | None = None) -> None:
     """P3 of `step` then P1 of `step + 1` on every tuned tensor, in one pass over the weights: the bytes of
     restore_update_all_(step) followed by perturb_all_(step + 1, eps), so a training step that goes
     straight on to the next one costs two passes instead of three.
 
     c may be a 0-dim float32 tensor on the weights' device, so that the GPU never waits for the host to
     know it; go (a 0-dim bool tensor there, None for true) lets the device skip the P1 half, leaving
-    exactly restore_update_all_'s result, e.g. when the step it belongs to must stop the run."""
-    _each_(tensors, rule, step, UPDATE_PERTURB, decays, c=c, d=d, go=go)
+    exactly restore_update_all_'s result, e.g. when the step it belongs to must stop the run. starts as in
+    perturb_all_."""
+    _each_(tensors, rule, step, UPDATE_PERTURB, decays, c=c, d=d, go=go, starts=starts)
 
 
-def perturb_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, scale: float) -> None:
-    """P1 or P2 of one step on every tuned tensor (tensors[k] is trajectory tensor k)."""
-    _each_(tensors, rule, step, cpu_kernel.PERTURB, [False] * len(tensors), scale=scale)
+def perturb_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, scale: float,
+                 starts: Sequence[int] | None = None) -> None:
+    """P1 or P2 of one step on every tuned tensor (tensors[k] is trajectory tensor k).
+
+    starts[k]: the element of trajectory tensor k at which tensors[k] begins, when a rank holds only a
+    contiguous run of it (FSDP2's dim-0 shard: rows r0.. of a row-major tensor start at r0 * row size);
+    None: every tensor whole. The noise is keyed by element index, so shards passed with their starts get
+    exactly the bytes of the whole tensors, and a sharded run rebuilds on one device."""
+    _each_(tensors, rule, step, cpu_kernel.PERTURB, [False] * len(tensors), scale=scale, starts=starts)
 
 
 def restore_update_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, c: float | torch.Tensor,
-                        d: float, decays: Sequence[bool]) -> None:
+                        d: float, decays: Sequence[bool], starts: Sequence[int] | None = None) -> None:
     """P3 of one step on every tuned tensor; decays[k] says whether tensor k takes the decay d. c as in
-    update_perturb_all_."""
-    _each_(tensors, rule, step, cpu_kernel.RESTORE_UPDATE, decays, c=c, d=d)
+    update_perturb_all_, starts as in perturb_all_."""
+    _each_(tensors, rule, step, cpu_kernel.RESTORE_UPDATE, decays, c=c, d=d, starts=starts)
 
 
 def _each_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, mode: int, decays: Sequence[bool], *,
-           c: float | torch.Tensor = 0.0, d: float = 0.0, scale: float = 0.0, go: torch.Tensor | None = None) -> None:
+           c: float | torch.Tensor = 0.0, d: float = 0.0, scale: float = 0.0, go: torch.Tensor | None = None,
+           starts: Sequence[int] | None = None) -> None:
     """Tensors the Triton kernel takes go through one grouped launch per dtype (a launch per tensor
     would cost more than the arithmetic on a model's many small tensors); the rest one by one."""
+    starts = _starts(starts, len(tensors))
     grouped = [k for k, t in enumerate(tensors) if t.is_contiguous() and _path(t) == "triton"]
     if grouped:
         triton_kernels.apply_group_([tensors[k] for k in grouped], grouped, [decays[k] for k in grouped], rule,
-                                    step, mode, c=c, d=d, scale=scale, go=go)
+                                    step, mode, c=c, d=d, scale=scale, go=go, starts=[starts[k] for k in grouped])
     done = set(grouped)
     for k, t in enumerate(tensors):
         if k not in done:
-            _apply_(t, rule, k, step, mode, [(c, d if decays[k] else 0.0)], scale, decay=bool(decays[k]), go=go)
+            _apply_(t, rule, k, step, mode, [(c, d if decays[k] else 0.0)], scale, decay=bool(decays[k]), go=go,
+                    start=starts[k])
+
+
+def _starts(starts: Sequence[int] | None, count: int) -> list[int]:
+    """One element offset per tensor, checked here so that a bad one fails before any tensor is touched
+    (a pass applied to half the tensors would leave the weights matching no step)."""
+    if starts is None:
+        return [0] * count
+    out = [int(s) for s in starts]
+    if len(out) != count:
+        raise ValueError(f"{count} tensors but {len(out)} shard starts")
+    if any(s < 0 for s in out):
+        raise ValueError(f"a shard's start must be a non-negative element index, not {min(out)}")
+    return out
 

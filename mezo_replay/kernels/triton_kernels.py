@@ -249,19 +249,19 @@ if triton is not None:
               DT, NOISE, MODE, DECAY, BLOCK, C_PTR, GO_PTR)
 
     @triton.jit(do_not_specialize=["step", "key0", "key1"])
-    def _group_kernel(ptrs, sizes, indices, decays, tile_slot, tile_num, table_ptr, c_ptr, go_ptr, step, key0, key1,
-                      eps, scale, c1, d1,
+    def _group_kernel(ptrs, sizes, starts, indices, decays, tile_slot, tile_num, table_ptr, c_ptr, go_ptr, step,
+                      key0, key1, eps, scale, c1, d1,
                       DT: tl.constexpr, NOISE: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
                       BLOCK: tl.constexpr, PTR: tl.constexpr, C_PTR: tl.constexpr, GO_PTR: tl.constexpr):
         """One training phase over many tensors of one dtype in one launch: program i takes tile
-        tile_num[i] of tensor tile_slot[i], whose address, size, trajectory index and decay flag come
-        from the per-tensor tables. A model has hundreds of tensors, most of them small; a launch per
-        tensor would cost more than the arithmetic."""
+        tile_num[i] of tensor tile_slot[i], whose address, size, first element index (a shard's start, 0
+        for a whole tensor), trajectory index and decay flag come from the per-tensor tables. A model has
+        hundreds of tensors, most of them small; a launch per tensor would cost more than the arithmetic."""
         pid = tl.program_id(0)
         slot = tl.load(tile_slot + pid)
         w_ptr = tl.load(ptrs + slot).to(tl.pointer_type(PTR))
-        _tile(w_ptr, tl.load(sizes + slot), 0, tl.load(tile_num + pid).to(tl.int64), table_ptr, c_ptr,
-              table_ptr, go_ptr, 1, step, tl.load(indices + slot).to(tl.uint32), key0.to(tl.uint32),
+        _tile(w_ptr, tl.load(sizes + slot), tl.load(starts + slot), tl.load(tile_num + pid).to(tl.int64), table_ptr,
+              c_ptr, table_ptr, go_ptr, 1, step, tl.load(indices + slot).to(tl.uint32), key0.to(tl.uint32),
               key1.to(tl.uint32), eps, scale, c1, d1, tl.load(decays + slot) != 0, DT, NOISE, MODE, DECAY, BLOCK,
               C_PTR, GO_PTR)
 else:
@@ -393,18 +393,21 @@ _groups: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
 def _group_tables(tensors: Sequence[torch.Tensor], indices: Sequence[int], decays: Sequence[bool],
-                  block: int) -> tuple[torch.Tensor, ...]:
-    """Per-tensor (address, size, index, decay) and per-tile (tensor slot, tile number) device tables,
-    built once: a training run's tensors keep their storage from step to step."""
-    key = (tuple((t.data_ptr(), t.numel()) for t in tensors), tuple(indices), tuple(decays), block)
+                  block: int, starts: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """Per-tensor (address, size, start, index, decay) and per-tile (tensor slot, tile number) device
+    tables, built once: a training run's tensors keep their storage from step to step. Tiles are aligned
+    to Philox blocks in index space, so a shard starting mid-block takes (start % 8 + size) / block tiles,
+    as apply_'s grid does."""
+    key = (tuple((t.data_ptr(), t.numel()) for t in tensors), tuple(indices), tuple(decays), block, tuple(starts))
     if key not in _groups:
         device = tensors[0].device
         sizes = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
-        tiles = (sizes + block - 1) // block
+        first = torch.tensor(list(starts), dtype=torch.int64)
+        tiles = (sizes + (first & 7) + block - 1) // block
         slot = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), tiles)
         num = torch.arange(int(tiles.sum()), dtype=torch.int32) - torch.repeat_interleave(
             (torch.cumsum(tiles, 0) - tiles).to(torch.int32), tiles)
-        tables = (torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64), sizes,
+        tables = (torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64), sizes, first,
                   torch.tensor(list(indices), dtype=torch.int64), torch.tensor(list(decays), dtype=torch.int8),
                   slot, num)
         if len(_groups) > 4:
@@ -415,12 +418,17 @@ def _group_tables(tensors: Sequence[torch.Tensor], indices: Sequence[int], decay
 
 def apply_group_(tensors: Sequence[torch.Tensor], indices: Sequence[int], decays: Sequence[bool], rule: MezoSGD,
                  step: int, mode: int, *, c: float | torch.Tensor = 0.0, d: float = 0.0, scale: float = 0.0,
-                 go: torch.Tensor | None = None, block: int = BLOCK, native_bf16: bool | None = None) -> None:
+                 go: torch.Tensor | None = None, block: int = BLOCK, native_bf16: bool | None = None,
+                 starts: Sequence[int] | None = None) -> None:
     """PERTURB, RESTORE_UPDATE or UPDATE_PERTURB of one step on whole tensors (tensors[i] is trajectory
     tensor indices[i]), one launch per dtype. Tensors must be contiguous; decays[i] says whether tensor i
-    takes the decay d. c and go as in apply_: device tensors are read by the kernel, never by the host."""
+    takes the decay d. c and go as in apply_: device tensors are read by the kernel, never by the host.
+    starts[i]: the element of tensor indices[i] at which tensors[i] begins (a rank's shard), None: all 0."""
     if mode not in (PERTURB, RESTORE_UPDATE, UPDATE_PERTURB):
         raise ValueError("replay runs tensor by tensor (apply_), many steps per launch")
+    starts = [0] * len(tensors) if starts is None else [int(x) for x in starts]
+    if len(starts) != len(tensors) or any(x < 0 for x in starts):
+        raise ValueError("one non-negative start per tensor")
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
         if not runs_on(t) or not t.is_contiguous():
@@ -430,15 +438,16 @@ def apply_group_(tensors: Sequence[torch.Tensor], indices: Sequence[int], decays
     for dtype, members in by_dtype.items():
         ts = [tensors[i] for i in members]
         device = ts[0].device
-        ptrs, sizes, idx, dec, slot, num = _group_tables(ts, [indices[i] for i in members],
-                                                         [bool(decays[i]) for i in members], block)
+        ptrs, sizes, first, idx, dec, slot, num = _group_tables(ts, [indices[i] for i in members],
+                                                                [bool(decays[i]) for i in members], block,
+                                                                [starts[i] for i in members])
         table = _table(device)
         c1, c_ptr, c_from_ptr, go_ptr, go_from_ptr = _scalars(c if mode != PERTURB else 0.0,
                                                               go if mode == UPDATE_PERTURB else None, device, table)
         native = native_bf16_default(device) if native_bf16 is None else native_bf16
         _group_kernel[(slot.numel(),)](
-            ptrs, sizes, idx, dec, slot, num, table, c_ptr, go_ptr, step, rule.seed & 0xFFFFFFFF, rule.seed >> 32,
-            rule.eps, scale, c1, d, DT=_dt_code(dtype, native), NOISE=NOISES[rule.noise], MODE=mode,
+            ptrs, sizes, first, idx, dec, slot, num, table, c_ptr, go_ptr, step, rule.seed & 0xFFFFFFFF,
+            rule.seed >> 32, rule.eps, scale, c1, d, DT=_dt_code(dtype, native), NOISE=NOISES[rule.noise], MODE=mode,
             DECAY=mode != PERTURB and any(decays[i] for i in members), BLOCK=block, PTR=_element_type(dtype),
             C_PTR=c_from_ptr, GO_PTR=go_from_ptr, enable_fp_fusion=FP_FUSION)
 
@@ -467,7 +476,8 @@ def compile_for_gpu(dtype: torch.dtype, mode: int, *, noise: str = "gaussian16",
     kernel = _kernel
     if group:  # the grouped training kernel (apply_group_)
         kernel = _group_kernel
-        signature = {"ptrs": "*i64", "sizes": "*i64", "indices": "*i64", "decays": "*i8", "tile_slot": "*i32",
+        signature = {"ptrs": "*i64", "sizes": "*i64", "starts": "*i64", "indices": "*i64", "decays": "*i8",
+                     "tile_slot": "*i32",
                      "tile_num": "*i32", "table_ptr": "*u16", "c_ptr": "*fp32", "go_ptr": "*u8", "step": "i32",
                      "key0": "i32", "key1": "i32", "eps": "fp32", "scale": "fp32", "c1": "fp32", "d1": "fp32"}
         constexprs["PTR"] = _element_type(dtype)

@@ -1,0 +1,101 @@
+"""Where a rank's shard of a parameter sits in the whole tensor, and the whole tensor's fingerprint from
+shards streamed to one rank: what sharded MeZO (FSDP2, `fully_shard`) needs besides the element passes.
+
+Why this is enough: FSDP2 shards every parameter on dim 0 (Shard(0) over a 1-D mesh, torch.chunk's
+split: ceil-sized row blocks, the last ones short or empty), so a rank's local tensor is a contiguous run
+of the row-major elements starting at r0 * row size. The noise is keyed by element index, so the passes
+of kernels/steps.py given that start write exactly the bytes a single device would, and a sharded run
+rebuilds on one CPU. Fingerprints are streams over the row-major words, so rank 0 can hash the shards as
+they arrive, one bounded slice at a time, and no rank ever holds a whole model.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..format.fingerprint import ShardedFingerprint, tensor_fingerprint
+
+_MESSAGE_BYTES = 4 << 20  # one send of a shard's bytes: bounded memory on rank 0 whatever the tensor size
+
+
+def chunk_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows [r0, r1) that coordinate `rank` of `world` holds under torch.chunk on dim 0 (FSDP2's Shard(0))."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of {world}")
+    size = -(-rows // world)
+    return min(rows, rank * size), min(rows, (rank + 1) * size)
+
+
+def _dtensor_layout(param: torch.Tensor):
+    """(mesh, coordinate) of a DTensor sharded Shard(0) over a 1-D mesh; None for a plain tensor or one
+    replicated everywhere (its local tensor is the whole). Anything else fails: its elements are not one
+    contiguous run, and the passes would draw the wrong noise."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(param, DTensor):
+        return None
+    mesh, placements = param.device_mesh, param.placements
+    if all(isinstance(p, Replicate) for p in placements):
+        return None
+    if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ValueError(f"a sharded parameter must be Shard(0) over a 1-D device mesh (FSDP2's layout), "
+                         f"not {tuple(placements)} over a {mesh.ndim}-D mesh")
+    return mesh, mesh.get_local_rank()
+
+
+def local_shard_offset(param: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(start, local): this rank's local tensor of `param` and the row-major index, in the whole tensor, of
+    its first element; the element passes take start (steps.perturb_all_(..., starts=...)). local is the
+    DTensor's own storage (FSDP2's sharded parameter), so passes applied to it change the parameter. A
+    plain tensor is its own whole: (0, param)."""
+    layout = _dtensor_layout(param)
+    if layout is None:
+        return 0, (param.to_local() if hasattr(param, "to_local") else param)
+    mesh, coordinate = layout
+    local = param.to_local()
+    rows = param.shape[0] if param.dim() else 1
+    r0, r1 = chunk_rows(rows, mesh.size(), coordinate)
+    if local.shape[0] != r1 - r0 or tuple(local.shape[1:]) != tuple(param.shape[1:]):
+        raise ValueError(f"local shard {tuple(local.shape)} of {tuple(param.shape)} is not torch.chunk's rows "
+                         f"{r0}..{r1} for coordinate {coordinate} of {mesh.size()}: uneven sharding is not supported")
+    if not local.is_contiguous():
+        raise ValueError("a sharded parameter's local tensor must be contiguous")
+    return r0 * math.prod(param.shape[1:]), local
+
+
+def sharded_fingerprint(param: torch.Tensor) -> str | None:
+    """tensor_fingerprint of the whole `param`, computed on mesh coordinate 0 (which returns it; the others
+    return None) from every coordinate's shard sent to it in order, in slices of at most 4 MiB: no rank
+    holds more than its shard and one slice. Every rank of the mesh must call it (a collective). A plain or
+    replicated tensor is fingerprinted where it is, on every rank. The slices travel on the device the
+    group's backend carries (nccl: this rank's GPU, even for shards offloaded to the CPU; gloo: the CPU)."""
+    layout = _dtensor_layout(param)
+    if layout is None:
+        return tensor_fingerprint(param.to_local() if hasattr(param, "to_local") else param)
+    mesh, coordinate = layout
+    group = mesh.get_group()
+    world = mesh.size()
+    _, local = local_shard_offset(param)
+    row = math.prod(param.shape[1:])
+    width = local.element_size()
+    per_message = max(1, _MESSAGE_BYTES // width)
+    nccl = dist.get_backend(group) == "nccl"
+    wire = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    if coordinate != 0:
+        data = local.detach().reshape(-1).view(torch.uint8)  # bytes: every backend carries uint8
+        for i in range(0, local.numel(), per_message):
+            dist.send(data[i * width:(i + per_message) * width].to(wire).contiguous(),
+                      dst=dist.get_global_rank(group, 0), group=group)
+        return None
+    fp = ShardedFingerprint(param.dtype, param.shape)
+    fp.update(local)
+    for source in range(1, world):
+        r0, r1 = chunk_rows(param.shape[0], world, source)
+        n = (r1 - r0) * row
+        for i in range(0, n, per_message):
+            buffer = torch.empty(min(per_message, n - i) * width, dtype=torch.uint8, device=wire)
+            dist.recv(buffer, src=dist.get_global_rank(group, source), group=group)
+            fp.update(buffer.cpu().numpy())
+    return fp.hexdigest()
