@@ -64,12 +64,13 @@ def torchrun(n: int, *args: str | Path, cwd: Path, prefix: tuple[str, ...] = ("-
     return r, out, err
 
 
-def owned_by(run: Path, parts: int, part: int) -> str:
-    """The first tensor (in write order) that `part` replays in a split over `parts`."""
+def owned_by(run: Path, parts: int, part: int, last: bool = False) -> str:
+    """The first (or last) tensor in write order that `part` replays in a split over `parts`."""
     tensors = read_trajectory(run).header["tensors"]
     cost = spread.costs([t["shape"] for t in tensors])
     owner = spread.assign(cost, parts)
-    return next(tensors[k]["name"] for k in spread.write_order(cost, owner) if owner[k] == part)
+    mine = [tensors[k]["name"] for k in spread.write_order(cost, owner) if owner[k] == part]
+    return mine[-1] if last else mine[0]
 
 
 def corrupt(folder: Path, names: list[str]) -> Path:
@@ -199,8 +200,9 @@ def test_three_ranks_reconstruct_and_verify(run: Path, one: Path, tmp_path: Path
 
 @pytest.mark.slow
 def test_rank_zeros_own_errors_reach_every_rank(run: Path, one: Path, tmp_path: Path) -> None:
-    """Rank 0's tensor is wrong (verify and reconstruct); then rank 0's writer refuses an existing output."""
-    name = owned_by(run, 2, 0)
+    """Rank 0's last tensor is wrong (verify and reconstruct: rank 1 is then most likely done and waiting for
+    the end); then rank 0's writer refuses an existing output before any work."""
+    name = owned_by(run, 2, 0, last=True)
     bad = corrupt(tmp_path / "bad", [name])
     for command in (["reconstruct", bad, run, "-o", tmp_path / "out", "-q"], ["verify", bad, run, "-q"]):
         r, out, err = torchrun(2, *command, cwd=tmp_path)

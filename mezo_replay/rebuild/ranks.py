@@ -129,16 +129,16 @@ class Crew:
         """Replays this rank's tensors (`mine`, in index order) and hands each to rank 0 when it asks;
         returns on rank 0's OK, raises the error rank 0 reports (this rank's own, or another's)."""
         try:
-            pipeline.run(len(mine), lambda j, pin: read(mine[j], pin), lambda j, w: kernel(mine[j], w),
-                         lambda j, w: self._answer(mine[j], w), device)
+            try:
+                pipeline.run(len(mine), lambda j, pin: read(mine[j], pin), lambda j, w: kernel(mine[j], w),
+                             lambda j, w: self._answer(mine[j], w), device)
+            except _Stopped:
+                raise
+            except BaseException as e:
+                self._answer_error(e)
+            what, _ = self._control()  # OK; STOP when rank 0 fails after this rank's last result
         except _Stopped as e:
             raise _error(e.kind, str(e)) from None
-        except BaseException as e:
-            try:
-                self._answer_error(e)
-            except _Stopped as stop:
-                raise _error(stop.kind, str(stop)) from None
-        what, _ = self._control()
         if what != OK:
             raise MezoReplayError(f"rank 0 sent {what} where the end of the rebuild was due")
 
