@@ -491,6 +491,11 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
     every --checkpoint-every steps) and the output appears only if it matches; an existing output is
     replaced only with --overwrite.
 
+    A full fine-tune's tensors can be split: `--device cuda:all` over the local GPUs in this process,
+    or `torchrun --nproc-per-node N -m mezo_replay reconstruct BASE TRAJECTORY -o OUT` over N ranks
+    (gloo on --device cpu; with --device cuda each rank uses cuda:LOCAL_RANK), where rank 0 draws the
+    bar and writes. The bytes are those of one process; an error on any rank ends every rank with it.
+
     \b
     Examples:
       mezo-replay reconstruct run.mzt -o run-adapter                 # PEFT: no base needed
@@ -499,6 +504,8 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
       mezo-replay reconstruct run.mzt --merge hf://my-org/base -o merged   # full model, LoRA merged in
       mezo-replay reconstruct mezo-replay:embedded/tiny-llama traj.mzt -o tuned   # full fine-tune
       mezo-replay reconstruct hf://facebook/opt-1.3b hf://my-org/opt-sst2/run.mzt -o opt-sst2
+      mezo-replay reconstruct hf://facebook/opt-1.3b run.mzt -o opt-sst2 --device cuda:all
+      torchrun --nproc-per-node 8 -m mezo_replay reconstruct hf://facebook/opt-1.3b run.mzt -o opt-sst2 --device cuda
     """
     from .rebuild import adapter, replay
     from .format.mzt import read_trajectory
@@ -726,6 +733,8 @@ def verify(args: tuple[str, ...], step: int | None, device: str, quiet: bool) ->
     which you may point elsewhere). A full fine-tune needs its base: `verify BASE TRAJECTORY [TUNED]`,
     TUNED a .safetensors file or model folder. Without ADAPTER or TUNED the trajectory is replayed and
     the result checked against its fingerprints; with one, that output's tensors are checked instead.
+    The replay of a full fine-tune splits like reconstruct's (`--device cuda:all`, or torchrun with
+    BASE TRAJECTORY); checking a given TUNED reads files on one process.
 
     \b
     Examples:
