@@ -224,3 +224,18 @@ def test_a_rank_that_cannot_start_stops_every_rank(run: Path, tmp_path: Path) ->
     assert [e.strip() for e in err] == [
         "Error: missing-base: no such file or folder (a Hub base is written hf://org/name)"] * 2
     assert leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_split_over_gpus_writes_the_bytes_of_one(run: Path, one: Path, tmp_path: Path) -> None:
+    """Two threads with a stream each on every GPU (on one GPU too: the threads and streams are what is
+    tested), then `--device cuda:all` itself in a real process."""
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] * 2
+    out = replay.reconstruct(replay.plan(BASE, run), tmp_path / "gpus", device=devices)
+    assert files(out) == files(one)
+    r = subprocess.run([sys.executable, "-m", "mezo_replay", "reconstruct", str(BASE), str(run), "-o",
+                        str(tmp_path / "all"), "--device", "cuda:all", "-q"], env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert files(tmp_path / "all") == files(one)
