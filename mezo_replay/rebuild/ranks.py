@@ -11,7 +11,8 @@ Protocol, driven by rank 0 so that no rank ever blocks on a message that may not
   then "ErrorClass\\nmessage" when rank r failed on tensor k (a wrong base, say).
 Rank 0 asks in the write order (spread.write_order), so a rank's results are taken about as fast as it
 makes them and it holds only its pipeline's few tensors; rank 0 holds its own few plus the one it writes.
-Every rank other than 0 ends on rank 0's OK or STOP, so a failure anywhere reaches every rank as one line.
+Every rank other than 0 ends on rank 0's OK or STOP, so a failure anywhere reaches every rank as one line
+(a rank busy replaying takes the STOP when it next hands a result over: one tensor's replay later at most).
 A rank that dies outright (killed, out of memory) is torchrun's to handle: it stops the others.
 """
 from __future__ import annotations
