@@ -620,8 +620,8 @@ def _under_ranks(command: str, device: str, work: Callable[[Any, Any, Any], None
 
     with _user_errors():
         if device == "cuda:all":
-            raise MezoReplayError(f"--device cuda:all splits over the local GPUs in one process; under torchrun "
-                                  f"give --device cuda (each rank takes cuda:LOCAL_RANK) or cpu")
+            raise MezoReplayError("--device cuda:all splits over the local GPUs in one process; under torchrun "
+                                  "give --device cuda (each rank takes cuda:LOCAL_RANK) or cpu")
         world, dev = distributed.init(_device(device))
         try:
             crew = ranks.Crew(world)
