@@ -140,6 +140,20 @@ def test_cuda_all_without_cuda_is_one_line(run: Path, tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_cuda_all_under_torchrun_is_one_line(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before the ranks meet: every rank gets the same line from the same command."""
+    from click.testing import CliRunner
+
+    from mezo_replay.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = CliRunner().invoke(main, ["reconstruct", str(BASE), str(run), "-o", str(tmp_path / "out"), "--device",
+                                  "cuda:all"])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        "Error: --device cuda:all splits over the local GPUs in one process; under torchrun give --device cuda "
+        "(each rank takes cuda:LOCAL_RANK) or cpu"]
+
+
 # --- the split over local devices (threads), on CPU devices here ------------------------------------
 
 @pytest.mark.parametrize("parts", [2, 3])
@@ -224,6 +238,10 @@ def test_a_rank_that_cannot_start_stops_every_rank(run: Path, tmp_path: Path) ->
     assert [e.strip() for e in err] == [
         "Error: missing-base: no such file or folder (a Hub base is written hf://org/name)"] * 2
     assert leftovers(tmp_path, "out") == []
+    r, out, err = torchrun(2, "verify", BASE, run, BASE, cwd=tmp_path)  # a given output: one process's job
+    assert r.returncode != 0 and [e.strip() for e in err] == [
+        "Error: under torchrun, verify replays and splits the work; checking a given output (TUNED) replays "
+        "nothing: run it as one process"] * 2
 
 
 @pytest.mark.cuda
