@@ -467,7 +467,10 @@ def _quiet_transformers() -> None:
                    "step, or the last; others need --unverified.")
 @click.option("--unverified", is_flag=True, help="Write a step the trajectory records no fingerprint for (only "
               "the base, or the generated initial values, are checked then).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto: same bits on any.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda, cuda:N, auto, or cuda:all (a full fine-tune's tensors split over every local GPU; "
+                   "an adapter uses the first): same bits on any. Under torchrun each rank takes cuda:LOCAL_RANK "
+                   "for cuda.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (each adapter folder, with several).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_backend_option
@@ -488,6 +491,11 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
     every --checkpoint-every steps) and the output appears only if it matches; an existing output is
     replaced only with --overwrite.
 
+    A full fine-tune's tensors can be split: `--device cuda:all` over the local GPUs in this process,
+    or `torchrun --nproc-per-node N -m mezo_replay reconstruct BASE TRAJECTORY -o OUT` over N ranks
+    (gloo on --device cpu; with --device cuda each rank uses cuda:LOCAL_RANK), where rank 0 draws the
+    bar and writes. The bytes are those of one process; an error on any rank ends every rank with it.
+
     \b
     Examples:
       mezo-replay reconstruct run.mzt -o run-adapter                 # PEFT: no base needed
@@ -496,10 +504,16 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
       mezo-replay reconstruct run.mzt --merge hf://my-org/base -o merged   # full model, LoRA merged in
       mezo-replay reconstruct mezo-replay:embedded/tiny-llama traj.mzt -o tuned   # full fine-tune
       mezo-replay reconstruct hf://facebook/opt-1.3b hf://my-org/opt-sst2/run.mzt -o opt-sst2
+      mezo-replay reconstruct hf://facebook/opt-1.3b run.mzt -o opt-sst2 --device cuda:all
+      torchrun --nproc-per-node 8 -m mezo_replay reconstruct hf://facebook/opt-1.3b run.mzt -o opt-sst2 --device cuda
     """
     from .rebuild import adapter, replay
     from .format.mzt import read_trajectory
+    from .training import distributed
 
+    if distributed.launched():
+        _reconstruct_ranks(args, out, merge_base, step, unverified, device, overwrite, quiet)
+        return
     with _user_errors():
         base, trajectories = _split_args(args, "reconstruct")
         if base is not None:
@@ -514,9 +528,10 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
             p = replay.plan(base_path, traj, step)
             if not unverified:
                 p.require_fingerprint()
+            dev = _devices(device)
             with _element_bar(p.element_steps, "replay", quiet) as progress:
-                written = replay.reconstruct(p, out, overwrite=overwrite, device=_device(device),
-                                             progress=progress, unverified=True)
+                written = replay.reconstruct(p, out, overwrite=overwrite, device=dev, progress=progress,
+                                             unverified=True)
             status = _status(p) + ("" if p.verified_by is not None else "; only the base was checked")
             _warn_truncated(trajectories[0], traj)
             click.echo(f"wrote {written}: {len(p.names)} tuned tensors after {p.steps} steps; {status}")
@@ -526,7 +541,7 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
                 raise MezoReplayError(f"{arg} is not a trajectory (a .mzt file or hf://org/name/PATH.mzt): a BASE "
                                       f"goes first, and only with a single full-tuning TRAJECTORY")
         paths = [_trajectory_path(t) for t in trajectories]
-        dev = _device(device)
+        dev = _device(device if device != "cuda:all" else _devices(device)[0])  # an adapter is small
         if len(paths) > 1:
             if merge_base is not None:
                 raise MezoReplayError("--merge takes one trajectory: merge each adapter in a call of its own")
@@ -556,6 +571,116 @@ def reconstruct(args: tuple[str, ...], out: Path, merge_base: str | None, step: 
     click.echo(f"{_done_line(trajectories[0], out, p)}; {_status(p)}")
     if adapter.is_adapter(traj):
         click.echo(f"load it with PeftModel.from_pretrained(base, {str(out)!r}); base: {adapter.base_name(traj)}")
+
+
+def _devices(device: str) -> str | list[str]:
+    """--device of reconstruct and verify: cuda:all is every local GPU (one line where there is none)."""
+    from .rebuild.spread import local_devices
+
+    return local_devices(device) if device == "cuda:all" else _device(device)
+
+
+def _ranks_plan(command: str, args: tuple[str, ...], step: int | None, unverified: bool) -> Any:
+    """What every rank of a torchrun rebuild prepares on its own: the plan of a full fine-tune."""
+    from .format.mzt import read_trajectory
+    from .rebuild import replay
+
+    base, rest = _split_args(args, command, extra="tuned" if command == "verify" else None)
+    if base is None:
+        raise MezoReplayError(f"under torchrun, {command} splits a full fine-tune over the ranks: give BASE and "
+                              f"TRAJECTORY (PEFT adapters are small: run {command} as one process)")
+    traj_path = _trajectory_path(rest[0])
+    traj = read_trajectory(traj_path)
+    if not replay.needs_base(traj):
+        raise MezoReplayError(_base_given_to_adapter(rest[0], base, traj, command))
+    if command == "verify" and len(rest) > 1:
+        raise MezoReplayError("under torchrun, verify replays and splits the work; checking a given output (TUNED) "
+                              "replays nothing: run it as one process")
+    p = replay.plan(_base_path(base, traj_path), traj, step)
+    if command == "verify":
+        p.require_fingerprint(escape=None)
+    elif not unverified:
+        p.require_fingerprint()
+    return p
+
+
+def _ranks_inputs(p: Any, **extra: Any) -> dict[str, Any]:
+    """What every rank must hold the same of, digested by Crew.settle."""
+    t = p.trajectory
+    return {"base": t.header["base"]["fingerprint"], "steps": p.steps, "names": p.names, "expected": p.expected,
+            "checkpoint": p.checkpoint, "final": t.final_fingerprint, **extra}
+
+
+def _under_ranks(command: str, device: str, work: Callable[[Any, Any, Any], None],
+                 prepare: Callable[[], tuple[Any, dict[str, Any]]]) -> None:
+    """A rebuild command under torchrun: every rank prepares (errors are shared out by Crew.settle, so every
+    rank ends with the same one line), then work(world, device, crew) splits the replay; rank 0 writes."""
+    from .rebuild import ranks
+    from .training import distributed
+
+    with _user_errors():
+        if device == "cuda:all":
+            raise MezoReplayError("--device cuda:all splits over the local GPUs in one process; under torchrun "
+                                  "give --device cuda (each rank takes cuda:LOCAL_RANK) or cpu")
+        world, dev = distributed.init(_device(device))
+        try:
+            crew = ranks.Crew(world)
+            error: BaseException | None = None
+            p, inputs = None, None
+            try:
+                p, inputs = prepare()
+            except Exception as e:  # noqa: BLE001 -- every rank learns of it in settle
+                error = e
+            crew.settle(error, inputs)
+            work(p, dev, crew)
+        finally:
+            distributed.finish()
+
+
+def _reconstruct_ranks(args: tuple[str, ...], out: Path, merge_base: str | None, step: int | None, unverified: bool,
+                       device: str, overwrite: bool, quiet: bool) -> None:
+    """`torchrun ... -m mezo_replay reconstruct BASE TRAJECTORY -o OUT`: the tuned tensors split over the
+    ranks (rebuild/spread.py, rebuild/ranks.py); rank 0 draws the bar and writes the bytes one process would."""
+    from .rebuild import replay
+    from .training.distributed import current
+
+    def prepare() -> tuple[Any, dict[str, Any]]:
+        if merge_base is not None:
+            raise MezoReplayError("--merge is for PEFT adapters, which rebuild as one process: run it without "
+                                  "torchrun")
+        p = _ranks_plan("reconstruct", args, step, unverified)
+        return p, _ranks_inputs(p, out=str(out.resolve()), overwrite=overwrite, unverified=unverified)
+
+    def work(p: Any, dev: str, crew: Any) -> None:
+        main = current().main
+        with _element_bar(p.element_steps, "replay", quiet or not main) as progress:
+            written = replay.reconstruct(p, out, overwrite=overwrite, device=dev, progress=progress if main else None,
+                                         unverified=True, crew=crew)
+        if main:
+            status = _status(p) + ("" if p.verified_by is not None else "; only the base was checked")
+            click.echo(f"wrote {written}: {len(p.names)} tuned tensors after {p.steps} steps, split over "
+                       f"{crew.world.size} ranks; {status}")
+
+    _under_ranks("reconstruct", device, work, prepare)
+
+
+def _verify_ranks(args: tuple[str, ...], step: int | None, device: str, quiet: bool) -> None:
+    """`torchrun ... -m mezo_replay verify BASE TRAJECTORY`: the replay split as for reconstruct."""
+    from .rebuild import replay
+    from .training.distributed import current
+
+    def prepare() -> tuple[Any, dict[str, Any]]:
+        p = _ranks_plan("verify", args, step, True)
+        return p, _ranks_inputs(p)
+
+    def work(p: Any, dev: str, crew: Any) -> None:
+        main = current().main
+        with _element_bar(p.element_steps, "verify", quiet or not main) as progress:
+            replay.verify(p, device=dev, progress=progress if main else None, crew=crew)
+        if main:
+            click.echo(f"OK: the replay after {p.steps} steps, split over {crew.world.size} ranks: {p.verified_by}")
+
+    _under_ranks("verify", device, work, prepare)
 
 
 def _warn_truncated(shown: str, traj: Trajectory) -> None:
@@ -596,7 +721,8 @@ def _rebuild_many(paths: list[Path], given: list[str], out: Path, step: int | No
 @click.argument("args", nargs=-1, metavar="[BASE] TRAJECTORY [TUNED]")
 @click.option("--step", type=click.IntRange(0), show_default="the last step",
               help="Check the checkpoint after this many steps.")
-@click.option("--device", default="cpu", show_default=True, help="Device for the replay.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Device for the replay: cpu, cuda, cuda:N, auto, or cuda:all (split over every local GPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_backend_option
 def verify(args: tuple[str, ...], step: int | None, device: str, quiet: bool) -> None:
@@ -607,6 +733,8 @@ def verify(args: tuple[str, ...], step: int | None, device: str, quiet: bool) ->
     which you may point elsewhere). A full fine-tune needs its base: `verify BASE TRAJECTORY [TUNED]`,
     TUNED a .safetensors file or model folder. Without ADAPTER or TUNED the trajectory is replayed and
     the result checked against its fingerprints; with one, that output's tensors are checked instead.
+    The replay of a full fine-tune splits like reconstruct's (`--device cuda:all`, or torchrun with
+    BASE TRAJECTORY); checking a given TUNED reads files on one process.
 
     \b
     Examples:
@@ -615,7 +743,11 @@ def verify(args: tuple[str, ...], step: int | None, device: str, quiet: bool) ->
     """
     from .rebuild import adapter, replay
     from .format.mzt import read_trajectory
+    from .training import distributed
 
+    if distributed.launched():
+        _verify_ranks(args, step, device, quiet)
+        return
     with _user_errors():
         base, rest = _split_args(args, "verify", extra="tuned")
         if len(rest) > 2:
@@ -634,8 +766,11 @@ def verify(args: tuple[str, ...], step: int | None, device: str, quiet: bool) ->
                 raise MezoReplayError(adapter.needs_base_message(traj, rest[0], "verify"))
             p = adapter.plan(traj, step, True, rest[0])
             tuned = adapter.checked_output(traj, tuned) if tuned is not None else None
+        dev = _devices(device)
+        if tuned is not None and isinstance(dev, list):
+            dev = dev[0]  # reading a given output splits nothing
         with _element_bar(p.element_steps, "verify", quiet) as progress:
-            replay.verify(p, tuned, device=_device(device), progress=progress)
+            replay.verify(p, tuned, device=dev, progress=progress)
     what = f"{rest[1]}" if len(rest) > 1 else "the replay"
     click.echo(f"OK: {what} after {p.steps} steps: {p.verified_by}")
 

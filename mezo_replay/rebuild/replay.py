@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from ..format.mzt import Trajectory, read_trajectory
 from ..arithmetic.rule import MezoSGD
 from ..format.safetensors_io import BaseCheckpoint, CheckpointWriter
 from ..kernels.steps import StepConstants, replay_tensor_, step_constants
-from . import pipeline
+from . import pipeline, ranks, spread
 
 Progress = Callable[[int], None]
 SYNC_EVERY = 256 << 20  # bytes of tuned tensors written between syncs to disk, behind the kernel
@@ -181,25 +183,78 @@ def _check_all(p: ReplayPlan, fingerprints: list[str]) -> None:
                                 f"fingerprint: the replay is not exact, or the file was altered")
 
 
-def _replay_all(p: ReplayPlan, device: str | torch.device, progress: Progress | None,
-                sink: Callable[[str, torch.Tensor], None] | None = None) -> list[str]:
-    """Every tuned tensor replayed, checked against its fingerprint for p.steps and handed to sink, in
-    index order, with reading and writing overlapped with the kernel across tensors (pipeline.run: at most
-    pipeline.IN_FLIGHT tensors in memory); the bytes and the errors are those of replay_named one tensor at a
-    time. Returns the result fingerprints, for _check_all."""
-    fingerprints: list[str] = []
-    decays = [bool(t.get("decay")) for t in p.trajectory.header["tensors"]]
+Devices = str | torch.device | Sequence[str]  # one device, "cuda:all", or a list of devices to split over
+
+
+def _devices(device: Devices) -> list[str]:
+    if isinstance(device, (str, torch.device)):
+        return spread.local_devices(device) if str(device) == "cuda:all" else [str(device)]
+    if not device:
+        raise ValueError("an empty device list")
+    return [str(d) for d in device]
+
+
+def _locked(progress: Progress | None) -> Progress | None:
+    """progress, callable from several threads at once."""
+    if progress is None:
+        return None
+    lock = threading.Lock()
+
+    def report(n: int) -> None:
+        with lock:
+            progress(n)
+    return report
+
+
+def _replay_all(p: ReplayPlan, device: Devices, progress: Progress | None,
+                sink: Callable[[str, torch.Tensor], None] | None = None,
+                crew: ranks.Crew | None = None) -> list[str] | None:
+    """Every tuned tensor replayed, checked against its fingerprint for p.steps and handed to sink, with
+    reading and writing overlapped with the kernel across tensors (pipeline.run: at most pipeline.IN_FLIGHT
+    tensors in memory); the bytes and the errors are those of replay_named one tensor at a time. Returns
+    the result fingerprints in index order, for _check_all.
+
+    Split (several devices, or `crew`'s ranks): the tensors are shared out by spread.assign and taken in
+    spread.write_order (so a failure is the first in that order, not in index order); each part has its
+    own pipeline. Under a crew only rank 0 checks and sinks; the other ranks return None."""
+    fingerprints: list[str] = [""] * len(p.names)
+    tensors = p.trajectory.header["tensors"]
+    decays = [bool(t.get("decay")) for t in tensors]
+    devices = _devices(device) if crew is None else [str(device)]
+    progress = _locked(progress) if len(devices) > 1 or crew is not None else progress
+
+    def read(index: int, pin: bool) -> torch.Tensor:
+        return read_base(p, index, pin)
 
     def kernel(index: int, w: torch.Tensor) -> None:
         replay_tensor_(w, p.rule, index, p.constants, decay=decays[index], progress=progress)
 
     def finish(index: int, w: torch.Tensor) -> None:
-        fingerprints.append(canonical_fingerprint_(w))  # the bytes and hash of canonicalize_nan_, one pass
-        _check(p, index, fingerprints[-1])
+        fingerprints[index] = canonical_fingerprint_(w)  # the bytes and hash of canonicalize_nan_, one pass
+        _check(p, index, fingerprints[index])
         if sink is not None:
             sink(p.names[index], w)
 
-    pipeline.run(len(p.names), lambda index, pin: read_base(p, index, pin), kernel, finish, device)
+    if crew is None and len(devices) == 1:
+        pipeline.run(len(p.names), read, kernel, finish, devices[0])
+        return fingerprints
+    cost = spread.costs([t["shape"] for t in tensors])
+    owner = spread.assign(cost, crew.world.size if crew is not None else len(devices))
+    order = spread.write_order(cost, owner)
+    if crew is None:
+        spread.run(owner, order, read, kernel, finish, dict(enumerate(devices)))
+        return fingerprints
+    if not crew.world.main:
+        crew.follow([k for k in range(len(owner)) if owner[k] == crew.world.rank], read, kernel, devices[0])
+        return None
+
+    def remote(index: int) -> torch.Tensor:
+        w = crew.fetch(owner[index], index, DTYPE_NAMES[tensors[index]["dtype"]], tensors[index]["shape"])
+        if progress is not None:
+            progress(w.numel() * p.steps)
+        return w
+
+    spread.run(owner, order, read, kernel, finish, {0: devices[0]}, remote)
     return fingerprints
 
 
@@ -219,15 +274,30 @@ def replayed(p: ReplayPlan, device: str | torch.device = "cpu",
 
 
 def reconstruct(p: ReplayPlan, out: str | os.PathLike[str], *, overwrite: bool = False,
-                device: str | torch.device = "cpu", progress: Progress | None = None,
-                unverified: bool = False) -> Path:
+                device: Devices = "cpu", progress: Progress | None = None,
+                unverified: bool = False, crew: ranks.Crew | None = None) -> Path | None:
     """Writes the checkpoint at step p.steps, mirroring the base's layout; returns the output path.
-    Refuses a step with no recorded fingerprint unless `unverified` (the base is checked even then)."""
+    Refuses a step with no recorded fingerprint unless `unverified` (the base is checked even then).
+
+    device: one device, or several to split the tensors over ("cuda:all": every local GPU, a thread
+    each); crew: the ranks of a torchrun launch (ranks.Crew), each replaying its share on `device`, where
+    rank 0 writes and returns the path and the other ranks return None. The output's bytes are the same
+    in every case."""
     if not unverified:
         p.require_fingerprint()
     if p.base is None:
         raise MezoReplayError("reconstruct() mirrors a base checkpoint; a trajectory rebuilt without one is "
                               "written with mezo_replay.adapter")
+    if crew is not None and not crew.world.main:
+        _replay_all(p, device, None, crew=crew)
+        return None
+    with crew.lead() if crew is not None else nullcontext():
+        return _write(p, out, overwrite, device, progress, crew)
+
+
+def _write(p: ReplayPlan, out: str | os.PathLike[str], overwrite: bool, device: Devices,
+           progress: Progress | None, crew: ranks.Crew | None) -> Path:
+    assert p.base is not None
     metadata = {"mezo_replay.steps": str(p.steps),
                 "mezo_replay.base_fingerprint": p.trajectory.header["base"]["fingerprint"]}
     new = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in p.trajectory.header["tensors"] if t.get("init")}
@@ -242,7 +312,9 @@ def reconstruct(p: ReplayPlan, out: str | os.PathLike[str], *, overwrite: bool =
                 writer.sync()
                 unsynced[0] = 0
 
-        _check_all(p, _replay_all(p, device, progress, write))
+        fingerprints = _replay_all(p, device, progress, write, crew)
+        assert fingerprints is not None
+        _check_all(p, fingerprints)
         tuned = set(p.names)
         for name in p.base.entries:
             if name not in tuned:
@@ -250,14 +322,24 @@ def reconstruct(p: ReplayPlan, out: str | os.PathLike[str], *, overwrite: bool =
         return writer.commit()
 
 
-def verify(p: ReplayPlan, tuned: str | os.PathLike[str] | None = None, *, device: str | torch.device = "cpu",
-           progress: Progress | None = None) -> None:
+def verify(p: ReplayPlan, tuned: str | os.PathLike[str] | None = None, *, device: Devices = "cpu",
+           progress: Progress | None = None, crew: ranks.Crew | None = None) -> None:
     """Raises unless the base matches and the replay (or the given tuned checkpoint) matches the
-    trajectory's fingerprints at p.steps. Nothing is written."""
+    trajectory's fingerprints at p.steps. Nothing is written. device and crew split the replay as in
+    reconstruct (every rank raises the same error); a given checkpoint is read by one process."""
     p.require_fingerprint(escape=None)
+    if tuned is not None and (crew is not None or len(_devices(device)) > 1):
+        raise MezoReplayError("checking a given output reads files and replays nothing, so it is not split: run "
+                              "it as one process (without torchrun or cuda:all)")
     given = BaseCheckpoint.open(tuned) if tuned is not None else None
     if given is None:
-        _check_all(p, _replay_all(p, device, progress))
+        if crew is not None and not crew.world.main:
+            _replay_all(p, device, None, crew=crew)
+            return
+        with crew.lead() if crew is not None else nullcontext():
+            fingerprints = _replay_all(p, device, progress, crew=crew)
+            assert fingerprints is not None
+            _check_all(p, fingerprints)
         return
     fingerprints = []
     for index, name in enumerate(p.names):
