@@ -66,7 +66,8 @@ if [[ " $STAGES " == *" tests "* ]]; then
     # suite runs. The fused-step kernel tests join when present.
     TESTS=(tests/test_spec_vectors.py tests/test_kernels.py tests/test_roundtrip.py tests/test_oracle.py
         tests/test_device_grad.py::test_cuda_gives_the_host_bits_without_synchronising
-        tests/test_step_pipeline.py::test_queued_steps_never_wait_for_the_gpu tests/test_rebuild_pipeline.py)
+        tests/test_step_pipeline.py::test_queued_steps_never_wait_for_the_gpu tests/test_rebuild_pipeline.py
+        tests/test_distributed_rebuild.py tests/test_shards.py)
     [[ -f tests/test_fused_step.py ]] && TESTS+=(tests/test_fused_step.py)
     stage tests 165 gpu_tests.log python3 -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}"
 fi
