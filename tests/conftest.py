@@ -36,9 +36,19 @@ _SLOW_CASES = [
 ]
 
 
+# Plain repeats moved to -m slow the same way: (name prefix, the cases of it the default run keeps).
+_SLOW_REPEATS = [
+    # the torch path repeats the compiled kernel's NaN cases (about 15 s); it keeps the diverged one
+    ("test_a_failing_step_mid_run_is_the_legacy_one[torch-", ("-bad2-",)),
+]
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        for prefix, kept in _SLOW_REPEATS:
+            if item.name.startswith(prefix) and not any(k in item.name for k in kept):
+                item.add_marker(pytest.mark.slow)
         for prefix, kept in _SLOW_CASES:
             name = item.name
             if name.startswith(prefix) and not any(k in name for k in kept) and \

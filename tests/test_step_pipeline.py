@@ -347,6 +347,7 @@ TRAIN = ["train", "--steps", "12", "--flush-every", "2", "--batch-size", "4", "-
          "--schedule", "cosine", "--warmup-steps", "2", "--weight-decay", "0.05", "-q"]
 
 
+@pytest.mark.slow  # a minute of subprocesses; tests/test_resume.py runs the same CLI path (train steps fused) by default
 def test_sigint_then_resume_then_the_printed_reconstruct(tmp_path):
     from tests.test_resume import finish, start, wait_for_steps
 
