@@ -391,8 +391,7 @@ def _resume_ranks(opt: MeZO, path: Path, flush_every: int, fresh: Mapping[str, A
         with all_or_none(world):
             if traj is not None:
                 _check_replayed(traj, path, opt.names, fps)
-        with talking():
-            distributed.agree("weights after replaying the recorded steps", fps, world)
+        _agree("weights after replaying the recorded steps", fps, world)
         n = len(bits)
         if lock is not None:
             opt.attach(TrajectoryWriter.open_append(path, steps_per_chunk=flush_every, lock=lock), n)
@@ -756,8 +755,7 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
         raise everywhere(e) if world.distributed else e
     if world.distributed:  # a guard: the replicas must have stayed equal, and rank 0 wrote its own weights
         final = read_trajectory(cfg.out).final_fingerprint if world.main else opt.fingerprints()
-        with talking():
-            distributed.agree("final weights", final, world)
+        _agree("final weights", final, world)
     if evals and not all(math.isfinite(v) for v in evals[-1][1].values()):
         raise everywhere(MezoReplayError("evaluation is not finite: lower --lr"))
     return TrainResult(cfg.out, base, model, opt, evals, start, interrupted, adapter, world)
@@ -783,9 +781,16 @@ def _agree_run(world: World, header: Mapping[str, Any], run: Mapping[str, Any]) 
             raise everywhere(MezoReplayError(
                 f"rank {rank} was started differently from rank 0: {'; '.join(diffs)}: every process must run "
                 f"the same command on the same model and data"))
+    _agree("settings", mine, world)  # whatever the comparison above does not name
+
+
+def _agree(what: str, value: Any, world: World) -> None:
+    """distributed.agree, its refusal printed once (it is raised on every rank alike)."""
     with talking():
-        distributed.agree("settings", mine, world)  # whatever the comparison above does not name
-    # (every rank has now checked the same list, so all raised or none did)
+        try:
+            distributed.agree(what, value, world)
+        except MezoReplayError as e:
+            raise everywhere(e) from None
 
 
 def data_fingerprint(encoded: Sequence[Encoded]) -> str:
