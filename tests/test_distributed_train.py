@@ -31,10 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # A rank under torchrun that runs the real CLI in process, then saves the weights it holds (rank{r}.safetensors),
 # so the test can hold every rank's weights against the rebuild, not only rank 0's fingerprint.
 WORKER = """
-import sys
+import os, sys
 from safetensors.torch import save_file
 import mezo_replay.cli as cli
 import mezo_replay.training.train as t
+if os.environ.get("QUEUED"):
+    t.QUEUED_DEVICES.add("cpu")  # the GPU's loop (queue_step), on the CPU
 held = []
 real = t.train
 t.train = lambda *a, **k: held.append(real(*a, **k)) or held[-1]
@@ -80,8 +82,11 @@ def rebuild(stdout: str, cwd: Path) -> BaseCheckpoint:
     return BaseCheckpoint.open(out)
 
 
-def test_two_ranks_train_data_parallel_and_rebuild_to_every_ranks_bytes(tmp_path):
+@pytest.mark.parametrize("queued", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_two_ranks_train_data_parallel_and_rebuild_to_every_ranks_bytes(tmp_path, monkeypatch, queued):
     (tmp_path / "worker.py").write_text(WORKER)
+    if queued:
+        monkeypatch.setitem(ENV, "QUEUED", "1")
     r = torchrun(2, "worker.py", str(tmp_path), "train", "--steps", "4", "--eval-every", "2", "-q", "-o", "run.mzt",
                  cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -127,6 +132,19 @@ def test_ranks_started_with_other_settings_refuse_in_one_line(tmp_path):
         "Error: rank 1 was started differently from rank 0: --lr 0.0001 on rank 0, 0.0002 on rank 1: every "
         "process must run the same command on the same model and data"]
     assert not (tmp_path / "run.mzt").exists()
+
+
+def test_info_of_a_one_process_file_shows_world_size_1(tmp_path):
+    from mezo_replay.cli import summary
+    from mezo_replay.training.optimizer import MeZO
+
+    w = torch.zeros(8, requires_grad=True)
+    opt = MeZO([("w", w)], lr=1e-3)
+    opt.record(tmp_path / "t.mzt")
+    opt.step(lambda: (w.detach() - 1).square().sum())
+    opt.close()
+    s = summary(read_trajectory(tmp_path / "t.mzt"))
+    assert (s["world_size"], s["parallel"]) == (1, "none")
 
 
 def test_f1_of_a_split_batch_is_the_f1_of_the_whole_batch():
