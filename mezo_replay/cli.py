@@ -283,7 +283,7 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
     d = embedded.DEFAULTS if demo else MEZO_DEFAULTS
     if peft_kind is not None:
         d = {**d, **(PEFT_DEMO_DEFAULTS if demo else PEFT_DEFAULTS)[peft_kind]}
-    if quiet:
+    if quiet or _rank() != 0:  # under torchrun, process 0 alone speaks
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
