@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -58,6 +59,11 @@ def _backend_option(f: Callable[..., Any]) -> Callable[..., Any]:
                              "the CPU; torch: the plain torch path; compiled/triton: insist on that kernel. "
                              "Same bits whatever the choice; a missing kernel falls back to torch with a "
                              "warning.")(f)
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise), from the environment torchrun sets."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _device(name: str) -> str:
@@ -258,6 +264,11 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
           --label-words '{"0": " terrible", "1": " great"}' --objective accuracy
       mezo-replay train --resume traj.mzt --steps 20000      # after a crash or Ctrl-C
       mezo-replay train --model ./opt --data train.jsonl --peft lora --lora-r 8 --lr 1e-4 -o run.mzt
+      torchrun --nproc-per-node 4 -m mezo_replay train --model ./opt --data train.jsonl   # data parallel
+
+    \b
+    Under torchrun every process loads the model and takes its share of each batch; process 0 writes the
+    trajectory (an ordinary one: it rebuilds in one process) and draws the progress bar.
     """
     from . import embedded
     from .training.data import load_splits
@@ -265,13 +276,14 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
     from .training.defaults import MEZO_DEFAULTS, PEFT_DEFAULTS, PEFT_DEMO_DEFAULTS
     from .training.peft_tuning import PeftOptions
     from .format.storage import storage
+    from .training.data_parallel import SHOWN_BY_RANK0
     from .training.train import StepReport, TrainConfig, relpath, train as run
 
     demo = model is None or embedded.portable_name(embedded.local_path(model)) is not None
     d = embedded.DEFAULTS if demo else MEZO_DEFAULTS
     if peft_kind is not None:
         d = {**d, **(PEFT_DEMO_DEFAULTS if demo else PEFT_DEFAULTS)[peft_kind]}
-    if quiet:
+    if quiet or _rank() != 0:  # under torchrun, process 0 alone speaks
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
@@ -317,14 +329,21 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
             bar.set_postfix(post, refresh=False)
             bar.update(1)
 
-        log = None if log_path is None else (sys.stdout if log_path == "-" else open(log_path, "a"))
+        first = _rank() == 0  # under torchrun, the process that writes; the others print nothing
+        log = None if log_path is None or not first else (sys.stdout if log_path == "-" else open(log_path, "a"))
         try:
             result = run(cfg, on_step, log)
+        except Exception as e:
+            if getattr(e, SHOWN_BY_RANK0, False) and not first:
+                sys.exit(FAIL)  # process 0 prints this failure, or names the process that had it
+            raise
         finally:
             for bar in bars:
                 bar.close()
             if log is not None and log is not sys.stdout:
                 log.close()
+    if not result.world.main:
+        return
     traj = read_trajectory(result.trajectory)
     say = (lambda msg: click.echo(msg, err=True)) if log_path == "-" else click.echo
     if result.resumed_from:
@@ -804,6 +823,7 @@ def summary(traj: Trajectory) -> dict[str, Any]:
         "base": h["base"], "creator": h["creator"], "generator": h["generator"], "noise": h["noise"],
         "rule": h["rule"], "tensors": len(h["tensors"]), "parameters": params,
         "dtypes": sorted({t["dtype"] for t in h["tensors"]}), "metadata": h["metadata"], "evals": traj.evals,
+        **_parallel(h["metadata"]),
     }
     out.update(_kind_summary(traj))
     if traj.losses is not None and traj.steps:
@@ -811,6 +831,14 @@ def summary(traj: Trajectory) -> dict[str, Any]:
         out["loss_first"] = float(traj.losses[:k].mean())
         out["loss_last"] = float(traj.losses[-k:].mean())
     return out
+
+
+def _parallel(meta: dict[str, Any]) -> dict[str, Any]:
+    """world_size and parallel (spec/metadata.md): how many processes trained it, and how they split the work;
+    a file without them was trained by one process. A value that is not a decimal is shown as it is."""
+    size = meta.get("world_size", "1")
+    return {"world_size": int(size) if isinstance(size, str) and size.isdecimal() else size,
+            "parallel": meta.get("parallel", "none")}
 
 
 def _kind_summary(traj: Trajectory) -> dict[str, Any]:
@@ -918,6 +946,8 @@ def info(trajectory: Path, as_json: bool) -> None:
             f"  rule       {r['name']}: lr {r['lr']:.6g}, eps {r['eps']:.6g}, {_schedule_text(r['schedule'])}"
             + (f", weight decay {r['weight_decay']:.6g}" if r.get("weight_decay") else "") + " (exact: --json)",
             f"  noise      {s['noise']['name']} from {s['generator']['name']}, seed {s['generator']['seed']}",
+            f"  parallel   {s['parallel']}, world_size {s['world_size']}"
+            + (" (one process)" if s["parallel"] == "none" else " (processes under torchrun)"),
         ]
         if not s["stored"]["losses_recorded"]:
             lines.append("  loss       not recorded (trained with --no-record-losses)")

@@ -35,7 +35,8 @@ from .data import (
     n_appended_specials,
 )
 
-__all__ = ["KINDS", "OBJECTIVES", "Task", "check_objective", "check_template_fits_model", "make_task", "macro_f1"]
+__all__ = ["KINDS", "OBJECTIVES", "Task", "check_objective", "check_template_fits_model", "class_counts", "make_task",
+           "macro_f1", "macro_f1_of_counts"]
 
 KINDS = ("lm", "prompt-completion", "label-words", "classify-head")
 OBJECTIVES = ("ce", "accuracy", "f1")
@@ -49,6 +50,8 @@ class Task(Protocol):
     def encode(self, tokenizer, examples: Sequence[Mapping[str, Any]]) -> list[Encoded]: ...
     def make_batch(self, encoded: Sequence[Encoded], pad_id: int) -> Batch: ...
     def objective(self, model, batch: Batch, objective: str) -> torch.Tensor: ...
+    def objective_sum(self, model, batch: Batch, objective: str) -> tuple[torch.Tensor, int]: ...
+    def objective_counts(self, model, batch: Batch) -> torch.Tensor: ...
     def evaluate(self, model, batches: Sequence[Batch]) -> dict[str, float]: ...
     def metadata(self) -> dict[str, str]: ...
 
@@ -67,9 +70,21 @@ def check_objective(kind: str, objective: str) -> None:
 def macro_f1(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Macro-F1 (float32) over the classes that occur in ``pred`` or ``target``, like
     scikit-learn's ``f1_score(average="macro")``: a class absent from both has no defined F1."""
-    tp = torch.bincount(target[pred == target], minlength=n_classes).float()
-    denom = (torch.bincount(pred, minlength=n_classes)
-             + torch.bincount(target, minlength=n_classes)).float()  # = 2TP + FP + FN
+    return macro_f1_of_counts(class_counts(pred, target, n_classes))
+
+
+def class_counts(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(3, n_classes) int64: true positives, predictions and targets of each class. Macro-F1 is not a
+    sum over rows, but these counts are: ranks that each hold part of a batch add them up (exactly, they
+    are integers) and get the whole batch's F1 from macro_f1_of_counts."""
+    return torch.stack((torch.bincount(target[pred == target], minlength=n_classes),
+                        torch.bincount(pred, minlength=n_classes), torch.bincount(target, minlength=n_classes)))
+
+
+def macro_f1_of_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Macro-F1 (float32) from class_counts (or a sum of them)."""
+    tp = counts[0].float()
+    denom = (counts[1] + counts[2]).float()  # = 2TP + FP + FN
     present = denom > 0
     return (2 * tp[present] / denom[present]).mean()
 
@@ -161,6 +176,18 @@ class _TokenCE:
         return total / n
 
     @torch.no_grad()
+    def objective_sum(self, model, batch: Batch, objective: str = "ce") -> tuple[torch.Tensor, int]:
+        """(sum of the scored tokens' cross-entropies (float32), their number): a rank's part of a batch
+        split over ranks, whose parts add up to the whole batch's mean. A part may score no token."""
+        check_objective(self.kind, objective)
+        if not bool((batch.labels[:, 1:] != IGNORE_INDEX).any()):
+            return torch.zeros((), device=next(model.parameters()).device), 0
+        return completion_nll(model, batch)
+
+    def objective_counts(self, model, batch: Batch) -> torch.Tensor:
+        raise ValueError(f"task {self.kind!r} has no count-based objective")
+
+    @torch.no_grad()
     def evaluate(self, model, batches: Sequence[Batch]) -> dict[str, float]:
         """Token-weighted over all batches: the loss of the eval set, whatever its batching."""
         if not batches:
@@ -247,6 +274,24 @@ class _Classification:
         if objective == "accuracy":
             return 1 - (pred == target).float().mean()
         return 1 - macro_f1(pred, target, self.n_classes)
+
+    @torch.no_grad()
+    def objective_sum(self, model, batch: Batch, objective: str = "ce") -> tuple[torch.Tensor, int]:
+        """(sum over the rows, rows) of the per-row objective: cross-entropy, or errors for accuracy.
+        f1 is not a sum over rows: see objective_counts."""
+        check_objective(self.kind, objective)
+        if objective == "f1":
+            raise ValueError("objective 'f1' is not a sum over rows: combine objective_counts instead")
+        scores, target = self.scores(model, batch)
+        if objective == "ce":
+            return F.cross_entropy(scores, target, reduction="sum"), len(target)
+        return (scores.argmax(-1) != target).sum().float(), len(target)
+
+    @torch.no_grad()
+    def objective_counts(self, model, batch: Batch) -> torch.Tensor:
+        """class_counts of the batch's predictions: what the f1 objective of a batch split over ranks adds up."""
+        scores, target = self.scores(model, batch)
+        return class_counts(scores.argmax(-1), target, self.n_classes)
 
     @torch.no_grad()
     def evaluate(self, model, batches: Sequence[Batch]) -> dict[str, float]:

@@ -26,14 +26,17 @@ import signal
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
 from .. import embedded
+from . import distributed
 from .data import Batch, DataError, Encoded, batch_order
+from .data_parallel import PeerLost, all_or_none, any_stop, batch_loss, everywhere, gather_object, talking
+from .distributed import World
 from .defaults import MEZO_DEFAULTS
 from ..errors import CorruptChunkError, MezoReplayError
 from ..format.filelock import FileLock
@@ -106,6 +109,7 @@ class TrainResult:
     resumed_from: int
     interrupted: bool
     peft: PeftSetup | None = None
+    world: World = field(default_factory=World)  # this process's rank; only rank 0 wrote the trajectory
 
 
 def load_model(path: Path, dtype: str, device: str, labels: Sequence[str] | None = None,
@@ -148,10 +152,11 @@ def in_memory_(model: Any) -> None:
         b.data = b.data.clone()
 
 
-def prepare_base(folder: Path, weights: Path, dtype: str, out: Path, overwrite: bool) -> Path:
+def prepare_base(folder: Path, weights: Path, dtype: str, out: Path, overwrite: bool, write: bool = True) -> Path:
     """The checkpoint the trajectory's base is: the model's own weights (folder or file) when they are
     stored in the training dtype, otherwise a copy of them cast to that dtype (round to nearest even, as
-    from_pretrained casts), saved beside the trajectory with the folder's config and tokenizer."""
+    from_pretrained casts), saved beside the trajectory with the folder's config and tokenizer.
+    write=False only names it (the ranks other than rank 0, which writes it)."""
     from safetensors.torch import save_file
 
     stored = BaseCheckpoint.open(weights)
@@ -160,6 +165,8 @@ def prepare_base(folder: Path, weights: Path, dtype: str, out: Path, overwrite: 
     if all(e.dtype == wanted for e in stored.entries.values() if e.dtype in floats):
         return weights
     base_dir = out.with_name(f"{out.stem}.base-{dtype}")
+    if not write:
+        return base_dir
     if base_dir.exists() and not overwrite:
         raise MezoReplayError(f"{base_dir} exists: pass --overwrite to replace it")
     base_dir.mkdir(exist_ok=True)
@@ -274,8 +281,10 @@ _PEFT_KEYS = {"peft", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "n
 _LATER_KEYS = {"dtype", "train_data_sha256"}  # not recorded by earlier versions: compared only when present
 
 
-def setting_differences(old: Mapping[str, Any], fresh: Mapping[str, Any]) -> list[str]:
-    """'OPTION OLD there, NEW now' for every recorded setting that affects the steps and differs."""
+def setting_differences(old: Mapping[str, Any], fresh: Mapping[str, Any],
+                        where: tuple[str, str] = ("there", "now")) -> list[str]:
+    """'OPTION OLD there, NEW now' for every recorded setting that affects the steps and differs
+    (`where` names the two sides: ranks compare theirs with rank 0's)."""
     found: list[tuple[str, Any, Any]] = []
     old_meta, new_meta = old.get("metadata", {}), fresh.get("metadata", {})
     for key in STEP_SETTINGS:
@@ -304,10 +313,11 @@ def setting_differences(old: Mapping[str, Any], fresh: Mapping[str, Any]) -> lis
         old_cfg = {k: v for k, v in (old.get("peft") or {}).get("adapter_config", {}).items() if k != "peft_version"}
         new_cfg = {k: v for k, v in (fresh.get("peft") or {}).get("adapter_config", {}).items() if k != "peft_version"}
         found += [(f"adapter config {k}", a, b) for k, a, b in _differences(old_cfg, new_cfg)]
-    out = [f"{STEP_SETTINGS.get(k, k)} {_shown(a, b)} there, {_shown(b, a)} now" for k, a, b in found]
+    there, now = where
+    out = [f"{STEP_SETTINGS.get(k, k)} {_shown(a, b)} {there}, {_shown(b, a)} {now}" for k, a, b in found]
     old_names, new_names = [t["name"] for t in old["tensors"]], [t["name"] for t in fresh["tensors"]]
     if old_names != new_names and not any(k == "peft" for k, _, _ in found):  # else the adapter explains it
-        out.append(f"--tune/--freeze: {len(old_names)} tuned tensors there, {len(new_names)} now")
+        out.append(f"--tune/--freeze: {len(old_names)} tuned tensors {there}, {len(new_names)} {now}")
     return out
 
 
@@ -351,7 +361,55 @@ def _resume_locked(opt: MeZO, path: Path, flush_every: int, lock: FileLock,
     file for appending. Refuses a trajectory from another base or with any setting that changes the
     steps (`fresh`: the header this run would write), naming every difference in one line."""
     traj = read_trajectory(path)
-    fresh = fresh if fresh is not None else opt.header()
+    _check_resumable(traj, path, fresh if fresh is not None else opt.header())
+    n = traj.steps
+    _replay_recorded(opt, traj.grad_bits)
+    expected = traj.fingerprints.get(n)
+    fps = opt.fingerprints() if expected is not None or n in traj.checkpoints else []
+    _check_replayed(traj, path, opt.names, fps)
+    opt.attach(TrajectoryWriter.open_append(path, steps_per_chunk=flush_every, lock=lock), n)
+    return n
+
+
+def _resume_ranks(opt: MeZO, path: Path, flush_every: int, fresh: Mapping[str, Any], world: World) -> int:
+    """--resume under torchrun. Rank 0 locks, reads and checks the file and sends its step records to every
+    rank; every rank replays them onto its replica; rank 0 checks the result against the file's
+    fingerprints and reopens it for appending, and all ranks agree they hold the same weights. Only rank 0
+    touches the file (it may be on rank 0's disk alone), so a resume may use another number of ranks."""
+    lock: FileLock | None = None
+    traj = None
+    try:
+        with all_or_none(world):
+            if world.main:
+                lock = FileLock.acquire(path)
+                traj = read_trajectory(path)
+                _check_resumable(traj, path, fresh)
+        with talking():
+            bits = distributed.broadcast(traj.grad_bits if traj is not None else None, world)
+        _replay_recorded(opt, bits)
+        fps = opt.fingerprints()
+        with all_or_none(world):
+            if traj is not None:
+                _check_replayed(traj, path, opt.names, fps)
+        _agree("weights after replaying the recorded steps", fps, world)
+        n = len(bits)
+        if lock is not None:
+            opt.attach(TrajectoryWriter.open_append(path, steps_per_chunk=flush_every, lock=lock), n)
+        else:
+            opt.step_count = n  # no writer on this rank: it only takes the steps
+        return n
+    except BaseException as e:
+        if lock is not None:
+            lock.release()
+        if isinstance(e, CorruptChunkError):
+            raise everywhere(MezoReplayError(f"--resume: {e}; `mezo-replay repair {path}` copies them to a new "
+                                             f"file that --resume continues")) from None
+        raise
+
+
+def _check_resumable(traj: Any, path: Path, fresh: Mapping[str, Any]) -> None:
+    """Refuses a trajectory from another base or with any setting that changes the steps (`fresh`: the
+    header this run would write), naming every difference in one line."""
     old = traj.header
     if diffs := setting_differences(old, fresh):
         raise MezoReplayError(f"--resume refused: {path} was recorded with other settings: " + "; ".join(diffs))
@@ -362,17 +420,22 @@ def _resume_locked(opt: MeZO, path: Path, flush_every: int, lock: FileLock,
     if (old.get("peft") or {}).get("base_weights") != (fresh.get("peft") or {}).get("base_weights"):
         raise MezoReplayError(f"--resume refused: the model is not the one {path}'s adapter was trained on "
                               f"(peft.base_weights fingerprint mismatch)")
-    n = traj.steps
-    constants = step_constants(opt.rule, traj.grad_bits)
+
+
+def _replay_recorded(opt: MeZO, grad_bits: Any) -> None:
+    """Applies recorded steps to the optimizer's (base) weights, as reconstruct would."""
+    constants = step_constants(opt.rule, grad_bits)
     for k, p in enumerate(opt.params):
         replay_tensor_(p.data, opt.rule, k, constants, decay=opt.decay[k])
+
+
+def _check_replayed(traj: Any, path: Path, names: Sequence[str], fps: Sequence[str]) -> None:
+    """The replayed weights' fingerprints `fps` against those the file holds for its last step (if any)."""
+    n = traj.steps
     expected = traj.fingerprints.get(n)
-    fps = opt.fingerprints() if expected is not None or n in traj.checkpoints else []
-    if (expected is not None and expected != fps) or \
-            (n in traj.checkpoints and traj.checkpoints[n] != checkpoint_fingerprint(opt.names, fps)):
+    if (expected is not None and expected != list(fps)) or \
+            (n in traj.checkpoints and traj.checkpoints[n] != checkpoint_fingerprint(names, fps)):
         raise MezoReplayError(f"--resume: replaying {path} does not reproduce its fingerprint at step {n}")
-    opt.attach(TrajectoryWriter.open_append(path, steps_per_chunk=flush_every, lock=lock), n)
-    return n
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -421,7 +484,7 @@ QUEUED_DEVICES = {"cuda"}
 def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.Tensor | float]], *,
         after_step: Callable[[int, float], None] | None = None,
         checkpoint_every: int | Callable[[int], bool] = 0,
-        reads_weights: bool | Callable[[int], bool] = True) -> bool:
+        reads_weights: bool | Callable[[int], bool] = True, world: World | None = None) -> bool:
     """Runs `opt` from its current step to `steps`, then closes it (writing the final fingerprint).
 
     The loop `mezo-replay train` uses, for people who bring their own model and data: `closure_for(t)`
@@ -441,7 +504,12 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
     fit always did, since it cannot know what the callbacks read. On a GPU such steps are also queued
     (MeZO.queue_step): the host never waits for the device, and after_step(done, loss) is called during
     step done+1, once that step's work is queued.
+
+    `world` (data parallel, see data_parallel.py): a signal to any rank stops every rank after the same
+    step, and a rank that is lost (PeerLost) ends the run like a second Ctrl-C: the recorded steps stay
+    valid, with no final fingerprint (the weights may be half-stepped), and --resume continues them.
     """
+    world = world if world is not None else World()
     due = checkpoint_every if callable(checkpoint_every) else (
         lambda done: bool(checkpoint_every) and done % checkpoint_every == 0)
     reads = reads_weights if callable(reads_weights) else (lambda done: bool(reads_weights))
@@ -464,17 +532,19 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
                     earlier = opt.queue_step(closure_for(step))
                     if earlier is not None:
                         report(*earlier)
-                    if not (stop.set or done == steps or (done < steps and due(done))):
+                    stopping = any_stop(stop.set, world)
+                    if not (stopping or done == steps or (done < steps and due(done))):
                         continue
                     report(*opt.flush())  # type: ignore[misc]  # a queued step always leaves a record
                 else:
                     if (earlier := opt.flush()) is not None:
                         report(*earlier)
                     report(done, opt.step(closure_for(step), settle=reads(done)))
-                if stop.set:
+                    stopping = any_stop(stop.set, world)
+                if stopping:
                     interrupted = True
                     break  # close() below settles
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, PeerLost):
         with suppress(Exception):
             opt.flush()  # the last queued step is complete: its record belongs in the file
         if opt.writer is not None:
@@ -488,100 +558,141 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
 
 def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
           log: IO[str] | None = None) -> TrainResult:
-    """Runs MeZO until cfg.steps steps are recorded; returns with a complete, verifiable trajectory."""
+    """Runs MeZO until cfg.steps steps are recorded; returns with a complete, verifiable trajectory.
+
+    Launched by torchrun (several ranks), it trains data parallel: every rank joins the process group,
+    holds the model and takes its share of every batch (data_parallel.py); rank 0 alone writes the
+    trajectory, the log and calls `on_step`. The group is left at the end if this call joined it."""
     torch.set_flush_denormal(False)  # the spec's arithmetic keeps subnormals
-    if cfg.resume and not cfg.out.exists():
-        raise MezoReplayError(f"--resume {cfg.out}: no such file")
-    if not cfg.resume and cfg.out.exists() and not cfg.overwrite:
-        raise MezoReplayError(f"{cfg.out} exists: pass --overwrite to replace it, or --resume to continue it")
-    if cfg.out.exists() and (busy := FileLock.probe(cfg.out)) is not None:
-        raise busy  # another process is writing it: fail before loading anything
-    if not cfg.train_examples:
-        raise DataError("the training set is empty")
-    check_objective(cfg.task, cfg.objective)
-    if cfg.peft is not None:
-        if cfg.tune or cfg.freeze:
-            raise MezoReplayError(f"--peft {cfg.peft.kind} tunes the adapter's parameters only: --tune/--freeze "
-                                  f"choose among the model's own weights and cannot be combined with it")
-        cfg.peft.check()
-    src = resolve_model(embedded.local_path(cfg.model), cfg.config)
-    source = embedded.portable_name(src.path) or src.source  # never the package's absolute path
-    labels = None
-    if cfg.task == "classify-head":
-        key = cfg.task_options.get("label_key", "label")
-        if not all(key in ex for ex in cfg.train_examples):
-            raise DataError(f"classify-head: some training examples have no {key!r} column")
-        labels = sorted({str(ex[key]) for ex in cfg.train_examples})
-    model, tokenizer, masked = load_model(src.path, cfg.dtype, cfg.device, labels, cfg.seed)
-    check_template_fits_model(cfg.task_options.get("template"), cfg.task, masked,
-                              [*cfg.train_examples, *cfg.eval_examples], source)
-    task: Task = make_task(cfg.task, tokenizer=tokenizer, max_length=cfg.max_length, masked=masked,
-                           labels=labels, **cfg.task_options)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set = task.encode(tokenizer, cfg.train_examples)
-    eval_set = task.encode(tokenizer, cfg.eval_examples) if cfg.eval_examples else []
-    eval_batches = [task.make_batch(eval_set[i:i + cfg.eval_batch_size], pad)
-                    for i in range(0, len(eval_set), cfg.eval_batch_size)]
-    schedule = Schedule(cfg.schedule, cfg.warmup_steps, cfg.steps if cfg.schedule != "constant" or
-                        cfg.warmup_steps else 0)
-    stored = BaseCheckpoint.open(src.weights)
-    keys = checkpoint_names(model, stored.entries)  # a cast copy keeps the names
-    config = None
-    if labels is not None:  # the classifier's config, so a rebuilt folder loads as the classifier
-        config = json.loads(model.config.to_json_string())
-        config["architectures"] = [type(model).__name__]
-    adapter: PeftSetup | None = None
-    extra: dict[str, Any] = {}
-    if cfg.peft is not None:
-        head = head_parameters(model)
-        absent = {n.rsplit(".", 1)[0] for n in keys if keys[n] not in stored.entries and n not in head}
-        adapter = wrap(model, cfg.peft, task=cfg.task, masked=masked, seed=cfg.seed, extra_modules=absent)
-        model = adapter.model
-        named: Iterator[tuple[str, Any]] = iter(adapter.params.items())
-        extra = {"peft": {"adapter_config": adapter.adapter_config, "base_weights": stored.weights_fingerprint()}}
-    else:
-        select_parameters(model, cfg.tune, cfg.freeze)
-        named = ((keys[n], p) for n, p in model.named_parameters())
-    opt = MeZO(named, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise, schedule=schedule.validated(),
-               weight_decay=cfg.weight_decay)
-    if adapter is not None:
-        added: Mapping[str, Any] | list[str] = adapter.inits
-    else:
-        added = new_tensors(opt, src.weights, allowed=labels is not None,
-                            head={keys[n] for n in head_parameters(model)},
-                            model_elements=sum(p.numel() for p in model.parameters()),
-                            allow_large=cfg.allow_new_tensors)
-    meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
-            "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
-            "dtype": cfg.dtype, "train_data_sha256": data_fingerprint(train_set),
-            "base_model": source + (f"@{src.revision}" if src.revision else ""),
-            **(adapter.metadata() if adapter is not None else {}), **cfg.metadata}
+    joins = distributed.launched() and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    world, device = distributed.init(cfg.device)
+    try:
+        if not world.distributed:
+            return _train(cfg, world, on_step, log)
+        return _train(replace(cfg, device=device), world, on_step if world.main else None,
+                      log if world.main else None)
+    finally:
+        if joins:
+            with suppress(Exception):  # after a lost rank the group may be half gone
+                distributed.finish()
+
+
+def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None] | None,
+           log: IO[str] | None) -> TrainResult:
+    with all_or_none(world):  # a refusal on any rank stops every rank here, with one line from rank 0
+        if world.distributed and cfg.batch_size < world.size:
+            raise MezoReplayError(f"--batch-size {cfg.batch_size} is less than the {world.size} processes: data "
+                                  f"parallel training gives each process at least one example of every batch")
+        if world.main:  # the file is rank 0's alone (the others may not even see it)
+            if cfg.resume and not cfg.out.exists():
+                raise MezoReplayError(f"--resume {cfg.out}: no such file")
+            if not cfg.resume and cfg.out.exists() and not cfg.overwrite:
+                raise MezoReplayError(f"{cfg.out} exists: pass --overwrite to replace it, or --resume to continue it")
+            if cfg.out.exists() and (busy := FileLock.probe(cfg.out)) is not None:
+                raise busy  # another process is writing it: fail before loading anything
+        if not cfg.train_examples:
+            raise DataError("the training set is empty")
+        check_objective(cfg.task, cfg.objective)
+        if cfg.peft is not None:
+            if cfg.tune or cfg.freeze:
+                raise MezoReplayError(f"--peft {cfg.peft.kind} tunes the adapter's parameters only: --tune/--freeze "
+                                      f"choose among the model's own weights and cannot be combined with it")
+            cfg.peft.check()
+        src = resolve_model(embedded.local_path(cfg.model), cfg.config)
+        source = embedded.portable_name(src.path) or src.source  # never the package's absolute path
+        labels = None
+        if cfg.task == "classify-head":
+            key = cfg.task_options.get("label_key", "label")
+            if not all(key in ex for ex in cfg.train_examples):
+                raise DataError(f"classify-head: some training examples have no {key!r} column")
+            labels = sorted({str(ex[key]) for ex in cfg.train_examples})
+        model, tokenizer, masked = load_model(src.path, cfg.dtype, cfg.device, labels, cfg.seed)
+        check_template_fits_model(cfg.task_options.get("template"), cfg.task, masked,
+                                  [*cfg.train_examples, *cfg.eval_examples], source)
+        task: Task = make_task(cfg.task, tokenizer=tokenizer, max_length=cfg.max_length, masked=masked,
+                               labels=labels, **cfg.task_options)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train_set = task.encode(tokenizer, cfg.train_examples)
+        eval_set = task.encode(tokenizer, cfg.eval_examples) if cfg.eval_examples else []
+        eval_batches = [task.make_batch(eval_set[i:i + cfg.eval_batch_size], pad)
+                        for i in range(0, len(eval_set), cfg.eval_batch_size)]
+        schedule = Schedule(cfg.schedule, cfg.warmup_steps, cfg.steps if cfg.schedule != "constant" or
+                            cfg.warmup_steps else 0)
+        stored = BaseCheckpoint.open(src.weights)
+        keys = checkpoint_names(model, stored.entries)  # a cast copy keeps the names
+        config = None
+        if labels is not None:  # the classifier's config, so a rebuilt folder loads as the classifier
+            config = json.loads(model.config.to_json_string())
+            config["architectures"] = [type(model).__name__]
+        adapter: PeftSetup | None = None
+        extra: dict[str, Any] = {}
+        if cfg.peft is not None:
+            head = head_parameters(model)
+            absent = {n.rsplit(".", 1)[0] for n in keys if keys[n] not in stored.entries and n not in head}
+            adapter = wrap(model, cfg.peft, task=cfg.task, masked=masked, seed=cfg.seed, extra_modules=absent)
+            model = adapter.model
+            named: Iterator[tuple[str, Any]] = iter(adapter.params.items())
+            extra = {"peft": {"adapter_config": adapter.adapter_config,
+                              "base_weights": stored.weights_fingerprint()}}
+        else:
+            select_parameters(model, cfg.tune, cfg.freeze)
+            named = ((keys[n], p) for n, p in model.named_parameters())
+        opt = MeZO(named, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise, schedule=schedule.validated(),
+                   weight_decay=cfg.weight_decay)
+        if adapter is not None:
+            added: Mapping[str, Any] | list[str] = adapter.inits
+        else:
+            added = new_tensors(opt, src.weights, allowed=labels is not None,
+                                head={keys[n] for n in head_parameters(model)},
+                                model_elements=sum(p.numel() for p in model.parameters()),
+                                allow_large=cfg.allow_new_tensors)
+        parallel = {"world_size": str(world.size), "parallel": "data"} if world.distributed else {}
+        meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
+                "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
+                "dtype": cfg.dtype, "train_data_sha256": data_fingerprint(train_set),
+                "base_model": source + (f"@{src.revision}" if src.revision else ""),
+                **(adapter.metadata() if adapter is not None else {}), **parallel, **cfg.metadata}
+        # the header this run would write: what a resume compares with the file's, and the ranks with each other
+        fresh = opt.header(metadata=meta, new_tensors=added, config=config, extra=extra) \
+            if cfg.resume or world.distributed else None
+    if fresh is not None:
+        _agree_run(world, fresh, {"steps": cfg.steps, "resume": cfg.resume})
     if cfg.resume:
-        start = _resume(opt, cfg.out, cfg.flush_every,
-                        opt.header(metadata=meta, new_tensors=added, config=config, extra=extra))
+        assert fresh is not None
+        if world.distributed:
+            start = _resume_ranks(opt, cfg.out, cfg.flush_every, fresh, world)
+        else:
+            start = _resume(opt, cfg.out, cfg.flush_every, fresh)
         if start >= cfg.steps:
-            writer, opt.writer = opt.writer, None
-            writer.close()  # unlocks; writes nothing, not even a second final fingerprint
-            raise MezoReplayError(f"--resume: {cfg.out} already holds {start} steps (--steps {cfg.steps})")
-        # after the checks: nothing if refused. An adapter needs no base copy: it rebuilds from the file
-        # alone, and goes onto the original model (the one its adapter_config names), cast as it loads.
-        base = src.path if adapter is not None else prepare_base(src.path, src.weights, cfg.dtype, cfg.out, True)
+            if opt.writer is not None:
+                writer, opt.writer = opt.writer, None
+                writer.close()  # unlocks; writes nothing, not even a second final fingerprint
+            raise everywhere(MezoReplayError(f"--resume: {cfg.out} already holds {start} steps (--steps {cfg.steps})"))
+        with all_or_none(world):
+            # after the checks: nothing if refused. An adapter needs no base copy: it rebuilds from the file
+            # alone, and goes onto the original model (the one its adapter_config names), cast as it loads.
+            base = src.path if adapter is not None else \
+                prepare_base(src.path, src.weights, cfg.dtype, cfg.out, True, write=world.main)
     else:
         start = 0
-        base = src.path if adapter is not None else \
-            prepare_base(src.path, src.weights, cfg.dtype, cfg.out, cfg.overwrite)
-        same = adapter is not None or base == src.weights  # else: a copy cast to the training dtype, named by
-        # its path from the trajectory's folder (it is saved beside it), which stays true when both are moved
-        opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every,
-                   base_source=source if same else os.path.relpath(base, cfg.out.parent),
-                   base_revision=src.revision if same else None,
-                   metadata=meta, new_tensors=added, record_losses=cfg.record_losses, config=config, extra=extra)
+        with all_or_none(world):
+            base = src.path if adapter is not None else \
+                prepare_base(src.path, src.weights, cfg.dtype, cfg.out, cfg.overwrite, write=world.main)
+            same = adapter is not None or base == src.weights  # else: a copy cast to the training dtype, named
+            # by its path from the trajectory's folder (it is saved beside it), which stays true when both move
+            if world.main:
+                opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every,
+                           base_source=source if same else os.path.relpath(base, cfg.out.parent),
+                           base_revision=src.revision if same else None, metadata=meta, new_tensors=added,
+                           record_losses=cfg.record_losses, config=config, extra=extra)
 
     def evaluate(step: int) -> dict[str, float]:
+        """Every rank evaluates the whole eval set (the replicas are equal, and no rank waits for another
+        here); rank 0 records it."""
         opt.settle()  # the model must hold its weights, not a pending step's perturbation
         metrics = task.evaluate(model, eval_batches)
-        assert opt.writer is not None
-        opt.writer.add_eval(step, "eval", metrics)
+        if opt.writer is not None:
+            opt.writer.add_eval(step, "eval", metrics)
         evals.append((step, metrics))
         _log(log, {"event": "eval", "step": step, **metrics})
         return metrics
@@ -591,13 +702,23 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
 
     def closure_for(step: int) -> Callable[[], torch.Tensor]:
         idx = batch_order(len(train_set), cfg.batch_size, cfg.seed, step)
+        if world.distributed:
+            idx = idx[distributed.share(len(idx), world)]  # this rank's rows; the loss is the whole batch's
         batch: Batch = task.make_batch([train_set[i] for i in idx], pad).to(cfg.device)
+
+        def loss() -> torch.Tensor:
+            if world.distributed:
+                return batch_loss(task, model, batch, cfg.objective, world)
+            return task.objective(model, batch, cfg.objective)
+
         if adapter is not None and cfg.peft is not None and cfg.peft.dropout:
+            draw = step * world.size + world.rank  # each rank its own masks (spec/metadata.md)
+
             def dropped() -> torch.Tensor:
-                with same_dropout(model, cfg.seed, step):
-                    return task.objective(model, batch, cfg.objective)
+                with same_dropout(model, cfg.seed, draw):
+                    return loss()
             return dropped
-        return lambda: task.objective(model, batch, cfg.objective)
+        return loss
 
     def eval_due(done: int) -> bool:
         return bool(eval_batches) and bool(cfg.eval_every) and done % cfg.eval_every == 0
@@ -612,6 +733,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
         metrics = None
         if evaluates(done):
             metrics = evaluate(done)
+        if not world.main:
+            return
         size = os.path.getsize(cfg.out)
         lr = opt.rule.lr_at(done - 1)
         _log(log, {"event": "step", "step": done, "loss": loss, "lr": lr, "trajectory_bytes": size,
@@ -619,13 +742,55 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
         if on_step is not None:
             on_step(StepReport(done, cfg.steps, loss, lr, size, metrics))
 
-    if eval_batches and start == 0:
-        evaluate(0)
-    interrupted = fit(opt, cfg.steps, closure_for, after_step=after_step, checkpoint_every=checkpoint_due,
-                      reads_weights=lambda done: evaluates(done) or done == cfg.steps)
+    try:
+        if eval_batches and start == 0:
+            evaluate(0)
+        interrupted = fit(opt, cfg.steps, closure_for, after_step=after_step, checkpoint_every=checkpoint_due,
+                          reads_weights=lambda done: evaluates(done) or done == cfg.steps, world=world)
+    except PeerLost as e:
+        held = f"{relpath(cfg.out)} holds" if world.main else "rank 0's trajectory holds"
+        raise PeerLost(f"rank {world.rank}: {e} after {opt.step_count} steps; {held} the steps recorded until "
+                       f"then: --resume continues it, with any number of processes") from None
+    except MezoReplayError as e:  # e.g. a non-finite loss: the losses are the same on every rank, so is this
+        raise everywhere(e) if world.distributed else e
+    if world.distributed:  # a guard: the replicas must have stayed equal, and rank 0 wrote its own weights
+        final = read_trajectory(cfg.out).final_fingerprint if world.main else opt.fingerprints()
+        _agree("final weights", final, world)
     if evals and not all(math.isfinite(v) for v in evals[-1][1].values()):
-        raise MezoReplayError("evaluation is not finite: lower --lr")
-    return TrainResult(cfg.out, base, model, opt, evals, start, interrupted, adapter)
+        raise everywhere(MezoReplayError("evaluation is not finite: lower --lr"))
+    return TrainResult(cfg.out, base, model, opt, evals, start, interrupted, adapter, world)
+
+
+def _agree_run(world: World, header: Mapping[str, Any], run: Mapping[str, Any]) -> None:
+    """Refuses to start unless every rank would take the same steps from the same base: the header each
+    rank would write (settings and base fingerprint) and `run` (what else makes ranks wait for each other)
+    are compared with rank 0's; one line names the first rank that differs and how, on every rank."""
+    if not world.distributed:
+        return
+    mine = {"header": header, **run}
+    ranks = gather_object(mine, world)
+    first = ranks[0]
+    for rank, other in enumerate(ranks[1:], 1):
+        where = ("on rank 0", f"on rank {rank}")
+        diffs = setting_differences(first["header"], other["header"], where)
+        if first["header"]["base"]["fingerprint"] != other["header"]["base"]["fingerprint"]:
+            diffs.append(f"the base weights (fingerprint {first['header']['base']['fingerprint'][:12]}... "
+                         f"{where[0]}, {other['header']['base']['fingerprint'][:12]}... {where[1]})")
+        diffs += [f"--{k} {first[k]} {where[0]}, {other[k]} {where[1]}" for k in run if first[k] != other[k]]
+        if diffs:
+            raise everywhere(MezoReplayError(
+                f"rank {rank} was started differently from rank 0: {'; '.join(diffs)}: every process must run "
+                f"the same command on the same model and data"))
+    _agree("settings", mine, world)  # whatever the comparison above does not name
+
+
+def _agree(what: str, value: Any, world: World) -> None:
+    """distributed.agree, its refusal printed once (it is raised on every rank alike)."""
+    with talking():
+        try:
+            distributed.agree(what, value, world)
+        except MezoReplayError as e:
+            raise everywhere(e) from None
 
 
 def data_fingerprint(encoded: Sequence[Encoded]) -> str:
