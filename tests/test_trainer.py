@@ -86,7 +86,7 @@ def test_trainer_run_rebuilds_byte_for_byte_with_the_cli(base: Path, tmp_path: P
     assert rule == MezoSGD.create(lr=1e-3, eps=1e-2, seed=7, schedule=Schedule("cosine", 0, 4), weight_decay=0.1)
     decay = {t["name"]: t["decay"] for t in h["tensors"]}
     assert decay["model.norm.weight"] is False and decay["model.layers.0.self_attn.q_proj.weight"] is True
-    assert h["metadata"]["world_size"] == "1" and h["metadata"]["batch_size"] == "4"
+    assert "world_size" not in h["metadata"] and h["metadata"]["batch_size"] == "4"  # one process: no key
     assert [(e["step"], sorted(e["metrics"])) for e in traj.evals] == [(2, ["loss"]), (4, ["loss"])]
     # the logged learning rate is the one the rule used at each step
     logged = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
@@ -224,7 +224,7 @@ def test_two_processes_under_torchrun_rebuild_exactly(base: Path, tmp_path: Path
                            str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     traj = read_trajectory(out / "trajectory.mzt")
-    assert traj.steps == 4 and traj.header["metadata"]["world_size"] == "2"
+    assert traj.steps == 4 and traj.header["metadata"]["world_size"] == "2" and traj.header["metadata"]["parallel"] == "data"
     assert traj.header["metadata"]["batch_size"] == "4"
     reconstruct(plan(base, traj), tmp_path / "rebuilt")
     want = load_file(tmp_path / "rebuilt" / "model.safetensors")

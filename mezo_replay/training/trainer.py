@@ -181,8 +181,8 @@ class MeZOTrainer(Trainer):
                 revision = commit if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}", commit) else None
         metadata = {"trainer": f"MeZOTrainer (transformers {transformers.__version__})",
                     "batch_size": str(self._train_batch_size * self._world.size),
-                    "world_size": str(self._world.size), "parallel": "data" if self._world.distributed else "none",
-                    **({"base_model": source} if source else {})}
+                    **({"world_size": str(self._world.size), "parallel": "data"} if self._world.distributed else {}),
+                    **({"base_model": source} if source else {})}  # world_size/parallel as spec/metadata.md says
         described = dict(base_source=source, base_revision=revision, metadata=metadata,
                          record_losses=self.record_losses)
         distributed.agree("settings or base weights", opt.header(**described), self._world)
