@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -65,6 +66,17 @@ def _read(plus: torch.Tensor | float, minus: torch.Tensor | float) -> tuple[floa
         a, b = torch.stack((plus, minus)).tolist()
         return a, b
     return float(plus), float(minus)
+
+
+@dataclass(frozen=True)
+class _HostStep:
+    """One step's record as the host computes it, and what the step must do."""
+
+    bits: int
+    c: float
+    loss: float  # the mean of the two losses
+    failed: bool  # a non-finite loss or a diverged step: recorded as a zero update
+    error: NonFiniteLossError | None  # what the step raises (raise mode, or a diverged step in skip mode)
 
 
 class _Unread:
@@ -173,25 +185,36 @@ class MeZO:
         perturb_all_(tensors, self.rule, t, -2.0 * eps)
         minus = _hold(closure())
         loss_plus, loss_minus = _read(plus, minus)  # the step's one host synchronisation
-        d = self.rule.decay(t)
-        bits, failure = 0, None
-        try:
-            bits = encode_grad((loss_plus - loss_minus) / (2.0 * eps))
-            c = self.rule.coefficient(t, bits)
-        except ValueError as e:  # non-finite loss or a diverged step: no gradient step, and say so
-            bits, c, failure = 0, 0.0, e
-        self._pending = (t, c, d, None)
-        loss = (loss_plus + loss_minus) / 2.0
-        if self.writer is not None:
-            self.writer.append_step(bits, loss if self.writer_records_losses else None)
+        h = self._host_step(t, loss_plus, loss_minus)
+        self._pending = (t, h.c, self.rule.decay(t), None)
+        self._record(h)
         self.step_count += 1
-        self.last_grad_bits = bits
-        if settle or failure is not None:
+        if settle or h.failed:  # a failed step is settled (its zero update applied) before anything else
             self.settle()
+        if h.error is not None:
+            raise h.error
+        return h.loss
+
+    def _host_step(self, t: int, loss_plus: float, loss_minus: float) -> _HostStep:
+        """Step t's record from its two losses, in binary64 on the host (spec/rule.md): a non-finite loss or
+        a diverged step gives bits 0 and c 0 (no gradient step), and the error it must raise, if any."""
+        bits, c, failure = 0, 0.0, None
+        try:
+            bits = encode_grad((loss_plus - loss_minus) / (2.0 * self.rule.eps))
+            c = self.rule.coefficient(t, bits)
+        except ValueError as e:
+            bits, c, failure = 0, 0.0, e
+        loss = (loss_plus + loss_minus) / 2.0
+        error = None
         if failure is not None and (self.on_nonfinite == "raise" or math.isfinite(loss)):
-            raise NonFiniteLossError(f"step {self.step_count - 1}: {failure}; recorded as a zero update "
-                                     f"(losses {loss_plus:g}, {loss_minus:g})")
-        return loss
+            error = NonFiniteLossError(f"step {t}: {failure}; recorded as a zero update "
+                                       f"(losses {loss_plus:g}, {loss_minus:g})")
+        return _HostStep(bits, c, loss, failure is not None, error)
+
+    def _record(self, h: _HostStep) -> None:
+        if self.writer is not None:
+            self.writer.append_step(h.bits, h.loss if self.writer_records_losses else None)
+        self.last_grad_bits = h.bits
 
     def _first_pass(self, tensors: list[torch.Tensor], t: int) -> None:
         """P1 of step t, fused with the pending update of the step before when there is one."""
@@ -256,25 +279,12 @@ class MeZO:
             return None
         unread, self._unread = self._unread, None
         t, (bits_f, loss_plus, loss_minus, stop) = unread.t, unread.values()
-        bits, failure = 0, None
-        try:  # the host's arithmetic again: it is what the file has always held, and it names the failure
-            bits = encode_grad((loss_plus - loss_minus) / (2.0 * self.rule.eps))
-            self.rule.coefficient(t, bits)
-        except ValueError as e:
-            bits, failure = 0, e
-        loss = (loss_plus + loss_minus) / 2.0
-        host_stop = failure is not None and (self.on_nonfinite == "raise" or math.isfinite(loss))
-        if bits != int(bits_f) or host_stop != bool(stop):  # a guard: the weights already took the device's
+        h = self._host_step(t, loss_plus, loss_minus)  # the file has always held the host's bits
+        if h.bits != int(bits_f) or (h.error is not None) != bool(stop):  # a guard: the weights took the device's
             raise MezoReplayError(f"step {t}: the device's projected gradient ({int(bits_f):#06x}, stop "
-                                  f"{bool(stop)}) differs from the host's ({bits:#06x}); please report this")
-        if self.writer is not None:
-            self.writer.append_step(bits, loss if self.writer_records_losses else None)
-        self.last_grad_bits = bits
-        error = None
-        if stop:
-            error = NonFiniteLossError(f"step {t}: {failure}; recorded as a zero update "
-                                       f"(losses {loss_plus:g}, {loss_minus:g})")
-        return t + 1, loss, error
+                                  f"{bool(stop)}) differs from the host's ({h.bits:#06x}); please report this")
+        self._record(h)
+        return t + 1, h.loss, h.error
 
     # -- trajectory -------------------------------------------------------------------------------
 
