@@ -263,3 +263,24 @@ def test_bench_distributed_smoke(tmp_path):
     rows = json.loads(r.stdout.strip().splitlines()[-1])
     assert [row["world_size"] for row in rows] == [1, 2]
     assert all(row["step_s"] > 0 and len(row["peak_mib"]) == row["world_size"] for row in rows)
+
+
+def test_using_a_process_group_makes_exit_wait_for_its_worker_threads(tmp_path, monkeypatch):
+    """gloo's worker threads drop a finished collective's tensors a moment after it returns, under the GIL; a
+    process that finalizes meanwhile aborts after its work is done (distributed._let_workers_finish). So
+    whatever uses a group, ours or a launcher's, registers the wait at exit, once."""
+    import torch.distributed as dist
+
+    from mezo_replay.training import distributed
+
+    registered: list[object] = []
+    monkeypatch.setattr(distributed, "_guarded", False)
+    monkeypatch.setattr(distributed.atexit, "register", registered.append)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert distributed.current().size == 1
+        distributed.current()
+    finally:
+        distributed.finish()
+    assert registered == [distributed._let_workers_finish]
+    assert not dist.is_initialized()

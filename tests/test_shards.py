@@ -290,7 +290,7 @@ from torch.distributed.fsdp import fully_shard
 from mezo_replay.arithmetic.rule import MezoSGD
 from mezo_replay.format.fingerprint import tensor_fingerprint
 from mezo_replay.kernels import steps
-from mezo_replay.training import shards
+from mezo_replay.training import distributed, shards
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -326,7 +326,7 @@ for w, p in zip(full, model.parameters()):
     fp = shards.sharded_fingerprint(p)
     assert fp == (tensor_fingerprint(w) if rank == 0 else None)
 print(f"rank {rank} ok", flush=True)
-dist.destroy_process_group()
+distributed.finish()  # not dist.destroy_process_group alone: see distributed._let_workers_finish
 '''
 
 

@@ -9,9 +9,11 @@ The process group is torch's own (torchrun sets the environment; gloo on CPUs, n
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -65,12 +67,14 @@ def init(device: str) -> tuple[World, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=TIMEOUT,
                                 **({"device_id": torch.device(device)} if kind == "cuda" else {}))
+    guard_exit()
     return World(rank, size, local), device
 
 
 def current() -> World:
     """The world of an initialised process group, else the one-process world."""
     if dist.is_available() and dist.is_initialized():
+        guard_exit()  # a group someone else joined (Trainer, accelerate) carries the same exit hazard
         return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return World()
 
@@ -79,6 +83,31 @@ def finish() -> None:
     """Leaves the process group (idempotent), so that torchrun sees a clean exit."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _let_workers_finish()
+
+
+# Why the process must not finalize right after a collective: a gloo worker thread marks a collective done and
+# only then drops its own reference to the collective's tensors; dropping the last one releases their Python
+# objects, which takes the GIL. If the main thread has meanwhile run to the end of the program, the interpreter
+# is finalizing, a thread that asks for the GIL is made to exit, and unwinding the C++ destructor aborts the
+# whole process ("terminate called without an active exception", SIGABRT) after all of its work was done and
+# checked. Releasing the GIL for a moment before finalization lets the worker threads finish their drops.
+# destroy_process_group alone cannot do it: the group lives on while anything (a DeviceMesh, FSDP) holds it.
+_WORKERS_GRACE_S = 0.05
+_guarded = False
+
+
+def _let_workers_finish() -> None:
+    time.sleep(_WORKERS_GRACE_S)  # sleeping releases the GIL to the threads waiting for it
+
+
+def guard_exit() -> None:
+    """Makes interpreter exit wait a moment for torch.distributed's worker threads (see above): called by
+    whatever joins or uses a process group in this process, once."""
+    global _guarded
+    if not _guarded:
+        _guarded = True
+        atexit.register(_let_workers_finish)
 
 
 def share(n: int, world: World) -> slice:
