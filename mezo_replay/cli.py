@@ -1034,7 +1034,11 @@ def info(trajectories: tuple[Path, ...], as_json: bool, plot_path: Path | None, 
               "per folder; the model card goes beside it). Default: the file's name, at the root.")
 @click.option("--private", is_flag=True, help="Create the repo as private (if it does not exist yet).")
 @click.option("--message", help="Commit message.")
-def push(trajectory: Path, repo_id: str, path_in_repo: str | None, private: bool, message: str | None) -> None:
+@click.option("--plot", is_flag=True, help="Also upload the chart of the recorded training losses and evaluations "
+              "(as `info --plot` draws it) beside the .mzt, as NAME-curves.png, and show it on the card (needs "
+              "matplotlib: pip install 'mezo-replay[plot]').")
+def push(trajectory: Path, repo_id: str, path_in_repo: str | None, private: bool, message: str | None,
+         plot: bool) -> None:
     """Publish a trajectory on the Hugging Face Hub with a model card.
 
     Creates REPO_ID if needed and uploads the .mzt and a README.md card (base_model, library_name
@@ -1043,15 +1047,22 @@ def push(trajectory: Path, repo_id: str, path_in_repo: str | None, private: bool
 
     \b
     Example:
-      mezo-replay push run.mzt my-org/opt-sst2-mezo
+      mezo-replay push run.mzt my-org/opt-sst2-mezo --plot
       mezo-replay reconstruct hf://facebook/opt-1.3b hf://my-org/opt-sst2-mezo/run.mzt -o opt-sst2
     """
-    from .hub.publish import push_to_hub
+    from .hub.publish import repo_path, chart_name, push_to_hub
 
     with _user_errors():
-        url = push_to_hub(trajectory, repo_id, path_in_repo=path_in_repo, private=private, commit_message=message)
-    target = path_in_repo or trajectory.name
+        if plot:
+            from .plot import require_matplotlib
+
+            require_matplotlib()
+        url = push_to_hub(trajectory, repo_id, path_in_repo=path_in_repo, private=private, commit_message=message,
+                          plot=plot)
+        target = repo_path(path_in_repo, trajectory.name)
     click.echo(f"pushed {trajectory} to hf://{repo_id}/{target}\n  {url}")
+    if plot:
+        click.echo(f"  with its chart hf://{repo_id}/{chart_name(target)}, shown on the card")
 
 
 # --- ls ------------------------------------------------------------------------------------------
