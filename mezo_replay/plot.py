@@ -40,7 +40,7 @@ FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 X_AXES = ("steps", "forward-passes")
 INSTALL = "pip install 'mezo-replay[plot]'"
 MAX_LINE_POINTS = 2000  # the smoothed line is drawn through at most this many of its points
-CAPTION = ("training loss: (L(θ+εz) + L(θ−εz))/2 of each step, drawn at the steps done before it; points raw, "
+CAPTION = ("Training loss: (L(θ+εz) + L(θ−εz))/2 of each step, drawn at the steps done before it; points raw, "
            "line their centred mean (window in the legend). Evaluations: markers, dashed.")
 _OBJECTIVE = {"accuracy": "training 1 − accuracy", "f1": "training 1 − F1"}
 _MARKERS = "osD^vP*Xph"
