@@ -974,7 +974,7 @@ def info(trajectories: tuple[Path, ...], as_json: bool, plot_path: Path | None, 
 
     --plot draws, against steps, each trajectory's per-step training loss as recorded, (L+ + L-)/2,
     the mean of the two perturbed losses of the step (light points raw, a line their centred mean over
-    ~2% of the steps), and its evaluations (markers, dashed; losses above, other metrics in a panel
+    sqrt(steps) of them), and its evaluations (markers, dashed; losses above, other metrics in a panel
     below). What a file lacks (losses left out
     with --no-record-losses, no evaluations) is said in one line. The file is written whole (a temporary
     file renamed into place) and an existing one is replaced only with --overwrite.
