@@ -914,54 +914,115 @@ def _stored_text(stored: dict[str, Any]) -> str:
     return ", ".join(parts) + " (bytes)"
 
 
-@main.command()
-@click.argument("trajectory", type=click.Path(path_type=Path, dir_okay=False, exists=True))
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
-def info(trajectory: Path, as_json: bool) -> None:
-    """Summarise a trajectory (.mzt): steps, size (whole file, and what is stored), base, settings, damage.
+def _info_lines(s: dict[str, Any], trajectory: Path) -> list[str]:
+    r = s["rule"]
+    state = ("complete, final fingerprint recorded" if s["complete"] else
+             f"truncated: {s['steps']} steps recoverable" if s["truncated"] else
+             "corrupt" if s["corrupt"] else "no final fingerprint (training still running, or stopped hard)")
+    lines = [
+        f"{trajectory}: MeZO trajectory written by {s['creator']}",
+        f"  steps      {s['steps']:,} ({state})",
+        f"  size       {s['file_bytes']:,} bytes = {s['file_bytes_per_step']:.2f} bytes/step; step records "
+        f"{s['step_bytes']:,} bytes = {s['bytes_per_step']:.2f} bytes/step",
+        f"  stored     {_stored_text(s['stored'])}",
+        *_kind_lines(s, trajectory),
+        f"  tuned      {s['tensors']:,} tensors, {s['parameters']:,} parameters ({', '.join(s['dtypes'])})",
+        f"  rule       {r['name']}: lr {r['lr']:.6g}, eps {r['eps']:.6g}, {_schedule_text(r['schedule'])}"
+        + (f", weight decay {r['weight_decay']:.6g}" if r.get("weight_decay") else "") + " (exact: --json)",
+        f"  noise      {s['noise']['name']} from {s['generator']['name']}, seed {s['generator']['seed']}",
+        f"  parallel   {s['parallel']}, world_size {s['world_size']}"
+        + (" (one process)" if s["parallel"] == "none" else " (processes under torchrun)"),
+    ]
+    if not s["stored"]["losses_recorded"]:
+        lines.append("  loss       not recorded (trained with --no-record-losses)")
+    if "loss_first" in s:
+        lines.append(f"  loss       {s['loss_first']:.4f} (first 10% of steps) -> {s['loss_last']:.4f} (last 10%)")
+    for e in s["evals"]:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in e["metrics"].items())
+        lines.append(f"  eval       step {e['step']:>7,} ({e['split']}): {metrics}")
+    lines += [f"  meta       {k}: {v}" for k, v in s["metadata"].items()]
+    return lines
 
-    A truncated file is summarised with the steps that can be recovered; a corrupt one too, with exit
-    status 1 and the damaged chunk named.
+
+def _corrupt_line(trajectory: Path, traj: Trajectory) -> str:
+    c = traj.corrupt
+    assert c is not None
+    return (f"{trajectory}: chunk {c.index} ({c.type}) at byte offset {c.offset} is corrupt: {c.reason}; "
+            f"{traj.steps} steps before it are recoverable")
+
+
+@main.command()
+@click.argument("trajectories", nargs=-1, required=True, metavar="TRAJECTORY...",
+                type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON object instead of text (several trajectories: a JSON array of them).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), show_default="none",
+              help="Also draw the recorded training losses and evaluations of every TRAJECTORY on one chart, "
+                   "one colour each, into this .png, .svg or .pdf file (needs matplotlib: "
+                   "pip install 'mezo-replay[plot]').")
+@click.option("--x-axis", type=click.Choice(["steps", "forward-passes"]), default="steps", show_default=True,
+              help="The chart's x axis: steps, or the training forward passes (2 per step; evaluations' are "
+                   "not counted).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --plot file.")
+def info(trajectories: tuple[Path, ...], as_json: bool, plot_path: Path | None, x_axis: str,
+         overwrite: bool) -> None:
+    """Summarise trajectories (.mzt): steps, size (whole file, and what is stored), base, settings, damage.
+
+    Several trajectories are summarised one after another (a blank line between them; with --json, a
+    JSON array). A truncated file is summarised with the steps that can be recovered; a corrupt one
+    too, with exit status 1 and the damaged chunk named.
+
+    --plot draws, against steps, each trajectory's per-step training loss as recorded, (L+ + L-)/2,
+    the mean of the two perturbed losses of the step (light points raw, a line their centred mean over
+    sqrt(steps) of them), and its evaluations (markers, dashed; losses above, other metrics in a panel
+    below). What a file lacks (losses left out
+    with --no-record-losses, no evaluations) is said in one line. The file is written whole (a temporary
+    file renamed into place) and an existing one is replaced only with --overwrite.
+
+    \b
+    Examples:
+      mezo-replay info run.mzt
+      mezo-replay info a.mzt b.mzt --plot curves.png       # both runs on one chart
     """
     from .format.mzt import read_trajectory
 
+    ctx = click.get_current_context()
+    if plot_path is None:
+        for name in ("x_axis", "overwrite"):
+            if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"--{name.replace('_', '-')} goes with --plot PATH")
     with _user_errors():
-        traj = read_trajectory(trajectory, strict=False)
-    s = summary(traj)
+        if plot_path is not None:  # refused before anything is read or drawn
+            from .plot import chart_format, require_matplotlib
+            from .rebuild.adapter import check_output
+
+            chart_format(plot_path)
+            check_output(plot_path, overwrite=overwrite, folder=False)
+            require_matplotlib()
+        trajs = [read_trajectory(t, strict=False) for t in trajectories]
+    summaries = [summary(traj) for traj in trajs]
     if as_json:
-        click.echo(json.dumps(s, indent=1))
+        click.echo(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=1))
     else:
-        r = s["rule"]
-        state = ("complete, final fingerprint recorded" if s["complete"] else
-                 f"truncated: {s['steps']} steps recoverable" if s["truncated"] else
-                 "corrupt" if s["corrupt"] else "no final fingerprint (training still running, or stopped hard)")
-        lines = [
-            f"{trajectory}: MeZO trajectory written by {s['creator']}",
-            f"  steps      {s['steps']:,} ({state})",
-            f"  size       {s['file_bytes']:,} bytes = {s['file_bytes_per_step']:.2f} bytes/step; step records "
-            f"{s['step_bytes']:,} bytes = {s['bytes_per_step']:.2f} bytes/step",
-            f"  stored     {_stored_text(s['stored'])}",
-            *_kind_lines(s, trajectory),
-            f"  tuned      {s['tensors']:,} tensors, {s['parameters']:,} parameters ({', '.join(s['dtypes'])})",
-            f"  rule       {r['name']}: lr {r['lr']:.6g}, eps {r['eps']:.6g}, {_schedule_text(r['schedule'])}"
-            + (f", weight decay {r['weight_decay']:.6g}" if r.get("weight_decay") else "") + " (exact: --json)",
-            f"  noise      {s['noise']['name']} from {s['generator']['name']}, seed {s['generator']['seed']}",
-            f"  parallel   {s['parallel']}, world_size {s['world_size']}"
-            + (" (one process)" if s["parallel"] == "none" else " (processes under torchrun)"),
-        ]
-        if not s["stored"]["losses_recorded"]:
-            lines.append("  loss       not recorded (trained with --no-record-losses)")
-        if "loss_first" in s:
-            lines.append(f"  loss       {s['loss_first']:.4f} (first 10% of steps) -> {s['loss_last']:.4f} (last 10%)")
-        for e in s["evals"]:
-            metrics = ", ".join(f"{k} {v:.4g}" for k, v in e["metrics"].items())
-            lines.append(f"  eval       step {e['step']:>7,} ({e['split']}): {metrics}")
-        lines += [f"  meta       {k}: {v}" for k, v in s["metadata"].items()]
-        click.echo("\n".join(lines))
-    if traj.corrupt is not None:
-        c = traj.corrupt
-        _fail(f"{trajectory}: chunk {c.index} ({c.type}) at byte offset {c.offset} is corrupt: {c.reason}; "
-              f"{traj.steps} steps before it are recoverable")
+        click.echo("\n\n".join("\n".join(_info_lines(s, t)) for s, t in zip(summaries, trajectories)))
+    if plot_path is not None:
+        from .plot import Curves, write_chart
+
+        curves = [Curves.of(str(t), traj) for t, traj in zip(trajectories, trajs)]
+        with _user_errors():
+            write_chart(curves, plot_path, overwrite=overwrite, x_axis=x_axis)
+        say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+        for c in curves:
+            note = c.missing()
+            if note is not None:
+                say(f"note: {note}")
+        say(f"wrote {plot_path}: the training loss and evaluations of {len(curves)} "
+            f"trajector{'y' if len(curves) == 1 else 'ies'} against {x_axis.replace('-', ' ')}")
+    damaged = [(t, traj) for t, traj in zip(trajectories, trajs) if traj.corrupt is not None]
+    for t, traj in damaged[:-1]:
+        click.echo(f"Error: {_corrupt_line(t, traj)}", err=True)
+    if damaged:
+        _fail(_corrupt_line(*damaged[-1]))
 
 
 # --- push ----------------------------------------------------------------------------------------
@@ -973,7 +1034,11 @@ def info(trajectory: Path, as_json: bool) -> None:
               "per folder; the model card goes beside it). Default: the file's name, at the root.")
 @click.option("--private", is_flag=True, help="Create the repo as private (if it does not exist yet).")
 @click.option("--message", help="Commit message.")
-def push(trajectory: Path, repo_id: str, path_in_repo: str | None, private: bool, message: str | None) -> None:
+@click.option("--plot", is_flag=True, help="Also upload the chart of the recorded training losses and evaluations "
+              "(as `info --plot` draws it) beside the .mzt, as NAME-curves.png, and show it on the card (needs "
+              "matplotlib: pip install 'mezo-replay[plot]').")
+def push(trajectory: Path, repo_id: str, path_in_repo: str | None, private: bool, message: str | None,
+         plot: bool) -> None:
     """Publish a trajectory on the Hugging Face Hub with a model card.
 
     Creates REPO_ID if needed and uploads the .mzt and a README.md card (base_model, library_name
@@ -982,15 +1047,22 @@ def push(trajectory: Path, repo_id: str, path_in_repo: str | None, private: bool
 
     \b
     Example:
-      mezo-replay push run.mzt my-org/opt-sst2-mezo
+      mezo-replay push run.mzt my-org/opt-sst2-mezo --plot
       mezo-replay reconstruct hf://facebook/opt-1.3b hf://my-org/opt-sst2-mezo/run.mzt -o opt-sst2
     """
-    from .hub.publish import push_to_hub
+    from .hub.publish import repo_path, chart_name, push_to_hub
 
     with _user_errors():
-        url = push_to_hub(trajectory, repo_id, path_in_repo=path_in_repo, private=private, commit_message=message)
-    target = path_in_repo or trajectory.name
+        if plot:
+            from .plot import require_matplotlib
+
+            require_matplotlib()
+        url = push_to_hub(trajectory, repo_id, path_in_repo=path_in_repo, private=private, commit_message=message,
+                          plot=plot)
+        target = repo_path(path_in_repo, trajectory.name)
     click.echo(f"pushed {trajectory} to hf://{repo_id}/{target}\n  {url}")
+    if plot:
+        click.echo(f"  with its chart hf://{repo_id}/{chart_name(target)}, shown on the card")
 
 
 # --- ls ------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ the base (`base_model`, `base_model_relation: adapter`) and whose body says how 
 
     url = push_to_hub("run.mzt", "me/tiny-gpt2-sst2")            # run.mzt + README.md at the root
     push_to_hub("run.mzt", "me/runs", path_in_repo="alice/run.mzt")  # alice/README.md; a root card if none
+    push_to_hub("run.mzt", "me/runs", plot=True)  # + run-curves.png beside it, shown on the card
 
 Everything happens in one commit. Hub failures (not logged in, no write access, offline) become one-line
 MezoReplayError messages. huggingface_hub honours HF_TOKEN, HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE.
@@ -130,8 +131,20 @@ def _shown_source(source: object) -> str | None:
     return source
 
 
-def model_card(traj: Trajectory, *, path_in_repo: str, repo_id: str) -> ModelCard:
-    """The card of one trajectory: Hub metadata naming the base, what the file is, and how to rebuild."""
+def _chart_section(chart: str | None, name: str) -> list[str]:
+    """The card's picture of the run: `chart` is the chart's file name beside the card (a relative link,
+    which the Hub resolves in the card's folder)."""
+    if chart is None:
+        return []
+    from ..plot import CAPTION
+
+    return ["## Training curves", "", f"![Training loss and evaluations of {name}]({chart})", "",
+            f"Recorded in the trajectory and drawn by `mezo-replay info {name} --plot {chart}`. {CAPTION}", ""]
+
+
+def model_card(traj: Trajectory, *, path_in_repo: str, repo_id: str, chart: str | None = None) -> ModelCard:
+    """The card of one trajectory: Hub metadata naming the base, what the file is, and how to rebuild;
+    with `chart`, the file name of its training-curves image beside the card, shown in it."""
     h = traj.header
     base = h.get("base") or {}
     meta = h.get("metadata") or {}
@@ -177,7 +190,7 @@ def model_card(traj: Trajectory, *, path_in_repo: str, repo_id: str) -> ModelCar
 
     url = f"hf://{repo_id}/{path_in_repo}"
     if is_adapter(traj):
-        return _adapter_card(traj, data, rows, url, name, hub_id, sha, base_link, embedded)
+        return _adapter_card(traj, data, rows, url, name, hub_id, sha, base_link, embedded, chart)
     if hub_id is not None:
         cmd = f"mezo-replay reconstruct hf://{hub_id}{'@' + sha if sha else ''} {url} -o tuned"
         how = ("This downloads the base, replays every step and checks the result against the fingerprint "
@@ -204,6 +217,7 @@ def model_card(traj: Trajectory, *, path_in_repo: str, repo_id: str) -> ModelCar
     evals = _last_evals(traj)
     if evals:
         body += ["## Evaluation", "", *_eval_table(evals), ""]
+    body += _chart_section(chart, name)
     body += ["## Rebuild the weights", "", "```bash", "pip install mezo-replay", cmd, "```", "", how, ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
@@ -213,7 +227,8 @@ def _listed(value: object) -> str:
 
 
 def _adapter_card(traj: Trajectory, data: ModelCardData, rows: list[tuple[str, str]], url: str, name: str,
-                  hub_id: str | None, sha: str | None, base_link: str, embedded: bool) -> ModelCard:
+                  hub_id: str | None, sha: str | None, base_link: str, embedded: bool,
+                  chart: str | None = None) -> ModelCard:
     """The card of a PEFT trajectory: it rebuilds with no base into an adapter folder, which then loads on
     the base named in the metadata."""
     k = kind(traj)
@@ -238,6 +253,7 @@ def _adapter_card(traj: Trajectory, data: ModelCardData, rows: list[tuple[str, s
     evals = _last_evals(traj)
     if evals:
         body += ["## Evaluation", "", *_eval_table(evals), ""]
+    body += _chart_section(chart, name)
     body += ["## Rebuild the adapter", "", "```bash", "pip install mezo-replay peft",
              f"mezo-replay reconstruct {url} -o {folder}", "```", "",
              "The result is checked against the fingerprint recorded when training ended. Then load it on its base:",
@@ -343,7 +359,9 @@ def _validated(path: Path) -> tuple[Trajectory, bytes]:
     return traj, data
 
 
-def _repo_path(path_in_repo: str | None, file_name: str) -> str:
+def repo_path(path_in_repo: str | None, file_name: str) -> str:
+    """Where the trajectory goes in the repo: `path_in_repo` checked (relative, not the card), a trailing
+    / keeping the file's name; the file's name at the root without it."""
     if path_in_repo is None:
         return file_name
     text = path_in_repo.replace("\\", "/").strip("/") + ("/" + file_name if path_in_repo.endswith("/") else "")
@@ -355,22 +373,37 @@ def _repo_path(path_in_repo: str | None, file_name: str) -> str:
     return "/".join(parts)
 
 
+def chart_name(target: str) -> str:
+    """Where `push --plot` puts the chart of the trajectory at `target`: beside it, NAME-curves.png."""
+    p = PurePosixPath(target)
+    return str(p.with_name(p.stem + "-curves.png"))
+
+
 def push_to_hub(trajectory: str | os.PathLike[str], repo_id: str, *, path_in_repo: str | None = None,
                 private: bool = False, token: str | None = None, commit_message: str | None = None,
-                api: HfApi | None = None) -> str:
+                api: HfApi | None = None, plot: bool = False) -> str:
     """Uploads a finished trajectory and its model card to a Hub model repo in one commit; returns the
     commit URL.
 
     `path_in_repo` defaults to the file's name at the repo root, where the card becomes README.md. In a
     folder (`path_in_repo="alice/run.mzt"`, or `"alice/"` to keep the name) the card becomes the folder's
     README.md, and a short root README.md is added if the repo has none. The repo is created if needed.
+    With `plot`, the chart of its recorded training losses and evaluations (mezo_replay.plot; needs
+    matplotlib) goes beside it as NAME-curves.png and the card shows it; it is drawn before any Hub call.
     """
     path = Path(trajectory)
     traj, data = _validated(path)
-    target = _repo_path(path_in_repo, path.name)
+    target = repo_path(path_in_repo, path.name)
     folder = str(PurePosixPath(target).parent)
     folder = "" if folder == "." else folder
-    card = model_card(traj, path_in_repo=target, repo_id=repo_id)
+    chart: tuple[str, bytes] | None = None
+    if plot:
+        from ..plot import Curves, chart_bytes
+
+        name = PurePosixPath(target).name
+        chart = chart_name(target), chart_bytes([Curves.of(name, traj)], "png")
+    card = model_card(traj, path_in_repo=target, repo_id=repo_id,
+                      chart=None if chart is None else PurePosixPath(chart[0]).name)
     if commit_message is None:
         hub_id, _ = base_on_hub(traj.header)
         commit_message = (f"Add MeZO trajectory {target} ({traj.steps:,} steps"
@@ -381,6 +414,8 @@ def push_to_hub(trajectory: str | os.PathLike[str], repo_id: str, *, path_in_rep
         operations = [CommitOperationAdd(path_in_repo=target, path_or_fileobj=data),
                       CommitOperationAdd(path_in_repo=f"{folder}/README.md" if folder else "README.md",
                                          path_or_fileobj=str(card).encode("utf-8"))]
+        if chart is not None:
+            operations.append(CommitOperationAdd(path_in_repo=chart[0], path_or_fileobj=chart[1]))
         if folder and not api.file_exists(repo_id, "README.md", token=token):
             operations.append(CommitOperationAdd(path_in_repo="README.md",
                                                  path_or_fileobj=str(root_card(repo_id)).encode("utf-8")))
