@@ -32,7 +32,7 @@ def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.
                           timeout=600, env={**os.environ, **(env or {})})
 
 
-def inproc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def inproc(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     """The same command line run in this process (no interpreter start-up): for the many cases."""
     from click.testing import CliRunner
 
@@ -41,7 +41,7 @@ def inproc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     here = os.getcwd()
     os.chdir(cwd)
     try:
-        r = CliRunner().invoke(main, list(args), catch_exceptions=False)
+        r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     finally:
         os.chdir(here)
     return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)

@@ -14,6 +14,7 @@ import torch
 
 from mezo_replay.plot import smoothed, smoothing_window
 from mezo_replay.training.optimizer import MeZO
+from tests.test_adapter import inproc, one_error_line
 from tests.test_publish import SHA, FakeApi, op_bytes
 from tests.test_roundtrip import lm_closure, tiny_model
 
@@ -28,28 +29,6 @@ def cli(*args: str | Path, cwd: Path, prelude: str | None = None) -> subprocess.
         ["-c", f"{prelude}\nfrom mezo_replay.cli import main\nmain(prog_name='mezo-replay')"]
     return subprocess.run([sys.executable, *start, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def inproc(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The same command line in this process, for the cases that need no interpreter of their own."""
-    from click.testing import CliRunner
-
-    from mezo_replay.cli import main
-
-    here = os.getcwd()
-    os.chdir(cwd)
-    try:
-        r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        os.chdir(here)
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
-
-
-def one_error_line(r: subprocess.CompletedProcess[str], *needles: str) -> None:
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def small_run(path: Path, *, losses: bool = True, evals: bool = True, steps: int = 12) -> Path:
