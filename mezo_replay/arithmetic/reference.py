@@ -288,7 +288,7 @@ def fp8_decode(code: int, scale: float) -> float | None:
         return None
     v = Fraction(mantissa, 8) * Fraction(2) ** -6 if exponent == 0 else \
         (1 + Fraction(mantissa, 8)) * Fraction(2) ** (exponent - 7)
-    return float((-v if sign else v) * Fraction(scale))
+    return -float(v * Fraction(scale)) if sign else float(v * Fraction(scale))  # 0x80 is -0
 
 
 def fp8_encode(g: float, scale: float) -> int:
