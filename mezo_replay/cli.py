@@ -391,10 +391,13 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
 
 def _codec_text(rule: dict) -> str:
     """The info line of the step records' grad_encoding (spec/rule.md)."""
-    scale = rule.get("grad_scale")
-    return {"bf16": "bf16 records (8 significant bits)",
-            "fp8": f"fp8 records (E4M3 x {scale:g}, saturating at {448 * (scale or 1):g})",
-            "sign": f"sign records (ZO-SignSGD: +-{scale:g} or 0)"}.get(rule["grad_encoding"], rule["grad_encoding"])
+    encoding, scale = rule.get("grad_encoding"), rule.get("grad_scale")
+    scale = float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
+    if encoding == "fp8" and scale is not None:
+        return f"fp8 records (E4M3 x {scale:g}, saturating at {448 * scale:g})"
+    if encoding == "sign" and scale is not None:
+        return f"sign records (ZO-SignSGD: +-{scale:g} or 0)"
+    return "bf16 records (8 significant bits)" if encoding == "bf16" else str(encoding)
 
 
 def _is_trajectory_arg(arg: str) -> bool:
