@@ -318,6 +318,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
             peft=None if peft_kind is None else PeftOptions(
                 peft_kind, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, num_virtual_tokens=num_virtual_tokens,
                 targets=None if lora_targets is None else tuple(t.strip() for t in lora_targets.split(","))))
+        if grad_scale is not None and grad_codec == "bf16":
+            raise MezoReplayError("--grad-scale sets the step of --grad-codec fp8 or sign; bf16 records have none")
         ctx = click.get_current_context()
         if peft_kind is None and (lora_targets is not None or any(
                 ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT

@@ -106,6 +106,10 @@ class MeZO:
 
     Each `step(closure)` calls the closure twice (at w + eps z and w - eps z), so the closure must
     compute the loss on the same batch each time and must not change the weights.
+
+    grad_codec picks how each step's projected gradient is recorded, and so what the step applies (the
+    replay is exact with each): "bf16", "fp8" (E4M3 times grad_scale, saturating) or "sign" (ZO-SignSGD,
+    +-grad_scale or 0); grad_scale is a power of two, 1 if not given (spec/rule.md).
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], *, lr: float, eps: float = 1e-3,
