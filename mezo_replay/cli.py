@@ -186,7 +186,8 @@ def _two_defaults(key: str) -> str:
                    "1 bit/step).")
 @click.option("--grad-scale", type=click.FloatRange(min=0, min_open=True), show_default="1",
               help="With --grad-codec fp8 or sign, a power of two: fp8 records multiples of it up to 448 "
-                   "times it; sign applies +-it (so the step is lr times it).")
+                   "times it; sign applies +-it, so the step is lr times it (the demo's lr, made for bf16's "
+                   "|g| of about 4, wants 8 with sign).")
 @click.option("--tune", multiple=True, show_default="every parameter",
               help="Tune only parameters matching this glob (repeatable), e.g. 'layers.*.self_attn'.")
 @click.option("--freeze", multiple=True, show_default="none",
