@@ -588,7 +588,7 @@ class CorruptInfo:
 class Trajectory:
     path: Path
     header: dict
-    grad_bits: np.ndarray               # uint16, one per step
+    grad_bits: np.ndarray               # uint16 bfloat16 pattern of each step's gq, whatever the grad_encoding
     losses: np.ndarray | None           # float32 (bfloat16 values from lsbf), NaN where none was recorded
     fingerprints: dict[int, list[str]]  # step -> tensor fingerprints
     truncated: bool                     # the file ends inside a chunk (a torn write)
