@@ -27,6 +27,12 @@ binary64 fixes, and nothing depends on how a backend rounds a conversion:
   exact whatever the rounding; c has 16 significant bits in [2^-100, 2^100] and gq 8 bits in
   [2^-100, 2^127), so both are exact binary32 values and their conversions round nothing.
 
+* The fp8 and sign encodings (rule.md, grad_codec.py) are the same kind of integer work on the pattern:
+  fp8 rounds to 4 significant bits, or below 2^(k-6) to a multiple of 2^(k-9) by adding and subtracting
+  2^(k+43) (one correctly rounded binary64 addition, ties to even, and an exact subtraction), then
+  saturates with a clamp of the pattern; sign replaces the magnitude by 2^k's. Their gq has at most 4
+  significant bits in [2^-69, 2^69), so the conversions and the product above stay exact.
+
 Failures (a non-finite gradient, one beyond bf16's range, a coefficient beyond 2^100) are a flag, not an
 exception: the host reads it when it reads the losses, later. bits and c are then 0, as the optimizer
 records a failed step. The functions take no decision on tensor values, so they run on tensors with no
