@@ -214,12 +214,8 @@ def _assert_rebuild_is_training(tmp_path: Path, result) -> None:
         assert tensor_bytes(got.read(name)) == tensor_bytes(tuned[name]), name
 
 
-@pytest.mark.parametrize("codec, dtype", [
-    ("sign", "fp16"),
-    pytest.param("fp8", "fp32", marks=pytest.mark.slow), pytest.param("fp8", "bf16", marks=pytest.mark.slow),
-    pytest.param("fp8", "fp16", marks=pytest.mark.slow), pytest.param("sign", "fp32", marks=pytest.mark.slow),
-    pytest.param("sign", "bf16", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("codec", CODECS)
 def test_training_bytes_equal_reconstruction(tmp_path, codec, dtype):
     """train() in process with each codec and model dtype: its final in-memory weights against reconstruct."""
     _assert_rebuild_is_training(tmp_path, train(_config(tmp_path, codec, dtype)))
