@@ -223,12 +223,20 @@ def test_training_bytes_equal_reconstruction(tmp_path, codec, dtype):
 
 def test_resume_with_a_codec_and_reconstruct_step(tmp_path):
     """A stopped fp8 run resumed with the same codec continues the same file (its steps replayed and checked);
-    one resumed with another codec is refused, naming --grad-codec; reconstruct --step works mid-run."""
-    train(_config(tmp_path, "fp8", steps=3, grad_scale=0.5))
-    with pytest.raises(Exception, match="--grad-codec"):
-        train(_config(tmp_path, "sign", steps=5, grad_scale=0.5, resume=True))
-    result = train(_config(tmp_path, "fp8", steps=5, grad_scale=0.5, resume=True))
-    assert result.resumed_from == 3 and read_trajectory(result.trajectory).steps == 5
-    _assert_rebuild_is_training(tmp_path, result)
-    r = inproc("reconstruct", result.base, result.trajectory, "--step", "3", "-o", tmp_path / "at3", cwd=tmp_path)
+    one resumed with another codec is refused in one line naming --grad-codec; reconstruct --step works
+    mid-run, and the end rebuilds verified. The CLI in process (click's runner), as a user types it."""
+    codec = ("--grad-codec", "fp8", "--grad-scale", "0.5")
+    common = ("--eval-every", "0", "-q")
+    r = inproc("train", "--steps", "3", *codec, *common, "-o", "run.mzt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    base = printed_command(r.stdout)[1]
+    wrong = inproc("train", "--resume", "run.mzt", "--steps", "5", "--grad-codec", "sign", "--grad-scale", "0.5",
+                   *common, cwd=tmp_path)
+    assert "--grad-codec fp8 there, sign now" in one_line_error(wrong)
+    r = inproc("train", "--resume", "run.mzt", "--steps", "5", *codec, *common, cwd=tmp_path)
+    assert r.returncode == 0 and "resumed at step 3" in r.stdout, r.stderr
+    traj = read_trajectory(tmp_path / "run.mzt")
+    assert traj.steps == 5 and sorted(traj.fingerprints) == [3, 5]
+    for step, out in (("3", "at3"), ("5", "at5")):
+        r = inproc("reconstruct", base, "run.mzt", "--step", step, "-o", out, cwd=tmp_path)
+        assert r.returncode == 0 and "verified against" in r.stdout, r.stderr
