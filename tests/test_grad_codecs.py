@@ -19,6 +19,7 @@ from mezo_replay.errors import CorruptChunkError, TrajectoryError, UnsupportedEr
 from mezo_replay.format.mzt import TrajectoryWriter, read_trajectory
 from mezo_replay.format.safetensors_io import BaseCheckpoint
 from mezo_replay.rebuild import replay
+from mezo_replay.training.optimizer import MeZO
 from mezo_replay.training.train import TrainConfig, train
 from tests.test_mzt import chunk, head_chunk, make_header, PREAMBLE, zframe
 from tests.test_rebuild_cli import cli, inproc, one_line_error, printed_command
@@ -240,3 +241,27 @@ def test_resume_with_a_codec_and_reconstruct_step(tmp_path):
     for step, out in (("3", "at3"), ("5", "at5")):
         r = inproc("reconstruct", base, "run.mzt", "--step", step, "-o", out, cwd=tmp_path)
         assert r.returncode == 0 and "verified against" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_queued_steps_write_the_settled_file(tmp_path, codec):
+    """fit's queued steps (the device computes the record, device_grad.py) write, with each codec, the
+    file that settled steps write (the host computes it), byte for byte."""
+    from unittest import mock
+
+    from mezo_replay.training import train as train_module
+    from mezo_replay.training.train import fit
+    from tests.test_step_pipeline import N, make_closure_for, tiny_model
+
+    def go(queued: set[str], name: str) -> bytes:
+        model = tiny_model("bf16")
+        opt = MeZO(model.named_parameters(), lr=2e-2, eps=1e-2, seed=7, grad_codec=codec, grad_scale=2.0**-3)
+        opt.record(tmp_path / name)
+        with mock.patch.object(train_module, "QUEUED_DEVICES", queued):
+            fit(opt, N, make_closure_for(model), reads_weights=False)
+        opt.close()
+        return (tmp_path / name).read_bytes()
+
+    settled = go(set(), "settled.mzt")
+    assert go({"cpu"}, "queued.mzt") == settled
+    assert read_trajectory(tmp_path / "settled.mzt").header["rule"]["grad_encoding"] == codec
