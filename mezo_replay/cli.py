@@ -183,7 +183,7 @@ def _two_defaults(key: str) -> str:
               help="How each step's projected gradient is recorded (training applies the recorded value, so "
                    "the rebuild stays exact): bf16 (8 significant bits: 1.9 bytes/step in the demo), fp8 (E4M3 "
                    "times --grad-scale, saturating: 1.13) or sign (ZO-SignSGD: +-grad-scale, or 0: 0.29, of "
-                   "which chunk framing is half; about 1 bit/step with --flush-every 2048).")
+                   "which chunk framing is half; 1.2 bits/step with --flush-every 2048).")
 @click.option("--grad-scale", type=click.FloatRange(min=0, min_open=True), show_default="1",
               help="With --grad-codec fp8 or sign, a power of two: fp8 records multiples of it up to 448 "
                    "times it; sign applies +-it, so the step is lr times it (the demo's lr, made for bf16's "
