@@ -146,6 +146,60 @@ def test_rule_host_vectors():
             MezoSGD(lr=case["lr"], eps=2.0**-10, seed=0).coefficient(0, int(case["grad_bits"], 16))
 
 
+def _codec_rule(encoding: str, scale: float) -> MezoSGD:
+    return MezoSGD(lr=2.0**-10, eps=0.5, seed=0, grad_encoding=encoding, grad_scale=scale).validated()
+
+
+def test_grad_codec_vectors():
+    """vectors/grad_codecs.json: the numpy reference, rule.py and device_grad.py all give its records and gq;
+    mzt decodes its STEP payloads to its gq patterns and refuses the corrupt ones."""
+    from mezo_replay.arithmetic import grad_codec
+    from mezo_replay.arithmetic.device_grad import device_coefficient
+    from mezo_replay.format.mzt import StepCodec, _Corrupt
+
+    v = load("grad_codecs")
+    for case in v["fp8"]["encode"]:
+        g, scale, want = case["g"], case["scale"], int(case["gq_bits"], 16)
+        assert R.fp8_encode(g, scale) == int(case["code"], 16), case
+        assert R.record_bf16_bits("fp8", scale, int(case["code"], 16)) == want, case
+        assert grad_codec.encode(g, "fp8", scale) == want, case
+        sgd = _codec_rule("fp8", scale)  # eps 0.5: g = (g - 0) / 1 exactly on the device
+        bits, _, failed = device_coefficient(torch.tensor(g, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
+                                             sgd, 0)
+        assert (int(bits), bool(failed)) == (want, False), case
+    for code, want in enumerate(v["fp8"]["decode"]):
+        gq = R.fp8_decode(code, 1.0)
+        assert (None if gq is None else f"0x{R.record_bf16_bits('fp8', 1.0, code):04x}") == want, code
+        value = grad_codec.fp8_value(code)
+        assert (want is None and value != value) or f"0x{grad_codec.bf16_bits(value):04x}" == want, code
+    for case in v["sign"]["encode"]:
+        assert R.sign_encode(case["g"]) == (case["nonzero"], case["negative"]), case
+        want = int(case["gq_bits"], 16)
+        assert grad_codec.encode(case["g"], "sign", case["scale"]) == want, case
+        bits, _, failed = device_coefficient(torch.tensor(case["g"], dtype=torch.float64),
+                                             torch.tensor(0.0, dtype=torch.float64), _codec_rule("sign", case["scale"]), 0)
+        assert (int(bits), bool(failed)) == (want, False), case
+    for g in (float("inf"), float("-inf"), float("nan")):
+        for encoding in ("fp8", "sign"):
+            with pytest.raises(ValueError):
+                grad_codec.encode(g, encoding, 1.0)
+    for case in v["payloads"]:
+        payload = bytes.fromhex(case["payload"])
+        scale = case["grad_scale"]
+        sgd = MezoSGD(lr=2.0**-10, eps=0.5, seed=0, grad_encoding=case["grad_encoding"], grad_scale=scale).validated()
+        codec = StepCodec(sgd)
+        if case["gq_bits"] is None:
+            with pytest.raises(ValueError):
+                for r in R.decode_step_payload(case["grad_encoding"], payload)[1]:
+                    R.record_bf16_bits(case["grad_encoding"], scale, r)
+            with pytest.raises(_Corrupt):
+                codec.decode(payload)
+            continue
+        first, bits = codec.decode(payload)
+        assert first == case["first_step"] and [f"0x{b:04x}" for b in bits.tolist()] == case["gq_bits"]
+        assert codec.encode(first, bits) == payload  # the writer's records are these bytes
+
+
 def test_quantised_hyperparameters_round_trip_through_json():
     sgd = MezoSGD.create(lr=1e-6, eps=1e-3, seed=2**63 + 5)
     assert sgd.eps == rule.round_significant(1e-3, 16) and sgd.eps != 1e-3
@@ -224,7 +278,7 @@ def test_training_phases_equal_replay(dtype, backend):
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-cosine-decay", "tiny-new-tensor", "tiny-nan",
-                                  "tiny-checkpoints"])
+                                  "tiny-checkpoints", "tiny-fp8", "tiny-sign"])
 def test_tiny_end_to_end_vector(tmp_path, name, backend):
     """spec/vectors/tiny*: the numpy reference and the torch reconstruct both land on expected.json."""
     import hashlib

@@ -141,6 +141,63 @@ def rule() -> dict:
             "elements": cases, "host": host}
 
 
+def grad_codecs() -> dict:
+    """spec/vectors/grad_codecs.json: the fp8 and sign encodings of rule.md, from the numpy reference."""
+    import struct
+
+    def b16(gq: float) -> str:
+        return hx(f32_bits(gq) >> 16, 4)
+
+    k_small = 2.0**-20
+    grads = [0.0, -0.0, 1e-31, -1e-31, 2.0**-101, 1.0, -1.0, 1.0625, 1.1875, 1.0625 + 2.0**-40, 15.5, -15.75,
+             0.1, 3.3, -27.0, 447.0, 448.0, 460.0, 464.0, 464.1, -1e30, 1.7976931348623157e308,
+             2.0**-9, 2.0**-10, 3 * 2.0**-10, 5 * 2.0**-10, 2.0**-6 - 2.0**-12, 0.015625, -0.0068359375]
+    fp8 = []
+    for scale in (1.0, k_small):
+        for g0 in grads:
+            g = g0 * scale if abs(g0) < 1e300 else g0
+            code = R.fp8_encode(g, scale)
+            fp8.append({"scale": scale, "g": g, "code": hx(code, 2), "gq_bits": b16(R.fp8_decode(code, scale))})
+    decode = [None if R.fp8_decode(c, 1.0) is None else b16(R.fp8_decode(c, 1.0)) for c in range(256)]
+    sign = []
+    for scale in (1.0, 2.0**-3):
+        for g in (0.0, -0.0, 2.0**-101, -2.0**-101, 2.0**-100, -2.0**-100, 0.5, -3.0, 1e300):
+            nz, neg = R.sign_encode(g)
+            sign.append({"scale": scale, "g": g, "nonzero": nz, "negative": neg,
+                         "gq_bits": b16(-scale if neg else scale) if nz else "0x0000"})
+
+    def payload(first: int, body: bytes, count: int) -> str:
+        return (struct.pack("<II", first, count) + body).hex()
+
+    payloads = []
+    for encoding, scale, first, count, body in (
+            ("fp8", 1.0, 0, 4, bytes([0x00, 0x38, 0xB8, 0x7E])),
+            ("fp8", 2.0**-3, 256, 3, bytes([0x80, 0x01, 0xFE])),
+            ("fp8", 1.0, 0, 2, bytes([0x38, 0x7F])),        # a NaN code
+            ("fp8", 1.0, 0, 2, bytes([0x38, 0xFF])),        # a NaN code
+            ("fp8", 1.0, 0, 3, bytes([0x38, 0x38])),        # too short
+            ("sign", 1.0, 0, 10, bytes([0b11111011, 0b10, 0b00001010, 0b10])),
+            ("sign", 2.0**-3, 8, 8, bytes([0xFF, 0x0F])),
+            ("sign", 1.0, 0, 10, bytes([0xFF, 0b110, 0, 0])),   # a padding bit set in nonzero
+            ("sign", 1.0, 0, 10, bytes([0xFF, 0b11, 0, 0b100])),  # a padding bit set in negative
+            ("sign", 1.0, 0, 3, bytes([0b101, 0b010])),      # negative zero (nonzero 0, negative 1)
+            ("sign", 1.0, 0, 9, bytes([0xFF, 0x01, 0x00])),  # too short
+            ("bf16", None, 0, 2, bytes([0x3F, 0xBF, 0x80, 0x80]))):
+        data = payload(first, body, count)
+        try:
+            f, records = R.decode_step_payload(encoding, bytes.fromhex(data))
+            gq = [hx(R.record_bf16_bits(encoding, scale, r), 4) for r in records]
+        except ValueError:
+            f, gq = None, None
+        payloads.append({"grad_encoding": encoding, "grad_scale": scale, "payload": data, "first_step": f,
+                         "gq_bits": gq})
+    return {"about": "rule.md gradient encodings fp8 and sign: what a writer records for g (code, or the sign "
+                     "record's nonzero/negative bits) and gq as a bfloat16 pattern; fp8 decode of all 256 codes "
+                     "at grad_scale 1 (null: invalid); decompressed STEP payloads (format.md) with each step's "
+                     "gq pattern, or null where a reader refuses the chunk",
+            "fp8": {"encode": fp8, "decode": decode}, "sign": {"encode": sign}, "payloads": payloads}
+
+
 def _f32(x: float) -> float:
     return float(np.float32(x))
 
@@ -237,7 +294,8 @@ def init() -> dict:
 
 
 def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_tensor: bool = False,
-         nan_payloads: bool = False, checkpoints: tuple[int, ...] = ()) -> None:
+         nan_payloads: bool = False, checkpoints: tuple[int, ...] = (), grad_codec: str = "bf16",
+         grad_scale: float | None = None, loss_values: tuple[float, ...] | None = None) -> None:
     """spec/vectors/tiny: a base with one tensor per dtype (special values included) and a frozen one,
     a trajectory recorded by the real optimizer from a fixed loss sequence, and the expected result.
     With nan_payloads the base's NaNs have signs, payloads and signalling bits that every output must
@@ -272,8 +330,9 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
     params = {n: t.clone().requires_grad_(n != "d.frozen") for n, t in base.items()}
     if new_tensor:  # a tensor the base lacks (like a classifier head): its initial value goes in INIT
         params["e.head"] = (torch.randn(2, 3, generator=g) * 0.5).requires_grad_(True)
-    losses = iter([2.0, 1.9, 1.7, 1.75, 1.5, 1.52, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1])
-    opt = MeZO(params.items(), lr=0.05, eps=1e-3, seed=2**40 + 11, schedule=schedule, weight_decay=weight_decay)
+    losses = iter(loss_values or [2.0, 1.9, 1.7, 1.75, 1.5, 1.52, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1])
+    opt = MeZO(params.items(), lr=0.05, eps=1e-3, seed=2**40 + 11, schedule=schedule, weight_decay=weight_decay,
+               grad_codec=grad_codec, grad_scale=grad_scale)
     (out / "traj.mzt").unlink(missing_ok=True)
     opt.record(out / "traj.mzt", base_source="base.safetensors", steps_per_chunk=4,
                metadata={"purpose": "spec test vector"}, new_tensors=["e.head"] if new_tensor else ())
@@ -371,7 +430,8 @@ def tiny_lora(name: str = "tiny-lora") -> None:
 
 def main() -> None:
     SPEC.mkdir(parents=True, exist_ok=True)
-    for name, fn in (("philox", philox), ("noise", noise), ("rule", rule), ("init", init)):
+    for name, fn in (("philox", philox), ("noise", noise), ("rule", rule), ("init", init),
+                     ("grad_codecs", grad_codecs)):
         (SPEC / f"{name}.json").write_text(json.dumps(fn(), indent=1) + "\n")
         print("wrote", SPEC / f"{name}.json")
     tiny()
@@ -381,6 +441,12 @@ def main() -> None:
     tiny("tiny-new-tensor", new_tensor=True)
     tiny("tiny-nan", nan_payloads=True)
     tiny("tiny-checkpoints", checkpoints=(2, 4))
+    # gq: -26, 112 (saturated: g is 150), -4, 52, -0.25, -26 at grad_scale 2^-2
+    tiny("tiny-fp8", grad_codec="fp8", grad_scale=0.25,
+         loss_values=(2.0, 2.05, 2.0, 1.7, 1.5, 1.508, 1.4, 1.3, 1.2, 1.2005, 1.0, 1.05))
+    # gq: +-1/8 and a step with equal losses (gq 0, no update)
+    tiny("tiny-sign", grad_codec="sign", grad_scale=0.125,
+         loss_values=(2.0, 1.9, 1.7, 1.75, 1.5, 1.5, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1))
     tiny_lora()
 
 

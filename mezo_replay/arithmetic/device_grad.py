@@ -27,12 +27,21 @@ binary64 fixes, and nothing depends on how a backend rounds a conversion:
   exact whatever the rounding; c has 16 significant bits in [2^-100, 2^100] and gq 8 bits in
   [2^-100, 2^127), so both are exact binary32 values and their conversions round nothing.
 
+* The fp8 and sign encodings (rule.md, grad_codec.py) are the same kind of integer work on the pattern:
+  fp8 rounds to 4 significant bits, or below 2^(k-6) to a multiple of 2^(k-9) by adding and subtracting
+  2^(k+43) (one correctly rounded binary64 addition, ties to even, and an exact subtraction), then
+  saturates with a clamp of the pattern; sign replaces the magnitude by 2^k's. Their gq has at most 4
+  significant bits in [2^-69, 2^69), so the conversions and the product above stay exact.
+
 Failures (a non-finite gradient, one beyond bf16's range, a coefficient beyond 2^100) are a flag, not an
 exception: the host reads it when it reads the losses, later. bits and c are then 0, as the optimizer
 records a failed step. The functions take no decision on tensor values, so they run on tensors with no
 values at all (the meta device), which the tests use to show that nothing here reads a value on the host.
 """
 from __future__ import annotations
+
+import math
+import struct
 
 import torch
 
@@ -56,6 +65,34 @@ def _round_magnitude(a: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.bitwise_and(a + ((1 << (drop - 1)) - 1) + lowest_kept, -(1 << drop))
 
 
+def _float_pattern(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _quantize_magnitude(a: torch.Tensor, rule: MezoSGD) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|gq| as a binary64 pattern, refused) for |g|'s pattern `a` (at most +inf's), in the rule's
+    grad_encoding (grad_codec.quantize). Every encoding refuses inf and NaN (after the clamp, +inf's
+    pattern); bf16 also refuses |gq| >= 2^127, where fp8 saturates."""
+    tiny = a < _pattern(-100)
+    nonfinite = a >= _INF
+    if rule.grad_encoding == "bf16":
+        q = _round_magnitude(a, 8)
+        failed = q >= _pattern(127)  # also every inf and NaN: their pattern is +inf's after the clamp
+        return torch.where(tiny | failed, 0, q), failed
+    assert rule.grad_scale is not None
+    k = math.frexp(rule.grad_scale)[1] - 1  # grad_scale = 2^k
+    if rule.grad_encoding == "sign":
+        return torch.where(tiny | nonfinite, 0, _pattern(k)), nonfinite
+    # fp8: 4 significant bits from 2^(k-6) up; below, multiples of 2^(k-9). Adding C = 2^(k+43) rounds
+    # |g| < 2^(k-6) to that multiple (the ulp of [C, 2C) is 2^(k-9)), to nearest even, in one correctly
+    # rounded binary64 addition; subtracting C again is exact. Then saturate at 448 * 2^k.
+    c = torch.full((), 2.0 ** (k + 43), dtype=torch.float64, device=a.device)
+    small = torch.sub(torch.add(a.view(torch.float64), c), c).view(torch.int64)
+    q = torch.where(a < _pattern(k - 6), small, _round_magnitude(a, 4))
+    q = torch.clamp(q, max=_float_pattern(448.0 * rule.grad_scale))  # patterns of magnitudes order as values
+    return torch.where(tiny | nonfinite, 0, q), nonfinite
+
+
 def _as_float64(loss: torch.Tensor) -> torch.Tensor:
     return loss.detach().reshape(()).to(torch.float64)
 
@@ -72,10 +109,7 @@ def device_coefficient(loss_plus: torch.Tensor, loss_minus: torch.Tensor, rule: 
     raw = g.view(torch.int64)
     negative = raw < 0
     a = torch.clamp(torch.bitwise_and(raw, _MAGNITUDE), max=_INF)  # NaN payloads could overflow the carry
-    tiny = a < _pattern(-100)
-    q = _round_magnitude(a, 8)
-    encode_failed = q >= _pattern(127)  # also every inf and NaN: their pattern is +inf's after the clamp
-    q = torch.where(tiny | encode_failed, 0, q)
+    q, encode_failed = _quantize_magnitude(a, rule)
     # bf16 = binary32's top half: the sign, the exponent rebiased from 1023 to 127, 7 fraction bits.
     magnitude16 = torch.where(q == 0, 0, torch.bitwise_right_shift(q, _FRACTION_BITS - 7) - ((1023 - 127) << 7))
     bits = magnitude16 + torch.where(negative & (q != 0), 1 << 15, 0)

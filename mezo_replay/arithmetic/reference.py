@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
@@ -275,3 +277,73 @@ def replay(bits: np.ndarray, dtype: str, *, seed: int, k: int, noise_name: str, 
         d = decay_factor(rule, t) if decayed else 0.0
         bits = phases(bits, dtype, z, rule["eps"], coefficient(lr_at(rule, t), gb), d)[2]
     return bits
+
+
+# --- grad_encoding records (rule.md): written from the spec, by exhaustive search over the codes ------
+
+def fp8_decode(code: int, scale: float) -> float | None:
+    """gq of an fp8 (E4M3) code, or None for the two NaN codes a reader refuses."""
+    sign, exponent, mantissa = code >> 7, (code >> 3) & 0xF, code & 0x7
+    if exponent == 15 and mantissa == 7:
+        return None
+    v = Fraction(mantissa, 8) * Fraction(2) ** -6 if exponent == 0 else \
+        (1 + Fraction(mantissa, 8)) * Fraction(2) ** (exponent - 7)
+    return -float(v * Fraction(scale)) if sign else float(v * Fraction(scale))  # 0x80 is -0
+
+
+def fp8_encode(g: float, scale: float) -> int:
+    """The code nearest g among all finite E4M3 values times scale (ties: the even code; beyond the
+    largest, the largest: saturation); zero is always code 0x00."""
+    if not math.isfinite(g):
+        raise ValueError("non-finite projected gradient")
+    x = Fraction(abs(g)) / Fraction(scale)
+    best = min(range(0x7F), key=lambda c: (abs(Fraction(fp8_decode(c, 1.0)) - x), c & 1))
+    return best | 0x80 if g < 0 and best else best
+
+
+def sign_encode(g: float) -> tuple[int, int]:
+    """(nonzero, negative) bits of a sign record."""
+    if not math.isfinite(g):
+        raise ValueError("non-finite projected gradient")
+    if abs(g) < 2.0**-100:
+        return 0, 0
+    return 1, int(g < 0)
+
+
+def record_bf16_bits(encoding: str, scale: float | None, record) -> int:
+    """The bfloat16 pattern of a record's gq (the form `replay` and `coefficient` take)."""
+    if encoding == "bf16":
+        return int(record)
+    if encoding == "fp8":
+        gq = fp8_decode(record, scale)
+        if gq is None:
+            raise ValueError("fp8 NaN code")
+    else:
+        nonzero, negative = record
+        if negative and not nonzero:
+            raise ValueError("negative zero sign record")
+        gq = (-scale if negative else scale) if nonzero else 0.0
+    return int(np.array([gq], dtype=np.float32).view(np.uint32)[0] >> 16)
+
+
+def decode_step_payload(encoding: str, payload: bytes) -> tuple[int, list]:
+    """(first_step, records) of a decompressed STEP payload (format.md); ValueError if malformed."""
+    first, count = struct.unpack_from("<II", payload)
+    if not 1 <= count <= 1 << 20:
+        raise ValueError("count out of range")
+    body = payload[8:]
+    if encoding == "bf16":
+        if len(body) != 2 * count:
+            raise ValueError("length")
+        return first, [body[j] << 8 | body[count + j] for j in range(count)]
+    if encoding == "fp8":
+        if len(body) != count:
+            raise ValueError("length")
+        return first, list(body)
+    n = (count + 7) // 8
+    if len(body) != 2 * n:
+        raise ValueError("length")
+    bit = [[(body[p * n + j // 8] >> (j % 8)) & 1 for j in range(8 * n)] for p in (0, 1)]
+    if any(bit[0][count:]) or any(bit[1][count:]):
+        raise ValueError("padding bits set")
+    return first, [(bit[0][j], bit[1][j]) for j in range(count)]

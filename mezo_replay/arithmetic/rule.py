@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import grad_codec
 from .noise import GAUSS16_SHA256, NOISES
 
 MAX_SEED = 2**64 - 1
@@ -46,13 +47,9 @@ def cos_pi(p: float) -> float:
 
 
 def encode_grad(g: float) -> int:
-    """The bfloat16 bits recorded for a projected gradient; refuses what replay could not use."""
-    if not math.isfinite(g):
-        raise ValueError(f"projected gradient is {g}: a loss was not finite")
-    q = 0.0 if abs(g) < _TINY else round_significant(g, 8)
-    if abs(q) >= 2.0**127:
-        raise ValueError(f"projected gradient {g:g} is beyond bfloat16's range")
-    return struct.unpack("<I", struct.pack("<f", q))[0] >> 16  # q has 8 bits: packing is exact
+    """The bfloat16 bits recorded for a projected gradient (grad_encoding bf16); refuses what replay could
+    not use. MezoSGD.encode_grad does the same for the rule's own encoding."""
+    return grad_codec.encode(g, "bf16")
 
 
 def decode_grad(bits: int) -> float:
@@ -116,14 +113,21 @@ class MezoSGD:
     noise: str = "gaussian16"
     schedule: Schedule = field(default_factory=Schedule)
     weight_decay: float = 0.0
+    grad_encoding: str = "bf16"       # how step records hold the projected gradient (grad_codec.py)
+    grad_scale: float | None = None   # fp8 and sign: the power of two gq is a multiple of
 
     @classmethod
     def create(cls, *, lr: float, eps: float, seed: int, noise: str = "gaussian16",
-               schedule: Schedule | None = None, weight_decay: float = 0.0) -> MezoSGD:
-        """Quantises user values as the spec requires writers to: eps to 16 bits, lr and wd to 24."""
+               schedule: Schedule | None = None, weight_decay: float = 0.0, grad_encoding: str = "bf16",
+               grad_scale: float | None = None) -> MezoSGD:
+        """Quantises user values as the spec requires writers to: eps to 16 bits, lr and wd to 24. fp8 and
+        sign take grad_scale 1 unless given one (it must be a power of two)."""
+        if grad_encoding != "bf16" and grad_scale is None:
+            grad_scale = 1.0
         return cls(lr=round_significant(float(lr), 24), eps=round_significant(float(eps), 16), seed=int(seed),
                    noise=noise, schedule=schedule or Schedule(),
-                   weight_decay=round_significant(float(weight_decay), 24)).validated()
+                   weight_decay=round_significant(float(weight_decay), 24), grad_encoding=grad_encoding,
+                   grad_scale=None if grad_scale is None else float(grad_scale)).validated()
 
     def validated(self) -> MezoSGD:
         if self.noise not in NOISES:
@@ -140,6 +144,7 @@ class MezoSGD:
                 and round_significant(wd, 24) == wd):
             raise ValueError(f"weight_decay must be in [0, 2^100] with at most 24 significant bits, got {wd!r}")
         self.schedule.validated()
+        grad_codec.check_scale(self.grad_encoding, self.grad_scale)
         return self
 
     @classmethod
@@ -156,16 +161,22 @@ class MezoSGD:
         seed = gen["seed"]
         if not (isinstance(seed, str) and seed.isdigit() and seed.isascii() and (seed == "0" or seed[0] != "0")):
             raise ValueError(f"generator seed must be a decimal string, got {seed!r}")
+        scale = rule.get("grad_scale")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise ValueError(f"rule grad_scale must be a number, got {scale!r}")
         return cls(lr=float(numbers["lr"]), eps=float(numbers["eps"]), seed=int(seed), noise=noise["name"],
-                   schedule=Schedule.from_header(schedule),
-                   weight_decay=float(numbers["weight_decay"])).validated()
+                   schedule=Schedule.from_header(schedule), weight_decay=float(numbers["weight_decay"]),
+                   grad_encoding=rule["grad_encoding"],
+                   grad_scale=None if scale is None else float(scale)).validated()
 
     def header_fields(self) -> dict[str, Any]:
         noise: dict[str, Any] = {"name": self.noise}
         if self.noise == "gaussian16":
             noise["table_sha256"] = GAUSS16_SHA256
         rule: dict[str, Any] = {"name": "mezo-sgd", "eps": self.eps, "lr": self.lr,
-                                "schedule": self.schedule.header(), "grad_encoding": "bf16"}
+                                "schedule": self.schedule.header(), "grad_encoding": self.grad_encoding}
+        if self.grad_scale is not None:
+            rule["grad_scale"] = self.grad_scale
         if self.weight_decay:
             rule["weight_decay"] = self.weight_decay
         return {"generator": {"name": "philox4x32-10", "seed": str(self.seed)}, "noise": noise, "rule": rule}
@@ -173,6 +184,11 @@ class MezoSGD:
     def lr_at(self, t: int) -> float:
         lr = round_significant(self.lr * self.schedule.multiplier(t), 24)
         return 0.0 if lr < _TINY else lr
+
+    def encode_grad(self, g: float) -> int:
+        """The bfloat16 pattern of gq, the value this rule's encoding records for g and training applies;
+        ValueError where a writer refuses the step (rule.md)."""
+        return grad_codec.encode(g, self.grad_encoding, self.grad_scale)
 
     def coefficient(self, t: int, grad_bits: int) -> float:
         """c = RS(lr_t * gq, 16); lr_t * gq is exact in binary64 (24 + 8 significant bits)."""

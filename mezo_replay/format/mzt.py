@@ -27,6 +27,7 @@ from ..errors import (CorruptChunkError, LimitError, MezoReplayError, OutputExis
                      UnsupportedError)
 from .filelock import FileLock
 from .fingerprint import SHA256_HEX, base_fingerprint
+from ..arithmetic.grad_codec import ENCODINGS, bf16_bits, fp8_value
 from ..arithmetic.rule import _COS_K, MezoSGD
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -67,9 +68,9 @@ DTYPES = ("F32", "BF16", "F16")
 KNOWN: dict[str, dict[str, set[str]]] = {
     "generator": {"philox4x32-10": {"name", "seed"}},
     "noise": {"gaussian16": {"name", "table_sha256"}, "rademacher16": {"name"}},
-    "rule": {"mezo-sgd": {"name", "eps", "lr", "schedule", "grad_encoding", "weight_decay"}},
+    "rule": {"mezo-sgd": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay"}},
 }
-_OPTIONAL = {"weight_decay"}
+_OPTIONAL = {"weight_decay", "grad_scale"}
 # Generated initial values (spec/init.md): a tensor entry's "init" may name one instead of `true`.
 INIT_KINDS: dict[str, set[str]] = {"zeros": {"name"}, "uniform16": {"name", "bound"}, "gaussian16": {"name", "std"}}
 INIT_SCALES = {"uniform16": "bound", "gaussian16": "std"}
@@ -104,8 +105,9 @@ def _known_object(header: dict, key: str) -> dict:
 
 def _check_rule(header: dict) -> MezoSGD:
     """The numbers of rule.md (eps, lr, schedule, weight decay), checked by the rule's own code."""
-    if header["rule"]["grad_encoding"] != "bf16":
-        raise UnsupportedError(f"rule grad_encoding {header['rule']['grad_encoding']!r} is not 'bf16': "
+    encoding = header["rule"]["grad_encoding"]
+    if not isinstance(encoding, str) or encoding not in ENCODINGS:
+        raise UnsupportedError(f"rule grad_encoding {encoding!r} is not one of {', '.join(ENCODINGS)}: "
                                f"the file needs a newer mezo-replay")
     try:
         return MezoSGD.from_header(header)
@@ -396,9 +398,66 @@ def invalid_steps(grad_bits: np.ndarray, rule: MezoSGD, first_step: int = 0) -> 
     return np.flatnonzero(bad)
 
 
-def _encode_steps(first: int, bits: np.ndarray) -> bytes:
-    return struct.pack("<II", first, bits.size) + (bits >> 8).astype(np.uint8).tobytes() + \
-        (bits & 0xFF).astype(np.uint8).tobytes()
+class StepCodec:
+    """The step records of one grad_encoding (format.md `STEP`) <-> the bfloat16 patterns of gq, the form
+    every later stage uses (Trajectory.grad_bits, the coefficients, the kernels). Vectorised both ways."""
+
+    def __init__(self, rule: MezoSGD) -> None:
+        self.encoding = rule.grad_encoding
+        # to_bits[code] is the bf16 pattern of the code's gq; from_bits[pattern] its code, -1 if none
+        if self.encoding == "fp8":
+            assert rule.grad_scale is not None
+            values = [fp8_value(c) for c in range(256)]
+            self.valid = np.array([not math.isnan(v) for v in values])
+            self.to_bits = np.array([bf16_bits(v * rule.grad_scale) if ok else 0 for v, ok in zip(values, self.valid)],
+                                    dtype=np.uint16)
+            self.from_bits = np.full(1 << 16, -1, dtype=np.int32)
+            self.from_bits[self.to_bits[self.valid]] = np.flatnonzero(self.valid)
+        elif self.encoding == "sign":
+            assert rule.grad_scale is not None
+            s = bf16_bits(rule.grad_scale)
+            self.to_bits = np.array([0, s, 0, s | 0x8000], dtype=np.uint16)  # index: nonzero | negative << 1
+            self.from_bits = np.full(1 << 16, -1, dtype=np.int32)
+            self.from_bits[[0, s, s | 0x8000]] = [0, 1, 3]
+
+    def representable(self, bits: int) -> bool:
+        return self.encoding == "bf16" or bool(self.from_bits[bits] >= 0)
+
+    def encode(self, first: int, bits: np.ndarray) -> bytes:
+        """A STEP payload for steps first.. (their bits must be representable)."""
+        head = struct.pack("<II", first, bits.size)
+        if self.encoding == "bf16":
+            return head + (bits >> 8).astype(np.uint8).tobytes() + (bits & 0xFF).astype(np.uint8).tobytes()
+        codes = self.from_bits[bits]
+        assert (codes >= 0).all()
+        if self.encoding == "fp8":
+            return head + codes.astype(np.uint8).tobytes()
+        planes = [np.packbits((codes >> i) & 1, bitorder="little") for i in (0, 1)]  # nonzero, negative
+        return head + planes[0].tobytes() + planes[1].tobytes()
+
+    def decode(self, payload: bytes) -> tuple[int, np.ndarray]:
+        """(first_step, bf16 patterns) of a STEP payload; _Corrupt where format.md or rule.md forbid it."""
+        if self.encoding == "bf16":
+            first, (hi, lo) = _counted(payload, 2)
+            return first, (hi.astype(np.uint16) << 8) | lo
+        if self.encoding == "fp8":
+            first, (codes,) = _counted(payload, 1)
+            if not (ok := self.valid[codes]).all():
+                at = int(np.flatnonzero(~ok)[0])
+                raise _Corrupt(f"step {first + at} records fp8 code 0x{codes[at]:02x}, a NaN, which rule.md forbids")
+            return first, self.to_bits[codes]
+        first, count = _count(payload)
+        n = (count + 7) // 8
+        if len(payload) != 8 + 2 * n:
+            raise _Corrupt(f"payload is {len(payload)} bytes, but count {count} needs {8 + 2 * n}")
+        nonzero, negative = (np.unpackbits(np.frombuffer(payload, np.uint8, n, 8 + i * n), bitorder="little")
+                             for i in (0, 1))
+        if nonzero[count:].any() or negative[count:].any():
+            raise _Corrupt("the bits after the last step's are not 0")
+        if (bad := np.flatnonzero(negative & ~nonzero)).size:
+            raise _Corrupt(f"step {first + int(bad[0])} records a negative sign for a zero gradient, which "
+                           f"rule.md forbids")
+        return first, self.to_bits[nonzero[:count] | (negative[:count] << 1)]
 
 
 LOSS_CHUNK = b"lsbf"  # the chunk type the writer records losses in (format.md `lsbf`; `loss` is still read)
@@ -443,13 +502,19 @@ class _Corrupt(Exception):
         self.ctype = ctype
 
 
-def _counted(payload: bytes, width: int) -> tuple[int, np.ndarray]:
-    """Split a STEP/loss payload into first_step and its byte planes, checking the declared count."""
+def _count(payload: bytes) -> tuple[int, int]:
+    """first_step and count of a STEP/loss payload, the count checked against its bounds."""
     if len(payload) < 8:
         raise _Corrupt(f"payload is {len(payload)} bytes, shorter than its 8-byte prefix")
     first, count = struct.unpack_from("<II", payload)
     if not 1 <= count <= MAX_STEPS_PER_CHUNK:
         raise _Corrupt(f"count {count} is outside 1..{MAX_STEPS_PER_CHUNK}")
+    return first, count
+
+
+def _counted(payload: bytes, width: int) -> tuple[int, np.ndarray]:
+    """Split a STEP/loss payload into first_step and its byte planes, checking the declared count."""
+    first, count = _count(payload)
     if len(payload) != 8 + width * count:
         raise _Corrupt(f"payload is {len(payload)} bytes, but count {count} needs {8 + width * count}")
     return first, np.frombuffer(payload, np.uint8, offset=8).reshape(width, count)
@@ -523,7 +588,7 @@ class CorruptInfo:
 class Trajectory:
     path: Path
     header: dict
-    grad_bits: np.ndarray               # uint16, one per step
+    grad_bits: np.ndarray               # uint16 bfloat16 pattern of each step's gq, whatever the grad_encoding
     losses: np.ndarray | None           # float32 (bfloat16 values from lsbf), NaN where none was recorded
     fingerprints: dict[int, list[str]]  # step -> tensor fingerprints
     truncated: bool                     # the file ends inside a chunk (a torn write)
@@ -647,6 +712,7 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                 if ctype == "HEAD":
                     header = _decode_head(dctx, payload, path, budget)
                     rule = MezoSGD.from_header(header)
+                    codec = StepCodec(rule)
                     init_needed = {k: math.prod(t["shape"]) * _ITEMSIZE[t["dtype"]]
                                    for k, t in enumerate(header["tensors"]) if t.get("init") is True}
                 elif ctype == "INIT":
@@ -663,17 +729,16 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                 elif ctype == "STEP":
                     if not bits:
                         _check_inits_complete(path, init_got, init_needed)
-                    first, (hi, lo) = _counted(_decompress(dctx, payload, MAX_STEP_PAYLOAD, budget), 2)
+                    first, chunk_bits = codec.decode(_decompress(dctx, payload, MAX_STEP_PAYLOAD, budget))
                     if first != steps:
                         raise _Corrupt(f"first_step is {first}, but {steps} steps precede it (a gap or overlap)")
-                    if first + hi.size > MAX_STEPS:
+                    if first + chunk_bits.size > MAX_STEPS:
                         raise _Corrupt(f"more than {MAX_STEPS} steps in the file")
-                    chunk_bits = (hi.astype(np.uint16) << 8) | lo
                     if (bad := invalid_steps(chunk_bits, rule, first)).size:
                         raise _Corrupt(f"step {first + bad[0]} records gradient bits 0x{chunk_bits[bad[0]]:04x}, "
                                        f"which rule.md forbids")
                     bits.append(chunk_bits)
-                    steps += hi.size
+                    steps += chunk_bits.size
                     step_bytes += CHUNK_HEAD.size + len(payload)
                 elif ctype == "FPRT":
                     fprt = _decode_fprt(dctx, payload, steps, len(header["tensors"]), budget)
@@ -995,6 +1060,7 @@ class TrajectoryWriter:
         self._has_losses = bool(header["records"]["losses"])
         self._n_tensors = len(header["tensors"])
         self._rule = MezoSGD.from_header(header)
+        self._codec = StepCodec(self._rule)
         self._flushed = steps
         self._bits: list[int] = []
         self._losses: list[float] = []
@@ -1096,6 +1162,9 @@ class TrajectoryWriter:
         if invalid_steps(np.array([grad_bits], dtype=np.uint16), self._rule, self.steps).size:
             raise ValueError(f"gradient bits 0x{int(grad_bits):04x} are not finite, >= 2^127, or make |lr * g| "
                              f"exceed 2^100 (rule.md): refusing to record the step")
+        if not self._codec.representable(int(grad_bits)):
+            raise ValueError(f"gradient bits 0x{int(grad_bits):04x} are not a value the {self._codec.encoding} "
+                             f"encoding records (rule.md): refusing to record the step")
         self._bits.append(int(grad_bits))
         if loss is not None:
             self._losses.append(float(loss))
@@ -1130,7 +1199,7 @@ class TrajectoryWriter:
         data = b""
         if self._bits:
             bits = np.array(self._bits, dtype=np.uint16)
-            data = self._chunk(b"STEP", _encode_steps(self._flushed, bits))
+            data = self._chunk(b"STEP", self._codec.encode(self._flushed, bits))
             if self._has_losses:
                 data += self._chunk(LOSS_CHUNK, _encode_losses(self._flushed, np.array(self._losses, dtype=np.float32)))
         data += b"".join(self._evals)

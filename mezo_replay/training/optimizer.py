@@ -30,7 +30,7 @@ from ..format.fingerprint import DTYPE_NAMES, base_fingerprint, canonicalize_nan
 from ..arithmetic.initial import generate
 from ..format.mzt import TrajectoryWriter
 from ..arithmetic.device_grad import device_coefficient
-from ..arithmetic.rule import MezoSGD, Schedule, encode_grad
+from ..arithmetic.rule import MezoSGD, Schedule
 from ..kernels.steps import perturb_all_, restore_update_all_, update_perturb_all_
 
 Closure = Callable[[], "torch.Tensor | float"]
@@ -106,12 +106,17 @@ class MeZO:
 
     Each `step(closure)` calls the closure twice (at w + eps z and w - eps z), so the closure must
     compute the loss on the same batch each time and must not change the weights.
+
+    grad_codec picks how each step's projected gradient is recorded, and so what the step applies (the
+    replay is exact with each): "bf16", "fp8" (E4M3 times grad_scale, saturating) or "sign" (ZO-SignSGD,
+    +-grad_scale or 0); grad_scale is a power of two, 1 if not given (spec/rule.md).
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], *, lr: float, eps: float = 1e-3,
                  seed: int = 0, noise: str = "gaussian16", schedule: Schedule | None = None,
                  weight_decay: float = 0.0, no_decay: Callable[[str, torch.Tensor], bool] | None = None,
-                 on_nonfinite: Literal["raise", "skip"] = "raise") -> None:
+                 on_nonfinite: Literal["raise", "skip"] = "raise", grad_codec: str = "bf16",
+                 grad_scale: float | None = None) -> None:
         chosen: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for item in params:
@@ -131,7 +136,7 @@ class MeZO:
         self.names = sorted(chosen, key=lambda n: n.encode("utf-8"))
         self.params = [chosen[n] for n in self.names]
         self.rule = MezoSGD.create(lr=lr, eps=eps, seed=seed, noise=noise, schedule=schedule,
-                                   weight_decay=weight_decay)
+                                   weight_decay=weight_decay, grad_encoding=grad_codec, grad_scale=grad_scale)
         exempt = no_decay or default_no_decay
         self.decay = [bool(self.rule.weight_decay) and not exempt(n, p) for n, p in zip(self.names, self.params)]
         self.on_nonfinite = on_nonfinite
@@ -200,7 +205,7 @@ class MeZO:
         a diverged step gives bits 0 and c 0 (no gradient step), and the error it must raise, if any."""
         bits, c, failure = 0, 0.0, None
         try:
-            bits = encode_grad((loss_plus - loss_minus) / (2.0 * self.rule.eps))
+            bits = self.rule.encode_grad((loss_plus - loss_minus) / (2.0 * self.rule.eps))
             c = self.rule.coefficient(t, bits)
         except ValueError as e:
             bits, c, failure = 0, 0.0, e

@@ -73,6 +73,8 @@ class TrainConfig:
     schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    grad_codec: str = "bf16"  # how step records hold the projected gradient: bf16, fp8 or sign (spec/rule.md)
+    grad_scale: float | None = None  # fp8 and sign: a power of two (None: 1)
     tune: Sequence[str] = ()
     freeze: Sequence[str] = ()
     eval_every: int = 0
@@ -272,6 +274,7 @@ STEP_SETTINGS = {
     "generator.seed": "--seed", "noise.name": "--noise", "rule.lr": "--lr", "rule.eps": "--eps",
     "rule.schedule.name": "--schedule", "rule.schedule.warmup_steps": "--warmup-steps",
     "rule.schedule.total_steps": "--steps (the schedule's length)", "rule.weight_decay": "--weight-decay",
+    "rule.grad_encoding": "--grad-codec", "rule.grad_scale": "--grad-scale",
     "peft": "--peft", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
     "lora_targets": "--lora-targets", "num_virtual_tokens": "--num-virtual-tokens",
 }
@@ -638,7 +641,7 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
             select_parameters(model, cfg.tune, cfg.freeze)
             named = ((keys[n], p) for n, p in model.named_parameters())
         opt = MeZO(named, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise, schedule=schedule.validated(),
-                   weight_decay=cfg.weight_decay)
+                   weight_decay=cfg.weight_decay, grad_codec=cfg.grad_codec, grad_scale=cfg.grad_scale)
         if adapter is not None:
             added: Mapping[str, Any] | list[str] = adapter.inits
         else:
