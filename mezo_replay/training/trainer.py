@@ -266,7 +266,11 @@ class MeZOTrainer(Trainer):
         previous = signal.signal(signal.SIGTERM, handler)
         try:
             yield
-        finally:
+        except BaseException as e:
+            if not _lost_contact(e):  # else the launcher's SIGTERM would often kill this rank before its line
+                signal.signal(signal.SIGTERM, previous)  # is printed; its SIGKILL follows if it does not exit
+            raise
+        else:
             signal.signal(signal.SIGTERM, previous)
 
     def _lost(self, e: BaseException) -> PeerLost:
@@ -384,7 +388,7 @@ def _continue(path: Path, fresh: dict[str, Any], at: int, names: list[str], fps:
         traj = read_trajectory(path)
         if diffs := _differences(traj.header, _as_recorded(fresh, traj.header)):
             raise MezoReplayError(f"MeZOTrainer cannot resume {path}: it was recorded with other settings: "
-                                  + "; ".join(f"{k} {a!r} in the file, {b!r} now" for k, a, b in diffs[:4]))
+                                  + "; ".join(f"{k} {_shown(a)} in the file, {_shown(b)} now" for k, a, b in diffs[:4]))
         if at not in traj.checkpoints:
             saved = ", ".join(map(str, sorted(traj.checkpoints))) or "none"
             raise MezoReplayError(f"MeZOTrainer cannot resume {path} at step {at}: it records no Trainer checkpoint "
@@ -451,6 +455,10 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [d for k, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{prefix}{k}.")]
     return [] if a == b else [(prefix.rstrip("."), a, b)]
+
+
+def _shown(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else json.dumps(value)
 
 
 def _lost_contact(e: BaseException) -> bool:
