@@ -168,7 +168,8 @@ def test_a_resumed_run_ends_on_the_bytes_of_an_uninterrupted_one(base: Path, tmp
     """Cut after step 5 (the file then holds 5 steps and a final fingerprint), resumed from the last
     checkpoint (4, an epoch boundary): the file and weights are the uninterrupted run's, byte for byte.
     Then resumed again from checkpoint-2 (mid-epoch: Trainer skips the seen batches), which cuts the
-    finished file back to step 2: the same bytes once more."""
+    finished file back to step 2: the same bytes once more. From the last step's checkpoint: refused
+    (Trainer would take an eighth step), the file untouched."""
     ref = resumable(base, tmp_path / "ref")
     ref.train()
     want = (tmp_path / "ref" / "trajectory.mzt").read_bytes()
@@ -185,11 +186,17 @@ def test_a_resumed_run_ends_on_the_bytes_of_an_uninterrupted_one(base: Path, tmp
         again.train(resume_from_checkpoint=checkpoint)
         assert (run / "trajectory.mzt").read_bytes() == want, checkpoint
         assert all(same_bytes(a, b) for a, b in zip(ref.model.state_dict().values(), again.model.state_dict().values()))
+    with pytest.raises(MezoReplayError, match=r"the checkpoint is at step 7, the end of the run \(max_steps=7\)"):
+        resumable(base, run).train(resume_from_checkpoint=True)
+    assert (run / "trajectory.mzt").read_bytes() == want
 
 
 def test_what_cannot_resume_exactly_is_refused_in_one_line(base: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    resumable(base, run, max_steps=2, eval_strategy="no").train()
+    cut = resumable(base, run, max_steps=4, eval_strategy="no")
+    cut.add_callback(_Cut(3))
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
     before = (run / "trajectory.mzt").read_bytes()
     cases = [
         ({"ignore_data_skip": True}, {}, "ignore_data_skip=True"),
@@ -197,13 +204,13 @@ def test_what_cannot_resume_exactly_is_refused_in_one_line(base: Path, tmp_path:
         ({}, {"trajectory": tmp_path / "none.mzt"}, "none.mzt does not exist"),
     ]
     for args, extra, says in cases:
-        t = make(base, run, extra=extra, **{"max_steps": 2, "seed": 3, **args})
+        t = make(base, run, extra=extra, **{"max_steps": 4, "seed": 3, **args})
         with pytest.raises(MezoReplayError) as e:
             t.train(resume_from_checkpoint=str(run / "checkpoint-2"))
         assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
     other = tmp_path / "other"  # a checkpoint of another run (other batches), with this run's trajectory
     make(base, other, max_steps=2, save_strategy="steps", save_steps=2, seed=3, per_device_train_batch_size=2).train()
-    t = make(base, run, max_steps=2, seed=3, save_strategy="steps", save_steps=2)
+    t = make(base, run, max_steps=4, seed=3, save_strategy="steps", save_steps=2)
     with pytest.raises(MezoReplayError, match="checkpoint's weights are not those the trajectory recorded"):
         t.train(resume_from_checkpoint=str(other / "checkpoint-2"))
     assert (run / "trajectory.mzt").read_bytes() == before  # nothing was cut
@@ -301,15 +308,16 @@ _LAUNCHED = """
 import os, signal, sys, torch
 from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 from mezo_replay import MeZOTrainer
-base, out, resume, die_at = sys.argv[1], sys.argv[2], sys.argv[3] == "resume", int(sys.argv[4])
+base, out, resume, signal_at = sys.argv[1], sys.argv[2], sys.argv[3] == "resume", sys.argv[4]
 ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(1))
 args = TrainingArguments(output_dir=out, learning_rate=1e-3, max_steps=7, per_device_train_batch_size=2, use_cpu=True,
                          report_to=[], save_strategy="steps", save_steps=2, disable_tqdm=True, seed=3)
-class Die(TrainerCallback):  # rank 1 is killed before step die_at + 1
+class Signal(TrainerCallback):  # "RANK:SIGNAL:STEP": that rank gets that signal before step STEP + 1
     def on_step_begin(self, args, state, control, **kw):
-        if state.global_step == die_at and os.environ["RANK"] == "1":
-            os.kill(os.getpid(), signal.SIGKILL)
-trainer = MeZOTrainer(model=LlamaForCausalLM.from_pretrained(base), args=args, callbacks=[Die()],
+        rank, name, step = signal_at.split(":") if signal_at != "-" else ("", "", "-1")
+        if state.global_step == int(step) and os.environ["RANK"] == rank:
+            os.kill(os.getpid(), getattr(signal, name))
+trainer = MeZOTrainer(model=LlamaForCausalLM.from_pretrained(base), args=args, callbacks=[Signal()],
                       train_dataset=[{"input_ids": r, "labels": r} for r in ids])
 trainer.train(resume_from_checkpoint=True if resume else None)
 trainer.save_model(os.path.join(out, "final"))
@@ -337,7 +345,7 @@ def test_accelerate_launch_two_cpu_processes_rebuilds_with_the_cli(base: Path, t
     out = tmp_path / "run"
     done = _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "--main_process_port", str(_free_port())], tmp_path, base, out, "new", "-1")
+                    "--main_process_port", str(_free_port())], tmp_path, base, out, "new", "-")
     assert done.returncode == 0, done.stderr[-3000:]
     traj = read_trajectory(out / "trajectory.mzt")
     assert traj.steps == 7 and traj.header["metadata"]["world_size"] == "2" and sorted(traj.checkpoints) == [2, 4, 6, 7]
@@ -349,10 +357,10 @@ def test_accelerate_launch_two_cpu_processes_rebuilds_with_the_cli(base: Path, t
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_other_in_one_line_and_resume_ends_on_the_uninterrupted_bytes(
         base: Path, tmp_path: Path) -> None:
-    ref = _launch(_torchrun(), tmp_path, base, tmp_path / "ref", "new", "-1")
+    ref = _launch(_torchrun(), tmp_path, base, tmp_path / "ref", "new", "-")
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / "run"
-    cut = _launch(_torchrun(), tmp_path, base, run, "new", "5")
+    cut = _launch(_torchrun(), tmp_path, base, run, "new", "1:SIGKILL:5")
     assert cut.returncode != 0
     lines = [line for line in cut.stderr.splitlines() if "lost contact with another rank" in line]
     assert len(lines) == 1 and "PeerLost: rank 0: lost contact with another rank" in lines[0], cut.stderr[-3000:]
@@ -362,7 +370,20 @@ def test_a_killed_rank_stops_the_other_in_one_line_and_resume_ends_on_the_uninte
     traj = read_trajectory(run / "trajectory.mzt")
     assert traj.steps == 5 and sorted(traj.checkpoints) == [2, 4] and traj.final_fingerprint is None
 
-    again = _launch(_torchrun(), tmp_path, base, run, "resume", "-1")
+    again = _launch(_torchrun(), tmp_path, base, run, "resume", "-")
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run / "trajectory.mzt").read_bytes() == (tmp_path / "ref" / "trajectory.mzt").read_bytes()
     assert_weights(run / "final", tmp_path / "ref" / "final")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(base: Path, tmp_path: Path) -> None:
+    """As when torchrun passes a SIGTERM on: the file is closed on a step every rank took, and rebuilds."""
+    out = tmp_path / "run"
+    done = _launch(_torchrun(), tmp_path, base, out, "new", "0:SIGTERM:3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stopped by SIGTERM after 4 steps, on every rank" in done.stderr
+    traj = read_trajectory(out / "trajectory.mzt")
+    assert traj.steps == 4 and traj.final_fingerprint is not None
+    reconstruct(plan(base, traj), tmp_path / "rebuilt")
+    assert_weights(out / "final", tmp_path / "rebuilt")

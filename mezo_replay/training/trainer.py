@@ -15,6 +15,11 @@ mezo_replay's Schedule does not compute exactly. Under torchrun or `accelerate l
 rank computes the loss on its share of the batch; the closure combines the per-rank (loss sum, count) pairs
 in rank order (distributed.combine), so every rank derives the same projected gradient, applies the same
 update, and rank 0 alone writes the file. DDP's wrapping is harmless: no backward, so no gradient traffic.
+
+Resume (train(resume_from_checkpoint=...)) trusts Trainer for the weights, state and data position and
+checks the weights against the trajectory's `ckpt` record of that step, instead of replaying every step
+from the base: one hash pass. The file is cut back to that record, which is where an uninterrupted run's
+file stood when it saved that checkpoint, so the continued file is that run's, byte for byte.
 """
 from __future__ import annotations
 
@@ -53,6 +58,8 @@ EXACT_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant
 
 
 _TIMINGS = ("runtime", "samples_per_second", "steps_per_second")
+
+_logger = transformers.utils.logging.get_logger(__name__)
 
 
 class _StandIn(torch.optim.Optimizer):
@@ -152,6 +159,9 @@ class MeZOTrainer(Trainer):
         self._in_step = False
         if world.distributed and any_stop(self._signalled, world):
             self.control.should_training_stop = True  # Trainer ends after this step, closing the file
+            if world.main:
+                _logger.warning(f"MeZOTrainer: stopped by SIGTERM after {self.mezo.step_count} steps, on every rank; "
+                                f"{self.trajectory_path} is closed there")
         return torch.tensor(loss, dtype=torch.float32, device=self.args.device)
 
     def _check_free(self) -> None:
@@ -180,6 +190,10 @@ class MeZOTrainer(Trainer):
         loaded); every rank checks it holds the same settings and weights; rank 0 starts the file, or
         continues it from the resumed checkpoint's step (_continue)."""
         world = self._world = distributed.current()
+        at = int(self.state.global_step) if self._resuming else 0
+        if self._resuming and at >= self.state.max_steps:  # every rank alike: no collective needed
+            raise MezoReplayError(f"MeZOTrainer: the checkpoint is at step {at}, the end of the run (max_steps="
+                                  f"{self.state.max_steps}): nothing to resume (Trainer would take a step past it)")
         inner = self.accelerator.unwrap_model(model)
         schedule = getattr(self, "_schedule", None) or self.mezo_schedule
         opt = MeZO(inner.named_parameters(), lr=self.args.learning_rate, eps=self.mezo_eps, seed=self.args.seed,
@@ -203,7 +217,6 @@ class MeZOTrainer(Trainer):
         header = opt.header(**described)  # resumed: its base fingerprints are those of the checkpoint's weights
         with talking():
             distributed.agree("settings or weights", header, world)
-        at = int(self.state.global_step) if self._resuming else 0
         writer = None
         with all_or_none(world):  # a refusal on rank 0 stops every rank here, not at their next collective
             if world.main and self._resuming:
@@ -284,7 +297,7 @@ class MeZOTrainer(Trainer):
     def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
         """Closes the trajectory before Trainer's end of training, which may load the best checkpoint's
         weights (load_best_model_at_end): the final fingerprint is the last step's. A run resumed at its
-        last step takes no step: the file is continued (cut back to that checkpoint) and closed here."""
+        last step (at an epoch's end, else Trainer takes one more) took no step: _start refuses it."""
         if self.mezo is None and self._resuming:
             self._start(self.model_wrapped)
         self._close()
@@ -471,7 +484,7 @@ def _lost_contact(e: BaseException) -> bool:
         return False
     dist_error = getattr(torch.distributed, "DistError", None)
     return (dist_error is not None and isinstance(e, dist_error)) or bool(re.search(
-        r"Connection (reset|closed|refused)|Broken pipe|gloo|NCCL|timed out|Timed out", str(e)))
+        r"Connection (reset|closed|refused)|Broken pipe|[Tt]imed out", str(e)))
 
 
 def _is_peft(model: Any) -> bool:
