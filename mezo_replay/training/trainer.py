@@ -220,7 +220,8 @@ class MeZOTrainer(Trainer):
         writer = None
         with all_or_none(world):  # a refusal on rank 0 stops every rank here, not at their next collective
             if world.main and self._resuming:
-                writer = _continue(self.trajectory_path, header, at, opt.names, opt.fingerprints())
+                fps = [t["sha256"] for t in header["tensors"]]  # the weights as loaded, hashed once by MeZO()
+                writer = _continue(self.trajectory_path, header, at, opt.names, fps)
             elif world.main:
                 opt.record(self.trajectory_path, overwrite=self.overwrite_trajectory, **described)
         if writer is not None:
