@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
 import mezo_replay  # noqa: E402
 from mezo_replay import MeZOTrainer, MezoReplayError, Schedule, plan, read_trajectory, reconstruct  # noqa: E402
@@ -132,20 +132,88 @@ def test_unreplayable_settings_are_refused_in_one_line(base: Path, tmp_path: Pat
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_given_optimizer_an_existing_file_and_resume_are_refused(base: Path, tmp_path: Path) -> None:
+def test_a_given_optimizer_and_an_existing_file_are_refused(base: Path, tmp_path: Path) -> None:
     model = LlamaForCausalLM.from_pretrained(base)
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], max_steps=2)
     with pytest.raises(MezoReplayError, match="an optimizer or scheduler was given"):
         MeZOTrainer(model=model, args=args, train_dataset=dataset(),
                     optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
     (tmp_path / "trajectory.mzt").write_bytes(b"")
-    with pytest.raises(MezoReplayError, match="already exists: pass overwrite_trajectory=True"):
-        MeZOTrainer(model=model, args=args, train_dataset=dataset())
-    t = MeZOTrainer(model=model, args=args, train_dataset=dataset(), trajectory=tmp_path / "other.mzt")
-    with pytest.raises(MezoReplayError, match="cannot resume from a Trainer checkpoint"):
-        t.train(resume_from_checkpoint=str(tmp_path))
+    t = MeZOTrainer(model=model, args=args, train_dataset=dataset())  # it may be resumed: train() decides
+    with pytest.raises(MezoReplayError, match="already exists: pass overwrite_trajectory=True") as e:
+        t.train()
+    assert "resume_from_checkpoint" in str(e.value) and "\n" not in str(e.value)
+    assert (tmp_path / "trajectory.mzt").read_bytes() == b""
 
 
+class _Cut(TrainerCallback):
+    """Interrupts a run after `at` steps (as a crash or Ctrl-C would, between steps)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kw):  # type: ignore[override]
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def resumable(base: Path, out: Path, **args) -> MeZOTrainer:
+    """7 steps of 4 rows over 16 (an epoch is 4 steps), a Trainer checkpoint every 2, an eval every 3."""
+    settings = dict(max_steps=7, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=3, seed=3)
+    settings.update(args)
+    return make(base, out, extra={"eval_dataset": dataset(4)}, **settings)
+
+
+def test_a_resumed_run_ends_on_the_bytes_of_an_uninterrupted_one(base: Path, tmp_path: Path) -> None:
+    """Cut after step 5 (the file then holds 5 steps and a final fingerprint), resumed from the last
+    checkpoint (4, an epoch boundary): the file and weights are the uninterrupted run's, byte for byte.
+    Then resumed again from checkpoint-2 (mid-epoch: Trainer skips the seen batches), which cuts the
+    finished file back to step 2: the same bytes once more. From the last step's checkpoint: refused
+    (Trainer would take an eighth step), the file untouched."""
+    ref = resumable(base, tmp_path / "ref")
+    ref.train()
+    want = (tmp_path / "ref" / "trajectory.mzt").read_bytes()
+    run = tmp_path / "run"
+    cut = resumable(base, run)
+    cut.add_callback(_Cut(5))
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
+    traj = read_trajectory(run / "trajectory.mzt")
+    assert traj.steps == 5 and sorted(traj.checkpoints) == [2, 4]
+
+    for checkpoint in (True, str(run / "checkpoint-2")):
+        again = resumable(base, run)
+        again.train(resume_from_checkpoint=checkpoint)
+        assert (run / "trajectory.mzt").read_bytes() == want, checkpoint
+        assert all(same_bytes(a, b) for a, b in zip(ref.model.state_dict().values(), again.model.state_dict().values()))
+    with pytest.raises(MezoReplayError, match=r"the checkpoint is at step 7, the end of the run \(max_steps=7\)"):
+        resumable(base, run).train(resume_from_checkpoint=True)
+    assert (run / "trajectory.mzt").read_bytes() == want
+
+
+def test_what_cannot_resume_exactly_is_refused_in_one_line(base: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cut = resumable(base, run, max_steps=4, eval_strategy="no")
+    cut.add_callback(_Cut(3))
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
+    before = (run / "trajectory.mzt").read_bytes()
+    cases = [
+        ({"ignore_data_skip": True}, {}, "ignore_data_skip=True"),
+        ({"learning_rate": 2e-3}, {}, "recorded with other settings: rule.lr 0.001 in the file, 0.002 now"),
+        ({}, {"trajectory": tmp_path / "none.mzt"}, "none.mzt does not exist"),
+    ]
+    for args, extra, says in cases:
+        t = make(base, run, extra=extra, **{"max_steps": 4, "seed": 3, **args})
+        with pytest.raises(MezoReplayError) as e:
+            t.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+        assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+    other = tmp_path / "other"  # a checkpoint of another run (other batches), with this run's trajectory
+    make(base, other, max_steps=2, save_strategy="steps", save_steps=2, seed=3, per_device_train_batch_size=2).train()
+    t = make(base, run, max_steps=4, seed=3, save_strategy="steps", save_steps=2)
+    with pytest.raises(MezoReplayError, match="checkpoint's weights are not those the trajectory recorded"):
+        t.train(resume_from_checkpoint=str(other / "checkpoint-2"))
+    assert (run / "trajectory.mzt").read_bytes() == before  # nothing was cut
 class _Failing(MeZOTrainer):
     """compute_loss fails at a chosen forward: with `inf` (a non-finite loss) or an exception."""
 
@@ -233,4 +301,89 @@ def test_two_processes_under_torchrun_rebuild_exactly(base: Path, tmp_path: Path
         assert all(same_bytes(got["weights"][k], want[k]) for k in want), rank
     # each rank stepped on its own rows: the same weights on both can only come from the combined loss
     assert all(a.shape == (2, 12) and not torch.equal(a, b) for a, b in zip(ranks[0]["seen"], ranks[1]["seen"]))
+    assert_weights(out / "final", tmp_path / "rebuilt")
+
+
+_LAUNCHED = """
+import os, signal, sys, torch
+from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
+from mezo_replay import MeZOTrainer
+base, out, resume, signal_at = sys.argv[1], sys.argv[2], sys.argv[3] == "resume", sys.argv[4]
+ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(1))
+args = TrainingArguments(output_dir=out, learning_rate=1e-3, max_steps=7, per_device_train_batch_size=2, use_cpu=True,
+                         report_to=[], save_strategy="steps", save_steps=2, disable_tqdm=True, seed=3)
+class Signal(TrainerCallback):  # "RANK:SIGNAL:STEP": that rank gets that signal before step STEP + 1
+    def on_step_begin(self, args, state, control, **kw):
+        rank, name, step = signal_at.split(":") if signal_at != "-" else ("", "", "-1")
+        if state.global_step == int(step) and os.environ["RANK"] == rank:
+            os.kill(os.getpid(), getattr(signal, name))
+trainer = MeZOTrainer(model=LlamaForCausalLM.from_pretrained(base), args=args, callbacks=[Signal()],
+                      train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+trainer.train(resume_from_checkpoint=True if resume else None)
+trainer.save_model(os.path.join(out, "final"))
+"""
+
+
+def _launch(launcher: list[str], tmp_path: Path, base: Path, out: Path, *script_args: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "launched.py"
+    script.write_text(textwrap.dedent(_LAUNCHED))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # a hang guard well under the collective timeouts (mezo-replay's 600 s, Trainer's ddp_timeout 1800 s)
+    return subprocess.run([*launcher, str(script), str(base), str(out), *script_args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def _torchrun() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(_free_port())]
+
+
+def test_accelerate_launch_two_cpu_processes_rebuilds_with_the_cli(base: Path, tmp_path: Path) -> None:
+    """`accelerate launch` (1.15) starts several CPU processes through torchrun only with --multi_gpu (its
+    --cpu flag runs them through mpirun, with --mpirun_hostfile, else one process); the script's
+    use_cpu=True makes them gloo ranks on the CPU. The CLI rebuilds what the trainer ended with."""
+    out = tmp_path / "run"
+    done = _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", str(_free_port())], tmp_path, base, out, "new", "-")
+    assert done.returncode == 0, done.stderr[-3000:]
+    traj = read_trajectory(out / "trajectory.mzt")
+    assert traj.steps == 7 and traj.header["metadata"]["world_size"] == "2" and sorted(traj.checkpoints) == [2, 4, 6, 7]
+    rebuilt = run_cli("reconstruct", str(base), str(out / "trajectory.mzt"), "-o", str(tmp_path / "rebuilt"))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert_weights(out / "final", tmp_path / "rebuilt")
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_other_in_one_line_and_resume_ends_on_the_uninterrupted_bytes(
+        base: Path, tmp_path: Path) -> None:
+    ref = _launch(_torchrun(), tmp_path, base, tmp_path / "ref", "new", "-")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "run"
+    cut = _launch(_torchrun(), tmp_path, base, run, "new", "1:SIGKILL:5")
+    assert cut.returncode != 0
+    lines = [line for line in cut.stderr.splitlines() if "lost contact with another rank" in line]
+    assert len(lines) == 1 and "PeerLost: rank 0: lost contact with another rank" in lines[0], cut.stderr[-3000:]
+    assert f"after 5 steps; {run / 'trajectory.mzt'} holds the steps recorded until then" in lines[0]
+    info = run_cli("info", str(run / "trajectory.mzt"))
+    assert info.returncode == 0 and "steps      5" in info.stdout, info.stdout + info.stderr
+    traj = read_trajectory(run / "trajectory.mzt")
+    assert traj.steps == 5 and sorted(traj.checkpoints) == [2, 4] and traj.final_fingerprint is None
+
+    again = _launch(_torchrun(), tmp_path, base, run, "resume", "-")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run / "trajectory.mzt").read_bytes() == (tmp_path / "ref" / "trajectory.mzt").read_bytes()
+    assert_weights(run / "final", tmp_path / "ref" / "final")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(base: Path, tmp_path: Path) -> None:
+    """As when torchrun passes a SIGTERM on: the file is closed on a step every rank took, and rebuilds."""
+    out = tmp_path / "run"
+    done = _launch(_torchrun(), tmp_path, base, out, "new", "0:SIGTERM:3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stopped by SIGTERM after 4 steps, on every rank" in done.stderr
+    traj = read_trajectory(out / "trajectory.mzt")
+    assert traj.steps == 4 and traj.final_fingerprint is not None
+    reconstruct(plan(base, traj), tmp_path / "rebuilt")
     assert_weights(out / "final", tmp_path / "rebuilt")

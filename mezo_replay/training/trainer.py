@@ -15,24 +15,39 @@ mezo_replay's Schedule does not compute exactly. Under torchrun or `accelerate l
 rank computes the loss on its share of the batch; the closure combines the per-rank (loss sum, count) pairs
 in rank order (distributed.combine), so every rank derives the same projected gradient, applies the same
 update, and rank 0 alone writes the file. DDP's wrapping is harmless: no backward, so no gradient traffic.
+
+Resume (train(resume_from_checkpoint=...)) trusts Trainer for the weights, state and data position and
+checks the weights against the trajectory's `ckpt` record of that step, instead of replaying every step
+from the base: one hash pass. The file is cut back to that record, which is where an uninterrupted run's
+file stood when it saved that checkpoint, so the continued file is that run's, byte for byte.
 """
 from __future__ import annotations
 
+import copy
+import json
 import math
 import os
 import re
-from collections.abc import Callable
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import transformers
+import zstandard
 from transformers import Trainer
 
 from ..arithmetic.rule import MezoSGD, Schedule
 from ..errors import MezoReplayError
+from ..format.filelock import FileLock
 from ..format.fingerprint import checkpoint_fingerprint
+from ..format.mzt import CHUNK_HEAD, CKPT, PREAMBLE, TrajectoryWriter, read_trajectory
 from . import distributed
+from .data_parallel import PeerLost, all_or_none, any_stop, lost, talking
 from .defaults import MEZO_DEFAULTS
 from .optimizer import MeZO, NonFiniteLossError
 
@@ -43,6 +58,8 @@ EXACT_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant
 
 
 _TIMINGS = ("runtime", "samples_per_second", "steps_per_second")
+
+_logger = transformers.utils.logging.get_logger(__name__)
 
 
 class _StandIn(torch.optim.Optimizer):
@@ -80,8 +97,9 @@ class MeZOTrainer(Trainer):
         self.mezo: MeZO | None = None
         self._world = distributed.World()
         self._in_step = False
+        self._resuming = False
+        self._signalled = False  # SIGTERM under torchrun/accelerate: every rank stops after the same step
         _refuse_unreplayable(self)
-        self._check_free()
 
     # -- optimizer and schedule: stand-ins -----------------------------------------------------------
 
@@ -139,12 +157,18 @@ class MeZOTrainer(Trainer):
             self._in_step = False
             raise
         self._in_step = False
+        if world.distributed and any_stop(self._signalled, world):
+            self.control.should_training_stop = True  # Trainer ends after this step, closing the file
+            if world.main:
+                _logger.warning(f"MeZOTrainer: stopped by SIGTERM after {self.mezo.step_count} steps, on every rank; "
+                                f"{self.trajectory_path} is closed there")
         return torch.tensor(loss, dtype=torch.float32, device=self.args.device)
 
     def _check_free(self) -> None:
         if self.trajectory_path.exists() and not self.overwrite_trajectory:
             raise MezoReplayError(f"MeZOTrainer: {self.trajectory_path} already exists: pass "
-                                  "overwrite_trajectory=True or another trajectory=")
+                                  "overwrite_trajectory=True, another trajectory=, or train(resume_from_checkpoint=...) "
+                                  "to continue it")
 
     def _count(self, inputs: dict[str, Any]) -> int:
         """What this rank's loss is a mean over: its label tokens when it has labels (after the causal
@@ -162,9 +186,14 @@ class MeZOTrainer(Trainer):
     def _start(self, model: torch.nn.Module) -> None:
         """The optimizer over the unwrapped model's parameters (a trajectory addresses tensors by the
         model's own names, not DDP's `module.` ones), made at the first step so that it sees the weights
-        as training starts (after DDP's broadcast from rank 0); every rank checks it holds the same
-        settings and base weights; rank 0 starts the file."""
-        self._world = distributed.current()
+        as training starts (after DDP's broadcast from rank 0, after a resumed checkpoint's weights are
+        loaded); every rank checks it holds the same settings and weights; rank 0 starts the file, or
+        continues it from the resumed checkpoint's step (_continue)."""
+        world = self._world = distributed.current()
+        at = int(self.state.global_step) if self._resuming else 0
+        if self._resuming and at >= self.state.max_steps:  # every rank alike: no collective needed
+            raise MezoReplayError(f"MeZOTrainer: the checkpoint is at step {at}, the end of the run (max_steps="
+                                  f"{self.state.max_steps}): nothing to resume (Trainer would take a step past it)")
         inner = self.accelerator.unwrap_model(model)
         schedule = getattr(self, "_schedule", None) or self.mezo_schedule
         opt = MeZO(inner.named_parameters(), lr=self.args.learning_rate, eps=self.mezo_eps, seed=self.args.seed,
@@ -180,48 +209,98 @@ class MeZOTrainer(Trainer):
                 commit = getattr(config, "_commit_hash", None)
                 revision = commit if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}", commit) else None
         metadata = {"trainer": f"MeZOTrainer (transformers {transformers.__version__})",
-                    "batch_size": str(self._train_batch_size * self._world.size),
-                    **({"world_size": str(self._world.size), "parallel": "data"} if self._world.distributed else {}),
+                    "batch_size": str(self._train_batch_size * world.size),
+                    **({"world_size": str(world.size), "parallel": "data"} if world.distributed else {}),
                     **({"base_model": source} if source else {})}  # world_size/parallel as spec/metadata.md says
         described = dict(base_source=source, base_revision=revision, metadata=metadata,
                          record_losses=self.record_losses)
-        distributed.agree("settings or base weights", opt.header(**described), self._world)
-        failure = None
-        if self._world.main:
-            try:
+        header = opt.header(**described)  # resumed: its base fingerprints are those of the checkpoint's weights
+        with talking():
+            distributed.agree("settings or weights", header, world)
+        writer = None
+        with all_or_none(world):  # a refusal on rank 0 stops every rank here, not at their next collective
+            if world.main and self._resuming:
+                fps = [t["sha256"] for t in header["tensors"]]  # the weights as loaded, hashed once by MeZO()
+                writer = _continue(self.trajectory_path, header, at, opt.names, fps)
+            elif world.main:
                 opt.record(self.trajectory_path, overwrite=self.overwrite_trajectory, **described)
-            except (MezoReplayError, OSError, ValueError) as e:
-                failure = e
-        # the other ranks stop too (else they would wait for rank 0's first loss until the timeout)
-        said = distributed.broadcast(None if failure is None else str(failure), self._world)
-        if failure is not None:
-            raise failure
-        if said is not None:
-            raise MezoReplayError(f"rank 0 could not start the trajectory: {said}")
+        if writer is not None:
+            opt.attach(writer, at)
+        else:
+            opt.step_count = at  # every rank takes the steps; rank 0 alone writes them
         self.mezo = opt
 
-    # -- the end of a run, checkpoints ---------------------------------------------------------------
+    # -- the run, the end of a run, checkpoints ------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
               ignore_keys_for_eval: list[str] | None = None, **kwargs: Any) -> Any:
-        """Trainer's train(), recording a new trajectory that is closed (final fingerprint) at its end."""
-        if resume_from_checkpoint:
-            raise MezoReplayError("MeZOTrainer cannot resume from a Trainer checkpoint yet: its trajectory would "
-                                  "have to continue from that step; start a new run")
-        self._check_free()
-        self.mezo = None
+        """Trainer's train(), recording the trajectory, closed (final fingerprint) at its end.
+
+        resume_from_checkpoint (a checkpoint folder, or True for the last in output_dir): Trainer loads
+        that checkpoint's weights, state and data position; the trajectory is cut back to the checkpoint's
+        step and continued, so the run ends on the same file and weights as one never interrupted.
+        Under torchrun, a rank that loses another (killed, crashed) raises PeerLost, one line, keeping
+        every step recorded; a SIGTERM (torchrun passes it on) stops every rank after the same step."""
+        resume = None if resume_from_checkpoint is False else resume_from_checkpoint
+        world = distributed.current()
+        with all_or_none(world):
+            if resume is None:
+                if world.main:
+                    self._check_free()
+            else:
+                _refuse_unresumable(self)
+                if world.main and not self.trajectory_path.exists():
+                    raise MezoReplayError(f"MeZOTrainer: cannot resume: {self.trajectory_path} does not exist (the "
+                                          "trajectory the checkpoints were saved with; pass it as trajectory=)")
+        self.mezo, self._resuming, self._signalled = None, resume is not None, False
         try:
-            out = super().train(resume_from_checkpoint=None, trial=trial,
-                                ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
-        except BaseException:
+            with self._sigterm_stops(world):
+                out = super().train(resume_from_checkpoint=resume, trial=trial,
+                                    ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        except BaseException as e:
             self._abandon()
+            if world.distributed and _lost_contact(e):
+                raise self._lost(e) from None
             raise
         self._close()
         return out
 
+    @contextmanager
+    def _sigterm_stops(self, world: distributed.World) -> Iterator[None]:
+        """Under a launcher, SIGTERM (torchrun sends it to every rank when it stops, or when one rank died)
+        ends the run after the current step, on every rank alike (training_step's any_stop), with a
+        complete file; if a rank died, its peers meanwhile fail in their next collective, with one line."""
+        if not world.distributed or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            self._signalled = True
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        except BaseException as e:
+            if not _lost_contact(e):  # else the launcher's SIGTERM would often kill this rank before its line
+                signal.signal(signal.SIGTERM, previous)  # is printed; its SIGKILL follows if it does not exit
+            raise
+        else:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _lost(self, e: BaseException) -> PeerLost:
+        steps = self.mezo.step_count if self.mezo is not None else int(self.state.global_step)
+        held = f"{self.trajectory_path} holds" if self._world.main else "rank 0's trajectory holds"
+        why = e if isinstance(e, PeerLost) else lost(e)
+        text = str(why).split(": ", 1)[-1] if str(why).startswith("rank ") else str(why)
+        return PeerLost(f"rank {self._world.rank}: {text} after {steps} steps; {held} the steps recorded until "
+                        f"then: train(resume_from_checkpoint=True) continues it from the last Trainer checkpoint")
+
     def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
         """Closes the trajectory before Trainer's end of training, which may load the best checkpoint's
-        weights (load_best_model_at_end): the final fingerprint is the last step's."""
+        weights (load_best_model_at_end): the final fingerprint is the last step's. A run resumed at its
+        last step (at an epoch's end, else Trainer takes one more) took no step: _start refuses it."""
+        if self.mezo is None and self._resuming:
+            self._start(self.model_wrapped)
         self._close()
         return super()._finalize_training(*args, **kwargs)
 
@@ -301,6 +380,112 @@ def _refuse_unreplayable(t: MeZOTrainer) -> None:
             why = str(e)
     if why is not None:
         raise MezoReplayError(f"MeZOTrainer: {why}")
+
+
+def _refuse_unresumable(t: MeZOTrainer) -> None:
+    """Settings under which Trainer's resumed run would not take the uninterrupted run's batches."""
+    if t.args.ignore_data_skip:
+        raise MezoReplayError("MeZOTrainer: ignore_data_skip=True: a resumed run would take other batches than the "
+                              "interrupted one did, and its trajectory would not be that run's; unset it to resume")
+
+
+def _continue(path: Path, fresh: dict[str, Any], at: int, names: list[str], fps: list[str]) -> TrajectoryWriter:
+    """Rank 0 of a resumed run: reopens the trajectory at the checkpoint's step `at`.
+
+    Trainer has loaded the checkpoint's weights; their checkpoint fingerprint must be the one the file
+    recorded when that checkpoint was saved (one SHA-256 pass, no replay), and the run's settings those
+    of the file's header. What the file holds past that `ckpt` chunk (steps, evals after the checkpoint,
+    a final fingerprint) is cut off: the resumed run records it again, and since the file up to that
+    chunk is exactly what an uninterrupted run had written by then, it ends on the same bytes."""
+    lock = FileLock.acquire(path)
+    try:
+        traj = read_trajectory(path)
+        if diffs := _differences(traj.header, _as_recorded(fresh, traj.header)):
+            raise MezoReplayError(f"MeZOTrainer cannot resume {path}: it was recorded with other settings: "
+                                  + "; ".join(f"{k} {_shown(a)} in the file, {_shown(b)} now" for k, a, b in diffs[:4]))
+        if at not in traj.checkpoints:
+            saved = ", ".join(map(str, sorted(traj.checkpoints))) or "none"
+            raise MezoReplayError(f"MeZOTrainer cannot resume {path} at step {at}: it records no Trainer checkpoint "
+                                  f"there (its checkpoints: {saved}): the checkpoint was saved with another trajectory=")
+        if traj.checkpoints[at] != checkpoint_fingerprint(names, fps):
+            raise MezoReplayError(f"MeZOTrainer cannot resume {path} at step {at}: the checkpoint's weights are not "
+                                  f"those the trajectory recorded at that step")
+        cut = _end_of_checkpoint(path, at, traj.valid_bytes)
+        _check_prefix(path, cut, at)
+        if cut < traj.file_bytes:
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+                os.fsync(f.fileno())
+        writer = TrajectoryWriter.open_append(path, lock=lock)
+    except BaseException:
+        lock.release()
+        raise
+    return writer
+
+
+def _end_of_checkpoint(path: Path, step: int, end: int) -> int:
+    """The byte offset just after the first `ckpt` chunk of `step` (format.md's chunk layout)."""
+    with open(path, "rb") as f:
+        data = f.read(end)
+    offset, dctx = PREAMBLE.size, zstandard.ZstdDecompressor()
+    while offset + CHUNK_HEAD.size <= len(data):
+        length, ctype, _ = CHUNK_HEAD.unpack_from(data, offset)
+        after = offset + CHUNK_HEAD.size + length
+        if ctype == b"ckpt" and CKPT.unpack(dctx.decompress(data[offset + CHUNK_HEAD.size:after]))[0] == step:
+            return after
+        offset = after
+    raise MezoReplayError(f"MeZOTrainer cannot resume {path}: no checkpoint chunk for step {step}")
+
+
+def _check_prefix(path: Path, cut: int, at: int) -> None:
+    """Before cutting: the file up to `cut` must be a trajectory of exactly `at` steps (a checkpoint record
+    written after later steps cannot be resumed from without losing them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        head = Path(tmp) / "head.mzt"
+        with open(path, "rb") as f:
+            head.write_bytes(f.read(cut))
+        steps = read_trajectory(head).steps
+    if steps != at:
+        raise MezoReplayError(f"MeZOTrainer cannot resume {path} at step {at}: its checkpoint record for that step "
+                              f"follows {steps} steps")
+
+
+def _as_recorded(fresh: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """The header a resumed run would have written at the start: `fresh` describes the checkpoint's
+    weights as the base, so the file's base fingerprints stand in for them (the checkpoint fingerprint
+    check ties the two); `creator` (the writing version) does not change a step."""
+    mine = json.loads(json.dumps(copy.deepcopy(fresh)))
+    mine["creator"] = old.get("creator")
+    if len(mine.get("tensors", [])) == len(old.get("tensors", [])):
+        for t, o in zip(mine["tensors"], old["tensors"]):
+            t["sha256"] = o.get("sha256")
+    mine.setdefault("base", {})["fingerprint"] = (old.get("base") or {}).get("fingerprint")
+    return mine
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(a.keys() | b.keys(), key=str) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for k, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{prefix}{k}.")]
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
+
+
+def _shown(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else json.dumps(value)
+
+
+def _lost_contact(e: BaseException) -> bool:
+    """Whether an error is a failed collective (a rank died or stopped answering): torch raises those as
+    RuntimeError (DistError, or gloo's plain 'Connection reset by peer'), from our collectives, DDP's
+    buffer broadcast in a forward, or Trainer's own gathers."""
+    if isinstance(e, PeerLost):
+        return True
+    if not isinstance(e, RuntimeError):
+        return False
+    dist_error = getattr(torch.distributed, "DistError", None)
+    return (dist_error is not None and isinstance(e, dist_error)) or bool(re.search(
+        r"Connection (reset|closed|refused)|Broken pipe|[Tt]imed out", str(e)))
 
 
 def _is_peft(model: Any) -> bool:
