@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, Trainin
 
 import mezo_replay  # noqa: E402
 from mezo_replay import MeZOTrainer, MezoReplayError, Schedule, plan, read_trajectory, reconstruct  # noqa: E402
-from mezo_replay.arithmetic.rule import MezoSGD  # noqa: E402
+from mezo_replay.arithmetic.rule import MezoSGD, decode_grad  # noqa: E402
 from mezo_replay.training.optimizer import NonFiniteLossError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +101,19 @@ def test_trainer_run_rebuilds_byte_for_byte_with_the_cli(base: Path, tmp_path: P
 
     reconstruct(plan(base, traj_path, step=2), tmp_path / "at2")
     assert_weights(tmp_path / "run" / "checkpoint-2", tmp_path / "at2")
+
+
+def test_a_trainer_run_with_a_grad_codec_rebuilds_with_the_cli(base: Path, tmp_path: Path) -> None:
+    """mezo_grad_codec reaches the rule: the file records sign steps of +-2^-3 and the CLI rebuilds the bytes."""
+    trainer = make(base, tmp_path / "run", seed=3, extra={"mezo_eps": 1e-2, "mezo_grad_codec": "sign",
+                                                         "mezo_grad_scale": 0.125})
+    trainer.train()
+    traj = read_trajectory(tmp_path / "run" / "trajectory.mzt")
+    assert (traj.header["rule"]["grad_encoding"], traj.header["rule"]["grad_scale"]) == ("sign", 0.125)
+    assert {abs(decode_grad(b)) for b in traj.grad_bits} <= {0.0, 0.125} and traj.steps == 4
+    done = run_cli("reconstruct", str(base), str(tmp_path / "run" / "trajectory.mzt"), "-o", str(tmp_path / "rebuilt"))
+    assert done.returncode == 0, done.stderr
+    assert_weights(trainer.model, tmp_path / "rebuilt")
 
 
 def test_the_schedule_maps_exactly_or_comes_from_mezo_schedule(base: Path, tmp_path: Path) -> None:

@@ -78,7 +78,8 @@ class MeZOTrainer(Trainer):
 
     The rule's settings come from TrainingArguments: learning_rate, seed, weight_decay (MeZO's no-decay
     rule: biases, norms and 1-d tensors), lr_scheduler_type linear/cosine/constant without warmup over
-    max_steps (or `mezo_schedule`, which replaces them). `trajectory` defaults to <output_dir>/trajectory.mzt;
+    max_steps (or `mezo_schedule`, which replaces them). `mezo_grad_codec`/`mezo_grad_scale` choose how each
+    step's gradient is recorded (MeZO's grad_codec/grad_scale: "bf16", "fp8", "sign"). `trajectory` defaults to <output_dir>/trajectory.mzt;
     `base_source` (what `reconstruct` will need as its base) defaults to the model's name_or_path.
     Each step runs with the model in eval mode, as the MeZO reference trainer does: dropout would make
     the two forwards of a step measure different functions."""
@@ -86,9 +87,11 @@ class MeZOTrainer(Trainer):
     def __init__(self, *args: Any, mezo_eps: float = MEZO_DEFAULTS["eps"], trajectory: str | os.PathLike[str] | None = None,
                  mezo_noise: str = "gaussian16", mezo_schedule: Schedule | None = None, record_losses: bool = True,
                  overwrite_trajectory: bool = False, base_source: str | None = None,
-                 on_nonfinite: Literal["raise", "skip"] = "raise", **kwargs: Any) -> None:
+                 on_nonfinite: Literal["raise", "skip"] = "raise", mezo_grad_codec: str = "bf16",
+                 mezo_grad_scale: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mezo_eps, self.mezo_noise, self.mezo_schedule = mezo_eps, mezo_noise, mezo_schedule
+        self.mezo_grad_codec, self.mezo_grad_scale = mezo_grad_codec, mezo_grad_scale
         self.record_losses, self.overwrite_trajectory = record_losses, overwrite_trajectory
         self.on_nonfinite = on_nonfinite
         self.trajectory_path = Path(trajectory) if trajectory is not None else \
@@ -198,7 +201,7 @@ class MeZOTrainer(Trainer):
         schedule = getattr(self, "_schedule", None) or self.mezo_schedule
         opt = MeZO(inner.named_parameters(), lr=self.args.learning_rate, eps=self.mezo_eps, seed=self.args.seed,
                    noise=self.mezo_noise, schedule=schedule, weight_decay=self.args.weight_decay,
-                   on_nonfinite=self.on_nonfinite)
+                   on_nonfinite=self.on_nonfinite, grad_codec=self.mezo_grad_codec, grad_scale=self.mezo_grad_scale)
         source, revision = self.base_source, None
         if source is None:
             config = getattr(inner, "config", None)
