@@ -171,7 +171,7 @@ def test_refusals_under_torchrun_are_one_line(tmp_path):
     assert [p.returncode for p in procs] == [1, 1]
     assert outs[1][1] == ""
     assert outs[0][1].strip().splitlines() == [
-        "Error: rank 1 was started differently from rank 0: --shard on on rank 0, (not set) on rank 1: every "
+        "Error: rank 1 was started differently from rank 0: --shard on rank 0, no --shard on rank 1: every "
         "process must run the same command on the same model and data"]
     assert not (tmp_path / "run.mzt").exists()
 

@@ -136,6 +136,8 @@ def shard_model(model: torch.nn.Module, device: str, offload: bool = False) -> t
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     kind = torch.device(device).type
+    if kind == "cpu" or offload:
+        _return_freed_memory()
     mesh = init_device_mesh(kind, (dist.get_world_size(),))
     options: dict = {"mesh": mesh, "reshard_after_forward": True}
     if offload:
@@ -151,3 +153,24 @@ def shard_model(model: torch.nn.Module, device: str, offload: bool = False) -> t
         except ValueError as e:
             raise MezoReplayError(f"--shard: {name}: {e}") from None
     return model
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _return_freed_memory() -> None:
+    """Makes glibc serve blocks of 1 MiB and more from their own mappings, returned to the system when freed.
+
+    Why: FSDP2 gathers a layer, runs it and frees it, layer after layer. glibc's default raises its mmap
+    threshold to the size of each large block freed, so the next gathers come from the heap, which it keeps:
+    on a 94M-parameter Llama over 2 CPU ranks the heap held 270 MiB more after one forward (1.5x the rank's
+    shard), and a rank's memory no longer fell as 1/N. A fixed threshold keeps it at the shard plus what is
+    in use. Not glibc (or no libc found): nothing to do."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass

@@ -121,9 +121,13 @@ class TrainResult:
 
 
 def load_model(path: Path, dtype: str, device: str, labels: Sequence[str] | None = None,
-               seed: int = 0) -> tuple[Any, Any, bool]:
+               seed: int = 0, mapped: bool = False) -> tuple[Any, Any, bool]:
     """(model, tokenizer, masked): a causal LM, a masked LM when the folder's config says so, or, with
-    `labels`, a sequence classifier whose new head is initialised from `seed`."""
+    `labels`, a sequence classifier whose new head is initialised from `seed`.
+
+    mapped (CPU, for --shard): the parameters stay memory-mapped from the safetensors file where
+    from_pretrained left them so (not when it had to cast them), so that sharding then reads only this
+    rank's rows of each tensor: the process never holds the whole model in its own memory."""
     import transformers as tf
 
     if not path.is_dir():
@@ -143,18 +147,19 @@ def load_model(path: Path, dtype: str, device: str, labels: Sequence[str] | None
         model = auto.from_pretrained(path, dtype=DTYPES[dtype])
     model = model.to(device).eval()
     if torch.device(device).type == "cpu":
-        in_memory_(model)
+        in_memory_(model, buffers_only=mapped)
     return model, tokenizer, masked
 
 
 @torch.no_grad()
-def in_memory_(model: Any) -> None:
+def in_memory_(model: Any, buffers_only: bool = False) -> None:
     """Copies every parameter and buffer into ordinary memory. from_pretrained leaves CPU weights
     memory-mapped from the safetensors file, so the first forward passes page the checkpoint in from
     disk, tensor by tensor (9x slower than later ones on SmolLM2-135M from a cold disk, issue 14):
     that cost would land inside the first training steps and the first evaluation. Copying pays it
-    here, as one sequential read. `p.data = ...` keeps tied weights tied (they share one Parameter)."""
-    for p in model.parameters():
+    here, as one sequential read. `p.data = ...` keeps tied weights tied (they share one Parameter).
+    buffers_only: the parameters stay mapped (load_model's `mapped`)."""
+    for p in () if buffers_only else model.parameters():
         p.data = p.data.clone()
     for b in model.buffers():
         b.data = b.data.clone()
@@ -618,7 +623,7 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
             if not all(key in ex for ex in cfg.train_examples):
                 raise DataError(f"classify-head: some training examples have no {key!r} column")
             labels = sorted({str(ex[key]) for ex in cfg.train_examples})
-        model, tokenizer, masked = load_model(src.path, cfg.dtype, cfg.device, labels, cfg.seed)
+        model, tokenizer, masked = load_model(src.path, cfg.dtype, cfg.device, labels, cfg.seed, mapped=cfg.shard)
         check_template_fits_model(cfg.task_options.get("template"), cfg.task, masked,
                                   [*cfg.train_examples, *cfg.eval_examples], source)
         task: Task = make_task(cfg.task, tokenizer=tokenizer, max_length=cfg.max_length, masked=masked,
@@ -806,10 +811,13 @@ def _check_shard(cfg: TrainConfig, world: World) -> None:
 
 def _agree_layout(world: World, cfg: TrainConfig) -> None:
     """Refuses, on every rank alike, unless every rank was started with rank 0's --shard and --offload."""
-    mine = {"--shard": "on" if cfg.shard else None, "--offload": cfg.offload}
+    mine: dict[str, Any] = {"--shard": cfg.shard, "--offload": cfg.offload}
     ranks = gather_object(mine, world)
+
+    def shown(option: str, value: Any) -> str:
+        return f"no {option}" if value in (None, False) else option if value is True else f"{option} {value}"
     for rank, other in enumerate(ranks[1:], 1):
-        if diffs := [f"{k} {_shown(ranks[0][k])} on rank 0, {_shown(other[k])} on rank {rank}"
+        if diffs := [f"{shown(k, ranks[0][k])} on rank 0, {shown(k, other[k])} on rank {rank}"
                      for k in mine if other[k] != ranks[0][k]]:
             raise everywhere(MezoReplayError(
                 f"rank {rank} was started differently from rank 0: {'; '.join(diffs)}: every process must run "
