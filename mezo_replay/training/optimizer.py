@@ -363,13 +363,14 @@ class MeZO:
                **header_args: Any) -> TrajectoryWriter:
         """Starts writing every step to a new `.mzt` file; see `header` for the arguments."""
         header = self.header(**header_args)  # settles: the INIT chunks below read the weights
+        for k, entry in enumerate(header["tensors"]):  # before the file exists
+            if entry.get("init") is True and shards.is_dtensor(self.params[k]):
+                raise MezoReplayError(f"{entry['name']}: a new tensor is stored whole in the trajectory, and "
+                                      f"this rank holds only its shard (FSDP2)")
         self.writer = TrajectoryWriter(path, header, overwrite=overwrite, steps_per_chunk=steps_per_chunk)
         self.writer_records_losses = bool(header["records"]["losses"])
         for k, entry in enumerate(header["tensors"]):
             if entry.get("init") is True:
-                if shards.is_dtensor(self.params[k]):
-                    raise MezoReplayError(f"{entry['name']}: a new tensor is stored whole in the trajectory, "
-                                          f"and this rank holds only its shard (FSDP2)")
                 t = self.params[k].detach().cpu().contiguous().reshape(-1)
                 self.writer.write_init(k, t.view(torch.uint8).numpy().tobytes())
         return self.writer
