@@ -201,3 +201,14 @@ def test_a_killed_rank_stops_a_sharded_run_with_the_resume_line(tmp_path):
     cut = read_trajectory(tmp_path / "run.mzt")
     assert cut.steps >= 2 and cut.final_fingerprint is None
 
+
+
+@pytest.mark.slow
+def test_bench_distributed_shard_smoke(tmp_path):
+    bench = Path(__file__).resolve().parent.parent / "tools" / "bench_distributed.py"
+    r = subprocess.run([sys.executable, str(bench), "--shard", "--worlds", "1,2", "--steps", "3", "--warmup", "0",
+                        "--json"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [(row["world_size"], row["parallel"]) for row in rows] == [(1, "none"), (2, "shard")]
+    assert rows[1]["held_mib"][0] < rows[0]["held_mib"][0] and len(rows[1]["now_mib"]) == 2
