@@ -239,6 +239,11 @@ def _two_defaults(key: str) -> str:
 @click.option("--flush-every", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
               help="Steps per checksummed chunk: a hard crash loses at most this many steps.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--shard", is_flag=True,
+              help="Under torchrun: shard the model over the processes (FSDP2), for a model that does not fit one "
+                   "device. The trajectory is the same as data parallel's and rebuilds in one process.")
+@click.option("--offload", type=click.Choice(["cpu"]), show_default="none",
+              help="With --shard: keep the shards in CPU memory (FSDP2's CPU offload), gathered per layer.")
 @click.option("--no-record-losses", "record_losses", is_flag=True, flag_value=False, default=True,
               help="Leave the per-step losses out of the trajectory (about 3 bytes a step, more than the step "
                    "records): the rebuild does not need them, but `info` then shows no loss curve. A resumed run "
@@ -256,8 +261,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
           peft_kind: str | None, lora_r: int, lora_alpha: int, lora_dropout: float, lora_targets: str | None,
           num_virtual_tokens: int, batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
           eval_every: int | None, eval_batch_size: int, record_losses: bool, checkpoint_every: int,
-          allow_new_tensors: bool, flush_every: int, device: str, log_path: str | None, overwrite: bool,
-          quiet: bool) -> None:
+          allow_new_tensors: bool, flush_every: int, device: str, shard: bool, offload: str | None,
+          log_path: str | None, overwrite: bool, quiet: bool) -> None:
     """Fine-tune a Hugging Face model with MeZO and record the trajectory.
 
     The model is a causal LM (prompt-completion, label-words, lm), a masked LM (label-words with a
@@ -275,10 +280,12 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
       mezo-replay train --resume traj.mzt --steps 20000      # after a crash or Ctrl-C
       mezo-replay train --model ./opt --data train.jsonl --peft lora --lora-r 8 --lr 1e-4 -o run.mzt
       torchrun --nproc-per-node 4 -m mezo_replay train --model ./opt --data train.jsonl   # data parallel
+      torchrun --nproc-per-node 4 -m mezo_replay train --shard --model ./big --data train.jsonl   # FSDP2
 
     \b
     Under torchrun every process loads the model and takes its share of each batch; process 0 writes the
-    trajectory (an ordinary one: it rebuilds in one process) and draws the progress bar.
+    trajectory (an ordinary one: it rebuilds in one process) and draws the progress bar. With --shard
+    each process holds only its shard of every parameter (FSDP2) and the file is the same.
     """
     from . import embedded
     from .training.data import load_splits
@@ -315,7 +322,7 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
             eval_every=d["eval_every"] if eval_every is None else eval_every, eval_batch_size=eval_batch_size,
             record_losses=record_losses, flush_every=flush_every,
             resume=resume is not None, overwrite=overwrite, device=_device(device),
-            checkpoint_every=checkpoint_every, allow_new_tensors=allow_new_tensors,
+            checkpoint_every=checkpoint_every, allow_new_tensors=allow_new_tensors, shard=shard, offload=offload,
             peft=None if peft_kind is None else PeftOptions(
                 peft_kind, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, num_virtual_tokens=num_virtual_tokens,
                 targets=None if lora_targets is None else tuple(t.strip() for t in lora_targets.split(","))))

@@ -1,4 +1,4 @@
-"""Data-parallel `mezo-replay train` against the number of processes: step time and peak memory per rank.
+"""Data-parallel or sharded `mezo-replay train` against the number of processes: step time and memory per rank.
 
 For each world size, torchrun starts that many processes (gloo on the CPU, nccl with --device cuda), each
 running the real `train()` (mezo_replay.training.train) on the embedded sentiment task with the same global
@@ -8,9 +8,16 @@ time on rank 0 after --warmup steps, the speedup over the first world size, and 
 (resident set on the CPU, torch.cuda.max_memory_allocated on a GPU): data parallelism replicates the model,
 so it stays about one model per rank.
 
+With --shard (FSDP2, `train --shard`) each rank holds 1/N of every parameter and gathers one layer at a time
+for the forwards: the table adds each rank's resident memory after the last step (`now`: the peak still
+holds the whole model every rank loads before sharding it), the parameter bytes the rank holds, and the
+largest unit FSDP2 gathers (a decoder layer, or the root's embeddings and norm), so that memory can be read
+against model/N + largest unit. World size 1 is then the one-process run (--shard needs two or more).
+
     python tools/bench_distributed.py                                  # embedded tiny Llama, worlds 1,2,4
     python tools/bench_distributed.py --shape llama-20m --batch 16 --steps 12 --worlds 1,2
     python tools/bench_distributed.py --device cuda --worlds 1,2,4,8 --shape llama-70m   # GPUs, nccl
+    python tools/bench_distributed.py --shard --shape llama-20m --worlds 1,2,4         # sharded (FSDP2)
 
 Each rank uses one CPU thread (torchrun's OMP_NUM_THREADS=1), so on a machine with C cores the speedup
 cannot pass C. Nothing is compared byte for byte here (tests/test_distributed_train.py does that): the
@@ -36,24 +43,35 @@ SHAPES = {  # hidden, layers, heads, ffn (the embedded tokenizer's vocabulary, r
 }
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, os, resource, sys, time, torch
 from pathlib import Path
 from mezo_replay import embedded
 from mezo_replay.training.train import TrainConfig, train
 a = json.loads(sys.argv[1])
 train_examples, _ = embedded.load_task()
 marks = []
+shard = a["shard"] and int(os.environ.get("WORLD_SIZE", "1")) > 1
 cfg = TrainConfig(model=a["model"], train_examples=train_examples, eval_examples=[], out=Path(a["dir"]) / "run.mzt",
                   steps=a["steps"], lr=a["lr"], batch_size=a["batch"], device=a["device"], overwrite=True,
-                  eval_every=0, flush_every=a["steps"])
+                  eval_every=0, flush_every=a["steps"], shard=shard, offload=a["offload"] if shard else None)
 result = train(cfg, on_step=lambda r: marks.append(time.perf_counter()))
 rank = result.world.rank
-peak = (torch.cuda.max_memory_allocated() if a["device"].startswith("cuda")
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-model_bytes = sum(p.numel() * p.element_size() for p in result.model.parameters())
+cuda = a["device"].startswith("cuda")
+peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+now = torch.cuda.memory_allocated() if cuda else \
+    int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+params = list(result.model.parameters())
+model_bytes = sum(p.numel() * p.element_size() for p in params)
+local = lambda p: p.to_local() if hasattr(p, "to_local") else p
+held_bytes = sum(local(p).numel() * p.element_size() for p in params)
+blocks = set(getattr(result.model, "_no_split_modules", None) or ())
+units = [m for m in result.model.modules() if blocks & {c.__name__ for c in type(m).__mro__}]  # FSDP subclasses
+in_units = {id(p) for m in units for p in m.parameters()}
+sizes = [sum(p.numel() * p.element_size() for p in m.parameters()) for m in units]
+sizes.append(sum(p.numel() * p.element_size() for p in params if id(p) not in in_units))  # the root's own
 with open(Path(a["dir"]) / f"rank{rank}.json", "w") as f:
-    json.dump({"rank": rank, "world_size": result.world.size, "peak": peak, "marks": marks,
-               "model_bytes": model_bytes}, f)
+    json.dump({"rank": rank, "world_size": result.world.size, "peak": peak, "now": now, "marks": marks,
+               "model_bytes": model_bytes, "held_bytes": held_bytes, "unit_bytes": max(sizes), "shard": shard}, f)
 """
 
 
@@ -83,7 +101,7 @@ def run_world(n: int, args: argparse.Namespace, model: str, work: Path) -> dict:
     folder = work / f"world{n}"
     folder.mkdir()
     spec = {"model": model, "steps": args.steps, "lr": args.lr, "batch": args.batch, "device": args.device,
-            "dir": str(folder)}
+            "dir": str(folder), "shard": args.shard, "offload": args.offload}
     (work / "child.py").write_text(CHILD)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -99,7 +117,9 @@ def run_world(n: int, args: argparse.Namespace, model: str, work: Path) -> dict:
         raise SystemExit("Error: --steps must exceed --warmup + 1 (step times are gaps between steps)")
     return {"world_size": n, "step_s": statistics.median(gaps), "spread_s": [min(gaps), max(gaps)],
             "peak_mib": [r["peak"] / 2**20 for r in ranks], "model_mib": ranks[0]["model_bytes"] / 2**20,
-            "wall_s": time.perf_counter() - started}
+            "now_mib": [r["now"] / 2**20 for r in ranks], "held_mib": [r["held_bytes"] / 2**20 for r in ranks],
+            "unit_mib": ranks[0]["unit_bytes"] / 2**20, "parallel": "shard" if ranks[0]["shard"] else
+            ("data" if n > 1 else "none"), "wall_s": time.perf_counter() - started}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,8 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2, help="step gaps left out of the median (default 2)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per process)")
+    ap.add_argument("--shard", action="store_true", help="train --shard (FSDP2) at world sizes above 1")
+    ap.add_argument("--offload", choices=["cpu"], help="with --shard: FSDP2's CPU offload")
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON line after the table")
     args = ap.parse_args(argv)
+    if args.offload and not args.shard:
+        raise SystemExit("Error: --offload cpu needs --shard")
     worlds = [int(w) for w in args.worlds.split(",")]
     if min(worlds) < 1 or args.batch < max(worlds) or args.warmup < 0:
         raise SystemExit("Error: world sizes must be at least 1 and at most --batch, --warmup at least 0")
@@ -125,15 +149,21 @@ def main(argv: list[str] | None = None) -> None:
             str(make_model(args.shape, work / "model"))
         rows = [run_world(n, args, model, work) for n in worlds]
     cores = os.cpu_count()
-    print(f"data-parallel train, {args.shape}, global batch {args.batch}; {time.strftime('%Y-%m-%d')}; device "
+    mode = "sharded (FSDP2" + (", CPU offload)" if args.offload else ")") if args.shard else "data-parallel"
+    print(f"{mode} train, {args.shape}, global batch {args.batch}; {time.strftime('%Y-%m-%d')}; device "
           f"{args.device} ({cores} CPU cores), torch {torch.__version__}; median of {args.steps - 1 - args.warmup} "
           f"step gaps on rank 0 after {args.warmup}")
-    print(f"{'world':>5} {'step ms':>9} {'spread ms':>15} {'speedup':>8} {'peak MiB per rank':>30} {'model MiB':>10}")
+    print(f"{'world':>5} {'step ms':>9} {'spread ms':>15} {'speedup':>8} {'peak MiB per rank':>30} {'model MiB':>10}"
+          + (f" {'now MiB per rank':>30} {'held MiB':>9} {'unit MiB':>9}" if args.shard else ""))
     for row in rows:
         lo, hi = row["spread_s"]
         peaks = ", ".join(f"{p:.0f}" for p in row["peak_mib"])
-        print(f"{row['world_size']:>5} {1e3 * row['step_s']:>9.1f} {f'{1e3 * lo:.1f}-{1e3 * hi:.1f}':>15} "
-              f"{rows[0]['step_s'] / row['step_s']:>7.2f}x {peaks:>30} {row['model_mib']:>10.1f}")
+        line = (f"{row['world_size']:>5} {1e3 * row['step_s']:>9.1f} {f'{1e3 * lo:.1f}-{1e3 * hi:.1f}':>15} "
+                f"{rows[0]['step_s'] / row['step_s']:>7.2f}x {peaks:>30} {row['model_mib']:>10.1f}")
+        if args.shard:
+            line += (f" {', '.join(f'{p:.0f}' for p in row['now_mib']):>30} {max(row['held_mib']):>9.1f} "
+                     f"{row['unit_mib']:>9.1f}")
+        print(line)
     if args.json:
         print(json.dumps(rows))
 

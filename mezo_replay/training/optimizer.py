@@ -13,6 +13,11 @@ weights settles first, and so must a caller that reads them between such steps.
 
 Named parameters are required because a trajectory addresses tensors by name (spec/selection.md).
 The optimizer owns the in-place arithmetic of spec/rule.md, so training and replay share it.
+
+Parameters may be FSDP2's (DTensors sharded on dim 0, `fully_shard`): each rank then passes over its local
+shards only, with the global element index of each shard's first element (shards.local_shard_offset), and
+gets exactly the bytes one device would; fingerprints stream the shards to one rank (shards.fingerprints),
+so every rank must call what computes them (construction, `fingerprints`, `close`) together.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from ..format.mzt import TrajectoryWriter
 from ..arithmetic.device_grad import device_coefficient
 from ..arithmetic.rule import MezoSGD, Schedule
 from ..kernels.steps import perturb_all_, restore_update_all_, update_perturb_all_
+from . import shards
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -135,6 +141,7 @@ class MeZO:
             raise ValueError("no trainable floating-point parameters to tune")
         self.names = sorted(chosen, key=lambda n: n.encode("utf-8"))
         self.params = [chosen[n] for n in self.names]
+        self.sharded = any(shards.is_dtensor(p) for p in self.params)  # FSDP2: passes over local shards
         self.rule = MezoSGD.create(lr=lr, eps=eps, seed=seed, noise=noise, schedule=schedule,
                                    weight_decay=weight_decay, grad_encoding=grad_codec, grad_scale=grad_scale)
         exempt = no_decay or default_no_decay
@@ -147,9 +154,19 @@ class MeZO:
         # (step, c, d, go) of an update not yet applied; c and go are device tensors after a queued step
         self._pending: tuple[int, float | torch.Tensor, float, torch.Tensor | None] | None = None
         self._unread: _Unread | None = None  # the record of a queued step, on its way to the host
+        self._abandoned = False  # see abandon()
         self._base_fingerprints = self.fingerprints()
 
     # -- the step ---------------------------------------------------------------------------------
+
+    def local_tensors(self) -> tuple[list[torch.Tensor], list[int] | None]:
+        """(tensors, starts): what the element passes run on. Whole tensors and None, or for FSDP2
+        parameters this rank's local shards and their global element starts. Derived on every call: FSDP2
+        may swap a parameter's local storage (at its lazy initialisation, the first forward)."""
+        if not self.sharded:
+            return [p.data for p in self.params], None
+        laid = [shards.local_shard_offset(p) for p in self.params]
+        return [t.detach() for _, t in laid], [s for s, _ in laid]
 
     @property
     def pending(self) -> bool:
@@ -166,7 +183,8 @@ class MeZO:
         if self._pending is not None:
             t, c, d, _ = self._pending
             self._pending = None  # first: a pass that fails half-way must never be applied a second time
-            restore_update_all_([p.data for p in self.params], self.rule, t, c, d, self.decay)
+            tensors, starts = self.local_tensors()
+            restore_update_all_(tensors, self.rule, t, c, d, self.decay, starts=starts)
         if landed is not None and landed[2] is not None:
             raise landed[2]
 
@@ -184,10 +202,10 @@ class MeZO:
         self.flush()  # after queued steps: their last record first (a wait, as this step makes anyway)
         eps = self.rule.eps
         t = self.step_count
-        tensors = [p.data for p in self.params]
-        self._first_pass(tensors, t)
+        tensors, starts = self.local_tensors()
+        self._first_pass(tensors, t, starts)
         plus = _hold(closure())
-        perturb_all_(tensors, self.rule, t, -2.0 * eps)
+        perturb_all_(tensors, self.rule, t, -2.0 * eps, starts=starts)
         minus = _hold(closure())
         loss_plus, loss_minus = _read(plus, minus)  # the step's one host synchronisation
         h = self._host_step(t, loss_plus, loss_minus)
@@ -221,14 +239,15 @@ class MeZO:
             self.writer.append_step(h.bits, h.loss if self.writer_records_losses else None)
         self.last_grad_bits = h.bits
 
-    def _first_pass(self, tensors: list[torch.Tensor], t: int) -> None:
+    def _first_pass(self, tensors: list[torch.Tensor], t: int, starts: list[int] | None = None) -> None:
         """P1 of step t, fused with the pending update of the step before when there is one."""
         if self._pending is not None:
             pt, c, d, go = self._pending
             self._pending = None  # as in settle(): never applied twice
-            update_perturb_all_(tensors, self.rule, pt, c, d, self.decay, go=go)  # P3 of step pt, P1 of t
+            update_perturb_all_(tensors, self.rule, pt, c, d, self.decay, go=go,
+                                starts=starts)  # P3 of step pt, P1 of t
         else:
-            perturb_all_(tensors, self.rule, t, self.rule.eps)
+            perturb_all_(tensors, self.rule, t, self.rule.eps, starts=starts)
 
     @torch.no_grad()
     def queue_step(self, closure: Closure) -> tuple[int, float] | None:
@@ -245,13 +264,13 @@ class MeZO:
         settle() (and everything that reads the weights) completes the last queued step."""
         eps = self.rule.eps
         t = self.step_count
-        tensors = [p.data for p in self.params]
-        self._first_pass(tensors, t)
+        tensors, starts = self.local_tensors()
+        self._first_pass(tensors, t, starts)
         plus = _hold(closure())
         landed = self._land()  # step t-1's record: its device work finished while this forward was queued
         if landed is not None and landed[2] is not None:
             raise landed[2]  # the first pass skipped step t's P1: the weights are step t-1's, settled
-        perturb_all_(tensors, self.rule, t, -2.0 * eps)
+        perturb_all_(tensors, self.rule, t, -2.0 * eps, starts=starts)
         minus = _hold(closure())
         device = tensors[0].device
         lp, lm = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64, device=device)
@@ -294,8 +313,12 @@ class MeZO:
     # -- trajectory -------------------------------------------------------------------------------
 
     def fingerprints(self) -> list[str]:
-        """SHA-256 of each tuned tensor as a replay would give it (a pending update is applied first)."""
+        """SHA-256 of each tuned tensor as a replay would give it (a pending update is applied first).
+        Sharded (FSDP2): every rank must call it; each gets the whole tensors' fingerprints, no rank holding
+        more than its shards and one slice in transit."""
         self.settle()
+        if self.sharded:
+            return shards.fingerprints(self.params)
         return [tensor_fingerprint(p.detach()) for p in self.params]
 
     def header(self, *, base_source: str | None = None, base_revision: str | None = None,
@@ -345,6 +368,10 @@ class MeZO:
                **header_args: Any) -> TrajectoryWriter:
         """Starts writing every step to a new `.mzt` file; see `header` for the arguments."""
         header = self.header(**header_args)  # settles: the INIT chunks below read the weights
+        for k, entry in enumerate(header["tensors"]):  # before the file exists
+            if entry.get("init") is True and shards.is_dtensor(self.params[k]):
+                raise MezoReplayError(f"{entry['name']}: a new tensor is stored whole in the trajectory, and "
+                                      f"this rank holds only its shard (FSDP2)")
         self.writer = TrajectoryWriter(path, header, overwrite=overwrite, steps_per_chunk=steps_per_chunk)
         self.writer_records_losses = bool(header["records"]["losses"])
         for k, entry in enumerate(header["tensors"]):
@@ -370,14 +397,28 @@ class MeZO:
             self.settle()
         except NonFiniteLossError as e:
             error = e
-        for p in self.params:
-            canonicalize_nan_(p.data)
-        if self.writer is not None:
+        for t in self.local_tensors()[0]:
+            canonicalize_nan_(t)
+        if self.sharded and not self._abandoned:  # a collective: ranks without the file join it too
+            fps = self.fingerprints()
+            if self.writer is not None:
+                self.writer.write_fingerprint(fps)
+        elif self.writer is not None:
             self.writer.write_fingerprint(self.fingerprints())
+        if self.writer is not None:
             self.writer.close()
             self.writer = None
         if error is not None:
             raise error
+
+    def abandon(self) -> None:
+        """Closes the trajectory without a final fingerprint (the steps recorded stay valid): after a second
+        Ctrl-C or a lost rank, when the weights may be half-stepped and, sharded, the other ranks may never
+        join the fingerprint's collectives. A later close() writes nothing."""
+        self._abandoned = True
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            writer.close()
 
     def __enter__(self) -> MeZO:
         return self

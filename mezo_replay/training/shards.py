@@ -15,6 +15,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from ..errors import MezoReplayError
 from ..format.fingerprint import ShardedFingerprint, tensor_fingerprint
 
 _MESSAGE_BYTES = 4 << 20  # one send of a shard's bytes: bounded memory on rank 0 whatever the tensor size
@@ -99,3 +100,77 @@ def sharded_fingerprint(param: torch.Tensor) -> str | None:
             dist.recv(buffer, src=dist.get_global_rank(group, source), group=group)
             fp.update(buffer.cpu().numpy())
     return fp.hexdigest()
+
+
+def is_dtensor(param: torch.Tensor) -> bool:
+    """Whether `param` is a DTensor (an FSDP2 parameter, sharded or replicated)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
+def fingerprints(params: list[torch.Tensor]) -> list[str]:
+    """tensor_fingerprint of each whole parameter, on every rank: sharded_fingerprint streams the shards to
+    mesh coordinate 0, which then broadcasts the list (a few hundred bytes), so every rank can write or
+    compare a header while no rank ever held more than its shards. Every rank must call it (collectives)."""
+    found = [sharded_fingerprint(p) for p in params]
+    meshes = [p.device_mesh for p in params if is_dtensor(p)]
+    if not meshes or not dist.is_initialized():
+        return [fp for fp in found if fp is not None]
+    group = meshes[0].get_group()
+    box = [found if meshes[0].get_local_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    out = box[0]
+    assert out is not None and all(isinstance(fp, str) for fp in out)
+    return out
+
+
+def shard_model(model: torch.nn.Module, device: str, offload: bool = False) -> torch.nn.Module:
+    """FSDP2 over every process of the default group: fully_shard on each block the model names as not to
+    be split (`_no_split_modules`: a decoder layer), then on the root, which takes the rest (embeddings,
+    tied head, final norm; a tied weight stays one parameter). Parameters are resharded after every forward,
+    the root's too (FSDP2 keeps the root's gathered by default, for a backward MeZO never runs): between
+    forwards every parameter is its shard, and the passes over the shards are what the next forward sees.
+    offload: FSDP2's CPUOffloadPolicy, shards kept in host memory and gathered onto the device per layer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    kind = torch.device(device).type
+    if kind == "cpu" or offload:
+        _return_freed_memory()
+    mesh = init_device_mesh(kind, (dist.get_world_size(),))
+    options: dict = {"mesh": mesh, "reshard_after_forward": True}
+    if offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=kind == "cuda")
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if module is not model and type(module).__name__ in blocks:
+            fully_shard(module, **options)
+    fully_shard(model, **options)
+    for name, p in model.named_parameters():
+        try:
+            local_shard_offset(p)  # the layout every pass relies on, checked once here
+        except ValueError as e:
+            raise MezoReplayError(f"--shard: {name}: {e}") from None
+    return model
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _return_freed_memory() -> None:
+    """Makes glibc serve blocks of 1 MiB and more from their own mappings, returned to the system when freed.
+
+    Why: FSDP2 gathers a layer, runs it and frees it, layer after layer. glibc's default raises its mmap
+    threshold to the size of each large block freed, so the next gathers come from the heap, which it keeps:
+    on a 94M-parameter Llama over 2 CPU ranks the heap held 270 MiB more after one forward (1.5x the rank's
+    shard), and a rank's memory no longer fell as 1/N. A fixed threshold keeps it at the shard plus what is
+    in use. Not glibc (or no libc found): nothing to do."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass

@@ -14,6 +14,11 @@ on the same bytes as a run that was never interrupted.
 With `peft` (peft_tuning.py) the tuned tensors are a peft adapter's (LoRA, prefix), starting from values the
 seed regenerates: the base weights never change, no base copy is made, and the trajectory rebuilds into an
 adapter without the base; a resume replays onto the regenerated start instead of the base.
+
+With `shard` (under torchrun) the model is FSDP2's (shards.shard_model): every rank still takes its share of
+each batch as in data parallel, but holds only its dim-0 shard of each parameter, and MeZO's passes run over
+those shards at their global element offsets, so the trajectory is the same ordinary file a data-parallel
+run writes (`parallel` `shard` instead of `data`) and rebuilds on one device to the gathered weights.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -45,6 +50,7 @@ from ..hub.fetch import resolve_model
 from ..format.mzt import TrajectoryWriter, read_trajectory
 from .optimizer import MeZO
 from .peft_tuning import PeftOptions, PeftSetup, same_dropout, wrap
+from .shards import shard_model
 from ..arithmetic.rule import Schedule
 from ..format.safetensors_io import BaseCheckpoint
 from ..kernels.steps import replay_tensor_, step_constants
@@ -89,6 +95,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # also record a checkpoint fingerprint every N steps (besides each evaluation)
     allow_new_tensors: bool = False  # store new tensors beyond a small head (e.g. a base of another layout)
     peft: PeftOptions | None = None  # tune a peft adapter (LoRA, prefix) instead of the model's own weights
+    shard: bool = False  # under torchrun: FSDP2, each rank holding a shard of every parameter (shards.py)
+    offload: str | None = None  # with shard: "cpu", FSDP2's CPUOffloadPolicy
 
 
 @dataclass
@@ -115,9 +123,13 @@ class TrainResult:
 
 
 def load_model(path: Path, dtype: str, device: str, labels: Sequence[str] | None = None,
-               seed: int = 0) -> tuple[Any, Any, bool]:
+               seed: int = 0, mapped: bool = False) -> tuple[Any, Any, bool]:
     """(model, tokenizer, masked): a causal LM, a masked LM when the folder's config says so, or, with
-    `labels`, a sequence classifier whose new head is initialised from `seed`."""
+    `labels`, a sequence classifier whose new head is initialised from `seed`.
+
+    mapped (CPU, for --shard): the parameters stay memory-mapped from the safetensors file where
+    from_pretrained left them so (not when it had to cast them), so that sharding then reads only this
+    rank's rows of each tensor: the process never holds the whole model in its own memory."""
     import transformers as tf
 
     if not path.is_dir():
@@ -137,18 +149,19 @@ def load_model(path: Path, dtype: str, device: str, labels: Sequence[str] | None
         model = auto.from_pretrained(path, dtype=DTYPES[dtype])
     model = model.to(device).eval()
     if torch.device(device).type == "cpu":
-        in_memory_(model)
+        in_memory_(model, buffers_only=mapped)
     return model, tokenizer, masked
 
 
 @torch.no_grad()
-def in_memory_(model: Any) -> None:
+def in_memory_(model: Any, buffers_only: bool = False) -> None:
     """Copies every parameter and buffer into ordinary memory. from_pretrained leaves CPU weights
     memory-mapped from the safetensors file, so the first forward passes page the checkpoint in from
     disk, tensor by tensor (9x slower than later ones on SmolLM2-135M from a cold disk, issue 14):
     that cost would land inside the first training steps and the first evaluation. Copying pays it
-    here, as one sequential read. `p.data = ...` keeps tied weights tied (they share one Parameter)."""
-    for p in model.parameters():
+    here, as one sequential read. `p.data = ...` keeps tied weights tied (they share one Parameter).
+    buffers_only: the parameters stay mapped (load_model's `mapped`)."""
+    for p in () if buffers_only else model.parameters():
         p.data = p.data.clone()
     for b in model.buffers():
         b.data = b.data.clone()
@@ -428,8 +441,9 @@ def _check_resumable(traj: Any, path: Path, fresh: Mapping[str, Any]) -> None:
 def _replay_recorded(opt: MeZO, grad_bits: Any) -> None:
     """Applies recorded steps to the optimizer's (base) weights, as reconstruct would."""
     constants = step_constants(opt.rule, grad_bits)
-    for k, p in enumerate(opt.params):
-        replay_tensor_(p.data, opt.rule, k, constants, decay=opt.decay[k])
+    tensors, starts = opt.local_tensors()
+    for k, t in enumerate(tensors):
+        replay_tensor_(t, opt.rule, k, constants, decay=opt.decay[k], start=starts[k] if starts else 0)
 
 
 def _check_replayed(traj: Any, path: Path, names: Sequence[str], fps: Sequence[str]) -> None:
@@ -474,7 +488,11 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
 def record_checkpoint(opt: MeZO) -> None:
     """Record the checkpoint fingerprint of the weights as they are now (format.md `ckpt`), so that
     `reconstruct --step N` can verify this step. Costs one pass of SHA-256 over the tuned tensors."""
-    if opt.writer is not None and opt.step_count:
+    if opt.sharded and opt.step_count:  # a collective: every rank computes, rank 0 writes
+        fps = opt.fingerprints()
+        if opt.writer is not None:
+            opt.writer.add_checkpoint(opt.step_count, checkpoint_fingerprint(opt.names, fps))
+    elif opt.writer is not None and opt.step_count:
         opt.writer.add_checkpoint(opt.step_count, checkpoint_fingerprint(opt.names, opt.fingerprints()))
 
 
@@ -550,9 +568,7 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
     except (KeyboardInterrupt, PeerLost):
         with suppress(Exception):
             opt.flush()  # the last queued step is complete: its record belongs in the file
-        if opt.writer is not None:
-            opt.writer.close()
-            opt.writer = None
+        opt.abandon()  # no final fingerprint: nor, sharded, its collectives with ranks that may be gone
         raise
     finally:
         opt.close()
@@ -583,6 +599,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepReport], None] | None = None,
 def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None] | None,
            log: IO[str] | None) -> TrainResult:
     with all_or_none(world):  # a refusal on any rank stops every rank here, with one line from rank 0
+        _check_shard(cfg, world)
         if world.distributed and cfg.batch_size < world.size:
             raise MezoReplayError(f"--batch-size {cfg.batch_size} is less than the {world.size} processes: data "
                                   f"parallel training gives each process at least one example of every batch")
@@ -609,7 +626,7 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
             if not all(key in ex for ex in cfg.train_examples):
                 raise DataError(f"classify-head: some training examples have no {key!r} column")
             labels = sorted({str(ex[key]) for ex in cfg.train_examples})
-        model, tokenizer, masked = load_model(src.path, cfg.dtype, cfg.device, labels, cfg.seed)
+        model, tokenizer, masked = load_model(src.path, cfg.dtype, cfg.device, labels, cfg.seed, mapped=cfg.shard)
         check_template_fits_model(cfg.task_options.get("template"), cfg.task, masked,
                                   [*cfg.train_examples, *cfg.eval_examples], source)
         task: Task = make_task(cfg.task, tokenizer=tokenizer, max_length=cfg.max_length, masked=masked,
@@ -639,6 +656,12 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
                               "base_weights": stored.weights_fingerprint()}}
         else:
             select_parameters(model, cfg.tune, cfg.freeze)
+    if world.distributed:  # before the ranks part ways: sharded ranks run collectives the others would not
+        _agree_layout(world, cfg)
+    with all_or_none(world):
+        if cfg.shard:
+            model = shard_model(model, cfg.device, offload=cfg.offload == "cpu")
+        if adapter is None:
             named = ((keys[n], p) for n, p in model.named_parameters())
         opt = MeZO(named, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise, schedule=schedule.validated(),
                    weight_decay=cfg.weight_decay, grad_codec=cfg.grad_codec, grad_scale=cfg.grad_scale)
@@ -649,7 +672,8 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
                                 head={keys[n] for n in head_parameters(model)},
                                 model_elements=sum(p.numel() for p in model.parameters()),
                                 allow_large=cfg.allow_new_tensors)
-        parallel = {"world_size": str(world.size), "parallel": "data"} if world.distributed else {}
+        parallel = {"world_size": str(world.size), "parallel": "shard" if cfg.shard else "data"} \
+            if world.distributed else {}
         meta = {"task": cfg.task, "objective": cfg.objective, "batch_size": str(cfg.batch_size),
                 "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
                 "dtype": cfg.dtype, "train_data_sha256": data_fingerprint(train_set),
@@ -693,7 +717,8 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
         """Every rank evaluates the whole eval set (the replicas are equal, and no rank waits for another
         here); rank 0 records it."""
         opt.settle()  # the model must hold its weights, not a pending step's perturbation
-        metrics = task.evaluate(model, eval_batches)
+        with talking() if cfg.shard else nullcontext():  # sharded forwards gather from every rank
+            metrics = task.evaluate(model, eval_batches)
         if opt.writer is not None:
             opt.writer.add_eval(step, "eval", metrics)
         evals.append((step, metrics))
@@ -710,6 +735,9 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
         batch: Batch = task.make_batch([train_set[i] for i in idx], pad).to(cfg.device)
 
         def loss() -> torch.Tensor:
+            if cfg.shard:  # a lost rank fails the forward's gathers, not only the combine
+                with talking():
+                    return batch_loss(task, model, batch, cfg.objective, world)
             if world.distributed:
                 return batch_loss(task, model, batch, cfg.objective, world)
             return task.objective(model, batch, cfg.objective)
@@ -756,12 +784,47 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
                        f"then: --resume continues it, with any number of processes") from None
     except MezoReplayError as e:  # e.g. a non-finite loss: the losses are the same on every rank, so is this
         raise everywhere(e) if world.distributed else e
-    if world.distributed:  # a guard: the replicas must have stayed equal, and rank 0 wrote its own weights
+    if world.distributed and not cfg.shard:  # a guard: the replicas must have stayed equal, and rank 0 wrote
+        # its own weights (sharded, the final fingerprint is already every rank's shards, streamed to rank 0)
         final = read_trajectory(cfg.out).final_fingerprint if world.main else opt.fingerprints()
         _agree("final weights", final, world)
     if evals and not all(math.isfinite(v) for v in evals[-1][1].values()):
         raise everywhere(MezoReplayError("evaluation is not finite: lower --lr"))
     return TrainResult(cfg.out, base, model, opt, evals, start, interrupted, adapter, world)
+
+
+def _check_shard(cfg: TrainConfig, world: World) -> None:
+    """What --shard and --offload need, refused in one line before anything loads."""
+    if cfg.offload is not None and cfg.offload != "cpu":
+        raise MezoReplayError(f"--offload {cfg.offload}: only cpu is supported (FSDP2's CPU offload)")
+    if cfg.offload is not None and not cfg.shard:
+        raise MezoReplayError("--offload cpu offloads FSDP2's shards: it needs --shard (under torchrun)")
+    if not cfg.shard:
+        return
+    if not world.distributed:
+        raise MezoReplayError("--shard splits the model over several processes: launch with torchrun, e.g. "
+                              "torchrun --nproc-per-node 2 -m mezo_replay train --shard ...")
+    if cfg.peft is not None:
+        raise MezoReplayError(f"--shard with --peft {cfg.peft.kind} is not supported: an adapter is small, so "
+                              f"train it data parallel (without --shard)")
+    if cfg.task == "classify-head":
+        raise MezoReplayError("--shard with --task classify-head is not supported: the new head is stored whole "
+                              "in the trajectory, and no rank holds it whole")
+
+
+def _agree_layout(world: World, cfg: TrainConfig) -> None:
+    """Refuses, on every rank alike, unless every rank was started with rank 0's --shard and --offload."""
+    mine: dict[str, Any] = {"--shard": cfg.shard, "--offload": cfg.offload}
+    ranks = gather_object(mine, world)
+
+    def shown(option: str, value: Any) -> str:
+        return f"no {option}" if value in (None, False) else option if value is True else f"{option} {value}"
+    for rank, other in enumerate(ranks[1:], 1):
+        if diffs := [f"{shown(k, ranks[0][k])} on rank 0, {shown(k, other[k])} on rank {rank}"
+                     for k in mine if other[k] != ranks[0][k]]:
+            raise everywhere(MezoReplayError(
+                f"rank {rank} was started differently from rank 0: {'; '.join(diffs)}: every process must run "
+                f"the same command on the same model and data"))
 
 
 def _agree_run(world: World, header: Mapping[str, Any], run: Mapping[str, Any]) -> None:
