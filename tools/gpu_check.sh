@@ -9,7 +9,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl zstandard==0.25.0
 # Then call the device tool with carry [".whl"], timeout_s 600 and command "bash tools/gpu_check.sh".
-# "bash tools/gpu_check.sh tests", "... bench" or "... profile" runs one part; DRY_RUN=1 prints the plan
+# "bash tools/gpu_check.sh tests", "... bench" or "... profile" runs one part ("... distributed": 2+ GPUs); DRY_RUN=1 prints the plan
 # and exits (non-zero when the stage limits exceed the budget).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -93,6 +93,20 @@ if [[ " $STAGES " == *" bench "* ]]; then
     stage replay-bf16-rad 25 replay_bf16_rad.txt python3 tools/bench_replay.py --device cuda --dtype BF16 --noise rademacher16 --elements $((1 << 26)) --steps 100 --repeats 3
 fi
 
+# Issue 12 on a machine with two or more GPUs, as its own call ("bash tools/gpu_check.sh distributed"; not in
+# the default parts, whose stages fill the budget): data-parallel and sharded (FSDP2) training over nccl, step
+# time and memory per rank against the world size. One GPU cannot run it: nccl takes one GPU per process.
+if [[ " $STAGES " == *" distributed "* ]]; then
+    GPUS=$( [[ -n "${DRY_RUN:-}" ]] && echo 8 || python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+    WORLDS=1; for w in 2 4 8; do ((w <= GPUS)) && WORLDS+=",$w"; done
+    if ((GPUS >= 2)); then
+        stage dp-nccl 240 distributed_dp.txt python3 tools/bench_distributed.py --device cuda --worlds "$WORLDS" --shape llama-70m --batch 32 --steps 12
+        stage shard-nccl 240 distributed_shard.txt python3 tools/bench_distributed.py --device cuda --shard --worlds "$WORLDS" --shape llama-70m --batch 32 --steps 12
+    else
+        SUMMARY+=("$(printf '%-16s skipped: %s GPU (nccl takes one GPU per process)' distributed "$GPUS")")
+    fi
+fi
+
 if [[ -n "${DRY_RUN:-}" ]]; then
     echo "planned: ${PLANNED}s of stage limits within a ${BUDGET}s budget"
     ((PLANNED <= BUDGET)) || { echo "over budget"; exit 1; }
@@ -109,3 +123,6 @@ grep -hE "^(two|mezo-replay|reference|FAIL)" "$OUT/train_step.txt" 2>/dev/null |
 grep -hE "^(profile of|host time|  [a-z_]+ +[0-9.]+ ms|device per step|host gaps|host synchronisations|value reads|Error)" \
     "$OUT/profile.txt" 2>/dev/null | cut -c1-160 | sed 's/^/profile          /'
 grep -hE "^(inference|MeZO)" "$OUT/train_memory.txt" 2>/dev/null | sed 's/^/memory           /'
+for f in "$OUT"/distributed_dp.txt "$OUT"/distributed_shard.txt; do
+    [[ -f $f ]] && tail -n 8 "$f" | sed "s/^/$(basename "$f" .txt | cut -c1-16)  /"
+done
