@@ -124,5 +124,5 @@ grep -hE "^(profile of|host time|  [a-z_]+ +[0-9.]+ ms|device per step|host gaps
     "$OUT/profile.txt" 2>/dev/null | cut -c1-160 | sed 's/^/profile          /'
 grep -hE "^(inference|MeZO)" "$OUT/train_memory.txt" 2>/dev/null | sed 's/^/memory           /'
 for f in "$OUT"/distributed_dp.txt "$OUT"/distributed_shard.txt; do
-    [[ -f $f ]] && tail -n 8 "$f" | sed "s/^/$(basename "$f" .txt | cut -c1-16)  /"
+    if [[ -f $f ]]; then tail -n 8 "$f" | sed "s/^/$(basename "$f" .txt | cut -c1-16)  /"; fi
 done
