@@ -626,7 +626,10 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
             if not all(key in ex for ex in cfg.train_examples):
                 raise DataError(f"classify-head: some training examples have no {key!r} column")
             labels = sorted({str(ex[key]) for ex in cfg.train_examples})
-        model, tokenizer, masked = load_model(src.path, cfg.dtype, cfg.device, labels, cfg.seed, mapped=cfg.shard)
+        # --shard loads onto the CPU, memory-mapped: fully_shard moves each layer to the device as it shards it, so
+        # no device ever holds the whole model (loading onto the GPU first would need it to fit there)
+        model, tokenizer, masked = load_model(src.path, cfg.dtype, "cpu" if cfg.shard else cfg.device, labels,
+                                              cfg.seed, mapped=cfg.shard)
         check_template_fits_model(cfg.task_options.get("template"), cfg.task, masked,
                                   [*cfg.train_examples, *cfg.eval_examples], source)
         task: Task = make_task(cfg.task, tokenizer=tokenizer, max_length=cfg.max_length, masked=masked,
