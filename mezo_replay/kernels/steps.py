@@ -83,6 +83,12 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 StepConstants = tuple[float, float]  # (c, d) of one step: update coefficient and decay factor
+Terms = tuple[tuple[int, float], ...]  # a multi-term P3 (spec/momentum.md): (noise step, coefficient), in order
+StepTerms = tuple[Terms, float]  # (terms, d) of one step of a rule whose P3 has several terms
+
+
+def _has_terms(constants: Sequence[tuple[object, float]]) -> bool:
+    return bool(constants) and isinstance(constants[0][0], tuple)
 
 
 def perturb_(w: torch.Tensor, z: torch.Tensor, scale: float) -> None:
@@ -136,12 +142,23 @@ def _in_place(w: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
         w.copy_(work)
 
 
-def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0) -> list[StepConstants]:
-    """(c, d) for each recorded step, computed once and shared by every tensor of a replay.
+def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0,
+                   earlier: Sequence[int] = ()) -> list[StepConstants] | list[StepTerms]:
+    """(c, d) for each recorded step, computed once and shared by every tensor of a replay; for
+    mezo-momentum (terms, d) instead, where `earlier` holds the records of the steps before first_step
+    (the last window - 1 of them suffice).
 
     Vectorised (mzt.step_coefficients, bit for bit the rule's): a Python loop over the rule costs about
     10 us a step, 0.2 s for a 20,000-step plan, which is a sizeable part of rebuilding a small adapter.
     Steps the rule refuses go through the rule itself, so that its error is the one raised."""
+    if rule.window:
+        history = [int(b) for b in earlier][-(rule.window - 1):] if rule.window > 1 else []
+        out: list[StepTerms] = []
+        for j, b in enumerate(grad_bits):
+            history.append(int(b))
+            out.append((rule.terms(first_step + j, history), rule.decay(first_step + j)))
+            del history[:-rule.window]
+        return out
     bits = np.asarray(grad_bits, dtype=np.int64)
     if bits.size and (bits.min() < 0 or bits.max() > 0xFFFF or invalid_steps(bits.astype(np.uint16), rule,
                                                                               first_step).size):
@@ -167,6 +184,9 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
     """
     if start < 0:
         raise ValueError(f"a shard's start must be a non-negative element index, not {start}")
+    if _has_terms(constants):
+        _apply_terms_(w, rule, index, first_step, mode, constants, decay, slice_size, progress, start)  # type: ignore[arg-type]
+        return
 
     def torch_slice(offset: int, s: torch.Tensor) -> None:
         for j, (c, d) in enumerate(constants):
@@ -213,6 +233,60 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
                 progress(s.numel() * len(constants))
 
     _in_place(w, run)
+
+
+def _apply_terms_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: int,
+                  steps: Sequence[StepTerms], decay: bool, slice_size: int | None,
+                  progress: Callable[[int], None] | None, start: int) -> None:
+    """_apply_ for a multi-term P3 (spec/momentum.md): REPLAY or RESTORE_UPDATE. The compiled kernel on
+    CPU tensors; the torch path elsewhere, CUDA included (Triton has no multi-term kernel yet), drawing
+    the noise of one term at a time so that memory stays at a few z-sized buffers."""
+    if mode not in (cpu_kernel.REPLAY, cpu_kernel.RESTORE_UPDATE):
+        raise ValueError("a multi-term update runs in replay or as a step's restore-update, not fused")
+    steps = steps if decay else [(terms, 0.0) for terms, _ in steps]
+
+    def torch_slice(offset: int, s: torch.Tensor) -> None:
+        for j, (terms, d) in enumerate(steps):
+            t = first_step + j
+            z = noise(rule.noise, rule.seed, t, index, start + offset, s.numel(), s.device)
+            if mode == cpu_kernel.REPLAY:
+                perturb_(s, z, rule.eps)
+                perturb_(s, z, -2.0 * rule.eps)
+            acc = s.to(torch.float32) + z * rule.eps
+            if d:
+                acc = _decay(acc, d)
+            for step, c in terms:
+                zj = z if step == t else noise(rule.noise, rule.seed, step, index, start + offset, s.numel(),
+                                               s.device)
+                acc = acc - zj * c  # exact product, one binary32 rounding: term by term, in order
+            s.copy_(acc)
+
+    def run(t: torch.Tensor) -> None:
+        if _path(t) == "compiled" and t.device.type == "cpu":
+            threads = max(1, torch.get_num_threads())
+            size = max(_min_slice(len(steps)), min(1 << 20, -(-t.numel() // threads)))
+            work = (lambda p: cpu_kernel.apply_terms_(p[1], start + p[0], rule, index, first_step, mode,
+                                                      steps=steps) or p[1])
+            parts = list(_flat_slices(t, size))
+            done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)
+        else:
+            size = slice_size or default_slice(t.device)
+            done = (torch_slice(offset, s) or s for offset, s in _flat_slices(t, size))
+        for s in done:
+            if progress is not None:
+                progress(s.numel() * len(steps))
+
+    _in_place(w, run)
+
+
+def restore_terms_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, terms: Terms, d: float,
+                       decays: Sequence[bool], starts: Sequence[int] | None = None) -> None:
+    """The multi-term P3 of one step (spec/momentum.md) on every tuned tensor, one tensor at a time;
+    decays and starts as in restore_update_all_."""
+    starts = _starts(starts, len(tensors))
+    for k, t in enumerate(tensors):
+        _apply_terms_(t, rule, k, step, cpu_kernel.RESTORE_UPDATE, [(tuple(terms), d if decays[k] else 0.0)],
+                      bool(decays[k]), None, None, starts[k])
 
 
 def perturb_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, scale: float,

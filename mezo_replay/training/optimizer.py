@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +31,7 @@ from ..arithmetic.initial import generate
 from ..format.mzt import TrajectoryWriter
 from ..arithmetic.device_grad import device_coefficient
 from ..arithmetic.rule import MezoSGD, Schedule
-from ..kernels.steps import perturb_all_, restore_update_all_, update_perturb_all_
+from ..kernels.steps import perturb_all_, restore_terms_all_, restore_update_all_, update_perturb_all_
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -110,13 +110,19 @@ class MeZO:
     grad_codec picks how each step's projected gradient is recorded, and so what the step applies (the
     replay is exact with each): "bf16", "fp8" (E4M3 times grad_scale, saturating) or "sign" (ZO-SignSGD,
     +-grad_scale or 0); grad_scale is a power of two, 1 if not given (spec/rule.md).
+
+    rule="mezo-momentum" adds memory-free heavy-ball momentum (spec/momentum.md): each step's update is
+    the sum over the last `momentum_window` records of momentum^k * lr_t * gq * z, with every z
+    regenerated, so no state buffer is kept. Its steps are applied unfused (restore-update, then the
+    next perturbation) and never queued on the device: queue_step refuses them.
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], *, lr: float, eps: float = 1e-3,
                  seed: int = 0, noise: str = "gaussian16", schedule: Schedule | None = None,
                  weight_decay: float = 0.0, no_decay: Callable[[str, torch.Tensor], bool] | None = None,
                  on_nonfinite: Literal["raise", "skip"] = "raise", grad_codec: str = "bf16",
-                 grad_scale: float | None = None) -> None:
+                 grad_scale: float | None = None, rule: str = "mezo-sgd", momentum: float = 0.9,
+                 momentum_window: int = 16) -> None:
         chosen: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for item in params:
@@ -136,12 +142,14 @@ class MeZO:
         self.names = sorted(chosen, key=lambda n: n.encode("utf-8"))
         self.params = [chosen[n] for n in self.names]
         self.rule = MezoSGD.create(lr=lr, eps=eps, seed=seed, noise=noise, schedule=schedule,
-                                   weight_decay=weight_decay, grad_encoding=grad_codec, grad_scale=grad_scale)
+                                   weight_decay=weight_decay, grad_encoding=grad_codec, grad_scale=grad_scale,
+                                   rule=rule, momentum=momentum, window=momentum_window)
         exempt = no_decay or default_no_decay
         self.decay = [bool(self.rule.weight_decay) and not exempt(n, p) for n, p in zip(self.names, self.params)]
         self.on_nonfinite = on_nonfinite
         self.step_count = 0
         self.last_grad_bits: int | None = None
+        self._history: list[int] = []  # mezo-momentum: the records of the last `window` steps, oldest first
         self.writer: TrajectoryWriter | None = None
         self.writer_records_losses = True
         # (step, c, d, go) of an update not yet applied; c and go are device tensors after a queued step
@@ -166,7 +174,10 @@ class MeZO:
         if self._pending is not None:
             t, c, d, _ = self._pending
             self._pending = None  # first: a pass that fails half-way must never be applied a second time
-            restore_update_all_([p.data for p in self.params], self.rule, t, c, d, self.decay)
+            if isinstance(c, tuple):  # a multi-term update (mezo-momentum)
+                restore_terms_all_([p.data for p in self.params], self.rule, t, c, d, self.decay)
+            else:
+                restore_update_all_([p.data for p in self.params], self.rule, t, c, d, self.decay)
         if landed is not None and landed[2] is not None:
             raise landed[2]
 
@@ -191,8 +202,8 @@ class MeZO:
         minus = _hold(closure())
         loss_plus, loss_minus = _read(plus, minus)  # the step's one host synchronisation
         h = self._host_step(t, loss_plus, loss_minus)
-        self._pending = (t, h.c, self.rule.decay(t), None)
         self._record(h)
+        self._pending = (t, self._terms(t) if self.rule.window else h.c, self.rule.decay(t), None)
         self.step_count += 1
         if settle or h.failed:  # a failed step is settled (its zero update applied) before anything else
             self.settle()
@@ -220,13 +231,29 @@ class MeZO:
         if self.writer is not None:
             self.writer.append_step(h.bits, h.loss if self.writer_records_losses else None)
         self.last_grad_bits = h.bits
+        if self.rule.window:
+            self._history = [*self._history, h.bits][-self.rule.window:]
+
+    def _terms(self, t: int) -> tuple[tuple[int, float], ...]:
+        """Step t's multi-term update from the recorded history (its own record last)."""
+        return self.rule.terms(t, self._history)
+
+    def load_history(self, grad_bits: Sequence[int]) -> None:
+        """The records of the steps already taken (all of them, or at least the last window): what a
+        resumed mezo-momentum run needs for its next steps' terms. A no-op for mezo-sgd."""
+        if self.rule.window:
+            self._history = [int(b) for b in grad_bits][-self.rule.window:]
 
     def _first_pass(self, tensors: list[torch.Tensor], t: int) -> None:
         """P1 of step t, fused with the pending update of the step before when there is one."""
         if self._pending is not None:
             pt, c, d, go = self._pending
             self._pending = None  # as in settle(): never applied twice
-            update_perturb_all_(tensors, self.rule, pt, c, d, self.decay, go=go)  # P3 of step pt, P1 of t
+            if isinstance(c, tuple):  # mezo-momentum: the multi-term P3 unfused, then P1
+                restore_terms_all_(tensors, self.rule, pt, c, d, self.decay)
+                perturb_all_(tensors, self.rule, t, self.rule.eps)
+            else:
+                update_perturb_all_(tensors, self.rule, pt, c, d, self.decay, go=go)  # P3 of step pt, P1 of t
         else:
             perturb_all_(tensors, self.rule, t, self.rule.eps)
 
@@ -242,7 +269,11 @@ class MeZO:
         must stop the run (a non-finite loss in raise mode, a diverged step) makes the next first pass
         skip its perturbation on the device, so when its NonFiniteLossError is raised here one step late,
         the weights are that step's settled weights, as step() leaves them; the queued forward is discarded.
-        settle() (and everything that reads the weights) completes the last queued step."""
+        settle() (and everything that reads the weights) completes the last queued step.
+        mezo-momentum steps are refused: their terms need the host's records (use step())."""
+        if self.rule.window:
+            raise MezoReplayError("queue_step takes mezo-sgd steps only: a mezo-momentum step's terms are "
+                                  "computed on the host (use step())")
         eps = self.rule.eps
         t = self.step_count
         tensors = [p.data for p in self.params]
