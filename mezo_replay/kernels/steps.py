@@ -11,7 +11,7 @@ index of its first element (`start`, `starts`) and gets exactly the bytes of the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -112,6 +112,18 @@ def restore_update_(w: torch.Tensor, z: torch.Tensor, eps: float, c: float | tor
     if d:
         s = _decay(s, d)
     w.copy_(s - z * c)
+
+
+def restore_terms_(w: torch.Tensor, z: torch.Tensor, eps: float, terms: Iterable[tuple[float, torch.Tensor]],
+                   d: float = 0.0) -> None:
+    """The multi-term P3 (spec/momentum.md): s = DECAY(fl32(w + eps*z)); s = fl32(s - c_j*z_j) for each
+    term in order; w = R_D(s). `terms` may be a generator, so that only one z_j exists at a time."""
+    s = w.to(torch.float32) + z * eps
+    if d:
+        s = _decay(s, d)
+    for c, zj in terms:
+        s = s - zj * c  # exact product, one binary32 rounding: term by term, in order
+    w.copy_(s)
 
 
 def default_slice(device: torch.device) -> int:
@@ -239,8 +251,8 @@ def _apply_terms_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, m
                   steps: Sequence[StepTerms], decay: bool, slice_size: int | None,
                   progress: Callable[[int], None] | None, start: int) -> None:
     """_apply_ for a multi-term P3 (spec/momentum.md): REPLAY or RESTORE_UPDATE. The compiled kernel on
-    CPU tensors; the torch path elsewhere, CUDA included (Triton has no multi-term kernel yet), drawing
-    the noise of one term at a time so that memory stays at a few z-sized buffers."""
+    CPU tensors, Triton's (one launch per tensor) on CUDA ones; the torch path draws the noise of one term
+    at a time, so that memory stays at a few z-sized buffers."""
     if mode not in (cpu_kernel.REPLAY, cpu_kernel.RESTORE_UPDATE):
         raise ValueError("a multi-term update runs in replay or as a step's restore-update, not fused")
     steps = steps if decay else [(terms, 0.0) for terms, _ in steps]
@@ -252,17 +264,17 @@ def _apply_terms_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, m
             if mode == cpu_kernel.REPLAY:
                 perturb_(s, z, rule.eps)
                 perturb_(s, z, -2.0 * rule.eps)
-            acc = s.to(torch.float32) + z * rule.eps
-            if d:
-                acc = _decay(acc, d)
-            for step, c in terms:
-                zj = z if step == t else noise(rule.noise, rule.seed, step, index, start + offset, s.numel(),
-                                               s.device)
-                acc = acc - zj * c  # exact product, one binary32 rounding: term by term, in order
-            s.copy_(acc)
+            restore_terms_(s, z, rule.eps, ((c, z if step == t else noise(rule.noise, rule.seed, step, index,
+                                                                       start + offset, s.numel(), s.device))
+                                            for step, c in terms), d)
 
     def run(t: torch.Tensor) -> None:
-        if _path(t) == "compiled" and t.device.type == "cpu":
+        path = _path(t)
+        if path == "triton":
+            triton_kernels.apply_terms_(t, start, rule, index, first_step, mode, steps=steps, decay=decay,
+                                        progress=progress)
+            return
+        if path == "compiled" and t.device.type == "cpu":
             threads = max(1, torch.get_num_threads())
             size = max(_min_slice(len(steps)), min(1 << 20, -(-t.numel() // threads)))
             work = (lambda p: cpu_kernel.apply_terms_(p[1], start + p[0], rule, index, first_step, mode,

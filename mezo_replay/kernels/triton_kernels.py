@@ -264,6 +264,73 @@ if triton is not None:
               c_ptr, table_ptr, go_ptr, 1, step, tl.load(indices + slot).to(tl.uint32), key0.to(tl.uint32),
               key1.to(tl.uint32), eps, scale, c1, d1, tl.load(decays + slot) != 0, DT, NOISE, MODE, DECAY, BLOCK,
               C_PTR, GO_PTR)
+    @triton.jit
+    def _z8(blocks, k_idx, step, k0, k1, table_ptr, NOISE: tl.constexpr):
+        """The noise of the 8 elements of each Philox block in `blocks` for step `step` (the _tile layout)."""
+        x0, x1, x2, x3 = _philox(blocks, k_idx, step, k0, k1)
+        return (_noise((x0 & 0xFFFF).to(tl.int32), table_ptr, NOISE), _noise((x0 >> 16).to(tl.int32), table_ptr, NOISE),
+                _noise((x1 & 0xFFFF).to(tl.int32), table_ptr, NOISE), _noise((x1 >> 16).to(tl.int32), table_ptr, NOISE),
+                _noise((x2 & 0xFFFF).to(tl.int32), table_ptr, NOISE), _noise((x2 >> 16).to(tl.int32), table_ptr, NOISE),
+                _noise((x3 & 0xFFFF).to(tl.int32), table_ptr, NOISE), _noise((x3 >> 16).to(tl.int32), table_ptr, NOISE))
+
+    @triton.jit
+    def _p12(w, z, eps, DT: tl.constexpr):
+        w = _round(w + z * eps, DT)
+        return _round(w - z * (eps + eps), DT)
+
+    @triton.jit
+    def _restore(w, z, eps, d, DECAY: tl.constexpr):
+        s = w + z * eps
+        if DECAY:
+            s = _decay(s, d)
+        return s
+
+    @triton.jit(do_not_specialize=["n", "base_hi", "base_lo", "tensor_index", "first_step", "key0", "key1",
+                                   "nsteps"])
+    def _terms_kernel(w_ptr, n, base_hi, base_lo, table_ptr, d_ptr, toff_ptr, tstep_ptr, tc_ptr, nsteps, first_step,
+                      tensor_index, key0, key1, eps,
+                      DT: tl.constexpr, NOISE: tl.constexpr, REPLAY_STEPS: tl.constexpr, DECAY: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        """The multi-term P3 of spec/momentum.md (with P1 and P2 before it where REPLAY_STEPS) on one tensor
+        or a contiguous run of it, in the layout of _tile: step j's terms are (tstep, tc)[toff[j] ..
+        toff[j+1]), each term's noise regenerated in registers, subtracted in order in binary32."""
+        base = (base_hi.to(tl.int64) << 31) + base_lo.to(tl.int64)
+        k_idx, k0, k1 = tensor_index.to(tl.uint32), key0.to(tl.uint32), key1.to(tl.uint32)
+        blocks = (base >> 3) + tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8).to(tl.int64)
+        o = blocks * 8 - base
+        p = w_ptr + o
+        m0, m1, m2, m3 = (o >= 0) & (o < n), (o >= -1) & (o < n - 1), (o >= -2) & (o < n - 2), (o >= -3) & (o < n - 3)
+        m4, m5, m6, m7 = (o >= -4) & (o < n - 4), (o >= -5) & (o < n - 5), (o >= -6) & (o < n - 6), (o >= -7) & (o < n - 7)
+        w0, w1, w2, w3 = _load(p, m0, DT), _load(p + 1, m1, DT), _load(p + 2, m2, DT), _load(p + 3, m3, DT)
+        w4, w5, w6, w7 = _load(p + 4, m4, DT), _load(p + 5, m5, DT), _load(p + 6, m6, DT), _load(p + 7, m7, DT)
+        n0, n1, n2, n3, n4, n5, n6, n7 = w0 != w0, w1 != w1, w2 != w2, w3 != w3, w4 != w4, w5 != w5, w6 != w6, w7 != w7
+        for j in range(nsteps):
+            d = tl.load(d_ptr + j)
+            z0, z1, z2, z3, z4, z5, z6, z7 = _z8(blocks, k_idx, (first_step + j).to(tl.uint32), k0, k1, table_ptr,
+                                                 NOISE)
+            if REPLAY_STEPS:
+                w0, w1, w2, w3 = _p12(w0, z0, eps, DT), _p12(w1, z1, eps, DT), _p12(w2, z2, eps, DT), _p12(w3, z3, eps, DT)
+                w4, w5, w6, w7 = _p12(w4, z4, eps, DT), _p12(w5, z5, eps, DT), _p12(w6, z6, eps, DT), _p12(w7, z7, eps, DT)
+            s0, s1, s2, s3 = (_restore(w0, z0, eps, d, DECAY), _restore(w1, z1, eps, d, DECAY),
+                              _restore(w2, z2, eps, d, DECAY), _restore(w3, z3, eps, d, DECAY))
+            s4, s5, s6, s7 = (_restore(w4, z4, eps, d, DECAY), _restore(w5, z5, eps, d, DECAY),
+                              _restore(w6, z6, eps, d, DECAY), _restore(w7, z7, eps, d, DECAY))
+            for q in range(tl.load(toff_ptr + j), tl.load(toff_ptr + j + 1)):
+                c = tl.load(tc_ptr + q)
+                y0, y1, y2, y3, y4, y5, y6, y7 = _z8(blocks, k_idx, tl.load(tstep_ptr + q).to(tl.uint32), k0, k1,
+                                                     table_ptr, NOISE)
+                s0, s1, s2, s3 = s0 - y0 * c, s1 - y1 * c, s2 - y2 * c, s3 - y3 * c
+                s4, s5, s6, s7 = s4 - y4 * c, s5 - y5 * c, s6 - y6 * c, s7 - y7 * c
+            w0, w1, w2, w3 = _round(s0, DT), _round(s1, DT), _round(s2, DT), _round(s3, DT)
+            w4, w5, w6, w7 = _round(s4, DT), _round(s5, DT), _round(s6, DT), _round(s7, DT)
+        _store(p, w0, n0, m0, DT)
+        _store(p + 1, w1, n1, m1, DT)
+        _store(p + 2, w2, n2, m2, DT)
+        _store(p + 3, w3, n3, m3, DT)
+        _store(p + 4, w4, n4, m4, DT)
+        _store(p + 5, w5, n5, m5, DT)
+        _store(p + 6, w6, n6, m6, DT)
+        _store(p + 7, w7, n7, m7, DT)
 else:
     _kernel = None
 
@@ -484,3 +551,47 @@ def compile_for_gpu(dtype: torch.dtype, mode: int, *, noise: str = "gaussian16",
     signature.update({k: "constexpr" for k in constexprs})
     return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION})
+
+
+def apply_terms_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: int, mode: int, *,
+                 steps: Sequence[tuple[Sequence[tuple[int, float]], float]], decay: bool = False,
+                 steps_per_launch: int = 256, block: int = BLOCK, native_bf16: bool | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+    """The multi-term P3 of spec/momentum.md on one tensor (or a contiguous slice holding elements start..):
+    mode REPLAY runs P1, P2 and it for steps first_step.. (steps[j] = (terms, d)); RESTORE_UPDATE runs it
+    for first_step alone. One launch per tensor (no grouped variant yet): each term's noise is made in
+    registers, so a step of window K costs K + 1 Philox calls per block. Terms and d travel as small
+    device tensors, uploaded per call (host floats: a momentum step's terms are known on the host)."""
+    if not runs_on(w) or not w.is_contiguous():
+        raise ValueError("the Triton kernel takes contiguous float32/bfloat16/float16 CUDA tensors "
+                         "(CPU tensors only under TRITON_INTERPRET=1)")
+    if mode not in (REPLAY, RESTORE_UPDATE):
+        raise ValueError("the multi-term pass runs modes REPLAY and RESTORE_UPDATE")
+    if w.numel() == 0 or not steps:
+        return
+    view = (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).view(-1)
+    table = _table(w.device)
+    if native_bf16 is None:
+        native_bf16 = native_bf16_default(w.device)
+    meta = dict(DT=_dt_code(w.dtype, native_bf16), NOISE=NOISES[rule.noise], REPLAY_STEPS=mode == REPLAY,
+                DECAY=bool(decay), BLOCK=block, enable_fp_fusion=FP_FUSION)
+    for first in range(0, len(steps), steps_per_launch):
+        part_steps = steps[first:first + steps_per_launch]
+        offsets, tstep, tc = [0], [], []
+        for terms, _ in part_steps:
+            tstep.extend(s & 0xFFFFFFFF for s, _ in terms)
+            tc.extend(c for _, c in terms)
+            offsets.append(len(tstep))
+        d = torch.tensor([y if decay else 0.0 for _, y in part_steps], dtype=torch.float32).to(w.device)
+        toff = torch.tensor(offsets, dtype=torch.int32).to(w.device)
+        ts = torch.tensor(tstep or [0], dtype=torch.int64).to(torch.int32 if max(tstep or [0]) < 2**31 else torch.int64)
+        ts = ts.to(w.device)
+        cs = torch.tensor(tc or [0.0], dtype=torch.float32).to(w.device)  # every c is a binary32 value: exact
+        for part in range(0, w.numel(), _MAX_LAUNCH):
+            n = min(_MAX_LAUNCH, w.numel() - part)
+            base = start + part
+            _terms_kernel[(triton.cdiv((base & 7) + n, block),)](
+                view[part:], n, base >> 31, base & 0x7FFFFFFF, table, d, toff, ts, cs, len(part_steps),
+                first_step + first, index, rule.seed & 0xFFFFFFFF, rule.seed >> 32, rule.eps, **meta)
+        if progress is not None:
+            progress(w.numel() * len(part_steps))
