@@ -152,8 +152,9 @@ class MeZO:
         self._history: list[int] = []  # mezo-momentum: the records of the last `window` steps, oldest first
         self.writer: TrajectoryWriter | None = None
         self.writer_records_losses = True
-        # (step, c, d, go) of an update not yet applied; c and go are device tensors after a queued step
-        self._pending: tuple[int, float | torch.Tensor, float, torch.Tensor | None] | None = None
+        # (step, c, d, go) of an update not yet applied; c and go are device tensors after a queued step, and
+        # c is a tuple of (noise step, coefficient) terms under mezo-momentum (spec/momentum.md)
+        self._pending: tuple[int, Any, float, torch.Tensor | None] | None = None
         self._unread: _Unread | None = None  # the record of a queued step, on its way to the host
         self._base_fingerprints = self.fingerprints()
 
