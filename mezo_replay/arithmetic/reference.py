@@ -273,10 +273,14 @@ def replay(bits: np.ndarray, dtype: str, *, seed: int, k: int, noise_name: str, 
     """Elements start.. of tensor k after every step in `grads` (bf16 bits); `rule` is the header's
     (mezo-sgd or mezo-momentum)."""
     index = np.arange(start, start + bits.size, dtype=np.uint64)
+    m = np.zeros(bits.size, dtype=np.float32)  # mezo-momentum-buffer's state
     for t, gb in enumerate(grads):
         z = noise(noise_name, seed, t, k, index)
         d = decay_factor(rule, t) if decayed else 0.0
-        if rule.get("name") == "mezo-momentum":
+        if rule.get("name") == "mezo-momentum-buffer":
+            bits, m = buffer_update(perturbed(bits, dtype, z, rule["eps"]), m, dtype, z, rule["eps"],
+                                    coefficient(lr_at(rule, t), gb), rule["momentum"], d)
+        elif rule.get("name") == "mezo-momentum":
             terms = [(s, c, noise(noise_name, seed, s, k, index)) for s, c in momentum_terms(rule, t, grads[:t + 1])]
             bits = multi_term_update(perturbed(bits, dtype, z, rule["eps"]), dtype, z, rule["eps"],
                                      [(c, zs) for _, c, zs in terms], d)
@@ -310,6 +314,16 @@ def momentum_terms(rule: dict, t: int, grads: list[int]) -> list[tuple[int, floa
 def perturbed(bits: np.ndarray, dtype: str, z: np.ndarray, eps: float) -> np.ndarray:
     """P1 then P2 of a step: the bits P3 starts from."""
     return phases(bits, dtype, z, eps, 0.0)[1]
+
+
+def buffer_update(bits: np.ndarray, m: np.ndarray, dtype: str, z: np.ndarray, eps: float, c: float, beta: float,
+                  d: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """mezo-momentum-buffer's P3: m = fl32(fl32(beta*m) + c*z); w = R_D(fl32(DECAY(fl32(w + eps*z)) - m)).
+    numpy rounds each binary32 operation on its own (it never fuses a multiply-add)."""
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        m = (np.float32(beta) * m) + np.float32(c) * z
+        s = decay(to_f32(bits, dtype) + np.float32(eps) * z, d)
+        return round_to(s - m, dtype), m.astype(np.float32)
 
 
 def multi_term_update(bits: np.ndarray, dtype: str, z: np.ndarray, eps: float,

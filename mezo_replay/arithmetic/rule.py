@@ -19,7 +19,7 @@ from .noise import GAUSS16_SHA256, NOISES
 
 MAX_SEED = 2**64 - 1
 SCHEDULES = ("constant", "linear", "cosine")
-RULES = ("mezo-sgd", "mezo-momentum")
+RULES = ("mezo-sgd", "mezo-momentum", "mezo-momentum-buffer")
 MAX_WINDOW = 64
 _TINY, _HUGE = 2.0**-100, 2.0**100
 
@@ -121,6 +121,7 @@ class MezoSGD:
     grad_scale: float | None = None   # fp8 and sign: the power of two gq is a multiple of
     momentum: float = 0.0             # mezo-momentum's beta (spec/momentum.md); 0 with window 0: mezo-sgd
     window: int = 0                   # mezo-momentum's K, the records its average spans; 0: mezo-sgd
+    buffered: bool = False            # mezo-momentum-buffer: a binary32 state m per element (momentum.md)
 
     @classmethod
     def create(cls, *, lr: float, eps: float, seed: int, noise: str = "gaussian16",
@@ -132,7 +133,8 @@ class MezoSGD:
         apply to rule "mezo-momentum" only."""
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
-        momentum_on = rule == "mezo-momentum"
+        momentum_on = rule in ("mezo-momentum", "mezo-momentum-buffer")
+        buffered = rule == "mezo-momentum-buffer"
         if grad_encoding != "bf16" and grad_scale is None:
             grad_scale = 1.0
         return cls(lr=round_significant(float(lr), 24), eps=round_significant(float(eps), 16), seed=int(seed),
@@ -140,11 +142,11 @@ class MezoSGD:
                    weight_decay=round_significant(float(weight_decay), 24), grad_encoding=grad_encoding,
                    grad_scale=None if grad_scale is None else float(grad_scale),
                    momentum=round_significant(float(momentum), 16) if momentum_on else 0.0,
-                   window=window if momentum_on else 0).validated()
+                   window=window if momentum_on and not buffered else 0, buffered=buffered).validated()
 
     @property
     def name(self) -> str:
-        return "mezo-momentum" if self.window else "mezo-sgd"
+        return "mezo-momentum-buffer" if self.buffered else "mezo-momentum" if self.window else "mezo-sgd"
 
     def validated(self) -> MezoSGD:
         if self.noise not in NOISES:
@@ -162,8 +164,11 @@ class MezoSGD:
             raise ValueError(f"weight_decay must be in [0, 2^100] with at most 24 significant bits, got {wd!r}")
         self.schedule.validated()
         grad_codec.check_scale(self.grad_encoding, self.grad_scale)
-        if self.window or self.momentum:
-            _int(self.window, "momentum window", 1, MAX_WINDOW)
+        if self.buffered and self.window:
+            raise ValueError("mezo-momentum-buffer has no window")
+        if self.window or self.momentum or self.buffered:
+            if not self.buffered:
+                _int(self.window, "momentum window", 1, MAX_WINDOW)
             b = self.momentum
             if not (isinstance(b, float) and 2.0**-16 <= b <= 1.0 - 2.0**-16 and round_significant(b, 16) == b):
                 raise ValueError(f"momentum must be in [2^-16, 1 - 2^-16] with at most 16 significant bits, got {b!r}")
@@ -186,12 +191,15 @@ class MezoSGD:
         scale = rule.get("grad_scale")
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
             raise ValueError(f"rule grad_scale must be a number, got {scale!r}")
-        momentum, window = 0.0, 0
-        if rule.get("name") == "mezo-momentum":
-            momentum, window = rule.get("momentum"), rule.get("window")
+        momentum, window, buffered = 0.0, 0, rule.get("name") == "mezo-momentum-buffer"
+        if rule.get("name") in ("mezo-momentum", "mezo-momentum-buffer"):
+            momentum, window = rule.get("momentum"), rule.get("window", 0 if buffered else None)
             if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
                 raise ValueError(f"rule momentum must be a number, got {momentum!r}")
-            if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
+            if buffered and window != 0:
+                raise ValueError(f"rule {rule['name']} has no window, got {window!r}")
+            if not buffered and (isinstance(window, bool) or not isinstance(window, int)
+                                 or not 1 <= window <= MAX_WINDOW):
                 raise ValueError(f"rule window must be an integer in [1, {MAX_WINDOW}], got {window!r}")
             momentum = float(momentum)
             if not 0.0 < momentum < 1.0:
@@ -200,7 +208,7 @@ class MezoSGD:
                    schedule=Schedule.from_header(schedule), weight_decay=float(numbers["weight_decay"]),
                    grad_encoding=rule["grad_encoding"],
                    grad_scale=None if scale is None else float(scale), momentum=momentum,
-                   window=window).validated()
+                   window=window, buffered=buffered).validated()
 
     def header_fields(self) -> dict[str, Any]:
         noise: dict[str, Any] = {"name": self.noise}
@@ -214,6 +222,8 @@ class MezoSGD:
             rule["weight_decay"] = self.weight_decay
         if self.window:
             rule["momentum"], rule["window"] = self.momentum, self.window
+        elif self.buffered:
+            rule["momentum"] = self.momentum
         return {"generator": {"name": "philox4x32-10", "seed": str(self.seed)}, "noise": noise, "rule": rule}
 
     def lr_at(self, t: int) -> float:

@@ -70,7 +70,9 @@ KNOWN: dict[str, dict[str, set[str]]] = {
     "noise": {"gaussian16": {"name", "table_sha256"}, "rademacher16": {"name"}},
     "rule": {"mezo-sgd": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay"},
              "mezo-momentum": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay",
-                               "momentum", "window"}},  # spec/momentum.md
+                               "momentum", "window"},  # spec/momentum.md
+             "mezo-momentum-buffer": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale",
+                                      "weight_decay", "momentum"}},
 }
 _OPTIONAL = {"weight_decay", "grad_scale"}
 # Generated initial values (spec/init.md): a tensor entry's "init" may name one instead of `true`.

@@ -416,6 +416,65 @@ __attribute__((target("avx2"))) static void terms_avx2(TARGS) { terms_body(TPASS
 __attribute__((target("avx512f,avx512bw"))) static void terms_avx512(TARGS) { terms_body(TPASS, make_noise); }
 #endif
 
+/* ---- mezo-momentum-buffer (spec/momentum.md): m = fl32(fl32(beta*m) + c*z); w = R_D(DECAY(w + e*z) - m) ---- */
+
+/* beta * m is rounded on its own: this file is built with -ffp-contract=off, so the compiler never fuses it
+ * with the addition (the one product of the spec that is not exact). */
+INLINE void buffer_p3(int dtype, float *x, float *mv, const float *z, int64_t m, float e, float c, float beta,
+                      float d) {
+    for (int64_t q = 0; q < m; q += W) {
+        vf xv, zv, hv;
+        memcpy(&xv, x + q, sizeof xv);
+        memcpy(&zv, z + q, sizeof zv);
+        memcpy(&hv, mv + q, sizeof hv);
+        vf scaled = beta * hv;
+        hv = scaled + c * zv;
+        vf sv = xv + e * zv;
+        if (d != 0.0f) sv = decay(sv, d);
+        xv = round_to(dtype, sv - hv);
+        memcpy(x + q, &xv, sizeof xv);
+        memcpy(mv + q, &hv, sizeof hv);
+    }
+}
+
+INLINE void buffer_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index,
+                        uint32_t first, int64_t nsteps, const double *c, const double *d, double eps, double beta,
+                        int noise, const float *table, int mode, float *state, noise_fn make_noise) {
+    float x[CHUNK] __attribute__((aligned(64)));
+    float z[CHUNK] __attribute__((aligned(64)));
+    float mv[CHUNK] __attribute__((aligned(64)));
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    float e = (float)eps, e2 = (float)(2.0 * eps), b = (float)beta;
+    for (int64_t base = 0; base < n; base += CHUNK) {
+        int64_t m = n - base < CHUNK ? n - base : CHUNK, padded = (m + W - 1) / W * W;
+        for (int64_t q = 0; q < m; q++) x[q] = load(w, dtype, base + q);
+        for (int64_t q = 0; q < m; q++) mv[q] = state[base + q];
+        for (int64_t q = m; q < padded; q++) x[q] = mv[q] = 0.0f;
+        for (int64_t j = 0; j < (mode == REPLAY ? nsteps : 1); j++) {
+            make_noise(z, start + (uint64_t)base, m, index, first + (uint32_t)j, k0, k1, noise, table);
+            for (int64_t q = m; q < padded; q++) z[q] = 0.0f;
+            if (mode == REPLAY) {
+                chunk_phases(dtype, PERTURB, x, z, padded, e, e2, e, 0.0f, 0.0f);     /* P1 */
+                chunk_phases(dtype, PERTURB, x, z, padded, e, e2, -e2, 0.0f, 0.0f);   /* P2 */
+            }
+            buffer_p3(dtype, x, mv, z, padded, e, (float)c[j], b, (float)d[j]);
+        }
+        for (int64_t q = 0; q < m; q++) store(w, dtype, base + q, x[q]);
+        for (int64_t q = 0; q < m; q++) state[base + q] = mv[q];
+    }
+}
+
+#define BARGS void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index, uint32_t first, \
+              int64_t nsteps, const double *c, const double *d, double eps, double beta, int noise,         \
+              const float *table, int mode, float *state
+#define BPASS w, dtype, n, start, seed, index, first, nsteps, c, d, eps, beta, noise, table, mode, state
+
+static void buffer_generic(BARGS) { buffer_body(BPASS, make_noise); }
+#ifdef X86
+__attribute__((target("avx2"))) static void buffer_avx2(BARGS) { buffer_body(BPASS, make_noise_avx2); }
+__attribute__((target("avx512f,avx512bw"))) static void buffer_avx512(BARGS) { buffer_body(BPASS, make_noise); }
+#endif
+
 #define ARGS void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index, uint32_t first, \
              int64_t nsteps, const double *c, const double *d, double eps, double scale, int noise,         \
              const float *table, int mode
@@ -482,4 +541,16 @@ int mezo_apply_terms(int isa, void *w, int dtype, int64_t n, uint64_t start, uin
 #endif
     free(zring);
     return 0;
+}
+
+/* mezo-momentum-buffer (spec/momentum.md) on elements [start, start + n) of tensor `index`, with their binary32
+ * states at `state` (n floats, updated in place): mode REPLAY (0) runs P1, P2 and this form's P3 for steps
+ * first .. first + nsteps - 1 with c[j], d[j]; RESTORE_UPDATE (2) its P3 of step `first` alone. */
+void mezo_apply_buffer(int isa, BARGS) {
+#ifdef X86
+    if (isa == AVX512) { buffer_avx512(BPASS); return; }
+    if (isa == AVX2) { buffer_avx2(BPASS); return; }
+#endif
+    (void)isa;
+    buffer_generic(BPASS);
 }

@@ -323,6 +323,67 @@ def _apply_terms_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, m
     _in_place(w, run)
 
 
+def _apply_buffer_(w: torch.Tensor, state: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: int,
+                   constants: Sequence[StepConstants], decay: bool, slice_size: int | None,
+                   progress: Callable[[int], None] | None, start: int) -> None:
+    """mezo-momentum-buffer (spec/momentum.md): REPLAY (P1, P2, buffered P3 per step) or RESTORE_UPDATE (the
+    buffered P3 of one step), with `state` the float32 m of w's elements (flat, contiguous, updated in
+    place). The compiled kernel on CPU tensors, Triton's on CUDA ones (fusion off); the torch path: beta*m
+    and its sum are two torch operations, never fused."""
+    if mode not in (cpu_kernel.REPLAY, cpu_kernel.RESTORE_UPDATE):
+        raise ValueError("a buffered momentum update runs in replay or as a step's restore-update, not fused")
+    if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != w.numel():
+        raise ValueError("the momentum state must be a contiguous float32 tensor with the weights' element count")
+    cs = [(float(c), d if decay else 0.0) for c, d in constants]
+    flat_state = state.view(-1)
+
+    def torch_slice(offset: int, s: torch.Tensor) -> None:
+        m = flat_state[offset:offset + s.numel()]
+        for j, (c, d) in enumerate(cs):
+            z = noise(rule.noise, rule.seed, first_step + j, index, start + offset, s.numel(), s.device)
+            if mode == cpu_kernel.REPLAY:
+                perturb_(s, z, rule.eps)
+                perturb_(s, z, -2.0 * rule.eps)
+            m.mul_(rule.momentum)  # rounded on its own: the one inexact product (spec/momentum.md)
+            m.add_(z * c)
+            acc = s.to(torch.float32) + z * rule.eps
+            if d:
+                acc = _decay(acc, d)
+            s.copy_(acc - m)
+
+    def run(t: torch.Tensor) -> None:
+        path = _path(t)
+        if path == "triton":
+            triton_kernels.apply_buffer_(t, flat_state, start, rule, index, first_step, mode, constants=cs,
+                                         decay=decay, progress=progress)
+            return
+        if path == "compiled" and t.device.type == "cpu":
+            threads = max(1, torch.get_num_threads())
+            size = max(_min_slice(len(cs)), min(1 << 20, -(-t.numel() // threads)))
+            work = (lambda p: cpu_kernel.apply_buffer_(p[1], flat_state[p[0]:p[0] + p[1].numel()], start + p[0],
+                                                       rule, index, first_step, mode, constants=cs) or p[1])
+            parts = list(_flat_slices(t, size))
+            done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)
+        else:
+            size = slice_size or default_slice(t.device)
+            done = (torch_slice(offset, s) or s for offset, s in _flat_slices(t, size))
+        for s in done:
+            if progress is not None:
+                progress(s.numel() * len(cs))
+
+    _in_place(w, run)
+
+
+def restore_buffer_all_(tensors: Sequence[torch.Tensor], states: Sequence[torch.Tensor], rule: MezoSGD, step: int,
+                        c: float, d: float, decays: Sequence[bool], starts: Sequence[int] | None = None) -> None:
+    """mezo-momentum-buffer's P3 of one step on every tuned tensor and its state (states[k]: float32, the
+    element count of tensors[k]); decays and starts as in restore_update_all_."""
+    starts = _starts(starts, len(tensors))
+    for k, t in enumerate(tensors):
+        _apply_buffer_(t, states[k], rule, k, step, cpu_kernel.RESTORE_UPDATE, [(c, d)], bool(decays[k]), None,
+                       None, starts[k])
+
+
 def restore_terms_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, terms: Terms, d: float,
                        decays: Sequence[bool], starts: Sequence[int] | None = None) -> None:
     """The multi-term P3 of one step (spec/momentum.md) on every tuned tensor, one tensor at a time;
@@ -349,13 +410,23 @@ def restore_update_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int
 
 def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequence[StepConstants], *,
                    decay: bool = False, first_step: int = 0, slice_size: int | None = None,
-                   progress: Callable[[int], None] | None = None, start: int = 0) -> None:
+                   progress: Callable[[int], None] | None = None, start: int = 0,
+                   state: torch.Tensor | None = None) -> None:
     """Steps first_step, first_step+1, ... of one tuned tensor, in place; with start, of the shard of it
     whose first element is element `start` of the whole tensor (a rank's rows of a sharded parameter).
 
     Each slice runs all its steps before the next slice starts, so the noise of a step is drawn once
     for its three phases and the slice stays in cache.
     """
+    if rule.buffered:  # mezo-momentum-buffer: state is m (float32, w's element count); None: +0, from step 0
+        if state is None:
+            if first_step:
+                raise ValueError("a mezo-momentum-buffer replay from a later step needs the state at that step")
+            state = torch.zeros(w.numel(), dtype=torch.float32, device=w.device)
+        if constants:
+            _apply_buffer_(w, state, rule, index, first_step, cpu_kernel.REPLAY, constants, decay, slice_size,
+                           progress, start)
+        return
     if constants:
         _apply_(w, rule, index, first_step, cpu_kernel.REPLAY, constants, decay=decay, slice_size=slice_size,
                 progress=progress, start=start)

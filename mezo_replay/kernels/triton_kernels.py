@@ -331,6 +331,67 @@ if triton is not None:
         _store(p + 5, w5, n5, m5, DT)
         _store(p + 6, w6, n6, m6, DT)
         _store(p + 7, w7, n7, m7, DT)
+    @triton.jit
+    def _buffer_p3(w, m, z, eps, c, beta, d, DT: tl.constexpr, DECAY: tl.constexpr):
+        """mezo-momentum-buffer's P3: m = fl32(fl32(beta*m) + c*z); w = R_D(DECAY(w + eps*z) - m). The launch
+        forbids fusion (enable_fp_fusion=False): beta*m is the spec's one inexact product."""
+        m = beta * m + z * c
+        s = _restore(w, z, eps, d, DECAY)
+        return _round(s - m, DT), m
+
+    @triton.jit(do_not_specialize=["n", "base_hi", "base_lo", "tensor_index", "first_step", "key0", "key1",
+                                   "nsteps"])
+    def _buffer_kernel(w_ptr, m_ptr, n, base_hi, base_lo, table_ptr, c_ptr, d_ptr, nsteps, first_step, tensor_index,
+                       key0, key1, eps, beta,
+                       DT: tl.constexpr, NOISE: tl.constexpr, REPLAY_STEPS: tl.constexpr, DECAY: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        """mezo-momentum-buffer on one tensor (or a run of it) and its float32 states at m_ptr, in the layout of
+        _tile: P1, P2 (where REPLAY_STEPS) and the buffered P3 for each step, weights and states in registers."""
+        base = (base_hi.to(tl.int64) << 31) + base_lo.to(tl.int64)
+        k_idx, k0, k1 = tensor_index.to(tl.uint32), key0.to(tl.uint32), key1.to(tl.uint32)
+        blocks = (base >> 3) + tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8).to(tl.int64)
+        o = blocks * 8 - base
+        p = w_ptr + o
+        q = m_ptr + o
+        m0, m1, m2, m3 = (o >= 0) & (o < n), (o >= -1) & (o < n - 1), (o >= -2) & (o < n - 2), (o >= -3) & (o < n - 3)
+        m4, m5, m6, m7 = (o >= -4) & (o < n - 4), (o >= -5) & (o < n - 5), (o >= -6) & (o < n - 6), (o >= -7) & (o < n - 7)
+        w0, w1, w2, w3 = _load(p, m0, DT), _load(p + 1, m1, DT), _load(p + 2, m2, DT), _load(p + 3, m3, DT)
+        w4, w5, w6, w7 = _load(p + 4, m4, DT), _load(p + 5, m5, DT), _load(p + 6, m6, DT), _load(p + 7, m7, DT)
+        h0, h1, h2, h3 = tl.load(q, mask=m0), tl.load(q + 1, mask=m1), tl.load(q + 2, mask=m2), tl.load(q + 3, mask=m3)
+        h4, h5, h6, h7 = tl.load(q + 4, mask=m4), tl.load(q + 5, mask=m5), tl.load(q + 6, mask=m6), tl.load(q + 7, mask=m7)
+        n0, n1, n2, n3, n4, n5, n6, n7 = w0 != w0, w1 != w1, w2 != w2, w3 != w3, w4 != w4, w5 != w5, w6 != w6, w7 != w7
+        for j in range(nsteps):
+            c = tl.load(c_ptr + j)
+            d = tl.load(d_ptr + j)
+            z0, z1, z2, z3, z4, z5, z6, z7 = _z8(blocks, k_idx, (first_step + j).to(tl.uint32), k0, k1, table_ptr,
+                                                 NOISE)
+            if REPLAY_STEPS:
+                w0, w1, w2, w3 = _p12(w0, z0, eps, DT), _p12(w1, z1, eps, DT), _p12(w2, z2, eps, DT), _p12(w3, z3, eps, DT)
+                w4, w5, w6, w7 = _p12(w4, z4, eps, DT), _p12(w5, z5, eps, DT), _p12(w6, z6, eps, DT), _p12(w7, z7, eps, DT)
+            w0, h0 = _buffer_p3(w0, h0, z0, eps, c, beta, d, DT, DECAY)
+            w1, h1 = _buffer_p3(w1, h1, z1, eps, c, beta, d, DT, DECAY)
+            w2, h2 = _buffer_p3(w2, h2, z2, eps, c, beta, d, DT, DECAY)
+            w3, h3 = _buffer_p3(w3, h3, z3, eps, c, beta, d, DT, DECAY)
+            w4, h4 = _buffer_p3(w4, h4, z4, eps, c, beta, d, DT, DECAY)
+            w5, h5 = _buffer_p3(w5, h5, z5, eps, c, beta, d, DT, DECAY)
+            w6, h6 = _buffer_p3(w6, h6, z6, eps, c, beta, d, DT, DECAY)
+            w7, h7 = _buffer_p3(w7, h7, z7, eps, c, beta, d, DT, DECAY)
+        _store(p, w0, n0, m0, DT)
+        _store(p + 1, w1, n1, m1, DT)
+        _store(p + 2, w2, n2, m2, DT)
+        _store(p + 3, w3, n3, m3, DT)
+        _store(p + 4, w4, n4, m4, DT)
+        _store(p + 5, w5, n5, m5, DT)
+        _store(p + 6, w6, n6, m6, DT)
+        _store(p + 7, w7, n7, m7, DT)
+        tl.store(q, h0, mask=m0)
+        tl.store(q + 1, h1, mask=m1)
+        tl.store(q + 2, h2, mask=m2)
+        tl.store(q + 3, h3, mask=m3)
+        tl.store(q + 4, h4, mask=m4)
+        tl.store(q + 5, h5, mask=m5)
+        tl.store(q + 6, h6, mask=m6)
+        tl.store(q + 7, h7, mask=m7)
 else:
     _kernel = None
 
@@ -595,3 +656,42 @@ def apply_terms_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_s
                 first_step + first, index, rule.seed & 0xFFFFFFFF, rule.seed >> 32, rule.eps, **meta)
         if progress is not None:
             progress(w.numel() * len(part_steps))
+
+
+def apply_buffer_(w: torch.Tensor, state: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: int,
+                  mode: int, *, constants: Sequence[tuple[float, float]], decay: bool = False,
+                  steps_per_launch: int = 1024, block: int = BLOCK, native_bf16: bool | None = None,
+                  progress: Callable[[int], None] | None = None) -> None:
+    """mezo-momentum-buffer (spec/momentum.md) on one tensor (or a contiguous slice holding elements start..)
+    and its float32 states `state` (w's element count, updated in place): REPLAY runs P1, P2 and the
+    buffered P3 per step, RESTORE_UPDATE the buffered P3 of first_step. Launched with fusion off: beta*m is
+    rounded before the sum, as the spec requires (no FMA)."""
+    if not runs_on(w) or not w.is_contiguous():
+        raise ValueError("the Triton kernel takes contiguous float32/bfloat16/float16 CUDA tensors "
+                         "(CPU tensors only under TRITON_INTERPRET=1)")
+    if mode not in (REPLAY, RESTORE_UPDATE):
+        raise ValueError("the buffered pass runs modes REPLAY and RESTORE_UPDATE")
+    if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != w.numel() or \
+            state.device != w.device:
+        raise ValueError("the momentum state must be a contiguous float32 tensor of the weights' size and device")
+    if w.numel() == 0 or not constants:
+        return
+    view = (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).view(-1)
+    flat = state.view(-1)
+    table = _table(w.device)
+    if native_bf16 is None:
+        native_bf16 = native_bf16_default(w.device)
+    meta = dict(DT=_dt_code(w.dtype, native_bf16), NOISE=NOISES[rule.noise], REPLAY_STEPS=mode == REPLAY,
+                DECAY=bool(decay), BLOCK=block, enable_fp_fusion=False)
+    for first in range(0, len(constants), steps_per_launch):
+        part = constants[first:first + steps_per_launch]
+        c = torch.tensor([float(x) for x, _ in part], dtype=torch.float32).to(w.device)  # binary32 values: exact
+        d = torch.tensor([y if decay else 0.0 for _, y in part], dtype=torch.float32).to(w.device)
+        for at in range(0, w.numel(), _MAX_LAUNCH):
+            n = min(_MAX_LAUNCH, w.numel() - at)
+            base = start + at
+            _buffer_kernel[(triton.cdiv((base & 7) + n, block),)](
+                view[at:], flat[at:], n, base >> 31, base & 0x7FFFFFFF, table, c, d, len(part), first_step + first,
+                index, rule.seed & 0xFFFFFFFF, rule.seed >> 32, rule.eps, rule.momentum, **meta)
+        if progress is not None:
+            progress(w.numel() * len(part))

@@ -31,7 +31,8 @@ from ..arithmetic.initial import generate
 from ..format.mzt import TrajectoryWriter
 from ..arithmetic.device_grad import device_coefficient
 from ..arithmetic.rule import MezoSGD, Schedule
-from ..kernels.steps import perturb_all_, restore_terms_all_, restore_update_all_, update_perturb_all_
+from ..kernels.steps import (perturb_all_, restore_buffer_all_, restore_terms_all_, restore_update_all_,
+                             update_perturb_all_)
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -115,6 +116,8 @@ class MeZO:
     the sum over the last `momentum_window` records of momentum^k * lr_t * gq * z, with every z
     regenerated, so no state buffer is kept. Its steps are applied unfused (restore-update, then the
     next perturbation) and never queued on the device: queue_step refuses them.
+    rule="mezo-momentum-buffer" is the state-buffer form: one float32 buffer per tuned tensor (`states`),
+    4 bytes per tuned parameter more, one noise draw per step; applied and never queued the same way.
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], *, lr: float, eps: float = 1e-3,
@@ -150,6 +153,9 @@ class MeZO:
         self.step_count = 0
         self.last_grad_bits: int | None = None
         self._history: list[int] = []  # mezo-momentum: the records of the last `window` steps, oldest first
+        # mezo-momentum-buffer: each tuned tensor's float32 m (flat), +0 before step 0 (spec/momentum.md)
+        self.states: list[torch.Tensor] = [torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                                           for p in self.params] if self.rule.buffered else []
         self.writer: TrajectoryWriter | None = None
         self.writer_records_losses = True
         # (step, c, d, go) of an update not yet applied; c and go are device tensors after a queued step, and
@@ -177,6 +183,8 @@ class MeZO:
             self._pending = None  # first: a pass that fails half-way must never be applied a second time
             if isinstance(c, tuple):  # a multi-term update (mezo-momentum)
                 restore_terms_all_([p.data for p in self.params], self.rule, t, c, d, self.decay)
+            elif self.rule.buffered:
+                restore_buffer_all_([p.data for p in self.params], self.states, self.rule, t, c, d, self.decay)
             else:
                 restore_update_all_([p.data for p in self.params], self.rule, t, c, d, self.decay)
         if landed is not None and landed[2] is not None:
@@ -250,8 +258,11 @@ class MeZO:
         if self._pending is not None:
             pt, c, d, go = self._pending
             self._pending = None  # as in settle(): never applied twice
-            if isinstance(c, tuple):  # mezo-momentum: the multi-term P3 unfused, then P1
-                restore_terms_all_(tensors, self.rule, pt, c, d, self.decay)
+            if isinstance(c, tuple) or self.rule.buffered:  # momentum: its P3 unfused, then P1
+                if isinstance(c, tuple):
+                    restore_terms_all_(tensors, self.rule, pt, c, d, self.decay)
+                else:
+                    restore_buffer_all_(tensors, self.states, self.rule, pt, c, d, self.decay)
                 perturb_all_(tensors, self.rule, t, self.rule.eps)
             else:
                 update_perturb_all_(tensors, self.rule, pt, c, d, self.decay, go=go)  # P3 of step pt, P1 of t
@@ -272,7 +283,7 @@ class MeZO:
         the weights are that step's settled weights, as step() leaves them; the queued forward is discarded.
         settle() (and everything that reads the weights) completes the last queued step.
         mezo-momentum steps are refused: their terms need the host's records (use step())."""
-        if self.rule.window:
+        if self.rule.window or self.rule.buffered:
             raise MezoReplayError("queue_step takes mezo-sgd steps only: a mezo-momentum step's terms are "
                                   "computed on the host (use step())")
         eps = self.rule.eps

@@ -75,7 +75,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_codec: str = "bf16"  # how step records hold the projected gradient: bf16, fp8 or sign (spec/rule.md)
     grad_scale: float | None = None  # fp8 and sign: a power of two (None: 1)
-    optimizer: str = "mezo-sgd"  # the rule: mezo-sgd or mezo-momentum (spec/momentum.md)
+    optimizer: str = "mezo-sgd"  # the rule: mezo-sgd, mezo-momentum or mezo-momentum-buffer (spec/momentum.md)
     momentum: float = 0.9  # mezo-momentum's beta
     momentum_window: int = 16  # mezo-momentum's K: the records each step's average spans
     tune: Sequence[str] = ()
@@ -433,7 +433,8 @@ def _replay_recorded(opt: MeZO, grad_bits: Any) -> None:
     """Applies recorded steps to the optimizer's (base) weights, as reconstruct would."""
     constants = step_constants(opt.rule, grad_bits)
     for k, p in enumerate(opt.params):
-        replay_tensor_(p.data, opt.rule, k, constants, decay=opt.decay[k])
+        replay_tensor_(p.data, opt.rule, k, constants, decay=opt.decay[k],
+                       state=opt.states[k] if opt.states else None)  # mezo-momentum-buffer: its m too
     opt.load_history(grad_bits)  # mezo-momentum: the next steps' terms reach back into these records
 
 
@@ -523,7 +524,7 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
     reads = reads_weights if callable(reads_weights) else (lambda done: bool(reads_weights))
     devices = {p.device for p in opt.params}  # one device: c and go live there, where every kernel reads them
     # mezo-momentum steps are never queued: their terms come from the host's records
-    queues = len(devices) == 1 and next(iter(devices)).type in QUEUED_DEVICES and not opt.rule.window
+    queues = len(devices) == 1 and next(iter(devices)).type in QUEUED_DEVICES and not (opt.rule.window or opt.rule.buffered)
 
     def report(done: int, loss: float) -> None:
         if after_step is not None:
