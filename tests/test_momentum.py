@@ -149,14 +149,15 @@ def test_tiny_momentum_end_to_end_vector(tmp_path, backend):
         assert hashlib.sha256(bytes(result.read_bytes(name))).hexdigest() == want["sha256"], name
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**64 - 1), dtype=st.sampled_from(["F32", "BF16", "F16"]),
        beta=st.floats(2.0**-16, 1 - 2.0**-16), window=st.integers(1, 64), n=st.integers(1, 40),
        start=st.integers(0, 2**40), grads=st.lists(st.floats(-1e4, 1e4), min_size=1, max_size=12),
-       wd=st.sampled_from([0.0, 0.25]), noise=st.sampled_from(["gaussian16", "rademacher16"]))
-def test_random_runs_match_the_reference(seed, dtype, beta, window, n, start, grads, wd, noise):
-    """Random rules, records and element runs: torch and the C kernel replay the reference's bits."""
-    rule = MezoSGD.create(lr=3e-2, eps=1e-2, seed=seed, noise=noise, weight_decay=wd, rule="mezo-momentum",
+       wd=st.sampled_from([0.0, 0.25]), noise=st.sampled_from(["gaussian16", "rademacher16"]),
+       kind=st.sampled_from(["mezo-momentum", "mezo-momentum-buffer"]))
+def test_random_runs_match_the_reference(seed, dtype, beta, window, n, start, grads, wd, noise, kind):
+    """Random rules (both forms), records and element runs: torch and the C kernel replay the reference's bits."""
+    rule = MezoSGD.create(lr=3e-2, eps=1e-2, seed=seed, noise=noise, weight_decay=wd, rule=kind,
                           momentum=beta, window=window, schedule=Schedule("linear", 2, 9))
     bits = [R.grad_bits(g) for g in grads]
     w = (np.random.default_rng(seed % 2**32).standard_normal(n) * 2.0).astype(np.float32)
@@ -172,6 +173,92 @@ def test_random_runs_match_the_reference(seed, dtype, beta, window, n, start, gr
         finally:
             steps.set_backend("auto")
         assert torch_to_bits(x, dtype).tolist() == want.tolist(), backend
+
+
+# -- the state-buffer form (mezo-momentum-buffer) ------------------------------------------------------
+
+def test_buffer_element_vectors():
+    """momentum.json buffer_elements: the reference and the torch element pass give P3 and the new m; one
+    case shows that a fused multiply-add would give another m."""
+    cases = MOMENTUM["buffer_elements"]
+    assert len(cases) >= 60 and "fused_m_after" in cases[-1]
+    for case in cases:
+        dtype = case["dtype"]
+        w = np.array([int(case["w"], 16)], dtype=R.BITS_DTYPE[dtype])
+        m = np.array([int(case["m"], 16)], dtype=np.uint32).view(np.float32)
+        z = np.array([int(case["z"], 16)], dtype=np.uint32).view(np.float32)
+        out, m2 = R.buffer_update(w, m, dtype, z, case["eps"], case["c"], case["momentum"], case["d"])
+        assert (hex(int(out[0])), hex(int(m2.view(np.uint32)[0]))) == \
+            (hex(int(case["p3"], 16)), hex(int(case["m_after"], 16))), case
+        t, mt = bits_to_torch(w, dtype, "cpu"), torch.from_numpy(m.copy())
+        steps.buffer_update_(t, mt, torch.from_numpy(z.copy()), case["eps"], case["c"], case["momentum"], case["d"])
+        assert int(torch_to_bits(t, dtype)[0]) == int(case["p3"], 16), case
+        assert int(mt.view(torch.int32)[0]) & 0xFFFFFFFF == int(case["m_after"], 16), case
+    assert cases[-1]["fused_m_after"] != cases[-1]["m_after"]
+
+
+def test_tiny_momentum_buffer_end_to_end_vector(tmp_path, backend):
+    """spec/vectors/tiny-momentum-buffer: the numpy reference and reconstruct land on expected.json."""
+    tiny = VECTORS / "tiny-momentum-buffer"
+    expected = json.loads((tiny / "expected.json").read_text())
+    traj = read_trajectory(tiny / "traj.mzt")
+    h = traj.header
+    assert h["rule"]["name"] == "mezo-momentum-buffer" and "window" not in h["rule"]
+    base = BaseCheckpoint.open(tiny / "base.safetensors")
+    for k, t in enumerate(h["tensors"]):
+        w = np.frombuffer(base.read_bytes(t["name"]), dtype=R.BITS_DTYPE[t["dtype"]]).copy()
+        got = R.replay(w, t["dtype"], seed=int(h["generator"]["seed"]), k=k, noise_name=h["noise"]["name"],
+                       rule=h["rule"], grads=[int(b) for b in traj.grad_bits], decayed=bool(t.get("decay")))
+        assert hashlib.sha256(got.tobytes()).hexdigest() == expected["tensors"][t["name"]]["sha256"], t["name"]
+    out = replay.reconstruct(replay.plan(tiny / "base.safetensors", tiny / "traj.mzt"), tmp_path / "o.safetensors")
+    result = BaseCheckpoint.open(out)
+    for name, want in expected["tensors"].items():
+        assert hashlib.sha256(bytes(result.read_bytes(name))).hexdigest() == want["sha256"], name
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the compiled CPU kernel is not built")
+def test_buffer_form_on_every_isa_and_from_a_saved_state():
+    """The C kernel's builds, the torch path and Triton against the reference, whole and split at step 4
+    with the state carried over (what training's step-by-step passes do)."""
+    rule = MezoSGD.create(lr=1e-2, eps=1e-3, seed=2**63 + 5, rule="mezo-momentum-buffer", momentum=0.9,
+                          weight_decay=0.1, schedule=Schedule("cosine", 2, 10))
+    bits = [R.grad_bits(g) for g in (2.0, -3.5, 0.0, 1e-3, -7.0, 5.5, 0.25, -1.0, 2.0)]
+    constants = steps.step_constants(rule, bits)
+    for dtype in ("F32", "BF16", "F16"):
+        w = R.round_to((np.random.default_rng(1).standard_normal(333) * 0.5).astype(np.float32), dtype)
+        want = R.replay(w, dtype, seed=rule.seed, k=2, noise_name=rule.noise, rule=rule.header_fields()["rule"],
+                        grads=bits, decayed=True, start=2**35 + 3).tolist()
+        for isa in cpu_kernel.isas():
+            x, m = bits_to_torch(w, dtype, "cpu"), torch.zeros(333)
+            cpu_kernel.apply_buffer_(x, m, 2**35 + 3, rule, 2, 0, cpu_kernel.REPLAY, constants=constants, isa=isa)
+            assert torch_to_bits(x, dtype).tolist() == want, (dtype, isa)
+        for backend in ("torch", "compiled", "triton"):
+            steps.set_backend(backend)
+            try:
+                x, m = bits_to_torch(w, dtype, "cpu"), torch.zeros(333)
+                steps.replay_tensor_(x, rule, 2, constants[:4], decay=True, start=2**35 + 3, state=m)
+                for t in range(4, len(bits)):  # one step at a time, as training applies them
+                    steps.replay_tensor_(x, rule, 2, constants[t:t + 1], decay=True, first_step=t,
+                                         start=2**35 + 3, state=m)
+            finally:
+                steps.set_backend("auto")
+            assert torch_to_bits(x, dtype).tolist() == want, (dtype, backend)
+
+
+def test_buffer_training_resumed_equals_the_uninterrupted_run(tmp_path):
+    """train() in process with the buffer form: stopped after 2 steps and resumed to 4 gives the records and
+    final fingerprint of 4 steps in one go (the resume rebuilds the buffers from the file), and the
+    reconstruction is training's bytes."""
+    whole = train(_config(tmp_path, out=tmp_path / "whole.mzt", optimizer="mezo-momentum-buffer"))
+    out = replay.reconstruct(replay.plan(whole.base, whole.trajectory), tmp_path / "out")
+    got, tuned = BaseCheckpoint.open(out), dict(whole.model.named_parameters())
+    for name in whole.optimizer.names:
+        assert tensor_bytes(got.read(name)) == tensor_bytes(tuned[name]), name
+    train(_config(tmp_path, steps=2, out=tmp_path / "part.mzt", optimizer="mezo-momentum-buffer"))
+    resumed = train(_config(tmp_path, out=tmp_path / "part.mzt", optimizer="mezo-momentum-buffer", resume=True))
+    assert resumed.resumed_from == 2
+    a, b = read_trajectory(tmp_path / "whole.mzt"), read_trajectory(tmp_path / "part.mzt")
+    assert list(a.grad_bits) == list(b.grad_bits) and a.final_fingerprint == b.final_fingerprint
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -204,6 +291,12 @@ def test_header_records_the_rule_and_readers_refuse_bad_values(tmp_path):
             TrajectoryWriter(path, h, overwrite=True).close()
             read_trajectory(path)
         assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    buffered = _write(tmp_path, {"name": "mezo-momentum-buffer", "momentum": 0.75})
+    h = read_trajectory(buffered).header
+    assert h["rule"]["name"] == "mezo-momentum-buffer"
+    with pytest.raises((TrajectoryError, ValueError), match="window"):
+        TrajectoryWriter(tmp_path / "y.mzt", {**h, "rule": {**h["rule"], "window": 4}}, overwrite=True).close()
+        read_trajectory(tmp_path / "y.mzt")
     sgd_with_window = _write(tmp_path, {})
     h = read_trajectory(sgd_with_window).header
     with pytest.raises((TrajectoryError, ValueError), match="window"):
@@ -247,17 +340,22 @@ def test_fit_never_queues_momentum_steps(tmp_path):
 MOMENTUM_ARGS = ("--optimizer", "mezo-momentum", "--momentum", "0.75", "--momentum-window", "3")
 
 
-def test_train_cli_then_the_printed_reconstruct(tmp_path):
-    """What a user runs: train with momentum, then the command train prints: verified against training's
-    own fingerprint; `info` shows the rule."""
-    r = cli("train", "--steps", "5", "--eval-every", "0", *MOMENTUM_ARGS, "-q", "-o", "run.mzt", cwd=tmp_path)
+BUFFER_ARGS = ("--optimizer", "mezo-momentum-buffer", "--momentum", "0.75")
+
+
+@pytest.mark.parametrize("args, shown", [(MOMENTUM_ARGS, "momentum 0.75 over 3 steps"),
+                                         (BUFFER_ARGS, "momentum 0.75 (state buffer)")])
+def test_train_cli_then_the_printed_reconstruct(tmp_path, args, shown):
+    """What a user runs: train with each momentum form, then the command train prints: verified against
+    training's own fingerprint; `info` shows the rule."""
+    r = cli("train", "--steps", "5", "--eval-every", "0", *args, "-q", "-o", "run.mzt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r2 = cli(*printed_command(r.stdout), "-q", cwd=tmp_path)
     assert r2.returncode == 0 and "verified against" in r2.stdout, r2.stderr
     rule = read_trajectory(tmp_path / "run.mzt").header["rule"]
-    assert (rule["name"], rule["momentum"], rule["window"]) == ("mezo-momentum", 0.75, 3)
+    assert (rule["name"], rule["momentum"], rule.get("window")) == (args[1], 0.75, 3 if "over 3" in shown else None)
     info = inproc("info", "run.mzt", cwd=tmp_path)
-    assert "rule       mezo-momentum:" in info.stdout and "momentum 0.75 over 3 steps" in info.stdout, info.stdout
+    assert f"rule       {args[1]}:" in info.stdout and shown in info.stdout, info.stdout
 
 
 def test_train_cli_refuses_momentum_options_without_the_rule_in_one_line(tmp_path):
@@ -266,15 +364,17 @@ def test_train_cli_refuses_momentum_options_without_the_rule_in_one_line(tmp_pat
     r = inproc("train", "--steps", "2", "--optimizer", "mezo-momentum", "--momentum", "1e-6", "-q", "-o", "x.mzt",
                cwd=tmp_path)
     assert "momentum must be in [2^-16, 1 - 2^-16]" in one_line_error(r)
+    r = inproc("train", "--steps", "2", *BUFFER_ARGS, "--momentum-window", "4", "-q", "-o", "x.mzt", cwd=tmp_path)
+    assert "mezo-momentum-buffer keeps a buffer instead and has none" in one_line_error(r)
     assert not (tmp_path / "x.mzt").exists()
 
 
 def _config(tmp_path: Path, dtype: str = "fp32", steps: int = 4, **kw) -> TrainConfig:
     tr, ev = embedded.load_task()
-    return TrainConfig(model=embedded.MODEL_DIR, train_examples=tr[:32], eval_examples=ev[:8],
-                       out=tmp_path / "t.mzt", steps=steps, lr=embedded.DEFAULTS["lr"], eps=1e-3, batch_size=4,
-                       dtype=dtype, optimizer="mezo-momentum", momentum=0.75, momentum_window=3,
-                       weight_decay=0.01, **kw)
+    args = dict(model=embedded.MODEL_DIR, train_examples=tr[:32], eval_examples=ev[:8], out=tmp_path / "t.mzt",
+                steps=steps, lr=embedded.DEFAULTS["lr"], eps=1e-3, batch_size=4, dtype=dtype,
+                optimizer="mezo-momentum", momentum=0.75, momentum_window=3, weight_decay=0.01)
+    return TrainConfig(**{**args, **kw})
 
 
 @pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.slow),

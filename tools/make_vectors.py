@@ -491,12 +491,47 @@ def momentum() -> dict:
                 tensors.append({"dtype": dtype, "noise": noise_name, "seed": str(seed), "tensor": k,
                                 "start": str(start), "step": t, "eps": eps, "d": d, "terms": [[s, c] for s, c in terms],
                                 "w": [hx(int(x), width) for x in w], "p3": [hx(int(x), width) for x in out]})
+    buffer_elements = []
+    betas = [R.round_significant(0.9, 16), 2.0**-16, 1.0 - 2.0**-16, 0.5]
+    ms = [0.0, -0.0, 1e-45, -3.5e-39, 1.0, -2.5e-3, 3.0e37, R.round_significant(0.3, 24)]
+    for dtype, ws in MOMENTUM_SPECIAL.items():
+        width = 8 if dtype == "F32" else 4
+        for n, w in enumerate(ws + [int(v) for v in rng.integers(0, 2**(4 * width), size=8)]):
+            z, eps = zs[n % len(zs)], eps_values[n % len(eps_values)]
+            c, beta = c_values[(n + 1) % len(c_values)], betas[n % len(betas)]
+            d = [0.0, R.round_significant(1e-3, 12), 0.75][n % 3]
+            m = np.array([ms[n % len(ms)]], dtype=np.float32)
+            out, m2 = R.buffer_update(np.array([w], dtype=R.BITS_DTYPE[dtype]), m, dtype,
+                                      np.array([z], dtype=np.float32), eps, c, beta, d)
+            buffer_elements.append({"dtype": dtype, "w": hx(w, width), "m": hx(int(m.view(np.uint32)[0]), 8),
+                                    "z": hx(f32_bits(z), 8), "eps": eps, "c": c, "momentum": beta, "d": d,
+                                    "p3": hx(int(out[0]), width), "m_after": hx(int(m2.view(np.uint32)[0]), 8)})
+    # beta*m inexact: a case where fusing it with + b (one rounding) gives another m
+    beta, z = R.round_significant(0.9, 16), 1.0
+    for m, c in ((R.round_significant(x / 7.0, 24), R.round_significant(y * 2.0**-27, 16))
+                 for x in range(1, 200) for y in range(1, 50)):
+        mm = np.array([m], dtype=np.float32)
+        out, m2 = R.buffer_update(np.array([0x3F800000], dtype=np.uint32), mm, "F32", np.array([z], dtype=np.float32),
+                                  2.0**-10, c, beta)
+        # exact in binary64 here (at most 47 significant bits), then one rounding: what an FMA would give
+        fused = np.float32(beta * float(mm[0]) + c * z)
+        if fused != m2[0]:
+            break
+    else:
+        raise AssertionError("no case where a fused multiply-add changes m")
+    buffer_elements.append({"dtype": "F32", "w": "0x3f800000", "m": hx(int(mm.view(np.uint32)[0]), 8),
+                            "z": hx(f32_bits(z), 8), "eps": 2.0**-10, "c": c, "momentum": beta, "d": 0.0,
+                            "p3": hx(int(out[0]), 8), "m_after": hx(int(m2.view(np.uint32)[0]), 8),
+                            "fused_m_after": hx(int(np.array([fused]).view(np.uint32)[0]), 8)})
     return {"about": "momentum.md: powers p_k for (momentum, window); runs: the terms [noise step, c] of each step "
                      "t for the records grad_bits (bf16 patterns) under lr and schedule; elements: the multi-term "
                      "P3 of one element (bits of D) for w, z (binary32 bits), eps, d and terms [c, z_j]; tensors: "
                      "the multi-term P3 of step `step` on elements start.. of tensor `tensor` with the generator's "
-                     "noise (seed and start decimal strings). NaN results canonical",
-            "powers": powers, "runs": runs, "elements": elements, "tensors": tensors}
+                     "noise (seed and start decimal strings); buffer_elements: mezo-momentum-buffer's P3 on one element "
+                     "(bits of D, and its state m before and after as binary32 bits) for z, eps, c, momentum and d; "
+                     "fused_m_after: what a fused multiply-add would wrongly give. NaN results canonical",
+            "powers": powers, "runs": runs, "elements": elements, "tensors": tensors,
+            "buffer_elements": buffer_elements}
 
 
 def momentum_vectors() -> None:
@@ -507,6 +542,9 @@ def momentum_vectors() -> None:
 
     tiny("tiny-momentum", schedule=Schedule("cosine", warmup_steps=1, total_steps=6), weight_decay=0.5,
          rule="mezo-momentum", momentum=0.75, window=3,
+         loss_values=(2.0, 1.9, 1.7, 1.75, 1.5, 1.5, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1))
+    tiny("tiny-momentum-buffer", schedule=Schedule("cosine", warmup_steps=1, total_steps=6), weight_decay=0.5,
+         rule="mezo-momentum-buffer", momentum=0.75,
          loss_values=(2.0, 1.9, 1.7, 1.75, 1.5, 1.5, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1))
 
 

@@ -126,6 +126,19 @@ def restore_terms_(w: torch.Tensor, z: torch.Tensor, eps: float, terms: Iterable
     w.copy_(s)
 
 
+def buffer_update_(w: torch.Tensor, m: torch.Tensor, z: torch.Tensor, eps: float, c: float, beta: float,
+                   d: float = 0.0) -> None:
+    """mezo-momentum-buffer's P3 (spec/momentum.md): m = fl32(fl32(beta*m) + c*z), then
+    w = R_D(fl32(DECAY(fl32(w + eps*z)) - m)); m is float32 and updated in place. beta*m is the one inexact
+    product of the spec: two eager torch operations round it before the sum (nothing fuses them)."""
+    m.mul_(beta)
+    m.add_(z * c)
+    s = w.to(torch.float32) + z * eps
+    if d:
+        s = _decay(s, d)
+    w.copy_(s - m)
+
+
 def default_slice(device: torch.device) -> int:
     return 1 << 24 if device.type == "cuda" else 1 << 18
 
@@ -344,12 +357,7 @@ def _apply_buffer_(w: torch.Tensor, state: torch.Tensor, rule: MezoSGD, index: i
             if mode == cpu_kernel.REPLAY:
                 perturb_(s, z, rule.eps)
                 perturb_(s, z, -2.0 * rule.eps)
-            m.mul_(rule.momentum)  # rounded on its own: the one inexact product (spec/momentum.md)
-            m.add_(z * c)
-            acc = s.to(torch.float32) + z * rule.eps
-            if d:
-                acc = _decay(acc, d)
-            s.copy_(acc - m)
+            buffer_update_(s, m, z, rule.eps, c, rule.momentum, d)
 
     def run(t: torch.Tensor) -> None:
         path = _path(t)
