@@ -416,7 +416,8 @@ def restore_update_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int
             start=start)
 
 
-def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequence[StepConstants], *,
+def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int,
+                   constants: Sequence[StepConstants] | Sequence[StepTerms], *,
                    decay: bool = False, first_step: int = 0, slice_size: int | None = None,
                    progress: Callable[[int], None] | None = None, start: int = 0,
                    state: torch.Tensor | None = None) -> None:
@@ -425,6 +426,9 @@ def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequen
 
     Each slice runs all its steps before the next slice starts, so the noise of a step is drawn once
     for its three phases and the slice stays in cache.
+
+    constants: step_constants' output for the rule ((terms, d) per step under mezo-momentum). Under
+    mezo-momentum-buffer, state is the float32 m of w's elements (updated in place; None: +0, from step 0).
     """
     if rule.buffered:  # mezo-momentum-buffer: state is m (float32, w's element count); None: +0, from step 0
         if state is None:
