@@ -407,3 +407,30 @@ def test_resume_mid_window_equals_the_uninterrupted_run(tmp_path):
     for step, out in (("2", "at2"), ("5", "at5")):
         r = inproc("reconstruct", base, "run.mzt", "--step", step, "-o", out, cwd=tmp_path)
         assert r.returncode == 0 and "verified against" in r.stdout, r.stderr
+
+
+def test_gpu_kernels_compile_and_the_buffer_kernel_fuses_nothing():
+    """Both momentum Triton kernels compile for sm_90 on this GPU-less machine (Triton ships ptxas); the
+    buffer kernel's PTX has no fused multiply-add (beta*m must round alone, spec/momentum.md) and neither
+    flushes subnormals."""
+    import os
+    import subprocess
+    import sys
+
+    from mezo_replay.kernels import triton_kernels
+
+    if not triton_kernels.available():
+        pytest.skip("Triton is not installed")
+    code = """
+import torch
+from mezo_replay.kernels import triton_kernels as T
+for kind, dt in (("buffer", torch.float32), ("buffer", torch.float16), ("terms", torch.bfloat16)):
+    ptx = T.compile_momentum_for_gpu(kind, dt).asm["ptx"]
+    assert ".ftz" not in ptx and "sm_90" in ptx, (kind, dt)
+    assert ("fma.rn.f32" in ptx) == (kind == "terms"), (kind, dt)
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

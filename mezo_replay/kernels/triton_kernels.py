@@ -695,3 +695,34 @@ def apply_buffer_(w: torch.Tensor, state: torch.Tensor, start: int, rule: MezoSG
                 index, rule.seed & 0xFFFFFFFF, rule.seed >> 32, rule.eps, rule.momentum, **meta)
         if progress is not None:
             progress(w.numel() * len(part))
+
+
+def compile_momentum_for_gpu(kind: str, dtype: torch.dtype, *, replay: bool = True, decay: bool = True,
+                             noise: str = "gaussian16", arch: int = 90, block: int = BLOCK, num_warps: int = 4):
+    """compile_for_gpu for the momentum kernels (spec/momentum.md): kind "terms" (mezo-momentum's multi-term
+    pass, fusion allowed: its products are exact) or "buffer" (mezo-momentum-buffer, fusion off: tests check
+    that its PTX holds no fused multiply-add). Not under TRITON_INTERPRET."""
+    if triton is None or interpreting():
+        raise RuntimeError("compiling needs Triton, and TRITON_INTERPRET unset")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr = {torch.float32: "*fp32", torch.bfloat16: "*i16", torch.float16: "*fp16"}[dtype]
+    common = {"n": "i32", "base_hi": "i32", "base_lo": "i32", "table_ptr": "*u16"}
+    if kind == "terms":
+        kernel, fusion = _terms_kernel, FP_FUSION
+        signature = {"w_ptr": ptr, **common, "d_ptr": "*fp32", "toff_ptr": "*i32", "tstep_ptr": "*i32",
+                     "tc_ptr": "*fp32", "nsteps": "i32", "first_step": "i32", "tensor_index": "i32", "key0": "i32",
+                     "key1": "i32", "eps": "fp32"}
+    elif kind == "buffer":
+        kernel, fusion = _buffer_kernel, False
+        signature = {"w_ptr": ptr, "m_ptr": "*fp32", **common, "c_ptr": "*fp32", "d_ptr": "*fp32", "nsteps": "i32",
+                     "first_step": "i32", "tensor_index": "i32", "key0": "i32", "key1": "i32", "eps": "fp32",
+                     "beta": "fp32"}
+    else:
+        raise ValueError(f"unknown momentum kernel {kind!r}")
+    constexprs = {"DT": _dt_code(dtype, arch >= 80), "NOISE": NOISES[noise], "REPLAY_STEPS": replay,
+                  "DECAY": decay, "BLOCK": block}
+    signature.update({k: "constexpr" for k in constexprs})
+    return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "enable_fp_fusion": fusion})
