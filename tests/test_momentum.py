@@ -259,6 +259,8 @@ def test_buffer_training_resumed_equals_the_uninterrupted_run(tmp_path):
     assert resumed.resumed_from == 2
     a, b = read_trajectory(tmp_path / "whole.mzt"), read_trajectory(tmp_path / "part.mzt")
     assert list(a.grad_bits) == list(b.grad_bits) and a.final_fingerprint == b.final_fingerprint
+    mid = replay.reconstruct(replay.plan(whole.base, tmp_path / "part.mzt", step=2), tmp_path / "at2")  # verified
+    assert BaseCheckpoint.open(mid).read(whole.optimizer.names[0]) is not None
 
 
 # -- files -----------------------------------------------------------------------------------------
