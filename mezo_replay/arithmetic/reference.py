@@ -271,7 +271,7 @@ def phases(bits: np.ndarray, dtype: str, z: np.ndarray, eps: float, c: float, d:
 def replay(bits: np.ndarray, dtype: str, *, seed: int, k: int, noise_name: str, rule: dict, grads: list[int],
            decayed: bool = False, start: int = 0) -> np.ndarray:
     """Elements start.. of tensor k after every step in `grads` (bf16 bits); `rule` is the header's
-    (mezo-sgd or mezo-momentum)."""
+    (mezo-sgd, mezo-momentum or mezo-momentum-buffer)."""
     index = np.arange(start, start + bits.size, dtype=np.uint64)
     m = np.zeros(bits.size, dtype=np.float32)  # mezo-momentum-buffer's state
     for t, gb in enumerate(grads):

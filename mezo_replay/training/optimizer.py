@@ -103,7 +103,7 @@ class _Unread:
 
 
 class MeZO:
-    """MeZO-SGD (spec/rule.md `mezo-sgd`) over named tensors.
+    """MeZO-SGD (spec/rule.md `mezo-sgd`), or MeZO with momentum (spec/momentum.md), over named tensors.
 
     Each `step(closure)` calls the closure twice (at w + eps z and w - eps z), so the closure must
     compute the loss on the same batch each time and must not change the weights.
@@ -282,10 +282,10 @@ class MeZO:
         skip its perturbation on the device, so when its NonFiniteLossError is raised here one step late,
         the weights are that step's settled weights, as step() leaves them; the queued forward is discarded.
         settle() (and everything that reads the weights) completes the last queued step.
-        mezo-momentum steps are refused: their terms need the host's records (use step())."""
+        Momentum steps are refused: mezo-momentum's terms come from the host's records, and neither form's
+        update has a device-side fused pass (use step())."""
         if self.rule.window or self.rule.buffered:
-            raise MezoReplayError("queue_step takes mezo-sgd steps only: a mezo-momentum step's terms are "
-                                  "computed on the host (use step())")
+            raise MezoReplayError(f"queue_step takes mezo-sgd steps only, not {self.rule.name}'s: use step()")
         eps = self.rule.eps
         t = self.step_count
         tensors = [p.data for p in self.params]
