@@ -379,11 +379,14 @@ def _config(tmp_path: Path, dtype: str = "fp32", steps: int = 4, **kw) -> TrainC
     return TrainConfig(**{**args, **kw})
 
 
-@pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.slow),
-                                   pytest.param("fp16", marks=pytest.mark.slow)])
-def test_training_bytes_equal_reconstruction(tmp_path, dtype):
+@pytest.mark.parametrize("rule, dtype", [
+    ("mezo-momentum", "fp32"), pytest.param("mezo-momentum", "bf16", marks=pytest.mark.slow),
+    pytest.param("mezo-momentum", "fp16", marks=pytest.mark.slow),
+    pytest.param("mezo-momentum-buffer", "bf16", marks=pytest.mark.slow),  # fp32: the resume test below
+    pytest.param("mezo-momentum-buffer", "fp16", marks=pytest.mark.slow)])
+def test_training_bytes_equal_reconstruction(tmp_path, rule, dtype):
     """train() in process on tiny Llama: its final in-memory weights against reconstruct's bytes."""
-    result = train(_config(tmp_path, dtype))
+    result = train(_config(tmp_path, dtype, optimizer=rule))
     out = replay.reconstruct(replay.plan(result.base, result.trajectory), tmp_path / "out")
     got = BaseCheckpoint.open(out)
     tuned = dict(result.model.named_parameters())
