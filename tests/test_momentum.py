@@ -465,3 +465,28 @@ def test_a_skipped_non_finite_step_and_codecs_replay_exactly(tmp_path, kind, cod
         w = start[name].clone()
         steps.replay_tensor_(w, rule, k, constants, decay=opt.decay[k])
         assert tensor_bytes(w) == tensor_bytes(p.detach()), name
+
+
+@pytest.mark.parametrize("kind", ["mezo-momentum", "mezo-momentum-buffer"])
+def test_fused_update_perturb_is_the_two_passes(backend, kind):
+    """then_perturb: one pass with the bytes of the restore-update followed by the next step's P1, on every
+    backend, both forms (the pass training uses between steps)."""
+    rule = momentum_rule(rule=kind, weight_decay=0.1, window=3)
+    bits = [R.grad_bits(g) for g in (2.0, -3.5, 1.25, 0.0)]
+    terms, d = steps.step_constants(rule, bits)[3] if kind == "mezo-momentum" else (None, rule.decay(3))
+    c = rule.coefficient(3, bits[3])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = [torch.randn(203).to(dtype), torch.randn(3, 7).to(dtype)]
+        fused, apart = [x.clone() for x in w], [x.clone() for x in w]
+        sf = [torch.randn(x.numel()) for x in w]
+        sa = [x.clone() for x in sf]
+        if kind == "mezo-momentum":
+            steps.restore_terms_all_(fused, rule, 3, terms, d, [True, False], then_perturb=True)
+            steps.restore_terms_all_(apart, rule, 3, terms, d, [True, False])
+        else:
+            steps.restore_buffer_all_(fused, sf, rule, 3, c, d, [True, False], then_perturb=True)
+            steps.restore_buffer_all_(apart, sa, rule, 3, c, d, [True, False])
+            assert all(torch.equal(a, b) for a, b in zip(sf, sa))
+        steps.perturb_all_(apart, rule, 4, rule.eps)
+        for a, b in zip(fused, apart):
+            assert tensor_bytes(a) == tensor_bytes(b), (backend, dtype)

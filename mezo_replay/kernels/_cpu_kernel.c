@@ -370,7 +370,7 @@ INLINE float *ring_noise(float *zring, int64_t *tags, int ring, uint32_t t, uint
 }
 
 /* mode REPLAY: P1, P2 and the multi-term P3 for steps first .. first+nsteps-1; RESTORE_UPDATE: the
- * multi-term P3 of step `first` alone. Step j's terms are toff[j] .. toff[j+1]-1 of (tstep, tc). */
+ * multi-term P3 of step `first` alone; UPDATE_PERTURB: that P3, then P1 of step first + 1. Step j's terms are toff[j] .. toff[j+1]-1 of (tstep, tc). */
 INLINE void terms_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index,
                        uint32_t first, int64_t nsteps, const double *d, double eps, int noise,
                        const float *table, int mode, const int64_t *toff, const uint32_t *tstep,
@@ -400,6 +400,11 @@ INLINE void terms_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t s
                 subtract_term(s, zq, padded, (float)tc[q]);
             }
             round_chunk(dtype, x, s, padded);
+        }
+        if (mode == UPDATE_PERTURB) {  /* P1 of step first + 1 on P3's rounded result: PERTURB's bits */
+            float *z = ring_noise(zring, tags, ring, first + 1u, i0, m, padded, index, k0, k1, noise, table,
+                                  make_noise);
+            chunk_phases(dtype, PERTURB, x, z, padded, e, e2, e, 0.0f, 0.0f);
         }
         for (int64_t q = 0; q < m; q++) store(w, dtype, base + q, x[q]);
     }
@@ -458,6 +463,11 @@ INLINE void buffer_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t 
                 chunk_phases(dtype, PERTURB, x, z, padded, e, e2, -e2, 0.0f, 0.0f);   /* P2 */
             }
             buffer_p3(dtype, x, mv, z, padded, e, (float)c[j], b, (float)d[j]);
+        }
+        if (mode == UPDATE_PERTURB) {  /* P1 of step first + 1 on P3's rounded result */
+            make_noise(z, start + (uint64_t)base, m, index, first + 1u, k0, k1, noise, table);
+            for (int64_t q = m; q < padded; q++) z[q] = 0.0f;
+            chunk_phases(dtype, PERTURB, x, z, padded, e, e2, e, 0.0f, 0.0f);
         }
         for (int64_t q = 0; q < m; q++) store(w, dtype, base + q, x[q]);
         for (int64_t q = 0; q < m; q++) state[base + q] = mv[q];
@@ -521,7 +531,8 @@ void mezo_apply(int isa, ARGS) {
 
 /* The multi-term P3 (spec/momentum.md) on elements [start, start + n) of tensor `index`: mode REPLAY (0)
  * runs P1, P2 and the multi-term P3 for steps first .. first + nsteps - 1 (d[j]: step j's decay factor);
- * RESTORE_UPDATE (2) the multi-term P3 of step `first` alone. Step j's terms, in order, are (tstep[q],
+ * RESTORE_UPDATE (2) the multi-term P3 of step `first` alone; UPDATE_PERTURB (3) that P3, then P1 of step
+ * first + 1, in one pass (training's step-to-step pass). Step j's terms, in order, are (tstep[q],
  * tc[q]) for q in toff[j] .. toff[j+1]-1. ring (1..64): noise slots per chunk, a cache keyed by step.
  * Returns 0, or -1 if the ring could not be allocated. */
 int mezo_apply_terms(int isa, void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index,
@@ -545,7 +556,8 @@ int mezo_apply_terms(int isa, void *w, int dtype, int64_t n, uint64_t start, uin
 
 /* mezo-momentum-buffer (spec/momentum.md) on elements [start, start + n) of tensor `index`, with their binary32
  * states at `state` (n floats, updated in place): mode REPLAY (0) runs P1, P2 and this form's P3 for steps
- * first .. first + nsteps - 1 with c[j], d[j]; RESTORE_UPDATE (2) its P3 of step `first` alone. */
+ * first .. first + nsteps - 1 with c[j], d[j]; RESTORE_UPDATE (2) its P3 of step `first` alone;
+ * UPDATE_PERTURB (3) that P3, then P1 of step first + 1. */
 void mezo_apply_buffer(int isa, BARGS) {
 #ifdef X86
     if (isa == AVX512) { buffer_avx512(BPASS); return; }

@@ -105,7 +105,7 @@ def apply_terms_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_s
                  steps: Sequence[tuple[Terms, float]], isa: str | None = None) -> None:
     """The multi-term P3 of spec/momentum.md on a contiguous CPU slice: mode REPLAY runs P1, P2 and it for
     steps first_step.. (steps[j] = (terms, d) of step first_step + j); RESTORE_UPDATE runs it for
-    first_step alone (steps[0]). The chunk keeps the noise of the last steps a term names in a ring as
+    first_step alone (steps[0]); UPDATE_PERTURB that, then P1 of first_step + 1, in one pass. The chunk keeps the noise of the last steps a term names in a ring as
     wide as the longest term list, so a momentum replay draws each step's noise once per chunk."""
     lib = _library()
     if lib is None:
@@ -113,8 +113,8 @@ def apply_terms_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_s
     have = isas()
     if isa is not None and isa not in have:
         raise ValueError(f"this CPU runs the kernel with {', '.join(have)}, not {isa!r}")
-    if mode not in (REPLAY, RESTORE_UPDATE):
-        raise ValueError(f"the multi-term pass runs modes REPLAY and RESTORE_UPDATE, not {mode!r}")
+    if mode not in (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError(f"the multi-term pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB, not {mode!r}")
     if w.device.type != "cpu" or not w.is_contiguous() or w.dtype not in DTYPES:
         raise ValueError("the compiled kernel takes contiguous float32/bfloat16/float16 CPU tensors")
     offsets, tstep, tc = [0], [], []
@@ -139,15 +139,15 @@ def apply_buffer_(w: torch.Tensor, state: torch.Tensor, start: int, rule: MezoSG
                   mode: int, *, constants: Sequence[tuple[float, float]], isa: str | None = None) -> None:
     """mezo-momentum-buffer (spec/momentum.md) on a contiguous CPU slice and its float32 states (same
     element count, updated in place): REPLAY runs P1, P2 and the buffered P3 per step; RESTORE_UPDATE
-    the buffered P3 of first_step with constants[0]."""
+    the buffered P3 of first_step with constants[0]; UPDATE_PERTURB that, then P1 of first_step + 1."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the compiled CPU kernel is not built")
     have = isas()
     if isa is not None and isa not in have:
         raise ValueError(f"this CPU runs the kernel with {', '.join(have)}, not {isa!r}")
-    if mode not in (REPLAY, RESTORE_UPDATE):
-        raise ValueError(f"the buffered pass runs modes REPLAY and RESTORE_UPDATE, not {mode!r}")
+    if mode not in (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError(f"the buffered pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB, not {mode!r}")
     if w.device.type != "cpu" or not w.is_contiguous() or w.dtype not in DTYPES:
         raise ValueError("the compiled kernel takes contiguous float32/bfloat16/float16 CPU tensors")
     if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != w.numel() or \

@@ -298,8 +298,8 @@ def _apply_terms_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, m
     """_apply_ for a multi-term P3 (spec/momentum.md): REPLAY or RESTORE_UPDATE. The compiled kernel on
     CPU tensors, Triton's (one launch per tensor) on CUDA ones; the torch path draws the noise of one term
     at a time, so that memory stays at a few z-sized buffers."""
-    if mode not in (cpu_kernel.REPLAY, cpu_kernel.RESTORE_UPDATE):
-        raise ValueError("a multi-term update runs in replay or as a step's restore-update, not fused")
+    if mode not in (cpu_kernel.REPLAY, cpu_kernel.RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError("a multi-term update runs in replay or as a step's restore-update (then perturb)")
     steps = steps if decay else [(terms, 0.0) for terms, _ in steps]
 
     def torch_slice(offset: int, s: torch.Tensor) -> None:
@@ -312,6 +312,9 @@ def _apply_terms_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, m
             restore_terms_(s, z, rule.eps, ((c, z if step == t else noise(rule.noise, rule.seed, step, index,
                                                                        start + offset, s.numel(), s.device))
                                             for step, c in terms), d)
+            if mode == UPDATE_PERTURB:  # P1 of the next step on P3's rounded result
+                perturb_(s, noise(rule.noise, rule.seed, t + 1, index, start + offset, s.numel(), s.device),
+                         rule.eps)
 
     def run(t: torch.Tensor) -> None:
         path = _path(t)
@@ -343,8 +346,8 @@ def _apply_buffer_(w: torch.Tensor, state: torch.Tensor, rule: MezoSGD, index: i
     buffered P3 of one step), with `state` the float32 m of w's elements (flat, contiguous, updated in
     place). The compiled kernel on CPU tensors, Triton's on CUDA ones (fusion off); the torch path: beta*m
     and its sum are two torch operations, never fused."""
-    if mode not in (cpu_kernel.REPLAY, cpu_kernel.RESTORE_UPDATE):
-        raise ValueError("a buffered momentum update runs in replay or as a step's restore-update, not fused")
+    if mode not in (cpu_kernel.REPLAY, cpu_kernel.RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError("a buffered momentum update runs in replay or as a step's restore-update (then perturb)")
     if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != w.numel():
         raise ValueError("the momentum state must be a contiguous float32 tensor with the weights' element count")
     cs = [(float(c), d if decay else 0.0) for c, d in constants]
@@ -358,6 +361,9 @@ def _apply_buffer_(w: torch.Tensor, state: torch.Tensor, rule: MezoSGD, index: i
                 perturb_(s, z, rule.eps)
                 perturb_(s, z, -2.0 * rule.eps)
             buffer_update_(s, m, z, rule.eps, c, rule.momentum, d)
+            if mode == UPDATE_PERTURB:  # P1 of the next step on P3's rounded result
+                perturb_(s, noise(rule.noise, rule.seed, first_step + 1, index, start + offset, s.numel(),
+                                  s.device), rule.eps)
 
     def run(t: torch.Tensor) -> None:
         path = _path(t)
@@ -383,23 +389,27 @@ def _apply_buffer_(w: torch.Tensor, state: torch.Tensor, rule: MezoSGD, index: i
 
 
 def restore_buffer_all_(tensors: Sequence[torch.Tensor], states: Sequence[torch.Tensor], rule: MezoSGD, step: int,
-                        c: float, d: float, decays: Sequence[bool], starts: Sequence[int] | None = None) -> None:
+                        c: float, d: float, decays: Sequence[bool], starts: Sequence[int] | None = None,
+                        then_perturb: bool = False) -> None:
     """mezo-momentum-buffer's P3 of one step on every tuned tensor and its state (states[k]: float32, the
-    element count of tensors[k]); decays and starts as in restore_update_all_."""
+    element count of tensors[k]); decays and starts as in restore_update_all_. then_perturb: P1 of step + 1
+    in the same pass (the bytes of this call then perturb_all_(step + 1, eps))."""
     starts = _starts(starts, len(tensors))
+    mode = UPDATE_PERTURB if then_perturb else cpu_kernel.RESTORE_UPDATE
     for k, t in enumerate(tensors):
-        _apply_buffer_(t, states[k], rule, k, step, cpu_kernel.RESTORE_UPDATE, [(c, d)], bool(decays[k]), None,
-                       None, starts[k])
+        _apply_buffer_(t, states[k], rule, k, step, mode, [(c, d)], bool(decays[k]), None, None, starts[k])
 
 
 def restore_terms_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, terms: Terms, d: float,
-                       decays: Sequence[bool], starts: Sequence[int] | None = None) -> None:
+                       decays: Sequence[bool], starts: Sequence[int] | None = None, then_perturb: bool = False) -> None:
     """The multi-term P3 of one step (spec/momentum.md) on every tuned tensor, one tensor at a time;
-    decays and starts as in restore_update_all_."""
+    decays and starts as in restore_update_all_. then_perturb: P1 of step + 1 in the same pass (the bytes
+    of this call then perturb_all_(step + 1, eps))."""
     starts = _starts(starts, len(tensors))
+    mode = UPDATE_PERTURB if then_perturb else cpu_kernel.RESTORE_UPDATE
     for k, t in enumerate(tensors):
-        _apply_terms_(t, rule, k, step, cpu_kernel.RESTORE_UPDATE, [(tuple(terms), d if decays[k] else 0.0)],
-                      bool(decays[k]), None, None, starts[k])
+        _apply_terms_(t, rule, k, step, mode, [(tuple(terms), d if decays[k] else 0.0)], bool(decays[k]), None,
+                      None, starts[k])
 
 
 def perturb_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, scale: float,

@@ -274,6 +274,15 @@ if triton is not None:
                 _noise((x3 & 0xFFFF).to(tl.int32), table_ptr, NOISE), _noise((x3 >> 16).to(tl.int32), table_ptr, NOISE))
 
     @triton.jit
+    def _next_p1(w0, w1, w2, w3, w4, w5, w6, w7, blocks, k_idx, step, k0, k1, table_ptr, eps, DT: tl.constexpr,
+                 NOISE: tl.constexpr):
+        """P1 of step `step` on the 8 element tensors of the _tile layout: PERTURB's bits with scale eps."""
+        z0, z1, z2, z3, z4, z5, z6, z7 = _z8(blocks, k_idx, step, k0, k1, table_ptr, NOISE)
+        return (_round(w0 + z0 * eps, DT), _round(w1 + z1 * eps, DT), _round(w2 + z2 * eps, DT),
+                _round(w3 + z3 * eps, DT), _round(w4 + z4 * eps, DT), _round(w5 + z5 * eps, DT),
+                _round(w6 + z6 * eps, DT), _round(w7 + z7 * eps, DT))
+
+    @triton.jit
     def _p12(w, z, eps, DT: tl.constexpr):
         w = _round(w + z * eps, DT)
         return _round(w - z * (eps + eps), DT)
@@ -290,7 +299,7 @@ if triton is not None:
     def _terms_kernel(w_ptr, n, base_hi, base_lo, table_ptr, d_ptr, toff_ptr, tstep_ptr, tc_ptr, nsteps, first_step,
                       tensor_index, key0, key1, eps,
                       DT: tl.constexpr, NOISE: tl.constexpr, REPLAY_STEPS: tl.constexpr, DECAY: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, NEXT_PERTURB: tl.constexpr):
         """The multi-term P3 of spec/momentum.md (with P1 and P2 before it where REPLAY_STEPS) on one tensor
         or a contiguous run of it, in the layout of _tile: step j's terms are (tstep, tc)[toff[j] ..
         toff[j+1]), each term's noise regenerated in registers, subtracted in order in binary32."""
@@ -323,6 +332,10 @@ if triton is not None:
                 s4, s5, s6, s7 = s4 - y4 * c, s5 - y5 * c, s6 - y6 * c, s7 - y7 * c
             w0, w1, w2, w3 = _round(s0, DT), _round(s1, DT), _round(s2, DT), _round(s3, DT)
             w4, w5, w6, w7 = _round(s4, DT), _round(s5, DT), _round(s6, DT), _round(s7, DT)
+        if NEXT_PERTURB:  # P1 of the next step on P3's rounded values (UPDATE_PERTURB)
+            w0, w1, w2, w3, w4, w5, w6, w7 = _next_p1(w0, w1, w2, w3, w4, w5, w6, w7, blocks, k_idx,
+                                                      (first_step + 1).to(tl.uint32), k0, k1, table_ptr, eps,
+                                                      DT, NOISE)
         _store(p, w0, n0, m0, DT)
         _store(p + 1, w1, n1, m1, DT)
         _store(p + 2, w2, n2, m2, DT)
@@ -344,7 +357,7 @@ if triton is not None:
     def _buffer_kernel(w_ptr, m_ptr, n, base_hi, base_lo, table_ptr, c_ptr, d_ptr, nsteps, first_step, tensor_index,
                        key0, key1, eps, beta,
                        DT: tl.constexpr, NOISE: tl.constexpr, REPLAY_STEPS: tl.constexpr, DECAY: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, NEXT_PERTURB: tl.constexpr):
         """mezo-momentum-buffer on one tensor (or a run of it) and its float32 states at m_ptr, in the layout of
         _tile: P1, P2 (where REPLAY_STEPS) and the buffered P3 for each step, weights and states in registers."""
         base = (base_hi.to(tl.int64) << 31) + base_lo.to(tl.int64)
@@ -376,6 +389,10 @@ if triton is not None:
             w5, h5 = _buffer_p3(w5, h5, z5, eps, c, beta, d, DT, DECAY)
             w6, h6 = _buffer_p3(w6, h6, z6, eps, c, beta, d, DT, DECAY)
             w7, h7 = _buffer_p3(w7, h7, z7, eps, c, beta, d, DT, DECAY)
+        if NEXT_PERTURB:
+            w0, w1, w2, w3, w4, w5, w6, w7 = _next_p1(w0, w1, w2, w3, w4, w5, w6, w7, blocks, k_idx,
+                                                      (first_step + 1).to(tl.uint32), k0, k1, table_ptr, eps,
+                                                      DT, NOISE)
         _store(p, w0, n0, m0, DT)
         _store(p + 1, w1, n1, m1, DT)
         _store(p + 2, w2, n2, m2, DT)
@@ -626,8 +643,8 @@ def apply_terms_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_s
     if not runs_on(w) or not w.is_contiguous():
         raise ValueError("the Triton kernel takes contiguous float32/bfloat16/float16 CUDA tensors "
                          "(CPU tensors only under TRITON_INTERPRET=1)")
-    if mode not in (REPLAY, RESTORE_UPDATE):
-        raise ValueError("the multi-term pass runs modes REPLAY and RESTORE_UPDATE")
+    if mode not in (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError("the multi-term pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB")
     if w.numel() == 0 or not steps:
         return
     view = (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).view(-1)
@@ -635,7 +652,7 @@ def apply_terms_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_s
     if native_bf16 is None:
         native_bf16 = native_bf16_default(w.device)
     meta = dict(DT=_dt_code(w.dtype, native_bf16), NOISE=NOISES[rule.noise], REPLAY_STEPS=mode == REPLAY,
-                DECAY=bool(decay), BLOCK=block, enable_fp_fusion=FP_FUSION)
+                DECAY=bool(decay), BLOCK=block, NEXT_PERTURB=mode == UPDATE_PERTURB, enable_fp_fusion=FP_FUSION)
     for first in range(0, len(steps), steps_per_launch):
         part_steps = steps[first:first + steps_per_launch]
         offsets, tstep, tc = [0], [], []
@@ -669,8 +686,8 @@ def apply_buffer_(w: torch.Tensor, state: torch.Tensor, start: int, rule: MezoSG
     if not runs_on(w) or not w.is_contiguous():
         raise ValueError("the Triton kernel takes contiguous float32/bfloat16/float16 CUDA tensors "
                          "(CPU tensors only under TRITON_INTERPRET=1)")
-    if mode not in (REPLAY, RESTORE_UPDATE):
-        raise ValueError("the buffered pass runs modes REPLAY and RESTORE_UPDATE")
+    if mode not in (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError("the buffered pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB")
     if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != w.numel() or \
             state.device != w.device:
         raise ValueError("the momentum state must be a contiguous float32 tensor of the weights' size and device")
@@ -682,7 +699,7 @@ def apply_buffer_(w: torch.Tensor, state: torch.Tensor, start: int, rule: MezoSG
     if native_bf16 is None:
         native_bf16 = native_bf16_default(w.device)
     meta = dict(DT=_dt_code(w.dtype, native_bf16), NOISE=NOISES[rule.noise], REPLAY_STEPS=mode == REPLAY,
-                DECAY=bool(decay), BLOCK=block, enable_fp_fusion=False)
+                DECAY=bool(decay), BLOCK=block, NEXT_PERTURB=mode == UPDATE_PERTURB, enable_fp_fusion=False)
     for first in range(0, len(constants), steps_per_launch):
         part = constants[first:first + steps_per_launch]
         c = torch.tensor([float(x) for x, _ in part], dtype=torch.float32).to(w.device)  # binary32 values: exact
@@ -722,7 +739,7 @@ def compile_momentum_for_gpu(kind: str, dtype: torch.dtype, *, replay: bool = Tr
     else:
         raise ValueError(f"unknown momentum kernel {kind!r}")
     constexprs = {"DT": _dt_code(dtype, arch >= 80), "NOISE": NOISES[noise], "REPLAY_STEPS": replay,
-                  "DECAY": decay, "BLOCK": block}
+                  "DECAY": decay, "BLOCK": block, "NEXT_PERTURB": not replay}
     signature.update({k: "constexpr" for k in constexprs})
     return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "enable_fp_fusion": fusion})

@@ -114,10 +114,10 @@ class MeZO:
 
     rule="mezo-momentum" adds memory-free heavy-ball momentum (spec/momentum.md): each step's update is
     the sum over the last `momentum_window` records of momentum^k * lr_t * gq * z, with every z
-    regenerated, so no state buffer is kept. Its steps are applied unfused (restore-update, then the
-    next perturbation) and never queued on the device: queue_step refuses them.
+    regenerated, so no state buffer is kept. A pending update is applied in the next step's first pass, as
+    for mezo-sgd; its steps are never queued on the device: queue_step refuses them.
     rule="mezo-momentum-buffer" is the state-buffer form: one float32 buffer per tuned tensor (`states`),
-    4 bytes per tuned parameter more, one noise draw per step; applied and never queued the same way.
+    4 bytes per tuned parameter more, one noise draw per step; fused and never queued the same way.
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], *, lr: float, eps: float = 1e-3,
@@ -258,12 +258,10 @@ class MeZO:
         if self._pending is not None:
             pt, c, d, go = self._pending
             self._pending = None  # as in settle(): never applied twice
-            if isinstance(c, tuple) or self.rule.buffered:  # momentum: its P3 unfused, then P1
-                if isinstance(c, tuple):
-                    restore_terms_all_(tensors, self.rule, pt, c, d, self.decay)
-                else:
-                    restore_buffer_all_(tensors, self.states, self.rule, pt, c, d, self.decay)
-                perturb_all_(tensors, self.rule, t, self.rule.eps)
+            if isinstance(c, tuple):  # mezo-momentum: its multi-term P3, then P1 of t, in one pass
+                restore_terms_all_(tensors, self.rule, pt, c, d, self.decay, then_perturb=True)
+            elif self.rule.buffered:
+                restore_buffer_all_(tensors, self.states, self.rule, pt, c, d, self.decay, then_perturb=True)
             else:
                 update_perturb_all_(tensors, self.rule, pt, c, d, self.decay, go=go)  # P3 of step pt, P1 of t
         else:
