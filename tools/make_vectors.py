@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -295,7 +296,8 @@ def init() -> dict:
 
 def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_tensor: bool = False,
          nan_payloads: bool = False, checkpoints: tuple[int, ...] = (), grad_codec: str = "bf16",
-         grad_scale: float | None = None, loss_values: tuple[float, ...] | None = None) -> None:
+         grad_scale: float | None = None, loss_values: tuple[float, ...] | None = None,
+         rule: str = "mezo-sgd", momentum: float = 0.9, window: int = 16) -> None:
     """spec/vectors/tiny: a base with one tensor per dtype (special values included) and a frozen one,
     a trajectory recorded by the real optimizer from a fixed loss sequence, and the expected result.
     With nan_payloads the base's NaNs have signs, payloads and signalling bits that every output must
@@ -332,7 +334,7 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
         params["e.head"] = (torch.randn(2, 3, generator=g) * 0.5).requires_grad_(True)
     losses = iter(loss_values or [2.0, 1.9, 1.7, 1.75, 1.5, 1.52, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1])
     opt = MeZO(params.items(), lr=0.05, eps=1e-3, seed=2**40 + 11, schedule=schedule, weight_decay=weight_decay,
-               grad_codec=grad_codec, grad_scale=grad_scale)
+               grad_codec=grad_codec, grad_scale=grad_scale, rule=rule, momentum=momentum, momentum_window=window)
     (out / "traj.mzt").unlink(missing_ok=True)
     opt.record(out / "traj.mzt", base_source="base.safetensors", steps_per_chunk=4,
                metadata={"purpose": "spec test vector"}, new_tensors=["e.head"] if new_tensor else ())
@@ -428,7 +430,128 @@ def tiny_lora(name: str = "tiny-lora") -> None:
     print("wrote", out)
 
 
+MOMENTUM_SPECIAL = {
+    "F32": [0x00000000, 0x80000000, 0x00000001, 0x807FFFFF, 0x3F800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000,
+            0xFF800000, 0x7FC00000, 0x3A83126F, 0xB3800000],
+    "BF16": [0x0000, 0x8000, 0x0001, 0x807F, 0x3F80, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80, 0x7FC0, 0x3A83, 0xB380],
+    "F16": [0x0000, 0x8000, 0x0001, 0x83FF, 0x3C00, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7E00, 0x1419, 0x8400],
+}
+
+
+def momentum() -> dict:
+    """momentum.md: the powers p_k, the terms c_(t,k) of steps, the multi-term P3 on elements with given z,
+    and on whole runs of elements whose z come from the generator (what a kernel must produce)."""
+    table = R.gauss16_table()
+    zs = [float(table[32768]), float(table[65535]), float(table[0]), float(table[40000]), 1.0, -1.0]
+    eps_values = [R.round_significant(1e-3, 16), 0.5, 2.0**-60]
+    c_values = [0.0, R.round_significant(3.3e-5, 16), -R.round_significant(1e-7, 16), 2.0**-100, -2.0**100,
+                R.round_significant(0.37, 16)]
+    powers = [{"momentum": b, "window": k, "p": R.momentum_powers(b, k)}
+              for b, k in ((R.round_significant(0.9, 16), 16), (0.5, 8), (2.0**-16, 64),
+                           (1.0 - 2.0**-16, 64), (R.round_significant(0.99, 16), 3))]
+    grads = [0x3F80, 0xC2F7, 0x0000, 0x8000, 0x0001, 0x4049, 0xBE00, 0x5F00, 0x3C23, 0xC000]
+    runs = []
+    for name, sched, lr in (("constant", {"name": "constant"}, R.round_significant(1e-3, 24)),
+                            ("cosine", {"name": "cosine", "warmup_steps": 2, "total_steps": 9},
+                             R.round_significant(3e-4, 24))):
+        for b, k in ((R.round_significant(0.9, 16), 4), (2.0**-16, 3), (1.0 - 2.0**-16, 16)):
+            rule = {"name": "mezo-momentum", "lr": lr, "schedule": sched, "momentum": b, "window": k}
+            g = grads
+            runs.append({"lr": lr, "schedule": sched, "momentum": b, "window": k, "grad_bits": [hx(x, 4) for x in g],
+                         "terms": [[[s, c] for s, c in R.momentum_terms(rule, t, g)] for t in range(len(g))]})
+    rng = np.random.default_rng(20261201)
+    elements = []
+    for dtype, ws in MOMENTUM_SPECIAL.items():
+        width = 8 if dtype == "F32" else 4
+        for n, w in enumerate(ws + [int(v) for v in rng.integers(0, 2**(4 * width), size=8)]):
+            z = zs[n % len(zs)]
+            eps = eps_values[n % len(eps_values)]
+            d = [0.0, R.round_significant(1e-3, 12), 0.75][n % 3]
+            terms = [(c_values[(n + j) % len(c_values)], zs[(n + 2 * j + 1) % len(zs)]) for j in range(1 + n % 4)]
+            bits = np.array([w], dtype=R.BITS_DTYPE[dtype])
+            out = R.multi_term_update(bits, dtype, np.array([z], dtype=np.float32), eps,
+                                      [(c, np.array([zj], dtype=np.float32)) for c, zj in terms], d)
+            elements.append({"dtype": dtype, "w": hx(w, width), "z": hx(f32_bits(z), 8), "eps": eps, "d": d,
+                             "terms": [[c, hx(f32_bits(zj), 8)] for c, zj in terms], "p3": hx(int(out[0]), width)})
+    tensors = []
+    for n, (dtype, ws) in enumerate(MOMENTUM_SPECIAL.items()):
+        width = 8 if dtype == "F32" else 4
+        seed, k, start = [(0, 0, 0), (2**40 + 11, 3, 2**33 + 5), (2**64 - 1, 7, 1000)][n]
+        w = np.array(ws + [int(v) for v in rng.integers(0, 2**(4 * width), size=36)], dtype=R.BITS_DTYPE[dtype])
+        index = np.arange(start, start + w.size, dtype=np.uint64)
+        for t, eps, d, terms in ((7, R.round_significant(1e-3, 16), 0.0,
+                                  [(7, c_values[1]), (6, 0.0), (5, c_values[2]), (4, c_values[5])]),
+                                 (3, 0.5, R.round_significant(1e-3, 12),
+                                  [(3, c_values[3]), (2, c_values[4]), (1, -c_values[1])]),
+                                 (0, 2.0**-60, 0.75, [(0, c_values[5])])):
+            for noise_name in ("gaussian16", "rademacher16"):
+                z = R.noise(noise_name, seed, t, k, index)
+                out = R.multi_term_update(w, dtype, z, eps, [(c, R.noise(noise_name, seed, s, k, index))
+                                                             for s, c in terms], d)
+                tensors.append({"dtype": dtype, "noise": noise_name, "seed": str(seed), "tensor": k,
+                                "start": str(start), "step": t, "eps": eps, "d": d, "terms": [[s, c] for s, c in terms],
+                                "w": [hx(int(x), width) for x in w], "p3": [hx(int(x), width) for x in out]})
+    buffer_elements = []
+    betas = [R.round_significant(0.9, 16), 2.0**-16, 1.0 - 2.0**-16, 0.5]
+    ms = [0.0, -0.0, 1e-45, -3.5e-39, 1.0, -2.5e-3, 3.0e37, R.round_significant(0.3, 24)]
+    for dtype, ws in MOMENTUM_SPECIAL.items():
+        width = 8 if dtype == "F32" else 4
+        for n, w in enumerate(ws + [int(v) for v in rng.integers(0, 2**(4 * width), size=8)]):
+            z, eps = zs[n % len(zs)], eps_values[n % len(eps_values)]
+            c, beta = c_values[(n + 1) % len(c_values)], betas[n % len(betas)]
+            d = [0.0, R.round_significant(1e-3, 12), 0.75][n % 3]
+            m = np.array([ms[n % len(ms)]], dtype=np.float32)
+            out, m2 = R.buffer_update(np.array([w], dtype=R.BITS_DTYPE[dtype]), m, dtype,
+                                      np.array([z], dtype=np.float32), eps, c, beta, d)
+            buffer_elements.append({"dtype": dtype, "w": hx(w, width), "m": hx(int(m.view(np.uint32)[0]), 8),
+                                    "z": hx(f32_bits(z), 8), "eps": eps, "c": c, "momentum": beta, "d": d,
+                                    "p3": hx(int(out[0]), width), "m_after": hx(int(m2.view(np.uint32)[0]), 8)})
+    # beta*m inexact: a case where fusing it with + b (one rounding) gives another m
+    beta, z = R.round_significant(0.9, 16), 1.0
+    for m, c in ((R.round_significant(x / 7.0, 24), R.round_significant(y * 2.0**-27, 16))
+                 for x in range(1, 200) for y in range(1, 50)):
+        mm = np.array([m], dtype=np.float32)
+        out, m2 = R.buffer_update(np.array([0x3F800000], dtype=np.uint32), mm, "F32", np.array([z], dtype=np.float32),
+                                  2.0**-10, c, beta)
+        # exact in binary64 here (at most 47 significant bits), then one rounding: what an FMA would give
+        fused = np.float32(beta * float(mm[0]) + c * z)
+        if fused != m2[0]:
+            break
+    else:
+        raise AssertionError("no case where a fused multiply-add changes m")
+    buffer_elements.append({"dtype": "F32", "w": "0x3f800000", "m": hx(int(mm.view(np.uint32)[0]), 8),
+                            "z": hx(f32_bits(z), 8), "eps": 2.0**-10, "c": c, "momentum": beta, "d": 0.0,
+                            "p3": hx(int(out[0]), 8), "m_after": hx(int(m2.view(np.uint32)[0]), 8),
+                            "fused_m_after": hx(int(np.array([fused]).view(np.uint32)[0]), 8)})
+    return {"about": "momentum.md: powers p_k for (momentum, window); runs: the terms [noise step, c] of each step "
+                     "t for the records grad_bits (bf16 patterns) under lr and schedule; elements: the multi-term "
+                     "P3 of one element (bits of D) for w, z (binary32 bits), eps, d and terms [c, z_j]; tensors: "
+                     "the multi-term P3 of step `step` on elements start.. of tensor `tensor` with the generator's "
+                     "noise (seed and start decimal strings); buffer_elements: mezo-momentum-buffer's P3 on one element "
+                     "(bits of D, and its state m before and after as binary32 bits) for z, eps, c, momentum and d; "
+                     "fused_m_after: what a fused multiply-add would wrongly give. NaN results canonical",
+            "powers": powers, "runs": runs, "elements": elements, "tensors": tensors,
+            "buffer_elements": buffer_elements}
+
+
+def momentum_vectors() -> None:
+    (SPEC / "momentum.json").write_text(json.dumps(momentum(), indent=1) + "\n")
+    print("wrote", SPEC / "momentum.json")
+    # window 3 over 6 steps, cosine schedule with warmup, decay, and a step with equal losses (gq 0)
+    from mezo_replay.arithmetic.rule import Schedule
+
+    tiny("tiny-momentum", schedule=Schedule("cosine", warmup_steps=1, total_steps=6), weight_decay=0.5,
+         rule="mezo-momentum", momentum=0.75, window=3,
+         loss_values=(2.0, 1.9, 1.7, 1.75, 1.5, 1.5, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1))
+    tiny("tiny-momentum-buffer", schedule=Schedule("cosine", warmup_steps=1, total_steps=6), weight_decay=0.5,
+         rule="mezo-momentum-buffer", momentum=0.75,
+         loss_values=(2.0, 1.9, 1.7, 1.75, 1.5, 1.5, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1))
+
+
 def main() -> None:
+    if sys.argv[1:] == ["momentum"]:  # only spec/vectors/momentum.json and tiny-momentum
+        momentum_vectors()
+        return
     SPEC.mkdir(parents=True, exist_ok=True)
     for name, fn in (("philox", philox), ("noise", noise), ("rule", rule), ("init", init),
                      ("grad_codecs", grad_codecs)):
@@ -448,6 +571,7 @@ def main() -> None:
     tiny("tiny-sign", grad_codec="sign", grad_scale=0.125,
          loss_values=(2.0, 1.9, 1.7, 1.75, 1.5, 1.5, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1))
     tiny_lora()
+    momentum_vectors()
 
 
 if __name__ == "__main__":

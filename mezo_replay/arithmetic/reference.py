@@ -270,13 +270,70 @@ def phases(bits: np.ndarray, dtype: str, z: np.ndarray, eps: float, c: float, d:
 
 def replay(bits: np.ndarray, dtype: str, *, seed: int, k: int, noise_name: str, rule: dict, grads: list[int],
            decayed: bool = False, start: int = 0) -> np.ndarray:
-    """Elements start.. of tensor k after every step in `grads` (bf16 bits); `rule` is the header's."""
+    """Elements start.. of tensor k after every step in `grads` (bf16 bits); `rule` is the header's
+    (mezo-sgd, mezo-momentum or mezo-momentum-buffer)."""
     index = np.arange(start, start + bits.size, dtype=np.uint64)
+    m = np.zeros(bits.size, dtype=np.float32)  # mezo-momentum-buffer's state
     for t, gb in enumerate(grads):
         z = noise(noise_name, seed, t, k, index)
         d = decay_factor(rule, t) if decayed else 0.0
-        bits = phases(bits, dtype, z, rule["eps"], coefficient(lr_at(rule, t), gb), d)[2]
+        if rule.get("name") == "mezo-momentum-buffer":
+            bits, m = buffer_update(perturbed(bits, dtype, z, rule["eps"]), m, dtype, z, rule["eps"],
+                                    coefficient(lr_at(rule, t), gb), rule["momentum"], d)
+        elif rule.get("name") == "mezo-momentum":
+            terms = [(s, c, noise(noise_name, seed, s, k, index)) for s, c in momentum_terms(rule, t, grads[:t + 1])]
+            bits = multi_term_update(perturbed(bits, dtype, z, rule["eps"]), dtype, z, rule["eps"],
+                                     [(c, zs) for _, c, zs in terms], d)
+        else:
+            bits = phases(bits, dtype, z, rule["eps"], coefficient(lr_at(rule, t), gb), d)[2]
     return bits
+
+
+# --- mezo-momentum (momentum.md) ----------------------------------------------------------------------
+
+def momentum_powers(beta: float, window: int) -> list[float]:
+    """p_0 .. p_(K-1): p_k = RS(p_(k-1) * beta, 24), +0 below 2^-100."""
+    p = [1.0]
+    for _ in range(1, window):
+        q = round_significant(p[-1] * beta, 24)
+        p.append(0.0 if q < 2.0**-100 else q)
+    return p
+
+
+def momentum_terms(rule: dict, t: int, grads: list[int]) -> list[tuple[int, float]]:
+    """Step t's terms (noise step t-k, c_(t,k)) in order; grads: the records of steps 0..t (bf16 bits)."""
+    lr = lr_at(rule, t)
+    coefficient(lr, grads[t])  # the validity check on c_(t,0)
+    out = []
+    for k, p in enumerate(momentum_powers(rule["momentum"], rule["window"])[:min(rule["window"], t + 1)]):
+        c = round_significant(round_significant(lr * p, 24) * grad_value(grads[t - k]), 16)
+        out.append((t - k, 0.0 if abs(c) < 2.0**-100 else c))
+    return out
+
+
+def perturbed(bits: np.ndarray, dtype: str, z: np.ndarray, eps: float) -> np.ndarray:
+    """P1 then P2 of a step: the bits P3 starts from."""
+    return phases(bits, dtype, z, eps, 0.0)[1]
+
+
+def buffer_update(bits: np.ndarray, m: np.ndarray, dtype: str, z: np.ndarray, eps: float, c: float, beta: float,
+                  d: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """mezo-momentum-buffer's P3: m = fl32(fl32(beta*m) + c*z); w = R_D(fl32(DECAY(fl32(w + eps*z)) - m)).
+    numpy rounds each binary32 operation on its own (it never fuses a multiply-add)."""
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        m = (np.float32(beta) * m) + np.float32(c) * z
+        s = decay(to_f32(bits, dtype) + np.float32(eps) * z, d)
+        return round_to(s - m, dtype), m.astype(np.float32)
+
+
+def multi_term_update(bits: np.ndarray, dtype: str, z: np.ndarray, eps: float,
+                      terms: list[tuple[float, np.ndarray]], d: float = 0.0) -> np.ndarray:
+    """The multi-term P3: s = DECAY(fl32(w + eps*z)); s = fl32(s - c_j*z_j) for each term in order; R_D(s)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = decay(to_f32(bits, dtype) + np.float32(eps) * z, d)
+        for c, zj in terms:
+            s = s - np.float32(c) * zj  # the product is exact; one binary32 rounding per term
+        return round_to(s, dtype)
 
 
 # --- grad_encoding records (rule.md): written from the spec, by exhaustive search over the codes ------

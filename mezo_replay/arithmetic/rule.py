@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from . import grad_codec
@@ -17,6 +19,8 @@ from .noise import GAUSS16_SHA256, NOISES
 
 MAX_SEED = 2**64 - 1
 SCHEDULES = ("constant", "linear", "cosine")
+RULES = ("mezo-sgd", "mezo-momentum", "mezo-momentum-buffer")
+MAX_WINDOW = 64
 _TINY, _HUGE = 2.0**-100, 2.0**100
 
 # K[k]: the binary64 values nearest (-1)^k pi^(2k) / (2k)! (spec/rule.md, COS_PI).
@@ -115,19 +119,34 @@ class MezoSGD:
     weight_decay: float = 0.0
     grad_encoding: str = "bf16"       # how step records hold the projected gradient (grad_codec.py)
     grad_scale: float | None = None   # fp8 and sign: the power of two gq is a multiple of
+    momentum: float = 0.0             # mezo-momentum's beta (spec/momentum.md); 0 with window 0: mezo-sgd
+    window: int = 0                   # mezo-momentum's K, the records its average spans; 0: mezo-sgd
+    buffered: bool = False            # mezo-momentum-buffer: a binary32 state m per element (momentum.md)
 
     @classmethod
     def create(cls, *, lr: float, eps: float, seed: int, noise: str = "gaussian16",
                schedule: Schedule | None = None, weight_decay: float = 0.0, grad_encoding: str = "bf16",
-               grad_scale: float | None = None) -> MezoSGD:
-        """Quantises user values as the spec requires writers to: eps to 16 bits, lr and wd to 24. fp8 and
-        sign take grad_scale 1 unless given one (it must be a power of two)."""
+               grad_scale: float | None = None, rule: str = "mezo-sgd", momentum: float = 0.9,
+               window: int = 16) -> MezoSGD:
+        """Quantises user values as the spec requires writers to: eps to 16 bits, lr and wd to 24, momentum to
+        16. fp8 and sign take grad_scale 1 unless given one (it must be a power of two). momentum and window
+        apply to rule "mezo-momentum" only."""
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
+        momentum_on = rule in ("mezo-momentum", "mezo-momentum-buffer")
+        buffered = rule == "mezo-momentum-buffer"
         if grad_encoding != "bf16" and grad_scale is None:
             grad_scale = 1.0
         return cls(lr=round_significant(float(lr), 24), eps=round_significant(float(eps), 16), seed=int(seed),
                    noise=noise, schedule=schedule or Schedule(),
                    weight_decay=round_significant(float(weight_decay), 24), grad_encoding=grad_encoding,
-                   grad_scale=None if grad_scale is None else float(grad_scale)).validated()
+                   grad_scale=None if grad_scale is None else float(grad_scale),
+                   momentum=round_significant(float(momentum), 16) if momentum_on else 0.0,
+                   window=window if momentum_on and not buffered else 0, buffered=buffered).validated()
+
+    @property
+    def name(self) -> str:
+        return "mezo-momentum-buffer" if self.buffered else "mezo-momentum" if self.window else "mezo-sgd"
 
     def validated(self) -> MezoSGD:
         if self.noise not in NOISES:
@@ -145,6 +164,14 @@ class MezoSGD:
             raise ValueError(f"weight_decay must be in [0, 2^100] with at most 24 significant bits, got {wd!r}")
         self.schedule.validated()
         grad_codec.check_scale(self.grad_encoding, self.grad_scale)
+        if self.buffered and self.window:
+            raise ValueError("mezo-momentum-buffer has no window")
+        if self.window or self.momentum or self.buffered:
+            if not self.buffered:
+                _int(self.window, "momentum window", 1, MAX_WINDOW)
+            b = self.momentum
+            if not (isinstance(b, float) and 2.0**-16 <= b <= 1.0 - 2.0**-16 and round_significant(b, 16) == b):
+                raise ValueError(f"momentum must be in [2^-16, 1 - 2^-16] with at most 16 significant bits, got {b!r}")
         return self
 
     @classmethod
@@ -164,21 +191,39 @@ class MezoSGD:
         scale = rule.get("grad_scale")
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
             raise ValueError(f"rule grad_scale must be a number, got {scale!r}")
+        momentum, window, buffered = 0.0, 0, rule.get("name") == "mezo-momentum-buffer"
+        if rule.get("name") in ("mezo-momentum", "mezo-momentum-buffer"):
+            momentum, window = rule.get("momentum"), rule.get("window", 0 if buffered else None)
+            if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+                raise ValueError(f"rule momentum must be a number, got {momentum!r}")
+            if buffered and window != 0:
+                raise ValueError(f"rule {rule['name']} has no window, got {window!r}")
+            if not buffered and (isinstance(window, bool) or not isinstance(window, int)
+                                 or not 1 <= window <= MAX_WINDOW):
+                raise ValueError(f"rule window must be an integer in [1, {MAX_WINDOW}], got {window!r}")
+            momentum = float(momentum)
+            if not 0.0 < momentum < 1.0:
+                raise ValueError(f"rule momentum must be in [2^-16, 1 - 2^-16], got {momentum!r}")
         return cls(lr=float(numbers["lr"]), eps=float(numbers["eps"]), seed=int(seed), noise=noise["name"],
                    schedule=Schedule.from_header(schedule), weight_decay=float(numbers["weight_decay"]),
                    grad_encoding=rule["grad_encoding"],
-                   grad_scale=None if scale is None else float(scale)).validated()
+                   grad_scale=None if scale is None else float(scale), momentum=momentum,
+                   window=window, buffered=buffered).validated()
 
     def header_fields(self) -> dict[str, Any]:
         noise: dict[str, Any] = {"name": self.noise}
         if self.noise == "gaussian16":
             noise["table_sha256"] = GAUSS16_SHA256
-        rule: dict[str, Any] = {"name": "mezo-sgd", "eps": self.eps, "lr": self.lr,
+        rule: dict[str, Any] = {"name": self.name, "eps": self.eps, "lr": self.lr,
                                 "schedule": self.schedule.header(), "grad_encoding": self.grad_encoding}
         if self.grad_scale is not None:
             rule["grad_scale"] = self.grad_scale
         if self.weight_decay:
             rule["weight_decay"] = self.weight_decay
+        if self.window:
+            rule["momentum"], rule["window"] = self.momentum, self.window
+        elif self.buffered:
+            rule["momentum"] = self.momentum
         return {"generator": {"name": "philox4x32-10", "seed": str(self.seed)}, "noise": noise, "rule": rule}
 
     def lr_at(self, t: int) -> float:
@@ -207,3 +252,32 @@ class MezoSGD:
         if d >= 1.0:
             raise ValueError(f"step {t}: lr * weight_decay = {d:g} >= 1 would flip the weights' sign")
         return d
+
+    def powers(self) -> tuple[float, ...]:
+        """p_0 .. p_(K-1) of spec/momentum.md: beta^k rounded to 24 bits step by step, +0 below 2^-100."""
+        return _powers(self.momentum, self.window)
+
+    def terms(self, t: int, grad_bits: Sequence[int]) -> tuple[tuple[int, float], ...]:
+        """Step t's multi-term update (spec/momentum.md): ((t - k, c_(t,k)) for k = 0 .. K'-1), where
+        grad_bits[-1] is step t's record and grad_bits[-1 - k] step t-k's. mezo-sgd: ((t, c),)."""
+        if not self.window:
+            return ((t, self.coefficient(t, grad_bits[-1])),)
+        lr = self.lr_at(t)
+        count = min(self.window, t + 1)
+        if len(grad_bits) < count:
+            raise ValueError(f"step {t} needs the records of its last {count} steps, got {len(grad_bits)}")
+        self.coefficient(t, grad_bits[-1])  # the one validity check (|c_(t,0)| bounds every term)
+        out = []
+        for k, p in enumerate(self.powers()[:count]):
+            c = round_significant(round_significant(lr * p, 24) * decode_grad(grad_bits[-1 - k]), 16)
+            out.append((t - k, 0.0 if abs(c) < _TINY else c))
+        return tuple(out)
+
+
+@lru_cache(maxsize=64)
+def _powers(beta: float, window: int) -> tuple[float, ...]:
+    p = [1.0]
+    for _ in range(1, window):
+        nxt = round_significant(p[-1] * beta, 24)
+        p.append(0.0 if nxt < _TINY else nxt)
+    return tuple(p)

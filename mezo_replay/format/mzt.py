@@ -68,7 +68,11 @@ DTYPES = ("F32", "BF16", "F16")
 KNOWN: dict[str, dict[str, set[str]]] = {
     "generator": {"philox4x32-10": {"name", "seed"}},
     "noise": {"gaussian16": {"name", "table_sha256"}, "rademacher16": {"name"}},
-    "rule": {"mezo-sgd": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay"}},
+    "rule": {"mezo-sgd": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay"},
+             "mezo-momentum": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay",
+                               "momentum", "window"},  # spec/momentum.md
+             "mezo-momentum-buffer": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale",
+                                      "weight_decay", "momentum"}},
 }
 _OPTIONAL = {"weight_decay", "grad_scale"}
 # Generated initial values (spec/init.md): a tensor entry's "init" may name one instead of `true`.

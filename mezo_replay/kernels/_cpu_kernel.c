@@ -14,6 +14,7 @@
  * one binary32 addition whose own rounding is the one required. Loaded with ctypes: no Python API.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define X86 1
@@ -319,6 +320,171 @@ INLINE void apply_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t s
     }
 }
 
+/* ---- the multi-term P3 (spec/momentum.md): s = DECAY(x + e*z_t); s -= c_j * z_(s_j) in order; R_D(s) ---- */
+
+/* s[0 .. m) = DECAY(x + e*z) (x, z padded to W). */
+INLINE void restore_sum(float *s, const float *x, const float *z, int64_t m, float e, float d) {
+    for (int64_t q = 0; q < m; q += W) {
+        vf xv, zv;
+        memcpy(&xv, x + q, sizeof xv);
+        memcpy(&zv, z + q, sizeof zv);
+        vf sv = xv + e * zv;
+        if (d != 0.0f) sv = decay(sv, d);
+        memcpy(s + q, &sv, sizeof sv);
+    }
+}
+
+/* s -= c * z: the product exact, one binary32 rounding per element. */
+INLINE void subtract_term(float *s, const float *z, int64_t m, float c) {
+    for (int64_t q = 0; q < m; q += W) {
+        vf sv, zv;
+        memcpy(&sv, s + q, sizeof sv);
+        memcpy(&zv, z + q, sizeof zv);
+        sv = sv - c * zv;
+        memcpy(s + q, &sv, sizeof sv);
+    }
+}
+
+INLINE void round_chunk(int dtype, float *x, const float *s, int64_t m) {
+    for (int64_t q = 0; q < m; q += W) {
+        vf sv;
+        memcpy(&sv, s + q, sizeof sv);
+        sv = round_to(dtype, sv);
+        memcpy(x + q, &sv, sizeof sv);
+    }
+}
+
+/* The z of step t for the chunk at element i0, from a ring of `ring` slots keyed by step (slot t % ring):
+ * a replay of a window-K rule with ring = K draws each step's noise once per chunk. */
+INLINE float *ring_noise(float *zring, int64_t *tags, int ring, uint32_t t, uint64_t i0, int64_t m,
+                         int64_t padded, uint32_t index, uint32_t k0, uint32_t k1, int noise,
+                         const float *table, noise_fn make_noise) {
+    int slot = (int)(t % (uint32_t)ring);
+    float *z = zring + (int64_t)slot * CHUNK;
+    if (tags[slot] != (int64_t)t) {
+        make_noise(z, i0, m, index, t, k0, k1, noise, table);
+        for (int64_t q = m; q < padded; q++) z[q] = 0.0f;
+        tags[slot] = (int64_t)t;
+    }
+    return z;
+}
+
+/* mode REPLAY: P1, P2 and the multi-term P3 for steps first .. first+nsteps-1; RESTORE_UPDATE: the
+ * multi-term P3 of step `first` alone; UPDATE_PERTURB: that P3, then P1 of step first + 1. Step j's terms are toff[j] .. toff[j+1]-1 of (tstep, tc). */
+INLINE void terms_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index,
+                       uint32_t first, int64_t nsteps, const double *d, double eps, int noise,
+                       const float *table, int mode, const int64_t *toff, const uint32_t *tstep,
+                       const double *tc, int ring, float *zring, noise_fn make_noise) {
+    float x[CHUNK] __attribute__((aligned(64)));
+    float s[CHUNK] __attribute__((aligned(64)));
+    int64_t tags[64];
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    float e = (float)eps, e2 = (float)(2.0 * eps);
+    for (int64_t base = 0; base < n; base += CHUNK) {
+        int64_t m = n - base < CHUNK ? n - base : CHUNK, padded = (m + W - 1) / W * W;
+        uint64_t i0 = start + (uint64_t)base;
+        for (int r = 0; r < ring; r++) tags[r] = -1;
+        for (int64_t q = 0; q < m; q++) x[q] = load(w, dtype, base + q);
+        for (int64_t q = m; q < padded; q++) x[q] = 0.0f;
+        for (int64_t j = 0; j < (mode == REPLAY ? nsteps : 1); j++) {
+            uint32_t t = first + (uint32_t)j;
+            float *z = ring_noise(zring, tags, ring, t, i0, m, padded, index, k0, k1, noise, table, make_noise);
+            if (mode == REPLAY) {
+                chunk_phases(dtype, PERTURB, x, z, padded, e, e2, e, 0.0f, 0.0f);     /* P1 */
+                chunk_phases(dtype, PERTURB, x, z, padded, e, e2, -e2, 0.0f, 0.0f);   /* P2: x + (-2e)z = x - 2e z */
+            }
+            restore_sum(s, x, z, padded, e, (float)d[j]);
+            for (int64_t q = toff[j]; q < toff[j + 1]; q++) {
+                const float *zq = ring_noise(zring, tags, ring, tstep[q], i0, m, padded, index, k0, k1, noise,
+                                             table, make_noise);
+                subtract_term(s, zq, padded, (float)tc[q]);
+            }
+            round_chunk(dtype, x, s, padded);
+        }
+        if (mode == UPDATE_PERTURB) {  /* P1 of step first + 1 on P3's rounded result: PERTURB's bits */
+            float *z = ring_noise(zring, tags, ring, first + 1u, i0, m, padded, index, k0, k1, noise, table,
+                                  make_noise);
+            chunk_phases(dtype, PERTURB, x, z, padded, e, e2, e, 0.0f, 0.0f);
+        }
+        for (int64_t q = 0; q < m; q++) store(w, dtype, base + q, x[q]);
+    }
+}
+
+#define TARGS void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index, uint32_t first, \
+              int64_t nsteps, const double *d, double eps, int noise, const float *table, int mode,         \
+              const int64_t *toff, const uint32_t *tstep, const double *tc, int ring, float *zring
+#define TPASS w, dtype, n, start, seed, index, first, nsteps, d, eps, noise, table, mode, toff, tstep, tc, ring, zring
+
+static void terms_generic(TARGS) { terms_body(TPASS, make_noise); }
+#ifdef X86
+__attribute__((target("avx2"))) static void terms_avx2(TARGS) { terms_body(TPASS, make_noise_avx2); }
+__attribute__((target("avx512f,avx512bw"))) static void terms_avx512(TARGS) { terms_body(TPASS, make_noise); }
+#endif
+
+/* ---- mezo-momentum-buffer (spec/momentum.md): m = fl32(fl32(beta*m) + c*z); w = R_D(DECAY(w + e*z) - m) ---- */
+
+/* beta * m is rounded on its own: this file is built with -ffp-contract=off, so the compiler never fuses it
+ * with the addition (the one product of the spec that is not exact). */
+INLINE void buffer_p3(int dtype, float *x, float *mv, const float *z, int64_t m, float e, float c, float beta,
+                      float d) {
+    for (int64_t q = 0; q < m; q += W) {
+        vf xv, zv, hv;
+        memcpy(&xv, x + q, sizeof xv);
+        memcpy(&zv, z + q, sizeof zv);
+        memcpy(&hv, mv + q, sizeof hv);
+        vf scaled = beta * hv;
+        hv = scaled + c * zv;
+        vf sv = xv + e * zv;
+        if (d != 0.0f) sv = decay(sv, d);
+        xv = round_to(dtype, sv - hv);
+        memcpy(x + q, &xv, sizeof xv);
+        memcpy(mv + q, &hv, sizeof hv);
+    }
+}
+
+INLINE void buffer_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index,
+                        uint32_t first, int64_t nsteps, const double *c, const double *d, double eps, double beta,
+                        int noise, const float *table, int mode, float *state, noise_fn make_noise) {
+    float x[CHUNK] __attribute__((aligned(64)));
+    float z[CHUNK] __attribute__((aligned(64)));
+    float mv[CHUNK] __attribute__((aligned(64)));
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    float e = (float)eps, e2 = (float)(2.0 * eps), b = (float)beta;
+    for (int64_t base = 0; base < n; base += CHUNK) {
+        int64_t m = n - base < CHUNK ? n - base : CHUNK, padded = (m + W - 1) / W * W;
+        for (int64_t q = 0; q < m; q++) x[q] = load(w, dtype, base + q);
+        for (int64_t q = 0; q < m; q++) mv[q] = state[base + q];
+        for (int64_t q = m; q < padded; q++) x[q] = mv[q] = 0.0f;
+        for (int64_t j = 0; j < (mode == REPLAY ? nsteps : 1); j++) {
+            make_noise(z, start + (uint64_t)base, m, index, first + (uint32_t)j, k0, k1, noise, table);
+            for (int64_t q = m; q < padded; q++) z[q] = 0.0f;
+            if (mode == REPLAY) {
+                chunk_phases(dtype, PERTURB, x, z, padded, e, e2, e, 0.0f, 0.0f);     /* P1 */
+                chunk_phases(dtype, PERTURB, x, z, padded, e, e2, -e2, 0.0f, 0.0f);   /* P2 */
+            }
+            buffer_p3(dtype, x, mv, z, padded, e, (float)c[j], b, (float)d[j]);
+        }
+        if (mode == UPDATE_PERTURB) {  /* P1 of step first + 1 on P3's rounded result */
+            make_noise(z, start + (uint64_t)base, m, index, first + 1u, k0, k1, noise, table);
+            for (int64_t q = m; q < padded; q++) z[q] = 0.0f;
+            chunk_phases(dtype, PERTURB, x, z, padded, e, e2, e, 0.0f, 0.0f);
+        }
+        for (int64_t q = 0; q < m; q++) store(w, dtype, base + q, x[q]);
+        for (int64_t q = 0; q < m; q++) state[base + q] = mv[q];
+    }
+}
+
+#define BARGS void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index, uint32_t first, \
+              int64_t nsteps, const double *c, const double *d, double eps, double beta, int noise,         \
+              const float *table, int mode, float *state
+#define BPASS w, dtype, n, start, seed, index, first, nsteps, c, d, eps, beta, noise, table, mode, state
+
+static void buffer_generic(BARGS) { buffer_body(BPASS, make_noise); }
+#ifdef X86
+__attribute__((target("avx2"))) static void buffer_avx2(BARGS) { buffer_body(BPASS, make_noise_avx2); }
+__attribute__((target("avx512f,avx512bw"))) static void buffer_avx512(BARGS) { buffer_body(BPASS, make_noise); }
+#endif
+
 #define ARGS void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index, uint32_t first, \
              int64_t nsteps, const double *c, const double *d, double eps, double scale, int noise,         \
              const float *table, int mode
@@ -361,4 +527,42 @@ void mezo_apply(int isa, ARGS) {
 #endif
     (void)isa;
     apply_generic(PASS);
+}
+
+/* The multi-term P3 (spec/momentum.md) on elements [start, start + n) of tensor `index`: mode REPLAY (0)
+ * runs P1, P2 and the multi-term P3 for steps first .. first + nsteps - 1 (d[j]: step j's decay factor);
+ * RESTORE_UPDATE (2) the multi-term P3 of step `first` alone; UPDATE_PERTURB (3) that P3, then P1 of step
+ * first + 1, in one pass (training's step-to-step pass). Step j's terms, in order, are (tstep[q],
+ * tc[q]) for q in toff[j] .. toff[j+1]-1. ring (1..64): noise slots per chunk, a cache keyed by step.
+ * Returns 0, or -1 if the ring could not be allocated. */
+int mezo_apply_terms(int isa, void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index,
+                     uint32_t first, int64_t nsteps, const double *d, double eps, int noise, const float *table,
+                     int mode, const int64_t *toff, const uint32_t *tstep, const double *tc, int ring) {
+    if (ring < 1) ring = 1;
+    if (ring > 64) ring = 64;
+    float *zring = malloc((size_t)ring * CHUNK * sizeof(float));
+    if (zring == NULL) return -1;
+#ifdef X86
+    if (isa == AVX512) terms_avx512(TPASS);
+    else if (isa == AVX2) terms_avx2(TPASS);
+    else terms_generic(TPASS);
+#else
+    (void)isa;
+    terms_generic(TPASS);
+#endif
+    free(zring);
+    return 0;
+}
+
+/* mezo-momentum-buffer (spec/momentum.md) on elements [start, start + n) of tensor `index`, with their binary32
+ * states at `state` (n floats, updated in place): mode REPLAY (0) runs P1, P2 and this form's P3 for steps
+ * first .. first + nsteps - 1 with c[j], d[j]; RESTORE_UPDATE (2) its P3 of step `first` alone;
+ * UPDATE_PERTURB (3) that P3, then P1 of step first + 1. */
+void mezo_apply_buffer(int isa, BARGS) {
+#ifdef X86
+    if (isa == AVX512) { buffer_avx512(BPASS); return; }
+    if (isa == AVX2) { buffer_avx2(BPASS); return; }
+#endif
+    (void)isa;
+    buffer_generic(BPASS);
 }

@@ -33,7 +33,8 @@ def _library() -> ctypes.CDLL | None:
         path = here / f"_cpu_kernel{suffix}"
         if path.exists():
             lib = ctypes.CDLL(str(path))
-            if not hasattr(lib, "mezo_best_isa"):  # a build of an older source: rebuild with pip install
+            if not hasattr(lib, "mezo_best_isa") or not hasattr(lib, "mezo_apply_terms") or \
+                    not hasattr(lib, "mezo_apply_buffer"):  # a build of an older source: rebuild with pip install
                 return None
             lib.mezo_best_isa.restype = ctypes.c_int
             lib.mezo_best_isa.argtypes = []
@@ -42,6 +43,17 @@ def _library() -> ctypes.CDLL | None:
                 ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
                 ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64, _D, _D, ctypes.c_double, ctypes.c_double,
                 ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_int]
+            lib.mezo_apply_terms.restype = ctypes.c_int
+            lib.mezo_apply_terms.argtypes = [
+                ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
+                ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64, _D, ctypes.c_double, ctypes.c_int,
+                ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
+                ctypes.POINTER(ctypes.c_uint32), _D, ctypes.c_int]
+            lib.mezo_apply_buffer.restype = None
+            lib.mezo_apply_buffer.argtypes = [
+                ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
+                ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64, _D, _D, ctypes.c_double, ctypes.c_double,
+                ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.POINTER(ctypes.c_float)]
             return lib
     return None
 
@@ -84,3 +96,68 @@ def apply_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: i
                    w.data_ptr(), DTYPES[w.dtype], w.numel(), start, rule.seed, index, first_step, len(constants),
                    c, d, rule.eps, scale, NOISES[rule.noise],
                    ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_float)), mode)
+
+
+Terms = Sequence[tuple[int, float]]  # (noise step, coefficient) of a multi-term P3, in order
+
+
+def apply_terms_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: int, mode: int, *,
+                 steps: Sequence[tuple[Terms, float]], isa: str | None = None) -> None:
+    """The multi-term P3 of spec/momentum.md on a contiguous CPU slice: mode REPLAY runs P1, P2 and it for
+    steps first_step.. (steps[j] = (terms, d) of step first_step + j); RESTORE_UPDATE runs it for
+    first_step alone (steps[0]); UPDATE_PERTURB that, then P1 of first_step + 1, in one pass. The chunk keeps the noise of the last steps a term names in a ring as
+    wide as the longest term list, so a momentum replay draws each step's noise once per chunk."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the compiled CPU kernel is not built")
+    have = isas()
+    if isa is not None and isa not in have:
+        raise ValueError(f"this CPU runs the kernel with {', '.join(have)}, not {isa!r}")
+    if mode not in (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError(f"the multi-term pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB, not {mode!r}")
+    if w.device.type != "cpu" or not w.is_contiguous() or w.dtype not in DTYPES:
+        raise ValueError("the compiled kernel takes contiguous float32/bfloat16/float16 CPU tensors")
+    offsets, tstep, tc = [0], [], []
+    for terms, _ in steps:
+        tstep.extend(s & 0xFFFFFFFF for s, _ in terms)
+        tc.extend(c for _, c in terms)
+        offsets.append(len(tstep))
+    ring = max(1, min(64, max(len(terms) for terms, _ in steps)))
+    d = (ctypes.c_double * len(steps))(*(y for _, y in steps))
+    table = gauss16_table(torch.device("cpu"))
+    rc = lib.mezo_apply_terms(
+        have.index(isa) if isa is not None else len(have) - 1, w.data_ptr(), DTYPES[w.dtype], w.numel(), start,
+        rule.seed, index, first_step, len(steps), d, rule.eps, NOISES[rule.noise],
+        ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_float)), mode,
+        (ctypes.c_int64 * len(offsets))(*offsets), (ctypes.c_uint32 * max(1, len(tstep)))(*tstep),
+        (ctypes.c_double * max(1, len(tc)))(*tc), ring)
+    if rc != 0:
+        raise MemoryError("the compiled kernel could not allocate its noise ring")
+
+
+def apply_buffer_(w: torch.Tensor, state: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: int,
+                  mode: int, *, constants: Sequence[tuple[float, float]], isa: str | None = None) -> None:
+    """mezo-momentum-buffer (spec/momentum.md) on a contiguous CPU slice and its float32 states (same
+    element count, updated in place): REPLAY runs P1, P2 and the buffered P3 per step; RESTORE_UPDATE
+    the buffered P3 of first_step with constants[0]; UPDATE_PERTURB that, then P1 of first_step + 1."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the compiled CPU kernel is not built")
+    have = isas()
+    if isa is not None and isa not in have:
+        raise ValueError(f"this CPU runs the kernel with {', '.join(have)}, not {isa!r}")
+    if mode not in (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError(f"the buffered pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB, not {mode!r}")
+    if w.device.type != "cpu" or not w.is_contiguous() or w.dtype not in DTYPES:
+        raise ValueError("the compiled kernel takes contiguous float32/bfloat16/float16 CPU tensors")
+    if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != w.numel() or \
+            state.device.type != "cpu":
+        raise ValueError("the momentum state must be a contiguous float32 CPU tensor of the weights' size")
+    c = (ctypes.c_double * len(constants))(*(x for x, _ in constants))
+    d = (ctypes.c_double * len(constants))(*(y for _, y in constants))
+    table = gauss16_table(torch.device("cpu"))
+    lib.mezo_apply_buffer(have.index(isa) if isa is not None else len(have) - 1,
+                          w.data_ptr(), DTYPES[w.dtype], w.numel(), start, rule.seed, index, first_step,
+                          len(constants), c, d, rule.eps, rule.momentum, NOISES[rule.noise],
+                          ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_float)), mode,
+                          ctypes.cast(state.data_ptr(), ctypes.POINTER(ctypes.c_float)))

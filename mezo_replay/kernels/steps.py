@@ -11,14 +11,14 @@ index of its first element (`start`, `starts`) and gets exactly the bytes of the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from . import cpu_kernel, triton_kernels
-from ..format.mzt import invalid_steps, step_coefficients
+from ..format.mzt import _rs, invalid_steps, step_coefficients, step_rates
 from ..arithmetic.noise import noise
 from ..arithmetic.rule import MezoSGD
 
@@ -83,6 +83,12 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 StepConstants = tuple[float, float]  # (c, d) of one step: update coefficient and decay factor
+Terms = tuple[tuple[int, float], ...]  # a multi-term P3 (spec/momentum.md): (noise step, coefficient), in order
+StepTerms = tuple[Terms, float]  # (terms, d) of one step of a rule whose P3 has several terms
+
+
+def _has_terms(constants: Sequence[tuple[object, float]]) -> bool:
+    return bool(constants) and isinstance(constants[0][0], tuple)
 
 
 def perturb_(w: torch.Tensor, z: torch.Tensor, scale: float) -> None:
@@ -106,6 +112,31 @@ def restore_update_(w: torch.Tensor, z: torch.Tensor, eps: float, c: float | tor
     if d:
         s = _decay(s, d)
     w.copy_(s - z * c)
+
+
+def restore_terms_(w: torch.Tensor, z: torch.Tensor, eps: float, terms: Iterable[tuple[float, torch.Tensor]],
+                   d: float = 0.0) -> None:
+    """The multi-term P3 (spec/momentum.md): s = DECAY(fl32(w + eps*z)); s = fl32(s - c_j*z_j) for each
+    term in order; w = R_D(s). `terms` may be a generator, so that only one z_j exists at a time."""
+    s = w.to(torch.float32) + z * eps
+    if d:
+        s = _decay(s, d)
+    for c, zj in terms:
+        s = s - zj * c  # exact product, one binary32 rounding: term by term, in order
+    w.copy_(s)
+
+
+def buffer_update_(w: torch.Tensor, m: torch.Tensor, z: torch.Tensor, eps: float, c: float, beta: float,
+                   d: float = 0.0) -> None:
+    """mezo-momentum-buffer's P3 (spec/momentum.md): m = fl32(fl32(beta*m) + c*z), then
+    w = R_D(fl32(DECAY(fl32(w + eps*z)) - m)); m is float32 and updated in place. beta*m is the one inexact
+    product of the spec: two eager torch operations round it before the sum (nothing fuses them)."""
+    m.mul_(beta)
+    m.add_(z * c)
+    s = w.to(torch.float32) + z * eps
+    if d:
+        s = _decay(s, d)
+    w.copy_(s - m)
 
 
 def default_slice(device: torch.device) -> int:
@@ -136,12 +167,17 @@ def _in_place(w: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
         w.copy_(work)
 
 
-def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0) -> list[StepConstants]:
-    """(c, d) for each recorded step, computed once and shared by every tensor of a replay.
+def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0,
+                   earlier: Sequence[int] = ()) -> list[StepConstants] | list[StepTerms]:
+    """(c, d) for each recorded step, computed once and shared by every tensor of a replay; for
+    mezo-momentum (terms, d) instead, where `earlier` holds the records of the steps before first_step
+    (the last window - 1 of them suffice).
 
     Vectorised (mzt.step_coefficients, bit for bit the rule's): a Python loop over the rule costs about
     10 us a step, 0.2 s for a 20,000-step plan, which is a sizeable part of rebuilding a small adapter.
     Steps the rule refuses go through the rule itself, so that its error is the one raised."""
+    if rule.window:
+        return _momentum_constants(rule, grad_bits, first_step, earlier)
     bits = np.asarray(grad_bits, dtype=np.int64)
     if bits.size and (bits.min() < 0 or bits.max() > 0xFFFF or invalid_steps(bits.astype(np.uint16), rule,
                                                                               first_step).size):
@@ -149,6 +185,44 @@ def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0)
                 for j, b in enumerate(grad_bits)]
     c, d = step_coefficients(rule, bits.astype(np.uint16), first_step)
     return list(zip(c.tolist(), d.tolist()))
+
+
+def _momentum_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int,
+                        earlier: Sequence[int]) -> list[StepTerms]:
+    """step_constants for mezo-momentum: the terms c_(t,k) of every step, vectorised per k (bit for bit
+    MezoSGD.terms: numpy rounds each binary64 product once, as the spec's host arithmetic does), so a
+    20,000-step plan costs a fraction of a second rather than seconds."""
+    window = rule.window
+    before = [int(b) for b in earlier][-(window - 1):] if window > 1 else []
+    before = before[max(0, len(before) - first_step):] if first_step < len(before) else before
+    if first_step > 0 and len(before) < min(window - 1, first_step):
+        raise ValueError(f"step {first_step} needs the records of the {min(window - 1, first_step)} steps before it")
+    bits = np.asarray(grad_bits, dtype=np.int64)
+    if bits.size and (bits.min() < 0 or bits.max() > 0xFFFF or invalid_steps(bits.astype(np.uint16), rule,
+                                                                              first_step).size):
+        history = list(before)  # the rule's own loop, so that its error is the one raised
+        out: list[StepTerms] = []
+        for j, b in enumerate(grad_bits):
+            history = [*history, int(b)][-window:]
+            out.append((rule.terms(first_step + j, history), rule.decay(first_step + j)))
+        return out
+    n, h = bits.size, len(before)
+    every = np.concatenate([np.asarray(before, dtype=np.int64), bits]).astype(np.uint32)
+    g = (every << np.uint32(16)).view(np.float32).astype(np.float64)
+    d = step_coefficients(rule, bits.astype(np.uint16), first_step)[1].tolist()
+    lr = step_rates(rule, np.arange(first_step, first_step + n, dtype=np.float64))
+    columns = []
+    for k, p in enumerate(rule.powers()):
+        r = _rs(lr * p, 24)
+        src = np.arange(n) + h - k
+        c = _rs(r * g[np.maximum(src, 0)], 16)
+        c[np.abs(c) < 2.0**-100] = 0.0
+        columns.append(c.tolist())
+    out = []
+    for j in range(n):
+        t = first_step + j
+        out.append((tuple((t - k, columns[k][j]) for k in range(min(window, t + 1))), d[j]))
+    return out
 
 
 def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: int,
@@ -167,6 +241,9 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
     """
     if start < 0:
         raise ValueError(f"a shard's start must be a non-negative element index, not {start}")
+    if _has_terms(constants):
+        _apply_terms_(w, rule, index, first_step, mode, constants, decay, slice_size, progress, start)  # type: ignore[arg-type]
+        return
 
     def torch_slice(offset: int, s: torch.Tensor) -> None:
         for j, (c, d) in enumerate(constants):
@@ -215,6 +292,126 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
     _in_place(w, run)
 
 
+def _apply_terms_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: int,
+                  steps: Sequence[StepTerms], decay: bool, slice_size: int | None,
+                  progress: Callable[[int], None] | None, start: int) -> None:
+    """_apply_ for a multi-term P3 (spec/momentum.md): REPLAY or RESTORE_UPDATE. The compiled kernel on
+    CPU tensors, Triton's (one launch per tensor) on CUDA ones; the torch path draws the noise of one term
+    at a time, so that memory stays at a few z-sized buffers."""
+    if mode not in (cpu_kernel.REPLAY, cpu_kernel.RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError("a multi-term update runs in replay or as a step's restore-update (then perturb)")
+    steps = steps if decay else [(terms, 0.0) for terms, _ in steps]
+
+    def torch_slice(offset: int, s: torch.Tensor) -> None:
+        for j, (terms, d) in enumerate(steps):
+            t = first_step + j
+            z = noise(rule.noise, rule.seed, t, index, start + offset, s.numel(), s.device)
+            if mode == cpu_kernel.REPLAY:
+                perturb_(s, z, rule.eps)
+                perturb_(s, z, -2.0 * rule.eps)
+            restore_terms_(s, z, rule.eps, ((c, z if step == t else noise(rule.noise, rule.seed, step, index,
+                                                                       start + offset, s.numel(), s.device))
+                                            for step, c in terms), d)
+            if mode == UPDATE_PERTURB:  # P1 of the next step on P3's rounded result
+                perturb_(s, noise(rule.noise, rule.seed, t + 1, index, start + offset, s.numel(), s.device),
+                         rule.eps)
+
+    def run(t: torch.Tensor) -> None:
+        path = _path(t)
+        if path == "triton":
+            triton_kernels.apply_terms_(t, start, rule, index, first_step, mode, steps=steps, decay=decay,
+                                        progress=progress)
+            return
+        if path == "compiled" and t.device.type == "cpu":
+            threads = max(1, torch.get_num_threads())
+            size = max(_min_slice(len(steps)), min(1 << 20, -(-t.numel() // threads)))
+            work = (lambda p: cpu_kernel.apply_terms_(p[1], start + p[0], rule, index, first_step, mode,
+                                                      steps=steps) or p[1])
+            parts = list(_flat_slices(t, size))
+            done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)
+        else:
+            size = slice_size or default_slice(t.device)
+            done = (torch_slice(offset, s) or s for offset, s in _flat_slices(t, size))
+        for s in done:
+            if progress is not None:
+                progress(s.numel() * len(steps))
+
+    _in_place(w, run)
+
+
+def _apply_buffer_(w: torch.Tensor, state: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: int,
+                   constants: Sequence[StepConstants], decay: bool, slice_size: int | None,
+                   progress: Callable[[int], None] | None, start: int) -> None:
+    """mezo-momentum-buffer (spec/momentum.md): REPLAY (P1, P2, buffered P3 per step) or RESTORE_UPDATE (the
+    buffered P3 of one step), with `state` the float32 m of w's elements (flat, contiguous, updated in
+    place). The compiled kernel on CPU tensors, Triton's on CUDA ones (fusion off); the torch path: beta*m
+    and its sum are two torch operations, never fused."""
+    if mode not in (cpu_kernel.REPLAY, cpu_kernel.RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError("a buffered momentum update runs in replay or as a step's restore-update (then perturb)")
+    if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != w.numel():
+        raise ValueError("the momentum state must be a contiguous float32 tensor with the weights' element count")
+    cs = [(float(c), d if decay else 0.0) for c, d in constants]
+    flat_state = state.view(-1)
+
+    def torch_slice(offset: int, s: torch.Tensor) -> None:
+        m = flat_state[offset:offset + s.numel()]
+        for j, (c, d) in enumerate(cs):
+            z = noise(rule.noise, rule.seed, first_step + j, index, start + offset, s.numel(), s.device)
+            if mode == cpu_kernel.REPLAY:
+                perturb_(s, z, rule.eps)
+                perturb_(s, z, -2.0 * rule.eps)
+            buffer_update_(s, m, z, rule.eps, c, rule.momentum, d)
+            if mode == UPDATE_PERTURB:  # P1 of the next step on P3's rounded result
+                perturb_(s, noise(rule.noise, rule.seed, first_step + 1, index, start + offset, s.numel(),
+                                  s.device), rule.eps)
+
+    def run(t: torch.Tensor) -> None:
+        path = _path(t)
+        if path == "triton":
+            triton_kernels.apply_buffer_(t, flat_state, start, rule, index, first_step, mode, constants=cs,
+                                         decay=decay, progress=progress)
+            return
+        if path == "compiled" and t.device.type == "cpu":
+            threads = max(1, torch.get_num_threads())
+            size = max(_min_slice(len(cs)), min(1 << 20, -(-t.numel() // threads)))
+            work = (lambda p: cpu_kernel.apply_buffer_(p[1], flat_state[p[0]:p[0] + p[1].numel()], start + p[0],
+                                                       rule, index, first_step, mode, constants=cs) or p[1])
+            parts = list(_flat_slices(t, size))
+            done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)
+        else:
+            size = slice_size or default_slice(t.device)
+            done = (torch_slice(offset, s) or s for offset, s in _flat_slices(t, size))
+        for s in done:
+            if progress is not None:
+                progress(s.numel() * len(cs))
+
+    _in_place(w, run)
+
+
+def restore_buffer_all_(tensors: Sequence[torch.Tensor], states: Sequence[torch.Tensor], rule: MezoSGD, step: int,
+                        c: float, d: float, decays: Sequence[bool], starts: Sequence[int] | None = None,
+                        then_perturb: bool = False) -> None:
+    """mezo-momentum-buffer's P3 of one step on every tuned tensor and its state (states[k]: float32, the
+    element count of tensors[k]); decays and starts as in restore_update_all_. then_perturb: P1 of step + 1
+    in the same pass (the bytes of this call then perturb_all_(step + 1, eps))."""
+    starts = _starts(starts, len(tensors))
+    mode = UPDATE_PERTURB if then_perturb else cpu_kernel.RESTORE_UPDATE
+    for k, t in enumerate(tensors):
+        _apply_buffer_(t, states[k], rule, k, step, mode, [(c, d)], bool(decays[k]), None, None, starts[k])
+
+
+def restore_terms_all_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, terms: Terms, d: float,
+                       decays: Sequence[bool], starts: Sequence[int] | None = None, then_perturb: bool = False) -> None:
+    """The multi-term P3 of one step (spec/momentum.md) on every tuned tensor, one tensor at a time;
+    decays and starts as in restore_update_all_. then_perturb: P1 of step + 1 in the same pass (the bytes
+    of this call then perturb_all_(step + 1, eps))."""
+    starts = _starts(starts, len(tensors))
+    mode = UPDATE_PERTURB if then_perturb else cpu_kernel.RESTORE_UPDATE
+    for k, t in enumerate(tensors):
+        _apply_terms_(t, rule, k, step, mode, [(tuple(terms), d if decays[k] else 0.0)], bool(decays[k]), None,
+                      None, starts[k])
+
+
 def perturb_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int, scale: float,
                     slice_size: int | None = None, start: int = 0) -> None:
     """P1 (scale = eps) or P2 (scale = -2 eps) of one step on one tuned tensor (or its shard at start)."""
@@ -229,15 +426,29 @@ def restore_update_tensor_(w: torch.Tensor, rule: MezoSGD, step: int, index: int
             start=start)
 
 
-def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int, constants: Sequence[StepConstants], *,
+def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int,
+                   constants: Sequence[StepConstants] | Sequence[StepTerms], *,
                    decay: bool = False, first_step: int = 0, slice_size: int | None = None,
-                   progress: Callable[[int], None] | None = None, start: int = 0) -> None:
+                   progress: Callable[[int], None] | None = None, start: int = 0,
+                   state: torch.Tensor | None = None) -> None:
     """Steps first_step, first_step+1, ... of one tuned tensor, in place; with start, of the shard of it
     whose first element is element `start` of the whole tensor (a rank's rows of a sharded parameter).
 
     Each slice runs all its steps before the next slice starts, so the noise of a step is drawn once
     for its three phases and the slice stays in cache.
+
+    constants: step_constants' output for the rule ((terms, d) per step under mezo-momentum). Under
+    mezo-momentum-buffer, state is the float32 m of w's elements (updated in place; None: +0, from step 0).
     """
+    if rule.buffered:  # mezo-momentum-buffer: state is m (float32, w's element count); None: +0, from step 0
+        if state is None:
+            if first_step:
+                raise ValueError("a mezo-momentum-buffer replay from a later step needs the state at that step")
+            state = torch.zeros(w.numel(), dtype=torch.float32, device=w.device)
+        if constants:
+            _apply_buffer_(w, state, rule, index, first_step, cpu_kernel.REPLAY, constants, decay, slice_size,
+                           progress, start)
+        return
     if constants:
         _apply_(w, rule, index, first_step, cpu_kernel.REPLAY, constants, decay=decay, slice_size=slice_size,
                 progress=progress, start=start)

@@ -264,6 +264,151 @@ if triton is not None:
               c_ptr, table_ptr, go_ptr, 1, step, tl.load(indices + slot).to(tl.uint32), key0.to(tl.uint32),
               key1.to(tl.uint32), eps, scale, c1, d1, tl.load(decays + slot) != 0, DT, NOISE, MODE, DECAY, BLOCK,
               C_PTR, GO_PTR)
+    @triton.jit
+    def _z8(blocks, k_idx, step, k0, k1, table_ptr, NOISE: tl.constexpr):
+        """The noise of the 8 elements of each Philox block in `blocks` for step `step` (the _tile layout)."""
+        x0, x1, x2, x3 = _philox(blocks, k_idx, step, k0, k1)
+        return (_noise((x0 & 0xFFFF).to(tl.int32), table_ptr, NOISE), _noise((x0 >> 16).to(tl.int32), table_ptr, NOISE),
+                _noise((x1 & 0xFFFF).to(tl.int32), table_ptr, NOISE), _noise((x1 >> 16).to(tl.int32), table_ptr, NOISE),
+                _noise((x2 & 0xFFFF).to(tl.int32), table_ptr, NOISE), _noise((x2 >> 16).to(tl.int32), table_ptr, NOISE),
+                _noise((x3 & 0xFFFF).to(tl.int32), table_ptr, NOISE), _noise((x3 >> 16).to(tl.int32), table_ptr, NOISE))
+
+    @triton.jit
+    def _next_p1(w0, w1, w2, w3, w4, w5, w6, w7, blocks, k_idx, step, k0, k1, table_ptr, eps, DT: tl.constexpr,
+                 NOISE: tl.constexpr):
+        """P1 of step `step` on the 8 element tensors of the _tile layout: PERTURB's bits with scale eps."""
+        z0, z1, z2, z3, z4, z5, z6, z7 = _z8(blocks, k_idx, step, k0, k1, table_ptr, NOISE)
+        return (_round(w0 + z0 * eps, DT), _round(w1 + z1 * eps, DT), _round(w2 + z2 * eps, DT),
+                _round(w3 + z3 * eps, DT), _round(w4 + z4 * eps, DT), _round(w5 + z5 * eps, DT),
+                _round(w6 + z6 * eps, DT), _round(w7 + z7 * eps, DT))
+
+    @triton.jit
+    def _p12(w, z, eps, DT: tl.constexpr):
+        w = _round(w + z * eps, DT)
+        return _round(w - z * (eps + eps), DT)
+
+    @triton.jit
+    def _restore(w, z, eps, d, DECAY: tl.constexpr):
+        s = w + z * eps
+        if DECAY:
+            s = _decay(s, d)
+        return s
+
+    @triton.jit(do_not_specialize=["n", "base_hi", "base_lo", "tensor_index", "first_step", "key0", "key1",
+                                   "nsteps"])
+    def _terms_kernel(w_ptr, n, base_hi, base_lo, table_ptr, d_ptr, toff_ptr, tstep_ptr, tc_ptr, nsteps, first_step,
+                      tensor_index, key0, key1, eps,
+                      DT: tl.constexpr, NOISE: tl.constexpr, REPLAY_STEPS: tl.constexpr, DECAY: tl.constexpr,
+                      BLOCK: tl.constexpr, NEXT_PERTURB: tl.constexpr):
+        """The multi-term P3 of spec/momentum.md (with P1 and P2 before it where REPLAY_STEPS) on one tensor
+        or a contiguous run of it, in the layout of _tile: step j's terms are (tstep, tc)[toff[j] ..
+        toff[j+1]), each term's noise regenerated in registers, subtracted in order in binary32."""
+        base = (base_hi.to(tl.int64) << 31) + base_lo.to(tl.int64)
+        k_idx, k0, k1 = tensor_index.to(tl.uint32), key0.to(tl.uint32), key1.to(tl.uint32)
+        blocks = (base >> 3) + tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8).to(tl.int64)
+        o = blocks * 8 - base
+        p = w_ptr + o
+        m0, m1, m2, m3 = (o >= 0) & (o < n), (o >= -1) & (o < n - 1), (o >= -2) & (o < n - 2), (o >= -3) & (o < n - 3)
+        m4, m5, m6, m7 = (o >= -4) & (o < n - 4), (o >= -5) & (o < n - 5), (o >= -6) & (o < n - 6), (o >= -7) & (o < n - 7)
+        w0, w1, w2, w3 = _load(p, m0, DT), _load(p + 1, m1, DT), _load(p + 2, m2, DT), _load(p + 3, m3, DT)
+        w4, w5, w6, w7 = _load(p + 4, m4, DT), _load(p + 5, m5, DT), _load(p + 6, m6, DT), _load(p + 7, m7, DT)
+        n0, n1, n2, n3, n4, n5, n6, n7 = w0 != w0, w1 != w1, w2 != w2, w3 != w3, w4 != w4, w5 != w5, w6 != w6, w7 != w7
+        for j in range(nsteps):
+            d = tl.load(d_ptr + j)
+            z0, z1, z2, z3, z4, z5, z6, z7 = _z8(blocks, k_idx, (first_step + j).to(tl.uint32), k0, k1, table_ptr,
+                                                 NOISE)
+            if REPLAY_STEPS:
+                w0, w1, w2, w3 = _p12(w0, z0, eps, DT), _p12(w1, z1, eps, DT), _p12(w2, z2, eps, DT), _p12(w3, z3, eps, DT)
+                w4, w5, w6, w7 = _p12(w4, z4, eps, DT), _p12(w5, z5, eps, DT), _p12(w6, z6, eps, DT), _p12(w7, z7, eps, DT)
+            s0, s1, s2, s3 = (_restore(w0, z0, eps, d, DECAY), _restore(w1, z1, eps, d, DECAY),
+                              _restore(w2, z2, eps, d, DECAY), _restore(w3, z3, eps, d, DECAY))
+            s4, s5, s6, s7 = (_restore(w4, z4, eps, d, DECAY), _restore(w5, z5, eps, d, DECAY),
+                              _restore(w6, z6, eps, d, DECAY), _restore(w7, z7, eps, d, DECAY))
+            for q in range(tl.load(toff_ptr + j), tl.load(toff_ptr + j + 1)):
+                c = tl.load(tc_ptr + q)
+                y0, y1, y2, y3, y4, y5, y6, y7 = _z8(blocks, k_idx, tl.load(tstep_ptr + q).to(tl.uint32), k0, k1,
+                                                     table_ptr, NOISE)
+                s0, s1, s2, s3 = s0 - y0 * c, s1 - y1 * c, s2 - y2 * c, s3 - y3 * c
+                s4, s5, s6, s7 = s4 - y4 * c, s5 - y5 * c, s6 - y6 * c, s7 - y7 * c
+            w0, w1, w2, w3 = _round(s0, DT), _round(s1, DT), _round(s2, DT), _round(s3, DT)
+            w4, w5, w6, w7 = _round(s4, DT), _round(s5, DT), _round(s6, DT), _round(s7, DT)
+        if NEXT_PERTURB:  # P1 of the next step on P3's rounded values (UPDATE_PERTURB)
+            w0, w1, w2, w3, w4, w5, w6, w7 = _next_p1(w0, w1, w2, w3, w4, w5, w6, w7, blocks, k_idx,
+                                                      (first_step + 1).to(tl.uint32), k0, k1, table_ptr, eps,
+                                                      DT, NOISE)
+        _store(p, w0, n0, m0, DT)
+        _store(p + 1, w1, n1, m1, DT)
+        _store(p + 2, w2, n2, m2, DT)
+        _store(p + 3, w3, n3, m3, DT)
+        _store(p + 4, w4, n4, m4, DT)
+        _store(p + 5, w5, n5, m5, DT)
+        _store(p + 6, w6, n6, m6, DT)
+        _store(p + 7, w7, n7, m7, DT)
+    @triton.jit
+    def _buffer_p3(w, m, z, eps, c, beta, d, DT: tl.constexpr, DECAY: tl.constexpr):
+        """mezo-momentum-buffer's P3: m = fl32(fl32(beta*m) + c*z); w = R_D(DECAY(w + eps*z) - m). The launch
+        forbids fusion (enable_fp_fusion=False): beta*m is the spec's one inexact product."""
+        m = beta * m + z * c
+        s = _restore(w, z, eps, d, DECAY)
+        return _round(s - m, DT), m
+
+    @triton.jit(do_not_specialize=["n", "base_hi", "base_lo", "tensor_index", "first_step", "key0", "key1",
+                                   "nsteps"])
+    def _buffer_kernel(w_ptr, m_ptr, n, base_hi, base_lo, table_ptr, c_ptr, d_ptr, nsteps, first_step, tensor_index,
+                       key0, key1, eps, beta,
+                       DT: tl.constexpr, NOISE: tl.constexpr, REPLAY_STEPS: tl.constexpr, DECAY: tl.constexpr,
+                       BLOCK: tl.constexpr, NEXT_PERTURB: tl.constexpr):
+        """mezo-momentum-buffer on one tensor (or a run of it) and its float32 states at m_ptr, in the layout of
+        _tile: P1, P2 (where REPLAY_STEPS) and the buffered P3 for each step, weights and states in registers."""
+        base = (base_hi.to(tl.int64) << 31) + base_lo.to(tl.int64)
+        k_idx, k0, k1 = tensor_index.to(tl.uint32), key0.to(tl.uint32), key1.to(tl.uint32)
+        blocks = (base >> 3) + tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8).to(tl.int64)
+        o = blocks * 8 - base
+        p = w_ptr + o
+        q = m_ptr + o
+        m0, m1, m2, m3 = (o >= 0) & (o < n), (o >= -1) & (o < n - 1), (o >= -2) & (o < n - 2), (o >= -3) & (o < n - 3)
+        m4, m5, m6, m7 = (o >= -4) & (o < n - 4), (o >= -5) & (o < n - 5), (o >= -6) & (o < n - 6), (o >= -7) & (o < n - 7)
+        w0, w1, w2, w3 = _load(p, m0, DT), _load(p + 1, m1, DT), _load(p + 2, m2, DT), _load(p + 3, m3, DT)
+        w4, w5, w6, w7 = _load(p + 4, m4, DT), _load(p + 5, m5, DT), _load(p + 6, m6, DT), _load(p + 7, m7, DT)
+        h0, h1, h2, h3 = tl.load(q, mask=m0), tl.load(q + 1, mask=m1), tl.load(q + 2, mask=m2), tl.load(q + 3, mask=m3)
+        h4, h5, h6, h7 = tl.load(q + 4, mask=m4), tl.load(q + 5, mask=m5), tl.load(q + 6, mask=m6), tl.load(q + 7, mask=m7)
+        n0, n1, n2, n3, n4, n5, n6, n7 = w0 != w0, w1 != w1, w2 != w2, w3 != w3, w4 != w4, w5 != w5, w6 != w6, w7 != w7
+        for j in range(nsteps):
+            c = tl.load(c_ptr + j)
+            d = tl.load(d_ptr + j)
+            z0, z1, z2, z3, z4, z5, z6, z7 = _z8(blocks, k_idx, (first_step + j).to(tl.uint32), k0, k1, table_ptr,
+                                                 NOISE)
+            if REPLAY_STEPS:
+                w0, w1, w2, w3 = _p12(w0, z0, eps, DT), _p12(w1, z1, eps, DT), _p12(w2, z2, eps, DT), _p12(w3, z3, eps, DT)
+                w4, w5, w6, w7 = _p12(w4, z4, eps, DT), _p12(w5, z5, eps, DT), _p12(w6, z6, eps, DT), _p12(w7, z7, eps, DT)
+            w0, h0 = _buffer_p3(w0, h0, z0, eps, c, beta, d, DT, DECAY)
+            w1, h1 = _buffer_p3(w1, h1, z1, eps, c, beta, d, DT, DECAY)
+            w2, h2 = _buffer_p3(w2, h2, z2, eps, c, beta, d, DT, DECAY)
+            w3, h3 = _buffer_p3(w3, h3, z3, eps, c, beta, d, DT, DECAY)
+            w4, h4 = _buffer_p3(w4, h4, z4, eps, c, beta, d, DT, DECAY)
+            w5, h5 = _buffer_p3(w5, h5, z5, eps, c, beta, d, DT, DECAY)
+            w6, h6 = _buffer_p3(w6, h6, z6, eps, c, beta, d, DT, DECAY)
+            w7, h7 = _buffer_p3(w7, h7, z7, eps, c, beta, d, DT, DECAY)
+        if NEXT_PERTURB:
+            w0, w1, w2, w3, w4, w5, w6, w7 = _next_p1(w0, w1, w2, w3, w4, w5, w6, w7, blocks, k_idx,
+                                                      (first_step + 1).to(tl.uint32), k0, k1, table_ptr, eps,
+                                                      DT, NOISE)
+        _store(p, w0, n0, m0, DT)
+        _store(p + 1, w1, n1, m1, DT)
+        _store(p + 2, w2, n2, m2, DT)
+        _store(p + 3, w3, n3, m3, DT)
+        _store(p + 4, w4, n4, m4, DT)
+        _store(p + 5, w5, n5, m5, DT)
+        _store(p + 6, w6, n6, m6, DT)
+        _store(p + 7, w7, n7, m7, DT)
+        tl.store(q, h0, mask=m0)
+        tl.store(q + 1, h1, mask=m1)
+        tl.store(q + 2, h2, mask=m2)
+        tl.store(q + 3, h3, mask=m3)
+        tl.store(q + 4, h4, mask=m4)
+        tl.store(q + 5, h5, mask=m5)
+        tl.store(q + 6, h6, mask=m6)
+        tl.store(q + 7, h7, mask=m7)
 else:
     _kernel = None
 
@@ -484,3 +629,117 @@ def compile_for_gpu(dtype: torch.dtype, mode: int, *, noise: str = "gaussian16",
     signature.update({k: "constexpr" for k in constexprs})
     return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION})
+
+
+def apply_terms_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: int, mode: int, *,
+                 steps: Sequence[tuple[Sequence[tuple[int, float]], float]], decay: bool = False,
+                 steps_per_launch: int = 256, block: int = BLOCK, native_bf16: bool | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+    """The multi-term P3 of spec/momentum.md on one tensor (or a contiguous slice holding elements start..):
+    mode REPLAY runs P1, P2 and it for steps first_step.. (steps[j] = (terms, d)); RESTORE_UPDATE runs it
+    for first_step alone. One launch per tensor (no grouped variant yet): each term's noise is made in
+    registers, so a step of window K costs K + 1 Philox calls per block. Terms and d travel as small
+    device tensors, uploaded per call (host floats: a momentum step's terms are known on the host)."""
+    if not runs_on(w) or not w.is_contiguous():
+        raise ValueError("the Triton kernel takes contiguous float32/bfloat16/float16 CUDA tensors "
+                         "(CPU tensors only under TRITON_INTERPRET=1)")
+    if mode not in (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError("the multi-term pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB")
+    if w.numel() == 0 or not steps:
+        return
+    view = (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).view(-1)
+    table = _table(w.device)
+    if native_bf16 is None:
+        native_bf16 = native_bf16_default(w.device)
+    meta = dict(DT=_dt_code(w.dtype, native_bf16), NOISE=NOISES[rule.noise], REPLAY_STEPS=mode == REPLAY,
+                DECAY=bool(decay), BLOCK=block, NEXT_PERTURB=mode == UPDATE_PERTURB, enable_fp_fusion=FP_FUSION)
+    for first in range(0, len(steps), steps_per_launch):
+        part_steps = steps[first:first + steps_per_launch]
+        offsets, tstep, tc = [0], [], []
+        for terms, _ in part_steps:
+            tstep.extend(s & 0xFFFFFFFF for s, _ in terms)
+            tc.extend(c for _, c in terms)
+            offsets.append(len(tstep))
+        d = torch.tensor([y if decay else 0.0 for _, y in part_steps], dtype=torch.float32).to(w.device)
+        toff = torch.tensor(offsets, dtype=torch.int32).to(w.device)
+        ts = torch.tensor(tstep or [0], dtype=torch.int64).to(torch.int32 if max(tstep or [0]) < 2**31 else torch.int64)
+        ts = ts.to(w.device)
+        cs = torch.tensor(tc or [0.0], dtype=torch.float32).to(w.device)  # every c is a binary32 value: exact
+        for part in range(0, w.numel(), _MAX_LAUNCH):
+            n = min(_MAX_LAUNCH, w.numel() - part)
+            base = start + part
+            _terms_kernel[(triton.cdiv((base & 7) + n, block),)](
+                view[part:], n, base >> 31, base & 0x7FFFFFFF, table, d, toff, ts, cs, len(part_steps),
+                first_step + first, index, rule.seed & 0xFFFFFFFF, rule.seed >> 32, rule.eps, **meta)
+        if progress is not None:
+            progress(w.numel() * len(part_steps))
+
+
+def apply_buffer_(w: torch.Tensor, state: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: int,
+                  mode: int, *, constants: Sequence[tuple[float, float]], decay: bool = False,
+                  steps_per_launch: int = 1024, block: int = BLOCK, native_bf16: bool | None = None,
+                  progress: Callable[[int], None] | None = None) -> None:
+    """mezo-momentum-buffer (spec/momentum.md) on one tensor (or a contiguous slice holding elements start..)
+    and its float32 states `state` (w's element count, updated in place): REPLAY runs P1, P2 and the
+    buffered P3 per step, RESTORE_UPDATE the buffered P3 of first_step. Launched with fusion off: beta*m is
+    rounded before the sum, as the spec requires (no FMA)."""
+    if not runs_on(w) or not w.is_contiguous():
+        raise ValueError("the Triton kernel takes contiguous float32/bfloat16/float16 CUDA tensors "
+                         "(CPU tensors only under TRITON_INTERPRET=1)")
+    if mode not in (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError("the buffered pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB")
+    if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != w.numel() or \
+            state.device != w.device:
+        raise ValueError("the momentum state must be a contiguous float32 tensor of the weights' size and device")
+    if w.numel() == 0 or not constants:
+        return
+    view = (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).view(-1)
+    flat = state.view(-1)
+    table = _table(w.device)
+    if native_bf16 is None:
+        native_bf16 = native_bf16_default(w.device)
+    meta = dict(DT=_dt_code(w.dtype, native_bf16), NOISE=NOISES[rule.noise], REPLAY_STEPS=mode == REPLAY,
+                DECAY=bool(decay), BLOCK=block, NEXT_PERTURB=mode == UPDATE_PERTURB, enable_fp_fusion=False)
+    for first in range(0, len(constants), steps_per_launch):
+        part = constants[first:first + steps_per_launch]
+        c = torch.tensor([float(x) for x, _ in part], dtype=torch.float32).to(w.device)  # binary32 values: exact
+        d = torch.tensor([y if decay else 0.0 for _, y in part], dtype=torch.float32).to(w.device)
+        for at in range(0, w.numel(), _MAX_LAUNCH):
+            n = min(_MAX_LAUNCH, w.numel() - at)
+            base = start + at
+            _buffer_kernel[(triton.cdiv((base & 7) + n, block),)](
+                view[at:], flat[at:], n, base >> 31, base & 0x7FFFFFFF, table, c, d, len(part), first_step + first,
+                index, rule.seed & 0xFFFFFFFF, rule.seed >> 32, rule.eps, rule.momentum, **meta)
+        if progress is not None:
+            progress(w.numel() * len(part))
+
+
+def compile_momentum_for_gpu(kind: str, dtype: torch.dtype, *, replay: bool = True, decay: bool = True,
+                             noise: str = "gaussian16", arch: int = 90, block: int = BLOCK, num_warps: int = 4):
+    """compile_for_gpu for the momentum kernels (spec/momentum.md): kind "terms" (mezo-momentum's multi-term
+    pass, fusion allowed: its products are exact) or "buffer" (mezo-momentum-buffer, fusion off: tests check
+    that its PTX holds no fused multiply-add). Not under TRITON_INTERPRET."""
+    if triton is None or interpreting():
+        raise RuntimeError("compiling needs Triton, and TRITON_INTERPRET unset")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr = {torch.float32: "*fp32", torch.bfloat16: "*i16", torch.float16: "*fp16"}[dtype]
+    common = {"n": "i32", "base_hi": "i32", "base_lo": "i32", "table_ptr": "*u16"}
+    if kind == "terms":
+        kernel, fusion = _terms_kernel, FP_FUSION
+        signature = {"w_ptr": ptr, **common, "d_ptr": "*fp32", "toff_ptr": "*i32", "tstep_ptr": "*i32",
+                     "tc_ptr": "*fp32", "nsteps": "i32", "first_step": "i32", "tensor_index": "i32", "key0": "i32",
+                     "key1": "i32", "eps": "fp32"}
+    elif kind == "buffer":
+        kernel, fusion = _buffer_kernel, False
+        signature = {"w_ptr": ptr, "m_ptr": "*fp32", **common, "c_ptr": "*fp32", "d_ptr": "*fp32", "nsteps": "i32",
+                     "first_step": "i32", "tensor_index": "i32", "key0": "i32", "key1": "i32", "eps": "fp32",
+                     "beta": "fp32"}
+    else:
+        raise ValueError(f"unknown momentum kernel {kind!r}")
+    constexprs = {"DT": _dt_code(dtype, arch >= 80), "NOISE": NOISES[noise], "REPLAY_STEPS": replay,
+                  "DECAY": decay, "BLOCK": block, "NEXT_PERTURB": not replay}
+    signature.update({k: "constexpr" for k in constexprs})
+    return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "enable_fp_fusion": fusion})

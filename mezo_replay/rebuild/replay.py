@@ -28,7 +28,7 @@ from ..arithmetic.initial import generate
 from ..format.mzt import Trajectory, read_trajectory
 from ..arithmetic.rule import MezoSGD
 from ..format.safetensors_io import BaseCheckpoint, CheckpointWriter
-from ..kernels.steps import StepConstants, replay_tensor_, step_constants
+from ..kernels.steps import StepConstants, StepTerms, replay_tensor_, step_constants
 from . import pipeline, ranks, spread
 
 Progress = Callable[[int], None]
@@ -53,7 +53,9 @@ class ReplayPlan:
     steps: int
     names: list[str]
     expected: list[str] | None  # per-tensor fingerprints for `steps` (FPRT; the header's at step 0), if any
-    constants: list[StepConstants]  # (c, d) of each step, shared by every tensor
+    # (c, d) of each step, shared by every tensor; (terms, d) under mezo-momentum (spec/momentum.md), whose
+    # P3 subtracts several (noise step, coefficient) terms; mezo-momentum-buffer's replay_tensor_ keeps m
+    constants: list[StepConstants] | list[StepTerms]
     checkpoint: str | None = None  # the checkpoint fingerprint for `steps` (ckpt chunk), if any
 
     @property

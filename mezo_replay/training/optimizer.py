@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,7 +36,8 @@ from ..arithmetic.initial import generate
 from ..format.mzt import TrajectoryWriter
 from ..arithmetic.device_grad import device_coefficient
 from ..arithmetic.rule import MezoSGD, Schedule
-from ..kernels.steps import perturb_all_, restore_update_all_, update_perturb_all_
+from ..kernels.steps import (perturb_all_, restore_buffer_all_, restore_terms_all_, restore_update_all_,
+                             update_perturb_all_)
 from . import shards
 
 Closure = Callable[[], "torch.Tensor | float"]
@@ -108,7 +109,7 @@ class _Unread:
 
 
 class MeZO:
-    """MeZO-SGD (spec/rule.md `mezo-sgd`) over named tensors.
+    """MeZO-SGD (spec/rule.md `mezo-sgd`), or MeZO with momentum (spec/momentum.md), over named tensors.
 
     Each `step(closure)` calls the closure twice (at w + eps z and w - eps z), so the closure must
     compute the loss on the same batch each time and must not change the weights.
@@ -116,13 +117,21 @@ class MeZO:
     grad_codec picks how each step's projected gradient is recorded, and so what the step applies (the
     replay is exact with each): "bf16", "fp8" (E4M3 times grad_scale, saturating) or "sign" (ZO-SignSGD,
     +-grad_scale or 0); grad_scale is a power of two, 1 if not given (spec/rule.md).
+
+    rule="mezo-momentum" adds memory-free heavy-ball momentum (spec/momentum.md): each step's update is
+    the sum over the last `momentum_window` records of momentum^k * lr_t * gq * z, with every z
+    regenerated, so no state buffer is kept. A pending update is applied in the next step's first pass, as
+    for mezo-sgd; its steps are never queued on the device: queue_step refuses them.
+    rule="mezo-momentum-buffer" is the state-buffer form: one float32 buffer per tuned tensor (`states`),
+    4 bytes per tuned parameter more, one noise draw per step; fused and never queued the same way.
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], *, lr: float, eps: float = 1e-3,
                  seed: int = 0, noise: str = "gaussian16", schedule: Schedule | None = None,
                  weight_decay: float = 0.0, no_decay: Callable[[str, torch.Tensor], bool] | None = None,
                  on_nonfinite: Literal["raise", "skip"] = "raise", grad_codec: str = "bf16",
-                 grad_scale: float | None = None) -> None:
+                 grad_scale: float | None = None, rule: str = "mezo-sgd", momentum: float = 0.9,
+                 momentum_window: int = 16) -> None:
         chosen: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for item in params:
@@ -143,16 +152,23 @@ class MeZO:
         self.params = [chosen[n] for n in self.names]
         self.sharded = any(shards.is_dtensor(p) for p in self.params)  # FSDP2: passes over local shards
         self.rule = MezoSGD.create(lr=lr, eps=eps, seed=seed, noise=noise, schedule=schedule,
-                                   weight_decay=weight_decay, grad_encoding=grad_codec, grad_scale=grad_scale)
+                                   weight_decay=weight_decay, grad_encoding=grad_codec, grad_scale=grad_scale,
+                                   rule=rule, momentum=momentum, window=momentum_window)
         exempt = no_decay or default_no_decay
         self.decay = [bool(self.rule.weight_decay) and not exempt(n, p) for n, p in zip(self.names, self.params)]
         self.on_nonfinite = on_nonfinite
         self.step_count = 0
         self.last_grad_bits: int | None = None
+        self._history: list[int] = []  # mezo-momentum: the records of the last `window` steps, oldest first
+        # mezo-momentum-buffer: each tuned tensor's float32 m (flat), +0 before step 0 (spec/momentum.md)
+        # (sharded: this rank's shard of it, like the passes' tensors)
+        self.states: list[torch.Tensor] = [torch.zeros(t.numel(), dtype=torch.float32, device=t.device)
+                                           for t in self.local_tensors()[0]] if self.rule.buffered else []
         self.writer: TrajectoryWriter | None = None
         self.writer_records_losses = True
-        # (step, c, d, go) of an update not yet applied; c and go are device tensors after a queued step
-        self._pending: tuple[int, float | torch.Tensor, float, torch.Tensor | None] | None = None
+        # (step, c, d, go) of an update not yet applied; c and go are device tensors after a queued step, and
+        # c is a tuple of (noise step, coefficient) terms under mezo-momentum (spec/momentum.md)
+        self._pending: tuple[int, Any, float, torch.Tensor | None] | None = None
         self._unread: _Unread | None = None  # the record of a queued step, on its way to the host
         self._abandoned = False  # see abandon()
         self._base_fingerprints = self.fingerprints()
@@ -184,7 +200,12 @@ class MeZO:
             t, c, d, _ = self._pending
             self._pending = None  # first: a pass that fails half-way must never be applied a second time
             tensors, starts = self.local_tensors()
-            restore_update_all_(tensors, self.rule, t, c, d, self.decay, starts=starts)
+            if isinstance(c, tuple):  # a multi-term update (mezo-momentum)
+                restore_terms_all_(tensors, self.rule, t, c, d, self.decay, starts=starts)
+            elif self.rule.buffered:
+                restore_buffer_all_(tensors, self.states, self.rule, t, c, d, self.decay, starts=starts)
+            else:
+                restore_update_all_(tensors, self.rule, t, c, d, self.decay, starts=starts)
         if landed is not None and landed[2] is not None:
             raise landed[2]
 
@@ -209,8 +230,8 @@ class MeZO:
         minus = _hold(closure())
         loss_plus, loss_minus = _read(plus, minus)  # the step's one host synchronisation
         h = self._host_step(t, loss_plus, loss_minus)
-        self._pending = (t, h.c, self.rule.decay(t), None)
         self._record(h)
+        self._pending = (t, self._terms(t) if self.rule.window else h.c, self.rule.decay(t), None)
         self.step_count += 1
         if settle or h.failed:  # a failed step is settled (its zero update applied) before anything else
             self.settle()
@@ -238,14 +259,32 @@ class MeZO:
         if self.writer is not None:
             self.writer.append_step(h.bits, h.loss if self.writer_records_losses else None)
         self.last_grad_bits = h.bits
+        if self.rule.window:
+            self._history = [*self._history, h.bits][-self.rule.window:]
+
+    def _terms(self, t: int) -> tuple[tuple[int, float], ...]:
+        """Step t's multi-term update from the recorded history (its own record last)."""
+        return self.rule.terms(t, self._history)
+
+    def load_history(self, grad_bits: Sequence[int]) -> None:
+        """The records of the steps already taken (all of them, or at least the last window): what a
+        resumed mezo-momentum run needs for its next steps' terms. A no-op for mezo-sgd."""
+        if self.rule.window:
+            self._history = [int(b) for b in grad_bits][-self.rule.window:]
 
     def _first_pass(self, tensors: list[torch.Tensor], t: int, starts: list[int] | None = None) -> None:
         """P1 of step t, fused with the pending update of the step before when there is one."""
         if self._pending is not None:
             pt, c, d, go = self._pending
             self._pending = None  # as in settle(): never applied twice
-            update_perturb_all_(tensors, self.rule, pt, c, d, self.decay, go=go,
-                                starts=starts)  # P3 of step pt, P1 of t
+            if isinstance(c, tuple):  # mezo-momentum: its multi-term P3, then P1 of t, in one pass
+                restore_terms_all_(tensors, self.rule, pt, c, d, self.decay, then_perturb=True, starts=starts)
+            elif self.rule.buffered:
+                restore_buffer_all_(tensors, self.states, self.rule, pt, c, d, self.decay, then_perturb=True,
+                                    starts=starts)
+            else:
+                update_perturb_all_(tensors, self.rule, pt, c, d, self.decay, go=go,
+                                    starts=starts)  # P3 of step pt, P1 of t
         else:
             perturb_all_(tensors, self.rule, t, self.rule.eps, starts=starts)
 
@@ -261,7 +300,11 @@ class MeZO:
         must stop the run (a non-finite loss in raise mode, a diverged step) makes the next first pass
         skip its perturbation on the device, so when its NonFiniteLossError is raised here one step late,
         the weights are that step's settled weights, as step() leaves them; the queued forward is discarded.
-        settle() (and everything that reads the weights) completes the last queued step."""
+        settle() (and everything that reads the weights) completes the last queued step.
+        Momentum steps are refused: mezo-momentum's terms come from the host's records, and neither form's
+        update has a device-side fused pass (use step())."""
+        if self.rule.window or self.rule.buffered:
+            raise MezoReplayError(f"queue_step takes mezo-sgd steps only, not {self.rule.name}'s: use step()")
         eps = self.rule.eps
         t = self.step_count
         tensors, starts = self.local_tensors()

@@ -81,6 +81,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_codec: str = "bf16"  # how step records hold the projected gradient: bf16, fp8 or sign (spec/rule.md)
     grad_scale: float | None = None  # fp8 and sign: a power of two (None: 1)
+    optimizer: str = "mezo-sgd"  # the rule: mezo-sgd, mezo-momentum or mezo-momentum-buffer (spec/momentum.md)
+    momentum: float = 0.9  # mezo-momentum's beta
+    momentum_window: int = 16  # mezo-momentum's K: the records each step's average spans
     tune: Sequence[str] = ()
     freeze: Sequence[str] = ()
     eval_every: int = 0
@@ -287,7 +290,8 @@ STEP_SETTINGS = {
     "generator.seed": "--seed", "noise.name": "--noise", "rule.lr": "--lr", "rule.eps": "--eps",
     "rule.schedule.name": "--schedule", "rule.schedule.warmup_steps": "--warmup-steps",
     "rule.schedule.total_steps": "--steps (the schedule's length)", "rule.weight_decay": "--weight-decay",
-    "rule.grad_encoding": "--grad-codec", "rule.grad_scale": "--grad-scale",
+    "rule.grad_encoding": "--grad-codec", "rule.grad_scale": "--grad-scale", "rule.name": "--optimizer",
+    "rule.momentum": "--momentum", "rule.window": "--momentum-window",
     "peft": "--peft", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
     "lora_targets": "--lora-targets", "num_virtual_tokens": "--num-virtual-tokens",
 }
@@ -443,7 +447,9 @@ def _replay_recorded(opt: MeZO, grad_bits: Any) -> None:
     constants = step_constants(opt.rule, grad_bits)
     tensors, starts = opt.local_tensors()
     for k, t in enumerate(tensors):
-        replay_tensor_(t, opt.rule, k, constants, decay=opt.decay[k], start=starts[k] if starts else 0)
+        replay_tensor_(t, opt.rule, k, constants, decay=opt.decay[k], start=starts[k] if starts else 0,
+                       state=opt.states[k] if opt.states else None)  # mezo-momentum-buffer: its m too
+    opt.load_history(grad_bits)  # mezo-momentum: the next steps' terms reach back into these records
 
 
 def _check_replayed(traj: Any, path: Path, names: Sequence[str], fps: Sequence[str]) -> None:
@@ -535,7 +541,8 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
         lambda done: bool(checkpoint_every) and done % checkpoint_every == 0)
     reads = reads_weights if callable(reads_weights) else (lambda done: bool(reads_weights))
     devices = {p.device for p in opt.params}  # one device: c and go live there, where every kernel reads them
-    queues = len(devices) == 1 and next(iter(devices)).type in QUEUED_DEVICES
+    # mezo-momentum steps are never queued: their terms come from the host's records
+    queues = len(devices) == 1 and next(iter(devices)).type in QUEUED_DEVICES and not (opt.rule.window or opt.rule.buffered)
 
     def report(done: int, loss: float) -> None:
         if after_step is not None:
@@ -667,7 +674,8 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
         if adapter is None:
             named = ((keys[n], p) for n, p in model.named_parameters())
         opt = MeZO(named, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise, schedule=schedule.validated(),
-                   weight_decay=cfg.weight_decay, grad_codec=cfg.grad_codec, grad_scale=cfg.grad_scale)
+                   weight_decay=cfg.weight_decay, grad_codec=cfg.grad_codec, grad_scale=cfg.grad_scale,
+                   rule=cfg.optimizer, momentum=cfg.momentum, momentum_window=cfg.momentum_window)
         if adapter is not None:
             added: Mapping[str, Any] | list[str] = adapter.inits
         else:
