@@ -266,7 +266,7 @@ def available(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    ap.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)} (default: all; --quick: embedded)")
     ap.add_argument("--variants", default=",".join(v.name for v in VARIANTS),
                     help=f"comma-separated; the first is the baseline (known: {', '.join(v.name for v in VARIANTS)})")
     ap.add_argument("--steps", type=int, default=1000, help="steps of the embedded task (default 1000)")
@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.steps, args.label_words_steps, args.repeats, args.warmup = 4, 4, 1, 0
         args.eval_every = args.eval_every or 2
-        if "--tasks" not in (argv if argv is not None else sys.argv):
-            args.tasks = "embedded"
+    if args.tasks is None:
+        args.tasks = "embedded" if args.quick else ",".join(TASKS)
     check_timing_options(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     known = {v.name: v for v in VARIANTS}
