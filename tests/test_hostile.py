@@ -292,3 +292,37 @@ def test_init_objects_refused_in_one_line(tmp_path: Path, init: str, error: str,
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
     assert re.search(message, lines[0]) and "Warning" not in r.stderr
+
+
+# --- fp8 and sign step records (rule.md, *Gradient encodings*) ------------------------------------------
+
+def codec_header(encoding: str, scale: float = 1.0, losses: bool = False, **rule: object) -> dict:
+    header = make_header(losses)
+    header["rule"] = {**header["rule"], "grad_encoding": encoding, "grad_scale": scale, **rule}
+    return header
+
+
+def codec_step(first: int, count: int, body: bytes) -> bytes:
+    return chunk(b"STEP", zframe(struct.pack("<II", first, count) + body))
+
+
+@pytest.mark.parametrize("encoding, body", [("sign", b"\xff" * (1 << 17) + bytes(1 << 17)), ("fp8", b"\x38" * (1 << 20))])
+def test_small_codec_files_cannot_decode_to_gigabytes(tmp_path: Path, encoding: str, body: bytes) -> None:
+    """Found by fuzzing: a 21 kB file of 262 sign chunks of 2^20 steps (each 262 kB decompressed, 70 bytes
+    compressed) fitted the decompression budget counted in record bytes, then decoded to 550 MB of
+    bfloat16 patterns (800 MB peak, 6 s); fp8 to twice its budget. STEP chunks are now charged 2 bytes a
+    step they can hold (format.md, *Reading cost*): no encoding decodes to more steps than bf16 would."""
+    n = 1 << 20
+    cctx = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True)
+    steps = [chunk(b"STEP", cctx.compress(struct.pack("<II", k * n, n) + body)) for k in range(40)]
+    path = crafted(tmp_path, PREAMBLE, head_chunk(codec_header(encoding)), *steps)
+    assert path.stat().st_size < 8000
+
+    def refused(p: Path) -> CorruptChunkError:
+        with pytest.raises(CorruptChunkError, match="decoded to bfloat16 .* decompression budget") as e:
+            read_trajectory(p)
+        return e.value
+
+    err, peak = _peak_of(refused, path)
+    assert f"chunk {BUDGET_BASE // (2 * n) + 1} (STEP)" in str(err)  # 32 chunks of 2 MiB fit, not 33
+    assert peak < BUDGET_BASE + (32 << 20)
