@@ -343,6 +343,28 @@ def test_outcome_classes_erase_numbers_and_paths() -> None:
     assert fuzz.outcome_class(e, "/x/a.mzt") == "CorruptChunkError: count N is outside N..N"
 
 
+CODEC_FILES = "*[sf][ip][g8]*"  # the fp8 and sign files of the corpus
+
+
+def test_fuzzer_runs_info_on_codec_mutants(tmp_path: Path) -> None:
+    """The fp8 and sign files only, and `mezo-replay info` (in process) on every mutant: one report or one
+    `Error:` line, no warning on stderr (a loss summary once printed numpy's overflow warning)."""
+    fuzz = load_fuzzer()
+    corpus = fuzz.load_corpus(CORPUS, CODEC_FILES)
+    assert len(corpus) >= 8
+    stats = fuzz.fuzz(corpus, seconds=3, seed=15, crashes=tmp_path / "crashes", cli=True)
+    assert not stats.failures, stats.report()
+    assert stats.cases > 50
+
+
+@pytest.mark.slow
+def test_fuzzer_longer_on_codec_files(tmp_path: Path) -> None:
+    fuzz = load_fuzzer()
+    stats = fuzz.fuzz(fuzz.load_corpus(CORPUS, CODEC_FILES), seconds=120, seed=141, crashes=tmp_path / "crashes",
+                      cli=True)
+    assert not stats.failures, stats.report()
+
+
 @pytest.mark.slow
 def test_fuzzer_longer(tmp_path: Path) -> None:
     fuzz = load_fuzzer()

@@ -419,3 +419,24 @@ def test_repair_of_a_sign_file_torn_inside_a_step_chunk_cli(tmp_path: Path) -> N
 def load_fuzzer():
     from tests.test_fuzz import load_fuzzer as load
     return load()
+
+
+def test_info_of_extreme_losses_prints_no_warning(tmp_path: Path) -> None:
+    """Found by fuzzing `info` (tools/fuzz_mzt.py --cli): a sign file whose lsbf losses hold 0x7F7F
+    (3.4e38) twice, or inf and -inf, made the loss summary's float32 mean print a numpy RuntimeWarning
+    (overflow / invalid value in reduce) on stderr above the report."""
+    import warnings
+
+    from tests.test_rebuild_cli import inproc
+
+    bits = [0x7F7F] * 2 + [0x3F80] * 16 + [0x7F80, 0xFF80]
+    lsbf = struct.pack("<II", 0, 20) + bytes(b >> 8 for b in bits) + bytes(b & 0xFF for b in bits)
+    path = crafted(tmp_path, PREAMBLE, head_chunk(codec_header("sign", losses=True)),
+                   codec_step(0, 20, b"\xff\xff\x0f" + bytes(3)), chunk(b"lsbf", zframe(lsbf)))
+    assert read_trajectory(path).losses[[0, 18, 19]].tolist() == [float(np.float32(3.3895313892515355e38)),
+                                                                  float("inf"), float("-inf")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for args in (["info"], ["info", "--json"]):
+            r = inproc(*args, path, cwd=tmp_path)
+            assert r.returncode == 0 and r.stderr == "", r.stderr

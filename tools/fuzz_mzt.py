@@ -15,6 +15,7 @@ Two kinds of mutants:
 
     python tools/fuzz_mzt.py --seconds 120                 # report cases/s and outcome classes
     python tools/fuzz_mzt.py --glob '*sign*' --seconds 300  # only the sign-encoded files
+    python tools/fuzz_mzt.py --cli --seconds 300            # and `mezo-replay info` on every mutant
     python tools/fuzz_mzt.py --make-corpus tests/corpus/mzt  # rebuild the kept corpus
 """
 from __future__ import annotations
@@ -239,7 +240,7 @@ def _mutate_frame(rng: random.Random, payload: bytes) -> bytes:
     b = bytearray(payload)
     if len(b) < 6:
         return bytes(b)
-    i = rng.choice([4, 5, 6, 7, len(b) - 1, len(b) - 4, rng.randrange(4, len(b))])
+    i = min(rng.choice([4, 5, 6, 7, len(b) - 1, len(b) - 4, rng.randrange(4, len(b))]), len(b) - 1)
     b[i] = rng.randrange(256)
     return bytes(b)
 
@@ -344,8 +345,25 @@ def check_one(data: bytes, original: bytes, path: Path, any_file: bool, strict: 
     return f"read: {state}"
 
 
+def check_cli(path: Path, args: list[str]) -> None:
+    """`mezo-replay info` on a mutant, in process: it prints its report, or one `Error:` line and exits 1;
+    never a traceback, a warning, or a message over several lines."""
+    from click.testing import CliRunner
+
+    from mezo_replay.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = CliRunner().invoke(main, [*args, str(path)], catch_exceptions=True)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise AssertionError(f"info: {type(r.exception).__name__}: {r.exception}")
+    lines = r.stderr.strip().splitlines()
+    if r.exit_code not in (0, 1) or (r.exit_code == 1 and (len(lines) != 1 or not lines[0].startswith("Error: "))):
+        raise AssertionError(f"info exited {r.exit_code} with stderr {r.stderr[-200:]!r}")
+
+
 def fuzz(corpus: list[bytes], *, seconds: float, seed: int = 0, max_cases: int | None = None,
-         crashes: Path | None = None) -> Stats:
+         crashes: Path | None = None, cli: bool = False) -> Stats:
     rng = random.Random(seed)
     stats = Stats()
     expect = {}
@@ -369,6 +387,8 @@ def fuzz(corpus: list[bytes], *, seconds: float, seed: int = 0, max_cases: int |
             t0, rss0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             try:
                 name = check_one(mutant, original, path, not bytes_only, rng.random() < 0.5, expect)
+                if cli:
+                    check_cli(path, rng.choice([["info"], ["info", "--json"]]))
             except AssertionError as e:
                 name = f"FAILURE {str(e)[:80]}"
                 saved = ""
@@ -549,6 +569,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", type=Path, default=CORPUS)
     ap.add_argument("--glob", default="*.mzt", help="corpus files to fuzz, e.g. 'sign-*' or '*fp8*'")
+    ap.add_argument("--cli", action="store_true", help="also run `mezo-replay info` on every mutant (slower)")
     ap.add_argument("--top", type=int, default=40, help="outcome classes to list")
     ap.add_argument("--crashes", type=Path, default=Path("fuzz-crashes"), help="where failing mutants go")
     ap.add_argument("--make-corpus", type=Path, metavar="FOLDER", help="write the kept corpus and exit")
@@ -556,7 +577,8 @@ def main() -> None:
     if args.make_corpus:
         make_corpus(args.make_corpus)
         return
-    stats = fuzz(load_corpus(args.corpus, args.glob), seconds=args.seconds, seed=args.seed, crashes=args.crashes)
+    stats = fuzz(load_corpus(args.corpus, args.glob), seconds=args.seconds, seed=args.seed, crashes=args.crashes,
+                 cli=args.cli)
     print(stats.report(args.top))
     args.crashes.mkdir(parents=True, exist_ok=True)
     if stats.rss_growth[2]:
