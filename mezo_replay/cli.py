@@ -880,8 +880,11 @@ def summary(traj: Trajectory) -> dict[str, Any]:
     out.update(_kind_summary(traj))
     if traj.losses is not None and traj.steps:
         k = max(1, traj.steps // 10)
-        out["loss_first"] = float(traj.losses[:k].mean())
-        out["loss_last"] = float(traj.losses[-k:].mean())
+        import numpy as np
+
+        with np.errstate(over="ignore", invalid="ignore"):  # a file's losses may hold inf and -inf, 3e38s
+            out["loss_first"] = float(traj.losses[:k].mean())
+            out["loss_last"] = float(traj.losses[-k:].mean())
     return out
 
 

@@ -89,6 +89,71 @@ def test_round_trip_of_valid_trajectories(tmp_path: Path, run) -> None:
         assert traj.losses is None
 
 
+FP8_CODES = [c for c in range(256) if c not in (0x7F, 0xFF)]
+FP8_EDGES = [0x00, 0x80, 0x01, 0x81, 0x07, 0x08, 0x7E, 0xFE, 0x77, 0x38]  # 0, -0, subnormals, 448, 240, 1
+
+
+@st.composite
+def codec_runs(draw):
+    """fp8 or sign steps at any grad_scale, the extremes often; chunk sizes and a stop-and-resume point
+    that cut the sign planes anywhere (counts that are not multiples of 8)."""
+    encoding = draw(st.sampled_from(["fp8", "sign"]))
+    k = draw(st.sampled_from([-60, 60]) | st.integers(-60, 60))
+    n = draw(st.integers(0, 70))
+    if encoding == "fp8":
+        codes = draw(st.lists(st.sampled_from(FP8_EDGES) | st.sampled_from(FP8_CODES), min_size=n, max_size=n))
+    else:
+        codes = draw(st.lists(st.sampled_from([0, 1, 3]), min_size=n, max_size=n) | st.just([0] * n))
+    resume = draw(st.none() | st.integers(0, n))
+    return encoding, k, codes, draw(st.integers(1, 19)), draw(st.integers(1, 19)), resume, draw(st.booleans())
+
+
+@SETTINGS
+@given(run=codec_runs())
+def test_round_trip_of_codec_trajectories(tmp_path: Path, run) -> None:
+    """Written, stopped, resumed (open_append) and read back: the steps are the codes' gq, bit for bit,
+    and the records are the layouts of format.md (one byte a step; two planes of ceil(count/8) bytes)."""
+    from mezo_replay.format.mzt import StepCodec
+
+    fuzz = load_fuzzer()
+    encoding, k, codes, spc, spc2, resume, losses = run
+    header = make_header(losses)
+    header["rule"].update(grad_encoding=encoding, grad_scale=2.0**k, lr=2.0**-40)
+    codec = StepCodec(MezoSGD.from_header(header))
+    bits = [int(codec.to_bits[c]) for c in codes]
+    path = tmp_path / "c.mzt"
+    path.unlink(missing_ok=True)
+    stop = len(bits) if resume is None else resume
+    with TrajectoryWriter(path, header, steps_per_chunk=spc) as w:
+        for b in bits[:stop]:
+            w.append_step(b, loss=1.0 if losses else None)
+        if stop < len(bits):
+            w.write_fingerprint(FPS)
+    with TrajectoryWriter.open_append(path, steps_per_chunk=spc2) as w:
+        for b in bits[stop:]:
+            w.append_step(b, loss=2.0 if losses else None)
+        w.write_fingerprint(FINAL)
+    traj = read_trajectory(path)
+    assert traj.header == header and traj.grad_bits.tolist() == bits and not traj.truncated
+    assert traj.fingerprints == {stop: FPS, len(bits): FINAL} if stop < len(bits) else {stop: FINAL}
+    records = b""
+    for ctype, payload in fuzz.split_chunks(path.read_bytes())[1]:
+        if ctype == b"STEP":
+            raw = fuzz.content(payload)
+            count = struct.unpack_from("<I", raw, 4)[0]
+            width = count if encoding == "fp8" else 2 * ((count + 7) // 8)
+            assert len(raw) == 8 + width
+            if encoding == "fp8":
+                records += raw[8:]
+            else:
+                n = (count + 7) // 8
+                nz, neg = (np.unpackbits(np.frombuffer(raw, np.uint8, n, 8 + i * n), bitorder="little")
+                           for i in (0, 1))
+                assert not nz[count:].any() and not neg[count:].any()
+                records += bytes((nz[:count] | neg[:count] << 1).tolist())
+    assert list(records) == codes  # 0x80 (-0) stays 0x80: the writer records the pattern it is given
+
+
 # --- mutations --------------------------------------------------------------------------------------
 
 def corpus_files() -> list[Path]:
@@ -107,6 +172,39 @@ def test_corpus_is_kept_and_valid() -> None:
     assert kinds == {"init", "eval", "fprt", "losses", "no losses", "truncated"}
     raw = b"".join(f.read_bytes() for f in files)
     assert b"lsbf" in raw and b"loss" in raw  # both loss encodings, the old binary32 one too
+    # every grad_encoding, fp8 and sign at both grad_scale extremes, truncated and resumed ones among them
+    rules = {(t.header["rule"]["grad_encoding"], t.header["rule"].get("grad_scale"), t.truncated,
+              len(t.fingerprints) + len(t.checkpoints) > 1) for t in map(read_trajectory, files)}
+    assert {r[0] for r in rules} == {"bf16", "fp8", "sign"}
+    for encoding in ("fp8", "sign"):
+        scales = {r[1] for r in rules if r[0] == encoding}
+        assert {2.0**-60, 2.0**60} <= scales and any(r[3] for r in rules if r[0] == encoding)
+    assert ("sign", 2.0**-3, True, False) in rules  # torn inside a STEP chunk
+
+
+def test_corpus_codec_records_reach_the_edge_cases() -> None:
+    """The fp8 and sign files hold what the record decoders must get right: -0 (0x80), saturated codes,
+    subnormals, sign chunks whose count is not a multiple of 8 (padding bits), all-zero sign chunks."""
+    fuzz = load_fuzzer()
+    fp8_bits, sign_counts, zero_chunk = set(), set(), False
+    for f in corpus_files():
+        traj = read_trajectory(f)
+        rule = traj.header["rule"]
+        if rule["grad_encoding"] == "fp8":
+            fp8_bits |= {(int(b), rule["grad_scale"]) for b in traj.grad_bits}
+        elif rule["grad_encoding"] == "sign":
+            for ctype, payload in fuzz.split_chunks(f.read_bytes())[1]:
+                if ctype == b"STEP":
+                    raw = fuzz.content(payload)
+                    count = struct.unpack_from("<I", raw, 4)[0]
+                    sign_counts.add(count % 8)
+                    zero_chunk |= not any(raw[8:])
+    from mezo_replay.arithmetic.grad_codec import bf16_bits
+    for k in (-60, 60):
+        s = 2.0**k
+        want = {0x0000, 0x8000, bf16_bits(448 * s), bf16_bits(-448 * s), bf16_bits(2.0**-9 * s), bf16_bits(s)}
+        assert {(b, s) for b in want} <= fp8_bits, k
+    assert zero_chunk and len(sign_counts - {0}) >= 2  # counts 3, 9, ... leave padding bits
 
 
 @st.composite
@@ -243,6 +341,28 @@ def test_outcome_classes_erase_numbers_and_paths() -> None:
 
     e = CorruptChunkError("/x/a.mzt", 3, "STEP", 120, "count 0 is outside 1..1048576", steps_before=5)
     assert fuzz.outcome_class(e, "/x/a.mzt") == "CorruptChunkError: count N is outside N..N"
+
+
+CODEC_FILES = "*[sf][ip][g8]*"  # the fp8 and sign files of the corpus
+
+
+def test_fuzzer_runs_info_on_codec_mutants(tmp_path: Path) -> None:
+    """The fp8 and sign files only, and `mezo-replay info` (in process) on every mutant: one report or one
+    `Error:` line, no warning on stderr (a loss summary once printed numpy's overflow warning)."""
+    fuzz = load_fuzzer()
+    corpus = fuzz.load_corpus(CORPUS, CODEC_FILES)
+    assert len(corpus) >= 8
+    stats = fuzz.fuzz(corpus, seconds=3, seed=15, crashes=tmp_path / "crashes", cli=True)
+    assert not stats.failures, stats.report()
+    assert stats.cases > 50
+
+
+@pytest.mark.slow
+def test_fuzzer_longer_on_codec_files(tmp_path: Path) -> None:
+    fuzz = load_fuzzer()
+    stats = fuzz.fuzz(fuzz.load_corpus(CORPUS, CODEC_FILES), seconds=120, seed=141, crashes=tmp_path / "crashes",
+                      cli=True)
+    assert not stats.failures, stats.report()
 
 
 @pytest.mark.slow

@@ -292,3 +292,151 @@ def test_init_objects_refused_in_one_line(tmp_path: Path, init: str, error: str,
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
     assert re.search(message, lines[0]) and "Warning" not in r.stderr
+
+
+# --- fp8 and sign step records (rule.md, *Gradient encodings*) ------------------------------------------
+
+def codec_header(encoding: str, scale: float = 1.0, losses: bool = False, **rule: object) -> dict:
+    header = make_header(losses)
+    header["rule"] = {**header["rule"], "grad_encoding": encoding, "grad_scale": scale, **rule}
+    return header
+
+
+def codec_step(first: int, count: int, body: bytes) -> bytes:
+    return chunk(b"STEP", zframe(struct.pack("<II", first, count) + body))
+
+
+@pytest.mark.parametrize("encoding, body", [("sign", b"\xff" * (1 << 17) + bytes(1 << 17)), ("fp8", b"\x38" * (1 << 20))])
+def test_small_codec_files_cannot_decode_to_gigabytes(tmp_path: Path, encoding: str, body: bytes) -> None:
+    """Found while fuzzing the codecs (a crafted file: random mutants stay too small): a 21 kB file of 262 sign chunks of 2^20 steps (each 262 kB decompressed, 70 bytes
+    compressed) fitted the decompression budget counted in record bytes, then decoded to 550 MB of
+    bfloat16 patterns (800 MB peak, 6 s); fp8 to twice its budget. STEP chunks are now charged 2 bytes a
+    step they can hold (format.md, *Reading cost*): no encoding decodes to more steps than bf16 would."""
+    n = 1 << 20
+    cctx = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True)
+    steps = [chunk(b"STEP", cctx.compress(struct.pack("<II", k * n, n) + body)) for k in range(40)]
+    path = crafted(tmp_path, PREAMBLE, head_chunk(codec_header(encoding)), *steps)
+    assert path.stat().st_size < 8000
+
+    def refused(p: Path) -> CorruptChunkError:
+        with pytest.raises(CorruptChunkError, match="decoded to bfloat16 .* decompression budget") as e:
+            read_trajectory(p)
+        return e.value
+
+    err, peak = _peak_of(refused, path)
+    assert f"chunk {BUDGET_BASE // (2 * n) + 1} (STEP)" in str(err)  # 32 chunks of 2 MiB fit, not 33
+    assert peak < BUDGET_BASE + (32 << 20)
+
+
+@pytest.mark.parametrize("encoding", ["fp8", "sign"])
+def test_writer_refuses_what_the_codec_cannot_hold_and_writes_no_half_chunk(tmp_path: Path, encoding: str) -> None:
+    """Each refusal is one line, leaves the pending steps as they were, and the file is byte for byte the
+    one written without the refused calls (chunks cut at the same steps). Also the gradients themselves:
+    a non-finite g never becomes a record."""
+    header = codec_header(encoding, 2.0**60, losses=True, lr=2.0**-41)
+    rule = MezoSGD.from_header(header)
+    good = [rule.encode_grad(g) for g in (1e20, -3e18, 0.0, 5e21, -1e-30, 2e17, 7.0)]
+    off_grid = [0x3F80, 0x6300, 0x5F81] if encoding == "fp8" else [0x5D81, 0x8000, 0x5D00]  # 1, 2^71, 9 bits
+    bad = [0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0xFFFF, 0x7F00, 0xFF7F, *off_grid]
+    with pytest.raises(ValueError) as e:
+        rule.encode_grad(float("nan"))
+    assert "\n" not in str(e.value)
+    for g in (float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="not finite"):
+            rule.encode_grad(g)
+
+    def write(path: Path, refused: list[int]) -> bytes:
+        with TrajectoryWriter(path, header, steps_per_chunk=3) as w:
+            for t, b in enumerate(good):
+                w.append_step(b, loss=float(t))
+                for r in refused:
+                    with pytest.raises(ValueError) as err:
+                        w.append_step(r, loss=0.0)
+                    assert "refusing to record the step" in str(err.value) and "\n" not in str(err.value)
+                    assert w.steps == t + 1
+        return path.read_bytes()
+
+    assert write(tmp_path / "a.mzt", bad) == write(tmp_path / "b.mzt", [])
+    assert read_trajectory(tmp_path / "a.mzt").grad_bits.tolist() == good
+    # a coefficient beyond 2^100 (rule.md): |lr * gq| with gq = 2^60 and lr = 2^41
+    big = codec_header(encoding, 2.0**60, lr=2.0**41)
+    with TrajectoryWriter(tmp_path / "c.mzt", big) as w:
+        with pytest.raises(ValueError, match="exceed 2\\^100"):
+            w.append_step(MezoSGD.from_header(big).encode_grad(1e30))
+    assert read_trajectory(tmp_path / "c.mzt").steps == 0
+    for scale in (2.0**61, 2.0**-61, 3.0, float("inf")):
+        with pytest.raises(TrajectoryError, match="grad_scale"):
+            TrajectoryWriter(tmp_path / "d.mzt", codec_header(encoding, scale))
+    assert not (tmp_path / "d.mzt").exists()
+
+
+def test_repair_of_a_sign_file_torn_inside_a_step_chunk_cli(tmp_path: Path) -> None:
+    """What a user runs after a crash mid-write: the tiny-sign vector's run recorded in two parts (3 steps
+    and their fingerprint, then 3 more, as a resumed run writes it), torn inside its second STEP chunk;
+    `repair`, `info` and `reconstruct` as subprocesses. The kept prefix ends at the first part's
+    fingerprint, so the rebuild of it is verified."""
+    from mezo_replay.format.fingerprint import tensor_fingerprint
+    from mezo_replay.format.safetensors_io import BaseCheckpoint
+    from tests.test_rebuild_cli import cli, inproc
+
+    vector = ROOT / "spec" / "vectors" / "tiny-sign"
+    want = read_trajectory(vector / "traj.mzt")
+    names = [t["name"] for t in want.header["tensors"]]
+    r = inproc("reconstruct", vector / "base.safetensors", vector / "traj.mzt", "--step", "3", "--unverified",
+               "-o", tmp_path / "at3.safetensors", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    at3 = BaseCheckpoint.open(tmp_path / "at3.safetensors")
+    with TrajectoryWriter(tmp_path / "run.mzt", want.header, steps_per_chunk=3) as w:
+        for t in range(6):
+            w.append_step(int(want.grad_bits[t]), loss=float(want.losses[t]))
+            if t == 2:
+                w.write_fingerprint([tensor_fingerprint(at3.read(n)) for n in names])
+        w.write_fingerprint(want.final_fingerprint)
+    data = (tmp_path / "run.mzt").read_bytes()
+    fuzz = load_fuzzer()
+    at, steps = 16, []
+    for ctype, payload in fuzz.split_chunks(data)[1]:
+        if ctype == b"STEP":
+            steps.append((at, len(payload)))
+        at += 12 + len(payload)
+    assert len(steps) == 2
+    (tmp_path / "torn.mzt").write_bytes(data[:steps[1][0] + 12 + steps[1][1] // 2])
+
+    r = cli("repair", "torn.mzt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "repaired torn.mzt -> torn-repaired.mzt: kept 3 steps" in r.stdout and "torn write" in r.stdout
+    assert "rebuilds from it are verified" in r.stdout
+    assert (tmp_path / "torn-repaired.mzt").read_bytes() == data[:steps[1][0]]
+    r = inproc("info", "torn-repaired.mzt", cwd=tmp_path)  # in process: a third interpreter adds nothing
+    assert r.returncode == 0 and "gradient   sign records" in r.stdout, r.stdout + r.stderr
+    assert "steps      3 (complete, final fingerprint recorded)" in r.stdout, r.stdout
+    r = cli("reconstruct", vector / "base.safetensors", "torn-repaired.mzt", "-o", "out.safetensors", cwd=tmp_path)
+    assert r.returncode == 0 and "verified against" in r.stdout, r.stdout + r.stderr
+    out = BaseCheckpoint.open(tmp_path / "out.safetensors")
+    assert [tensor_fingerprint(out.read(n)) for n in names] == [tensor_fingerprint(at3.read(n)) for n in names]
+
+
+def load_fuzzer():
+    from tests.test_fuzz import load_fuzzer as load
+    return load()
+
+
+def test_info_of_extreme_losses_prints_no_warning(tmp_path: Path) -> None:
+    """Found by fuzzing `info` (tools/fuzz_mzt.py --cli): a sign file whose lsbf losses hold 0x7F7F
+    (3.4e38) twice, or inf and -inf, made the loss summary's float32 mean print a numpy RuntimeWarning
+    (overflow / invalid value in reduce) on stderr above the report."""
+    import warnings
+
+    from tests.test_rebuild_cli import inproc
+
+    bits = [0x7F7F] * 2 + [0x3F80] * 16 + [0x7F80, 0xFF80]
+    lsbf = struct.pack("<II", 0, 20) + bytes(b >> 8 for b in bits) + bytes(b & 0xFF for b in bits)
+    path = crafted(tmp_path, PREAMBLE, head_chunk(codec_header("sign", losses=True)),
+                   codec_step(0, 20, b"\xff\xff\x0f" + bytes(3)), chunk(b"lsbf", zframe(lsbf)))
+    assert read_trajectory(path).losses[[0, 18, 19]].tolist() == [float(np.float32(3.3895313892515355e38)),
+                                                                  float("inf"), float("-inf")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for args in (["info"], ["info", "--json"]):
+            r = inproc(*args, path, cwd=tmp_path)
+            assert r.returncode == 0 and r.stderr == "", r.stderr

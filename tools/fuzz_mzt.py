@@ -14,6 +14,8 @@ Two kinds of mutants:
   the rule checks behind the CRC.
 
     python tools/fuzz_mzt.py --seconds 120                 # report cases/s and outcome classes
+    python tools/fuzz_mzt.py --glob '*sign*' --seconds 300  # only the sign-encoded files
+    python tools/fuzz_mzt.py --cli --seconds 300            # and `mezo-replay info` on every mutant
     python tools/fuzz_mzt.py --make-corpus tests/corpus/mzt  # rebuild the kept corpus
 """
 from __future__ import annotations
@@ -29,9 +31,11 @@ import struct
 import sys
 import tempfile
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import zstandard
@@ -193,12 +197,50 @@ def _mutate_binary(rng: random.Random, raw: bytes) -> bytes:
     return bytes(b)
 
 
+STEP_BYTES = [0x00, 0x01, 0x7E, 0x7F, 0x80, 0x81, 0xFE, 0xFF, 0x55, 0xAA, 0x0F, 0xF0, 0x38, 0xB8]
+
+
+def _mutate_steps(rng: random.Random, raw: bytes) -> bytes:
+    """A STEP payload aimed at the record layouts of every grad_encoding (format.md): counts that keep
+    the length but not the plane split (ceil(count/8) for sign), padding bits, (0, 1) sign pairs, the
+    NaN codes 0x7F/0xFF, -0 (0x80), saturated codes, the two sign planes swapped, a byte more or less."""
+    b = bytearray(raw)
+    if len(b) < 8:
+        return _mutate_binary(rng, raw)
+    count = struct.unpack_from("<I", b, 4)[0]
+    body = len(b) - 8
+    op = rng.randrange(8)
+    if op == 0:  # a count near the true one, or one that fits this length in another encoding
+        new = rng.choice([count + rng.randint(-9, 9), body, body // 2, 8 * (body // 2), 8 * (body // 2) - 7,
+                          8 * (body // 2) + 1, 4 * body, 1 << 20, (1 << 20) + 1, 0])
+        b[4:8] = struct.pack("<I", new % (1 << 32))
+    elif op == 1 and body:  # records
+        for _ in range(rng.randint(1, 3)):
+            b[rng.randrange(8, len(b))] = rng.choice(STEP_BYTES + [rng.randrange(256)])
+    elif op == 2 and body:  # one bit: a sign plane's padding or a pair (0, 1)
+        i = rng.choice([len(b) - 1, 8 + body // 2 - 1, rng.randrange(8, len(b))])
+        b[i] ^= 1 << rng.choice([7, 6, 5, 3, rng.randrange(8)])
+    elif op == 3 and body >= 2:  # swap the halves (sign: the two planes)
+        h = body // 2
+        b[8:] = b[8 + h:] + b[8:8 + h]
+    elif op == 4:
+        b.insert(rng.randrange(8, len(b) + 1), rng.choice(STEP_BYTES))
+    elif op == 5 and body:
+        del b[rng.randrange(8, len(b))]
+    elif op == 6:  # first_step
+        b[0:4] = struct.pack("<I", rng.choice(INTERESTING_U32))
+    else:  # every record the same byte: all NaN, all -0, all saturated, all (1, 1) / all padding set
+        fill = rng.choice(STEP_BYTES)
+        b[8:] = bytes([fill]) * body
+    return bytes(b)
+
+
 def _mutate_frame(rng: random.Random, payload: bytes) -> bytes:
     """Frame header fields (descriptor, window, content size) or the checksum, CRC fixed later."""
     b = bytearray(payload)
     if len(b) < 6:
         return bytes(b)
-    i = rng.choice([4, 5, 6, 7, len(b) - 1, len(b) - 4, rng.randrange(4, len(b))])
+    i = min(rng.choice([4, 5, 6, 7, len(b) - 1, len(b) - 4, rng.randrange(4, len(b))]), len(b) - 1)
     b[i] = rng.randrange(256)
     return bytes(b)
 
@@ -225,6 +267,8 @@ def mutate_deep(rng: random.Random, data: bytes) -> bytes:
                         "utf-8", "surrogatepass")
                 except ValueError:
                     raw = _mutate_json_text(rng, raw)
+        elif ctype == b"STEP" and rng.random() < 0.7:
+            raw = _mutate_steps(rng, raw)
         else:
             raw = _mutate_binary(rng, raw)
         new_payload = _CCTX.compress(raw)
@@ -258,6 +302,7 @@ class Stats:
     outcomes: collections.Counter = field(default_factory=collections.Counter)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (saved path or "", description)
     slowest: tuple[float, int] = (0.0, 0)  # (seconds, mutant bytes)
+    slowest_mutant: bytes = b""
     rss_growth: tuple[int, int, bytes] = (0, 0, b"")  # (largest rise of peak RSS in one case, KiB; bytes; mutant)
 
     @property
@@ -285,7 +330,9 @@ def check_one(data: bytes, original: bytes, path: Path, any_file: bool, strict: 
     """Read one mutant; return its outcome class, or raise AssertionError for a reader bug."""
     path.write_bytes(data)
     try:
-        traj = read_trajectory(path, strict=strict)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a numpy RuntimeWarning on stderr is a finding too
+            traj = read_trajectory(path, strict=strict)
     except MezoReplayError as e:
         return outcome_class(e, str(path))
     except Exception as e:  # noqa: BLE001 - anything else is the bug we hunt
@@ -298,8 +345,25 @@ def check_one(data: bytes, original: bytes, path: Path, any_file: bool, strict: 
     return f"read: {state}"
 
 
+def check_cli(path: Path, args: list[str]) -> None:
+    """`mezo-replay info` on a mutant, in process: it prints its report, or one `Error:` line and exits 1;
+    never a traceback, a warning, or a message over several lines."""
+    from click.testing import CliRunner
+
+    from mezo_replay.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = CliRunner().invoke(main, [*args, str(path)], catch_exceptions=True)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise AssertionError(f"info: {type(r.exception).__name__}: {r.exception}")
+    lines = r.stderr.strip().splitlines()
+    if r.exit_code not in (0, 1) or (r.exit_code == 1 and (len(lines) != 1 or not lines[0].startswith("Error: "))):
+        raise AssertionError(f"info exited {r.exit_code} with stderr {r.stderr[-200:]!r}")
+
+
 def fuzz(corpus: list[bytes], *, seconds: float, seed: int = 0, max_cases: int | None = None,
-         crashes: Path | None = None) -> Stats:
+         crashes: Path | None = None, cli: bool = False) -> Stats:
     rng = random.Random(seed)
     stats = Stats()
     expect = {}
@@ -323,6 +387,8 @@ def fuzz(corpus: list[bytes], *, seconds: float, seed: int = 0, max_cases: int |
             t0, rss0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             try:
                 name = check_one(mutant, original, path, not bytes_only, rng.random() < 0.5, expect)
+                if cli:
+                    check_cli(path, rng.choice([["info"], ["info", "--json"]]))
             except AssertionError as e:
                 name = f"FAILURE {str(e)[:80]}"
                 saved = ""
@@ -336,15 +402,15 @@ def fuzz(corpus: list[bytes], *, seconds: float, seed: int = 0, max_cases: int |
             if rise > stats.rss_growth[0]:
                 stats.rss_growth = (rise, len(mutant), mutant)
             if dt > stats.slowest[0]:
-                stats.slowest = (dt, len(mutant))
+                stats.slowest, stats.slowest_mutant = (dt, len(mutant)), mutant
             stats.outcomes[name] += 1
             stats.cases += 1
         stats.seconds = time.perf_counter() - start
     return stats
 
 
-def load_corpus(folder: Path = CORPUS) -> list[bytes]:
-    files = sorted(folder.glob("*.mzt"))
+def load_corpus(folder: Path = CORPUS, pattern: str = "*.mzt") -> list[bytes]:
+    files = sorted(folder.glob(pattern))
     if not files:
         raise SystemExit(f"no .mzt files in {folder}: run with --make-corpus {folder}")
     return [f.read_bytes() for f in files]
@@ -361,7 +427,8 @@ def make_corpus(folder: Path) -> None:
     from mezo_replay.arithmetic.rule import encode_grad
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("tiny", "tiny-cosine-decay", "tiny-new-tensor", "tiny-nan", "tiny-checkpoints", "tiny-lora"):
+    for name in ("tiny", "tiny-cosine-decay", "tiny-new-tensor", "tiny-nan", "tiny-checkpoints", "tiny-lora",
+                 "tiny-fp8", "tiny-sign"):
         shutil.copyfile(ROOT / "spec" / "vectors" / name / "traj.mzt", folder / f"vector-{name}.mzt")
     rng = np.random.default_rng(14)
     fps = ["11" * 32, "22" * 32]
@@ -423,9 +490,77 @@ def make_corpus(folder: Path) -> None:
     legacy = [(b"loss", _CCTX.compress(_encode_losses_f32(*decode_losses(content(p), "lsbf"))))
               if t == b"lsbf" else (t, p) for t, p in chunks]
     (folder / "legacy-f32-losses.mzt").write_bytes(join(pre, legacy))
+    make_codec_corpus(folder, header)
     for f in sorted(folder.glob("*.mzt")):
         read_trajectory(f)  # every corpus file is valid (torn ones truncated)
         print(f"{f.name}: {f.stat().st_size} bytes")
+
+
+# fp8 codes worth having in a file: 0, the smallest subnormal, 1.0, the largest finite (saturated
+# 448), -0 (0x80: valid, writers never write it), negative subnormal, -1.0, -448.
+FP8_CODES = [0x00, 0x01, 0x38, 0x7E, 0x80, 0x81, 0xB8, 0xFE, 0x07, 0x08, 0x77]
+
+
+def make_codec_corpus(folder: Path, header: Callable[..., dict]) -> None:
+    """fp8 and sign trajectories (rule.md, *Gradient encodings*): both grad_scale extremes, step counts
+    that are not multiples of 8 (the sign planes' padding bits), all-zero sign chunks, saturated and
+    -0 fp8 codes, and a stopped-and-resumed file (several STEP runs between fingerprints)."""
+    from mezo_replay.arithmetic.rule import MezoSGD
+    from mezo_replay.format.mzt import StepCodec, TrajectoryWriter
+
+    fps3 = [t["sha256"] for t in header()["tensors"]]
+
+    def codec_header(encoding: str, k: int, losses: bool, lr: float) -> dict:
+        h = header(records={"losses": losses}, tensors=header()["tensors"][:2])
+        h["rule"] = {"name": "mezo-sgd", "eps": 0.5, "lr": lr, "grad_encoding": encoding, "grad_scale": 2.0**k,
+                     "schedule": {"name": "linear", "warmup_steps": 2, "total_steps": 30}}
+        h["base"]["fingerprint"] = header(tensors=h["tensors"])["base"]["fingerprint"]
+        return h
+
+    def write(name: str, h: dict, codes: list[int], spc: int, fprt: bool = True) -> Path:
+        codec = StepCodec(MezoSGD.from_header(h))
+        path = folder / name
+        path.unlink(missing_ok=True)
+        losses = h["records"]["losses"]
+        with TrajectoryWriter(path, h, steps_per_chunk=spc) as w:
+            for t, code in enumerate(codes):
+                w.append_step(int(codec.to_bits[code]), loss=float(t) / 3 if losses else None)
+            if fprt:
+                w.write_fingerprint(fps3[:2])
+            else:  # stopped hard: no final fingerprint, only a checkpoint fingerprint of its last step
+                w.add_checkpoint(w.steps, "ab" * 32)
+        return path
+
+    fp8 = FP8_CODES + [0x38, 0x7E]                                   # 13 steps: 5 + 5 + 3
+    write("fp8-scale-min.mzt", codec_header("fp8", -60, True, 2.0**-10), fp8, 5)
+    write("fp8-scale-max.mzt", codec_header("fp8", 60, False, 2.0**-60), fp8[::-1], 13)
+    sign = [1, 3, 0, 1, 1, 3, 3, 0, 1, 0, 3]                         # 11 steps: 4 + 4 + 3; index 1|negative<<1
+    write("sign-scale-max.mzt", codec_header("sign", 60, True, 2.0**-50), sign, 4)
+    write("sign-zeros.mzt", codec_header("sign", -60, False, 1.0), [0] * 9 + [1] * 8 + [0] * 3, 9)
+    # stopped and resumed: a final fingerprint for each stop, the STEP chunks of each run after it
+    h = codec_header("sign", -3, True, 2.0**-8)
+    path = write("sign-resumed.mzt", h, sign[:6], 4)
+    codec = StepCodec(MezoSGD.from_header(h))
+    with TrajectoryWriter.open_append(path, steps_per_chunk=3) as w:
+        for t, code in enumerate(sign[::-1] + [3] * 7):
+            w.append_step(int(codec.to_bits[code]), loss=-float(t))
+        w.write_fingerprint(["dd" * 32, "ee" * 32])
+    h = codec_header("fp8", 0, False, 2.0**-12)
+    path = write("fp8-resumed.mzt", h, fp8[:7], 7, fprt=False)       # stopped hard: no fingerprint
+    codec = StepCodec(MezoSGD.from_header(h))
+    with TrajectoryWriter.open_append(path, steps_per_chunk=6) as w:
+        for code in fp8[::-1]:
+            w.append_step(int(codec.to_bits[code]))
+        w.write_fingerprint(["dd" * 32, "ee" * 32])
+    # torn inside its last STEP chunk (what `repair` cuts back)
+    data = (folder / "sign-resumed.mzt").read_bytes()
+    _, chunks, _ = split_chunks(data)
+    at, last_step = PREAMBLE_SIZE, 0
+    for t, p in chunks:
+        if t == b"STEP":
+            last_step = at + 12 + len(p) // 2
+        at += 12 + len(p)
+    (folder / "sign-torn.mzt").write_bytes(data[:last_step])
 
 
 def main() -> None:
@@ -433,17 +568,23 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", type=Path, default=CORPUS)
+    ap.add_argument("--glob", default="*.mzt", help="corpus files to fuzz, e.g. 'sign-*' or '*fp8*'")
+    ap.add_argument("--cli", action="store_true", help="also run `mezo-replay info` on every mutant (slower)")
+    ap.add_argument("--top", type=int, default=40, help="outcome classes to list")
     ap.add_argument("--crashes", type=Path, default=Path("fuzz-crashes"), help="where failing mutants go")
     ap.add_argument("--make-corpus", type=Path, metavar="FOLDER", help="write the kept corpus and exit")
     args = ap.parse_args()
     if args.make_corpus:
         make_corpus(args.make_corpus)
         return
-    stats = fuzz(load_corpus(args.corpus), seconds=args.seconds, seed=args.seed, crashes=args.crashes)
-    print(stats.report())
+    stats = fuzz(load_corpus(args.corpus, args.glob), seconds=args.seconds, seed=args.seed, crashes=args.crashes,
+                 cli=args.cli)
+    print(stats.report(args.top))
+    args.crashes.mkdir(parents=True, exist_ok=True)
     if stats.rss_growth[2]:
-        args.crashes.mkdir(parents=True, exist_ok=True)
         (args.crashes / "largest-rss-rise.mzt").write_bytes(stats.rss_growth[2])
+    if stats.slowest_mutant:
+        (args.crashes / "slowest.mzt").write_bytes(stats.slowest_mutant)
     sys.exit(1 if stats.failures else 0)
 
 

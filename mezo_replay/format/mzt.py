@@ -424,6 +424,19 @@ class StepCodec:
             self.from_bits = np.full(1 << 16, -1, dtype=np.int32)
             self.from_bits[[0, s, s | 0x8000]] = [0, 1, 3]
 
+    @property
+    def max_payload(self) -> int:
+        """The largest STEP payload format.md allows for this encoding (count <= 2^20)."""
+        return 8 + {"bf16": 2 * MAX_STEPS_PER_CHUNK, "fp8": MAX_STEPS_PER_CHUNK,
+                    "sign": 2 * (MAX_STEPS_PER_CHUNK // 8)}[self.encoding]
+
+    def budget_cost(self, size: int) -> int:
+        """What a STEP frame declaring `size` bytes costs the decompression budget (format.md, *Reading
+        cost*): 2 bytes for each step it can hold, its form once decoded. fp8 and sign records are 1 byte
+        and 2 bits: charged their own size, a small file of sign chunks would decode to 8x the budget."""
+        per_byte = {"bf16": 1, "fp8": 2, "sign": 8}[self.encoding]
+        return size if size <= 8 else 8 + per_byte * (size - 8)
+
     def representable(self, bits: int) -> bool:
         return self.encoding == "bf16" or bool(self.from_bits[bits] >= 0)
 
@@ -531,9 +544,9 @@ class _Budget:
         self.left = BUDGET_BASE + BUDGET_RATIO * file_bytes
         self.json_left = JSON_BUDGET_BASE + JSON_BUDGET_RATIO * file_bytes
 
-    def spend(self, size: int, is_json: bool) -> None:
+    def spend(self, size: int, is_json: bool, what: str = "decompressed bytes") -> None:
         if size > self.left:
-            raise _Corrupt(f"its {size} decompressed bytes would exceed the file's decompression budget "
+            raise _Corrupt(f"its {size} {what} would exceed the file's decompression budget "
                            f"({BUDGET_BASE} + {BUDGET_RATIO} x file size; {self.left} left)")
         if is_json and size > self.json_left:
             raise _Corrupt(f"its {size} bytes of JSON would exceed the file's JSON budget ({JSON_BUDGET_BASE} "
@@ -544,9 +557,10 @@ class _Budget:
 
 
 def _decompress(dctx: zstandard.ZstdDecompressor, payload: bytes, limit: int, budget: _Budget | None = None,
-                is_json: bool = False) -> bytes:
-    """Exactly one checksummed zstd frame of declared size <= limit (and within the budget), and nothing
-    after it. The declared size is checked before anything is decompressed."""
+                is_json: bool = False, cost: Callable[[int], int] | None = None) -> bytes:
+    """Exactly one checksummed zstd frame of declared size <= limit (and within the budget, charged
+    cost(size) if given), and nothing after it. The declared size is checked before anything is
+    decompressed."""
     if payload[:4] != _ZSTD_MAGIC:
         raise _Corrupt("payload is not a zstd frame")
     try:
@@ -563,7 +577,10 @@ def _decompress(dctx: zstandard.ZstdDecompressor, payload: bytes, limit: int, bu
     if not params.has_checksum or params.dict_id:
         raise _Corrupt("zstd frame lacks a content checksum or needs a dictionary")
     if budget is not None:
-        budget.spend(size, is_json)
+        if cost is None:
+            budget.spend(size, is_json)
+        else:
+            budget.spend(cost(size), is_json, "bytes of steps decoded to bfloat16 (2 a step)")
     dobj = dctx.decompressobj()
     try:
         out = dobj.decompress(payload)  # libzstd stops at the declared content size
@@ -733,7 +750,8 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                 elif ctype == "STEP":
                     if not bits:
                         _check_inits_complete(path, init_got, init_needed)
-                    first, chunk_bits = codec.decode(_decompress(dctx, payload, MAX_STEP_PAYLOAD, budget))
+                    first, chunk_bits = codec.decode(_decompress(dctx, payload, codec.max_payload, budget,
+                                                                  cost=codec.budget_cost))
                     if first != steps:
                         raise _Corrupt(f"first_step is {first}, but {steps} steps precede it (a gap or overlap)")
                     if first + chunk_bits.size > MAX_STEPS:
