@@ -969,6 +969,21 @@ def _stored_text(stored: dict[str, Any]) -> str:
     return ", ".join(parts) + " (bytes)"
 
 
+def _json_text(value: Any) -> str:
+    """--json output that every JSON parser reads: a recorded loss or metric that is not finite (a file may
+    hold inf, or a mean of them overflow) becomes null, where json.dumps would write NaN or Infinity."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), indent=1, allow_nan=False)
+
+
 def _info_lines(s: dict[str, Any], trajectory: Path) -> list[str]:
     r = s["rule"]
     state = ("complete, final fingerprint recorded" if s["complete"] else
@@ -1061,7 +1076,7 @@ def info(trajectories: tuple[Path, ...], as_json: bool, plot_path: Path | None, 
         trajs = [read_trajectory(t, strict=False) for t in trajectories]
     summaries = [summary(traj) for traj in trajs]
     if as_json:
-        click.echo(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=1))
+        click.echo(_json_text(summaries[0] if len(summaries) == 1 else summaries))
     else:
         click.echo("\n\n".join("\n".join(_info_lines(s, t)) for s, t in zip(summaries, trajectories)))
     if plot_path is not None:
@@ -1155,7 +1170,7 @@ def ls(repo: str, as_json: bool) -> None:
                      is not None, "base": (b["source"] or "?") + (f"@{b['revision'][:12]}" if b["revision"] else ""),
                      "kind": what})
     if as_json:
-        click.echo(json.dumps(rows, indent=1))
+        click.echo(_json_text(rows))
         return
     if not rows:
         click.echo(f"{repo}: no .mzt trajectories")

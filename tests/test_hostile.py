@@ -440,3 +440,9 @@ def test_info_of_extreme_losses_prints_no_warning(tmp_path: Path) -> None:
         for args in (["info"], ["info", "--json"]):
             r = inproc(*args, path, cwd=tmp_path)
             assert r.returncode == 0 and r.stderr == "", r.stderr
+        # --json stays JSON any parser reads: the non-finite summaries are null, never NaN or Infinity
+        def no_constants(name: str) -> None:
+            raise AssertionError(f"info --json wrote {name}")
+
+        doc = json.loads(inproc("info", "--json", path, cwd=tmp_path).stdout, parse_constant=no_constants)
+        assert doc["loss_first"] is None and doc["loss_last"] is None and doc["steps"] == 20
