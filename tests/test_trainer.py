@@ -103,13 +103,17 @@ def test_trainer_run_rebuilds_byte_for_byte_with_the_cli(base: Path, tmp_path: P
     assert_weights(tmp_path / "run" / "checkpoint-2", tmp_path / "at2")
 
 
-def test_a_trainer_run_with_a_grad_codec_rebuilds_with_the_cli(base: Path, tmp_path: Path) -> None:
-    """mezo_grad_codec reaches the rule: the file records sign steps of +-2^-3 and the CLI rebuilds the bytes."""
+def test_a_trainer_run_with_a_grad_codec_and_a_rule_rebuilds_with_the_cli(base: Path, tmp_path: Path) -> None:
+    """mezo_grad_codec and mezo_rule reach the rule: the file records sign steps of +-2^-3 under the memory-free
+    momentum rule, and the CLI rebuilds the bytes."""
     trainer = make(base, tmp_path / "run", seed=3, extra={"mezo_eps": 1e-2, "mezo_grad_codec": "sign",
-                                                         "mezo_grad_scale": 0.125})
+                                                         "mezo_grad_scale": 0.125, "mezo_rule": "mezo-momentum",
+                                                         "mezo_momentum": 0.5, "mezo_momentum_window": 3})
     trainer.train()
     traj = read_trajectory(tmp_path / "run" / "trajectory.mzt")
-    assert (traj.header["rule"]["grad_encoding"], traj.header["rule"]["grad_scale"]) == ("sign", 0.125)
+    rule = traj.header["rule"]
+    assert (rule["grad_encoding"], rule["grad_scale"]) == ("sign", 0.125)
+    assert (rule["name"], rule["momentum"], rule["window"]) == ("mezo-momentum", 0.5, 3)
     assert {abs(decode_grad(b)) for b in traj.grad_bits} <= {0.0, 0.125} and traj.steps == 4
     done = run_cli("reconstruct", str(base), str(tmp_path / "run" / "trajectory.mzt"), "-o", str(tmp_path / "rebuilt"))
     assert done.returncode == 0, done.stderr
@@ -227,6 +231,12 @@ def test_what_cannot_resume_exactly_is_refused_in_one_line(base: Path, tmp_path:
     with pytest.raises(MezoReplayError, match="checkpoint's weights are not those the trajectory recorded"):
         t.train(resume_from_checkpoint=str(other / "checkpoint-2"))
     assert (run / "trajectory.mzt").read_bytes() == before  # nothing was cut
+    t = make(base, run, max_steps=4, seed=3, extra={"mezo_rule": "mezo-momentum"})
+    with pytest.raises(MezoReplayError, match="resuming a mezo-momentum run from a Trainer checkpoint is not"):
+        t.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    assert (run / "trajectory.mzt").read_bytes() == before
+
+
 class _Failing(MeZOTrainer):
     """compute_loss fails at a chosen forward: with `inf` (a non-finite loss) or an exception."""
 

@@ -79,7 +79,9 @@ class MeZOTrainer(Trainer):
     The rule's settings come from TrainingArguments: learning_rate, seed, weight_decay (MeZO's no-decay
     rule: biases, norms and 1-d tensors), lr_scheduler_type linear/cosine/constant without warmup over
     max_steps (or `mezo_schedule`, which replaces them). `mezo_grad_codec`/`mezo_grad_scale` choose how each
-    step's gradient is recorded (MeZO's grad_codec/grad_scale: "bf16", "fp8", "sign"). `trajectory` defaults to <output_dir>/trajectory.mzt;
+    step's gradient is recorded (MeZO's grad_codec/grad_scale: "bf16", "fp8", "sign"); `mezo_rule`,
+    `mezo_momentum`, `mezo_momentum_window` the update rule (MeZO's rule/momentum/momentum_window:
+    "mezo-sgd", "mezo-momentum", "mezo-momentum-buffer"; spec/momentum.md). `trajectory` defaults to <output_dir>/trajectory.mzt;
     `base_source` (what `reconstruct` will need as its base) defaults to the model's name_or_path.
     Each step runs with the model in eval mode, as the MeZO reference trainer does: dropout would make
     the two forwards of a step measure different functions."""
@@ -88,10 +90,12 @@ class MeZOTrainer(Trainer):
                  mezo_noise: str = "gaussian16", mezo_schedule: Schedule | None = None, record_losses: bool = True,
                  overwrite_trajectory: bool = False, base_source: str | None = None,
                  on_nonfinite: Literal["raise", "skip"] = "raise", mezo_grad_codec: str = "bf16",
-                 mezo_grad_scale: float | None = None, **kwargs: Any) -> None:
+                 mezo_grad_scale: float | None = None, mezo_rule: str = "mezo-sgd", mezo_momentum: float = 0.9,
+                 mezo_momentum_window: int = 16, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mezo_eps, self.mezo_noise, self.mezo_schedule = mezo_eps, mezo_noise, mezo_schedule
         self.mezo_grad_codec, self.mezo_grad_scale = mezo_grad_codec, mezo_grad_scale
+        self.mezo_rule, self.mezo_momentum, self.mezo_momentum_window = mezo_rule, mezo_momentum, mezo_momentum_window
         self.record_losses, self.overwrite_trajectory = record_losses, overwrite_trajectory
         self.on_nonfinite = on_nonfinite
         self.trajectory_path = Path(trajectory) if trajectory is not None else \
@@ -201,7 +205,8 @@ class MeZOTrainer(Trainer):
         schedule = getattr(self, "_schedule", None) or self.mezo_schedule
         opt = MeZO(inner.named_parameters(), lr=self.args.learning_rate, eps=self.mezo_eps, seed=self.args.seed,
                    noise=self.mezo_noise, schedule=schedule, weight_decay=self.args.weight_decay,
-                   on_nonfinite=self.on_nonfinite, grad_codec=self.mezo_grad_codec, grad_scale=self.mezo_grad_scale)
+                   on_nonfinite=self.on_nonfinite, grad_codec=self.mezo_grad_codec, grad_scale=self.mezo_grad_scale,
+                   rule=self.mezo_rule, momentum=self.mezo_momentum, momentum_window=self.mezo_momentum_window)
         source, revision = self.base_source, None
         if source is None:
             config = getattr(inner, "config", None)
@@ -387,6 +392,10 @@ def _refuse_unreplayable(t: MeZOTrainer) -> None:
 
 def _refuse_unresumable(t: MeZOTrainer) -> None:
     """Settings under which Trainer's resumed run would not take the uninterrupted run's batches."""
+    if t.mezo_rule != "mezo-sgd":
+        raise MezoReplayError(f"MeZOTrainer: resuming a {t.mezo_rule} run from a Trainer checkpoint is not supported "
+                              "yet (its update reaches into earlier steps the checkpoint does not hold); rebuild the "
+                              "checkpoint's step with `mezo-replay reconstruct --step` and train on from there")
     if t.args.ignore_data_skip:
         raise MezoReplayError("MeZOTrainer: ignore_data_skip=True: a resumed run would take other batches than the "
                               "interrupted one did, and its trajectory would not be that run's; unset it to resume")
