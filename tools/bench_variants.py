@@ -65,12 +65,11 @@ class Variant:
     name: str
     args: tuple[str, ...]
     needs: str | None = None  # a `train --help` word without which the variant is skipped
-    note: str = ""
 
 
 #: The first is the baseline every ratio is taken against.
 VARIANTS: tuple[Variant, ...] = (
-    Variant("bf16", ("--grad-codec", "bf16"), note="the default codec"),
+    Variant("bf16", ("--grad-codec", "bf16")),  # the default codec
     Variant("fp8", ("--grad-codec", "fp8", "--grad-scale", "1")),
     Variant("sign-x4", ("--grad-codec", "sign", "--grad-scale", "4")),
     Variant("sign-x8", ("--grad-codec", "sign", "--grad-scale", "8")),
@@ -80,9 +79,9 @@ VARIANTS: tuple[Variant, ...] = (
     # window's 16 terms) to keep lr x sum at 5e-5. Short sweeps (docs/BENCHMARKS.md) found no gain from
     # momentum at an equal effective step, and a larger one gains exactly what mezo-sgd gains with that lr.
     Variant("mom-window", ("--optimizer", "mezo-momentum", "--momentum", "0.9", "--momentum-window", "16",
-                           "--lr", "6.1e-6"), needs="mezo-momentum", note="beta 0.9, K 16, lr 6.1e-6"),
+                           "--lr", "6.1e-6"), needs="mezo-momentum"),
     Variant("mom-buffer", ("--optimizer", "mezo-momentum-buffer", "--momentum", "0.9", "--lr", "5e-6"),
-            needs="mezo-momentum-buffer", note="beta 0.9, lr 5e-6"),
+            needs="mezo-momentum-buffer"),
     Variant("mom-window-fp8", ("--optimizer", "mezo-momentum", "--momentum", "0.9", "--momentum-window", "16",
                                "--lr", "6.1e-6", "--grad-codec", "fp8"), needs="mezo-momentum"),
 )
