@@ -2,9 +2,10 @@
 memory and rebuild cost, each variant a fresh `mezo-replay train` and the `reconstruct` it prints.
 
 A variant is a name and the extra `train` arguments that make it (VARIANTS below): today the gradient codecs
-(`--grad-codec bf16|fp8|sign`, `--grad-scale 2^k`); a new rule is new entries. An entry whose option this
-checkout's `mezo-replay train --help` does not offer is listed as skipped, with the option it waits for,
-so the table says what was left out rather than failing.
+(`--grad-codec bf16|fp8|sign`, `--grad-scale 2^k`) and the update rules (`--optimizer mezo-momentum`, the
+memory-free window, and `mezo-momentum-buffer`); a new rule is new entries. An entry whose option this
+checkout's `mezo-replay train --help` does not offer is listed as skipped, with the option it needs, so the
+table says what was left out rather than failing.
 
 Tasks (the embedded tiny Llama on both; nothing is downloaded):
 
@@ -32,6 +33,10 @@ seconds and memory are single samples. Every figure is printed beside its ratio 
 
     python tools/bench_variants.py [--tasks embedded,label-words] [--variants bf16,fp8,sign-x8]
         [--steps 1000] [--label-words-steps 500] [--repeats 3] [--out docs/variants_DATE.png] [--quick]
+        [--backend torch]
+
+--backend passes `reconstruct --backend` to the timed rebuilds: the momentum window replays K terms a step,
+which the compiled C kernel (auto on the CPU) serves from cached noise and the torch path regenerates.
 
 --out draws each task's chart with `mezo-replay info A.mzt B.mzt ... --plot PATH --x-axis forward-passes`
 (one colour per variant): the first task's at PATH, the others' at PATH with _TASK before the suffix.
@@ -60,24 +65,25 @@ class Variant:
     name: str
     args: tuple[str, ...]
     needs: str | None = None  # a `train --help` word without which the variant is skipped
-    note: str = ""
 
 
 #: The first is the baseline every ratio is taken against.
 VARIANTS: tuple[Variant, ...] = (
-    Variant("bf16", ("--grad-codec", "bf16"), note="the default codec"),
+    Variant("bf16", ("--grad-codec", "bf16")),  # the default codec
     Variant("fp8", ("--grad-codec", "fp8", "--grad-scale", "1")),
     Variant("sign-x4", ("--grad-codec", "sign", "--grad-scale", "4")),
     Variant("sign-x8", ("--grad-codec", "sign", "--grad-scale", "8")),
     Variant("sign-x16", ("--grad-codec", "sign", "--grad-scale", "16")),
-    # The momentum rule (another branch): its settings here are placeholders for whoever lands it to tune
-    # (with momentum B the steady-state step is about lr / (1 - B) times g unless the rule damps it, so
-    # a --lr entry may be wanted).
-    Variant("momentum-0.9", ("--optimizer", "mezo-momentum", "--momentum", "0.9", "--momentum-window", "16"),
-            needs="mezo-momentum", note="waits for train --optimizer mezo-momentum"),
-    Variant("momentum-0.9-fp8", ("--optimizer", "mezo-momentum", "--momentum", "0.9", "--momentum-window", "16",
-                                 "--grad-codec", "fp8"),
-            needs="mezo-momentum", note="waits for train --optimizer mezo-momentum"),
+    # The momentum rules at the baseline's effective step: heavy ball with beta B sums the last steps' terms
+    # with weights 1, B, B^2, ..., so lr is divided by that sum (1/(1-B) = 10 for the buffer; 8.15 over the
+    # window's 16 terms) to keep lr x sum at 5e-5. Short sweeps (docs/BENCHMARKS.md) found no gain from
+    # momentum at an equal effective step, and a larger one gains exactly what mezo-sgd gains with that lr.
+    Variant("mom-window", ("--optimizer", "mezo-momentum", "--momentum", "0.9", "--momentum-window", "16",
+                           "--lr", "6.1e-6"), needs="mezo-momentum"),
+    Variant("mom-buffer", ("--optimizer", "mezo-momentum-buffer", "--momentum", "0.9", "--lr", "5e-6"),
+            needs="mezo-momentum-buffer"),
+    Variant("mom-window-fp8", ("--optimizer", "mezo-momentum", "--momentum", "0.9", "--momentum-window", "16",
+                               "--lr", "6.1e-6", "--grad-codec", "fp8"), needs="mezo-momentum"),
 )
 
 TASKS = ("embedded", "label-words")
@@ -174,7 +180,7 @@ def time_rebuild(run: Run, printed: str, folder: Path, args: argparse.Namespace)
     words = shlex.split(printed)
     if words[:2] != ["mezo-replay", "reconstruct"]:
         raise SystemExit(f"Error: unexpected rebuild command printed by train: {printed}")
-    base = [*cli(), *words[1:], "--overwrite", "-q"]
+    base = [*cli(), *words[1:], "--overwrite", "-q", *(["--backend", args.backend] if args.backend else [])]
     env = child_env(args)
     for extra in ([], ["--step", "0"])[:1 if args.quick else 2]:
         samples, cpu = [], []
@@ -231,7 +237,7 @@ def report(task: str, runs: list[Run], skipped: list[Variant]) -> None:
               f"{f'{r.fixed_cpu.median:.2f}' if r.fixed_cpu else '-':>14}{fmt_rate(replay):>14}"
               f"{ratio(replay, base_row[6]) if replay and base_row[6] else '-':>7}")
     for v in skipped:
-        print(f"{v.name:<18}skipped: {v.note or 'train --help lacks ' + str(v.needs)} ({' '.join(v.args)})")
+        print(f"{v.name:<18}skipped: train --help lacks {v.needs} ({' '.join(v.args)})")
     print("eval loss against training forward passes (2 per step):")
     points = [s for s, _ in b.evals()]
     print(f"{'forward passes':<18}" + "".join(f"{2 * s:>8}" for s in points))
@@ -275,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help="the chart (PNG); more tasks: _TASK before the suffix")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 4 steps, the embedded task, 1 rebuild timing, no warm-up")
+    ap.add_argument("--backend", choices=("auto", "torch", "compiled", "triton"),
+                    help="reconstruct --backend for the timed rebuilds (default: reconstruct's own, auto)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     add_timing_options(ap, repeats=3, warmup=0, compares=False)
     args = ap.parse_args(argv)
@@ -299,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("Error: none of the chosen variants is available in this checkout's train")
     print(f"variants of `mezo-replay train` on the embedded tiny Llama (batch 16, eps 1e-3, lr 5e-5, seed 0, "
           f"flushed every 256 steps); {time.strftime('%Y-%m-%d')}; load {os.getloadavg()[0]:.2f} on "
-          f"{os.cpu_count()} CPUs; rebuilds: median of {args.repeats} after {args.warmup} warm-up; training: one "
+          f"{os.cpu_count()} CPUs; rebuilds (backend {args.backend or 'auto'}): median of {args.repeats} after {args.warmup} warm-up; training: one "
           f"run each (deterministic; seconds and memory single samples)", flush=True)
     task_runs: dict[str, list[Run]] = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
