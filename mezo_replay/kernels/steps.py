@@ -225,6 +225,34 @@ def _momentum_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int
     return out
 
 
+def _dispatch(w: torch.Tensor, steps: int, slice_size: int | None, progress: Callable[[int], None] | None,
+              on_triton: Callable[[torch.Tensor], None], on_compiled: Callable[[int, torch.Tensor], None],
+              torch_slice: Callable[[int, torch.Tensor], None]) -> None:
+    """Runs one element pass (or `steps` of a replay) over w, on the path its device has: Triton (one launch
+    for the tensor; the kernel reports progress), the compiled kernel (slices on torch's CPU threads:
+    ctypes releases the GIL), or the torch phases slice by slice. on_compiled and torch_slice get each
+    slice's offset in w's row-major elements."""
+    def run(t: torch.Tensor) -> None:
+        path = _path(t)
+        if path == "triton":
+            on_triton(t)
+            return
+        if path == "compiled":
+            threads = max(1, torch.get_num_threads())
+            size = max(_min_slice(steps), min(1 << 20, -(-t.numel() // threads)))
+            parts = list(_flat_slices(t, size))
+            work = (lambda p: on_compiled(*p) or p[1])
+            done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)  # small: no hop
+        else:
+            size = slice_size or default_slice(t.device)
+            done = (torch_slice(offset, s) or s for offset, s in _flat_slices(t, size))
+        for s in done:
+            if progress is not None:
+                progress(s.numel() * steps)
+
+    _in_place(w, run)
+
+
 def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: int,
             constants: Sequence[tuple[float | torch.Tensor, float]], scale: float = 0.0, decay: bool = True,
             slice_size: int | None = None, progress: Callable[[int], None] | None = None,
@@ -262,34 +290,20 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
                 else:  # the P1 half only where go is true: otherwise P3's bytes stay as they are
                     s.copy_(torch.where(go, (s.to(torch.float32) + z * rule.eps).to(s.dtype), s))
 
-    def run(t: torch.Tensor) -> None:
-        path = _path(t)
-        if path == "triton":  # one launch covers the tensor; the kernel reports progress per launch, and
-            # reads a device c and go itself (no host sync)
-            triton_kernels.apply_(t, start, rule, index, first_step, mode, constants=constants, decay=decay,
-                                  scale=scale, go=go, progress=progress)
-            return
-        if path == "compiled":  # ctypes releases the GIL: slices run on torch's CPU threads
-            kernel_mode, cs = mode, constants
-            if mode != cpu_kernel.REPLAY and isinstance(cs[0][0], torch.Tensor):
-                cs = [(float(cs[0][0]), cs[0][1])]  # a CPU tensor (the weights' device): reading it is free
-            if mode == UPDATE_PERTURB and go is not None and not bool(go):
-                kernel_mode = cpu_kernel.RESTORE_UPDATE  # the P1 half skipped: P3's bytes alone
-            cs = cs if decay else [(c, 0.0) for c, _ in cs]
-            threads = max(1, torch.get_num_threads())
-            size = max(_min_slice(len(constants)), min(1 << 20, -(-t.numel() // threads)))
-            work = (lambda p: cpu_kernel.apply_(p[1], start + p[0], rule, index, first_step, kernel_mode,
-                                                constants=cs, scale=scale) or p[1])
-            parts = list(_flat_slices(t, size))
-            done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)  # small: no hop
-        else:
-            size = slice_size or default_slice(t.device)
-            done = (torch_slice(offset, s) or s for offset, s in _flat_slices(t, size))
-        for s in done:
-            if progress is not None:
-                progress(s.numel() * len(constants))
+    def on_triton(t: torch.Tensor) -> None:  # reads a device c and go itself (no host sync)
+        triton_kernels.apply_(t, start, rule, index, first_step, mode, constants=constants, decay=decay,
+                              scale=scale, go=go, progress=progress)
 
-    _in_place(w, run)
+    def on_compiled(offset: int, s: torch.Tensor) -> None:
+        kernel_mode, cs = mode, constants
+        if mode != cpu_kernel.REPLAY and isinstance(cs[0][0], torch.Tensor):
+            cs = [(float(cs[0][0]), cs[0][1])]  # a CPU tensor (the weights' device): reading it is free
+        if mode == UPDATE_PERTURB and go is not None and not bool(go):
+            kernel_mode = cpu_kernel.RESTORE_UPDATE  # the P1 half skipped: P3's bytes alone
+        cs = cs if decay else [(c, 0.0) for c, _ in cs]
+        cpu_kernel.apply_(s, start + offset, rule, index, first_step, kernel_mode, constants=cs, scale=scale)
+
+    _dispatch(w, len(constants), slice_size, progress, on_triton, on_compiled, torch_slice)
 
 
 def _apply_terms_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: int,
@@ -316,27 +330,14 @@ def _apply_terms_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, m
                 perturb_(s, noise(rule.noise, rule.seed, t + 1, index, start + offset, s.numel(), s.device),
                          rule.eps)
 
-    def run(t: torch.Tensor) -> None:
-        path = _path(t)
-        if path == "triton":
-            triton_kernels.apply_terms_(t, start, rule, index, first_step, mode, steps=steps, decay=decay,
-                                        progress=progress)
-            return
-        if path == "compiled" and t.device.type == "cpu":
-            threads = max(1, torch.get_num_threads())
-            size = max(_min_slice(len(steps)), min(1 << 20, -(-t.numel() // threads)))
-            work = (lambda p: cpu_kernel.apply_terms_(p[1], start + p[0], rule, index, first_step, mode,
-                                                      steps=steps) or p[1])
-            parts = list(_flat_slices(t, size))
-            done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)
-        else:
-            size = slice_size or default_slice(t.device)
-            done = (torch_slice(offset, s) or s for offset, s in _flat_slices(t, size))
-        for s in done:
-            if progress is not None:
-                progress(s.numel() * len(steps))
+    def on_triton(t: torch.Tensor) -> None:
+        triton_kernels.apply_terms_(t, start, rule, index, first_step, mode, steps=steps, decay=decay,
+                                    progress=progress)
 
-    _in_place(w, run)
+    def on_compiled(offset: int, s: torch.Tensor) -> None:
+        cpu_kernel.apply_terms_(s, start + offset, rule, index, first_step, mode, steps=steps)
+
+    _dispatch(w, len(steps), slice_size, progress, on_triton, on_compiled, torch_slice)
 
 
 def _apply_buffer_(w: torch.Tensor, state: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: int,
@@ -365,27 +366,15 @@ def _apply_buffer_(w: torch.Tensor, state: torch.Tensor, rule: MezoSGD, index: i
                 perturb_(s, noise(rule.noise, rule.seed, first_step + 1, index, start + offset, s.numel(),
                                   s.device), rule.eps)
 
-    def run(t: torch.Tensor) -> None:
-        path = _path(t)
-        if path == "triton":
-            triton_kernels.apply_buffer_(t, flat_state, start, rule, index, first_step, mode, constants=cs,
-                                         decay=decay, progress=progress)
-            return
-        if path == "compiled" and t.device.type == "cpu":
-            threads = max(1, torch.get_num_threads())
-            size = max(_min_slice(len(cs)), min(1 << 20, -(-t.numel() // threads)))
-            work = (lambda p: cpu_kernel.apply_buffer_(p[1], flat_state[p[0]:p[0] + p[1].numel()], start + p[0],
-                                                       rule, index, first_step, mode, constants=cs) or p[1])
-            parts = list(_flat_slices(t, size))
-            done = map(work, parts) if len(parts) == 1 else _pool(threads).map(work, parts)
-        else:
-            size = slice_size or default_slice(t.device)
-            done = (torch_slice(offset, s) or s for offset, s in _flat_slices(t, size))
-        for s in done:
-            if progress is not None:
-                progress(s.numel() * len(cs))
+    def on_triton(t: torch.Tensor) -> None:
+        triton_kernels.apply_buffer_(t, flat_state, start, rule, index, first_step, mode, constants=cs,
+                                     decay=decay, progress=progress)
 
-    _in_place(w, run)
+    def on_compiled(offset: int, s: torch.Tensor) -> None:
+        cpu_kernel.apply_buffer_(s, flat_state[offset:offset + s.numel()], start + offset, rule, index, first_step,
+                                 mode, constants=cs)
+
+    _dispatch(w, len(cs), slice_size, progress, on_triton, on_compiled, torch_slice)
 
 
 def restore_buffer_all_(tensors: Sequence[torch.Tensor], states: Sequence[torch.Tensor], rule: MezoSGD, step: int,
