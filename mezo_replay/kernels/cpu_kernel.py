@@ -13,6 +13,7 @@ import importlib.machinery
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,6 +70,21 @@ def isas() -> tuple[str, ...]:
     return ISAS[:lib.mezo_best_isa() + 1] if lib is not None else ()
 
 
+def _checked(w: torch.Tensor, mode: int, modes: tuple[int, ...], what: str, isa: str | None) -> tuple[Any, int]:
+    """(library, ISA index) for one call on slice w, after the checks every entry point makes."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the compiled CPU kernel is not built")
+    have = isas()
+    if isa is not None and isa not in have:
+        raise ValueError(f"this CPU runs the kernel with {', '.join(have)}, not {isa!r}")
+    if mode not in modes:
+        raise ValueError(f"{what} {mode!r}")
+    if w.device.type != "cpu" or not w.is_contiguous() or w.dtype not in DTYPES:
+        raise ValueError("the compiled kernel takes contiguous float32/bfloat16/float16 CPU tensors")
+    return lib, have.index(isa) if isa is not None else len(have) - 1
+
+
 def apply_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: int, mode: int, *,
            constants: Sequence[tuple[float, float]] = ((0.0, 0.0),), scale: float = 0.0,
            isa: str | None = None) -> None:
@@ -79,22 +95,12 @@ def apply_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_step: i
     pass: the bytes of RESTORE_UPDATE then PERTURB. c and d are host floats: for a CPU tensor float(c) of
     a 0-dim tensor is free, so the kernel has no device-memory variant.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the compiled CPU kernel is not built")
-    have = isas()
-    if isa is not None and isa not in have:
-        raise ValueError(f"this CPU runs the kernel with {', '.join(have)}, not {isa!r}")
-    if mode not in (REPLAY, PERTURB, RESTORE_UPDATE, UPDATE_PERTURB):
-        raise ValueError(f"unknown kernel mode {mode!r}")
-    if w.device.type != "cpu" or not w.is_contiguous() or w.dtype not in DTYPES:
-        raise ValueError("the compiled kernel takes contiguous float32/bfloat16/float16 CPU tensors")
+    lib, isa_index = _checked(w, mode, (REPLAY, PERTURB, RESTORE_UPDATE, UPDATE_PERTURB), "unknown kernel mode", isa)
     c = (ctypes.c_double * len(constants))(*(x for x, _ in constants))
     d = (ctypes.c_double * len(constants))(*(y for _, y in constants))
     table = gauss16_table(torch.device("cpu"))
-    lib.mezo_apply(have.index(isa) if isa is not None else len(have) - 1,
-                   w.data_ptr(), DTYPES[w.dtype], w.numel(), start, rule.seed, index, first_step, len(constants),
-                   c, d, rule.eps, scale, NOISES[rule.noise],
+    lib.mezo_apply(isa_index, w.data_ptr(), DTYPES[w.dtype], w.numel(), start, rule.seed, index, first_step,
+                   len(constants), c, d, rule.eps, scale, NOISES[rule.noise],
                    ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_float)), mode)
 
 
@@ -107,16 +113,8 @@ def apply_terms_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_s
     steps first_step.. (steps[j] = (terms, d) of step first_step + j); RESTORE_UPDATE runs it for
     first_step alone (steps[0]); UPDATE_PERTURB that, then P1 of first_step + 1, in one pass. The chunk keeps the noise of the last steps a term names in a ring as
     wide as the longest term list, so a momentum replay draws each step's noise once per chunk."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the compiled CPU kernel is not built")
-    have = isas()
-    if isa is not None and isa not in have:
-        raise ValueError(f"this CPU runs the kernel with {', '.join(have)}, not {isa!r}")
-    if mode not in (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB):
-        raise ValueError(f"the multi-term pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB, not {mode!r}")
-    if w.device.type != "cpu" or not w.is_contiguous() or w.dtype not in DTYPES:
-        raise ValueError("the compiled kernel takes contiguous float32/bfloat16/float16 CPU tensors")
+    lib, isa_index = _checked(w, mode, (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB),
+                              "the multi-term pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB, not", isa)
     offsets, tstep, tc = [0], [], []
     for terms, _ in steps:
         tstep.extend(s & 0xFFFFFFFF for s, _ in terms)
@@ -126,7 +124,7 @@ def apply_terms_(w: torch.Tensor, start: int, rule: MezoSGD, index: int, first_s
     d = (ctypes.c_double * len(steps))(*(y for _, y in steps))
     table = gauss16_table(torch.device("cpu"))
     rc = lib.mezo_apply_terms(
-        have.index(isa) if isa is not None else len(have) - 1, w.data_ptr(), DTYPES[w.dtype], w.numel(), start,
+        isa_index, w.data_ptr(), DTYPES[w.dtype], w.numel(), start,
         rule.seed, index, first_step, len(steps), d, rule.eps, NOISES[rule.noise],
         ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_float)), mode,
         (ctypes.c_int64 * len(offsets))(*offsets), (ctypes.c_uint32 * max(1, len(tstep)))(*tstep),
@@ -140,24 +138,15 @@ def apply_buffer_(w: torch.Tensor, state: torch.Tensor, start: int, rule: MezoSG
     """mezo-momentum-buffer (spec/momentum.md) on a contiguous CPU slice and its float32 states (same
     element count, updated in place): REPLAY runs P1, P2 and the buffered P3 per step; RESTORE_UPDATE
     the buffered P3 of first_step with constants[0]; UPDATE_PERTURB that, then P1 of first_step + 1."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the compiled CPU kernel is not built")
-    have = isas()
-    if isa is not None and isa not in have:
-        raise ValueError(f"this CPU runs the kernel with {', '.join(have)}, not {isa!r}")
-    if mode not in (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB):
-        raise ValueError(f"the buffered pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB, not {mode!r}")
-    if w.device.type != "cpu" or not w.is_contiguous() or w.dtype not in DTYPES:
-        raise ValueError("the compiled kernel takes contiguous float32/bfloat16/float16 CPU tensors")
+    lib, isa_index = _checked(w, mode, (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB),
+                              "the buffered pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB, not", isa)
     if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != w.numel() or \
             state.device.type != "cpu":
         raise ValueError("the momentum state must be a contiguous float32 CPU tensor of the weights' size")
     c = (ctypes.c_double * len(constants))(*(x for x, _ in constants))
     d = (ctypes.c_double * len(constants))(*(y for _, y in constants))
     table = gauss16_table(torch.device("cpu"))
-    lib.mezo_apply_buffer(have.index(isa) if isa is not None else len(have) - 1,
-                          w.data_ptr(), DTYPES[w.dtype], w.numel(), start, rule.seed, index, first_step,
+    lib.mezo_apply_buffer(isa_index, w.data_ptr(), DTYPES[w.dtype], w.numel(), start, rule.seed, index, first_step,
                           len(constants), c, d, rule.eps, rule.momentum, NOISES[rule.noise],
                           ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_float)), mode,
                           ctypes.cast(state.data_ptr(), ctypes.POINTER(ctypes.c_float)))
