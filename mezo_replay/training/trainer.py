@@ -50,6 +50,7 @@ from . import distributed
 from .data_parallel import PeerLost, all_or_none, any_stop, lost, talking
 from .defaults import MEZO_DEFAULTS
 from .optimizer import MeZO, NonFiniteLossError
+from ..kernels.steps import replay_tensor_, step_constants
 
 #: Trainer's schedule names that mezo_replay's Schedule computes exactly (without warmup: Trainer warms up
 #: as t/w from 0, the rule as (t+1)/(w+1)).
@@ -225,13 +226,16 @@ class MeZOTrainer(Trainer):
         header = opt.header(**described)  # resumed: its base fingerprints are those of the checkpoint's weights
         with talking():
             distributed.agree("settings or weights", header, world)
-        writer = None
+        writer, records = None, None
         with all_or_none(world):  # a refusal on rank 0 stops every rank here, not at their next collective
             if world.main and self._resuming:
                 fps = [t["sha256"] for t in header["tensors"]]  # the weights as loaded, hashed once by MeZO()
-                writer = _continue(self.trajectory_path, header, at, opt.names, fps)
+                writer, records = _continue(self.trajectory_path, header, at, opt.names, fps)
             elif world.main:
                 opt.record(self.trajectory_path, overwrite=self.overwrite_trajectory, **described)
+        if self._resuming and (opt.rule.window or opt.rule.buffered):  # the same on every rank
+            with talking():
+                _restore_momentum(opt, distributed.broadcast(records, world))
         if writer is not None:
             opt.attach(writer, at)
         else:
@@ -392,23 +396,21 @@ def _refuse_unreplayable(t: MeZOTrainer) -> None:
 
 def _refuse_unresumable(t: MeZOTrainer) -> None:
     """Settings under which Trainer's resumed run would not take the uninterrupted run's batches."""
-    if t.mezo_rule != "mezo-sgd":
-        raise MezoReplayError(f"MeZOTrainer: resuming a {t.mezo_rule} run from a Trainer checkpoint is not supported "
-                              "yet (its update reaches into earlier steps the checkpoint does not hold); rebuild the "
-                              "checkpoint's step with `mezo-replay reconstruct --step` and train on from there")
     if t.args.ignore_data_skip:
         raise MezoReplayError("MeZOTrainer: ignore_data_skip=True: a resumed run would take other batches than the "
                               "interrupted one did, and its trajectory would not be that run's; unset it to resume")
 
 
-def _continue(path: Path, fresh: dict[str, Any], at: int, names: list[str], fps: list[str]) -> TrajectoryWriter:
+def _continue(path: Path, fresh: dict[str, Any], at: int, names: list[str],
+              fps: list[str]) -> tuple[TrajectoryWriter, list[int]]:
     """Rank 0 of a resumed run: reopens the trajectory at the checkpoint's step `at`.
 
     Trainer has loaded the checkpoint's weights; their checkpoint fingerprint must be the one the file
     recorded when that checkpoint was saved (one SHA-256 pass, no replay), and the run's settings those
     of the file's header. What the file holds past that `ckpt` chunk (steps, evals after the checkpoint,
     a final fingerprint) is cut off: the resumed run records it again, and since the file up to that
-    chunk is exactly what an uninterrupted run had written by then, it ends on the same bytes."""
+    chunk is exactly what an uninterrupted run had written by then, it ends on the same bytes.
+    Also returns the records of steps 0..at-1, which a momentum rule's next steps reach back into."""
     lock = FileLock.acquire(path)
     try:
         traj = read_trajectory(path)
@@ -432,7 +434,20 @@ def _continue(path: Path, fresh: dict[str, Any], at: int, names: list[str], fps:
     except BaseException:
         lock.release()
         raise
-    return writer
+    return writer, [int(b) for b in traj.grad_bits[:at]]
+
+
+def _restore_momentum(opt: MeZO, records: list[int]) -> None:
+    """A resumed momentum run's state from the records before the checkpoint (spec/momentum.md): the window
+    form's last K records; the buffer form's m, which depends on the noise and the records only, never on the
+    weights, so replaying those steps onto a scratch copy rebuilds it exactly (one tensor at a time)."""
+    opt.load_history(records)
+    if opt.rule.buffered and records:
+        constants = step_constants(opt.rule, records)
+        tensors, starts = opt.local_tensors()
+        for k, t in enumerate(tensors):
+            replay_tensor_(torch.zeros_like(t), opt.rule, k, constants, decay=opt.decay[k],
+                           start=starts[k] if starts else 0, state=opt.states[k])
 
 
 def _end_of_checkpoint(path: Path, step: int, end: int) -> int:
