@@ -4,6 +4,7 @@ The base is a tiny random Llama saved with save_pretrained, the data a few rows 
 comparison is of raw bytes. The 2-process case runs real torchrun (gloo, CPU) processes."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -347,10 +348,11 @@ def test_two_processes_under_torchrun_rebuild_exactly(base: Path, tmp_path: Path
 
 
 _LAUNCHED = """
-import os, signal, sys, torch
+import json, os, signal, sys, torch
 from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 from mezo_replay import MeZOTrainer
 base, out, resume, signal_at = sys.argv[1], sys.argv[2], sys.argv[3] == "resume", sys.argv[4]
+rule = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}  # MeZOTrainer's mezo_rule etc.
 ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(1))
 args = TrainingArguments(output_dir=out, learning_rate=1e-3, max_steps=7, per_device_train_batch_size=2, use_cpu=True,
                          report_to=[], save_strategy="steps", save_steps=2, disable_tqdm=True, seed=3)
@@ -360,7 +362,7 @@ class Signal(TrainerCallback):  # "RANK:SIGNAL:STEP": that rank gets that signal
         if state.global_step == int(step) and os.environ["RANK"] == rank:
             os.kill(os.getpid(), getattr(signal, name))
 trainer = MeZOTrainer(model=LlamaForCausalLM.from_pretrained(base), args=args, callbacks=[Signal()],
-                      train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+                      train_dataset=[{"input_ids": r, "labels": r} for r in ids], **rule)
 trainer.train(resume_from_checkpoint=True if resume else None)
 trainer.save_model(os.path.join(out, "final"))
 """
@@ -413,6 +415,21 @@ def test_a_killed_rank_stops_the_other_in_one_line_and_resume_ends_on_the_uninte
     assert traj.steps == 5 and sorted(traj.checkpoints) == [2, 4] and traj.final_fingerprint is None
 
     again = _launch(_torchrun(), tmp_path, base, run, "resume", "-")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run / "trajectory.mzt").read_bytes() == (tmp_path / "ref" / "trajectory.mzt").read_bytes()
+    assert_weights(run / "final", tmp_path / "ref" / "final")
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_a_momentum_buffer_run_to_the_uninterrupted_bytes(base: Path, tmp_path: Path) -> None:
+    """Under torchrun rank 0 reads the records before the checkpoint and every rank rebuilds its m from them."""
+    rule = json.dumps({"mezo_rule": "mezo-momentum-buffer", "mezo_momentum": 0.5})
+    ref = _launch(_torchrun(), tmp_path, base, tmp_path / "ref", "new", "-", rule)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "run"
+    cut = _launch(_torchrun(), tmp_path, base, run, "new", "0:SIGTERM:3", rule)
+    assert cut.returncode == 0 and read_trajectory(run / "trajectory.mzt").steps == 4, cut.stderr[-3000:]
+    again = _launch(_torchrun(), tmp_path, base, run, "resume", "-", rule)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run / "trajectory.mzt").read_bytes() == (tmp_path / "ref" / "trajectory.mzt").read_bytes()
     assert_weights(run / "final", tmp_path / "ref" / "final")
