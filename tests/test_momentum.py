@@ -4,7 +4,6 @@ momentum rebuilding bit for bit (the CLI as a user runs it, --resume in the midd
 reconstruct --step, fp32/bf16/fp16 models)."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -130,23 +129,14 @@ def test_every_isa_build_gives_the_vectors():
             assert torch_to_bits(x, dtype).tolist() == [int(v, 16) for v in case["p3"]], isa
 
 
-def test_tiny_momentum_end_to_end_vector(tmp_path, backend):
-    """spec/vectors/tiny-momentum: the numpy reference and reconstruct land on expected.json."""
-    tiny = VECTORS / "tiny-momentum"
-    expected = json.loads((tiny / "expected.json").read_text())
-    traj = read_trajectory(tiny / "traj.mzt")
-    h = traj.header
-    assert h["rule"]["name"] == "mezo-momentum" and h["rule"]["window"] == 3 and 0 in traj.grad_bits
-    base = BaseCheckpoint.open(tiny / "base.safetensors")
-    for k, t in enumerate(h["tensors"]):
-        w = np.frombuffer(base.read_bytes(t["name"]), dtype=R.BITS_DTYPE[t["dtype"]]).copy()
-        got = R.replay(w, t["dtype"], seed=int(h["generator"]["seed"]), k=k, noise_name=h["noise"]["name"],
-                       rule=h["rule"], grads=[int(b) for b in traj.grad_bits], decayed=bool(t.get("decay")))
-        assert hashlib.sha256(got.tobytes()).hexdigest() == expected["tensors"][t["name"]]["sha256"], t["name"]
-    out = replay.reconstruct(replay.plan(tiny / "base.safetensors", tiny / "traj.mzt"), tmp_path / "o.safetensors")
-    result = BaseCheckpoint.open(out)
-    for name, want in expected["tensors"].items():
-        assert hashlib.sha256(bytes(result.read_bytes(name))).hexdigest() == want["sha256"], name
+def test_tiny_momentum_vectors_record_their_rules():
+    """The momentum end-to-end vectors (replayed by test_spec_vectors.test_tiny_end_to_end_vector on every
+    backend) hold what they are for: a window of 3 with a zero record, and the buffer form without a window."""
+    window = read_trajectory(VECTORS / "tiny-momentum" / "traj.mzt")
+    assert window.header["rule"]["name"] == "mezo-momentum" and window.header["rule"]["window"] == 3
+    assert 0 in window.grad_bits
+    buffer = read_trajectory(VECTORS / "tiny-momentum-buffer" / "traj.mzt").header["rule"]
+    assert buffer["name"] == "mezo-momentum-buffer" and "window" not in buffer
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -195,25 +185,6 @@ def test_buffer_element_vectors():
         assert int(torch_to_bits(t, dtype)[0]) == int(case["p3"], 16), case
         assert int(mt.view(torch.int32)[0]) & 0xFFFFFFFF == int(case["m_after"], 16), case
     assert cases[-1]["fused_m_after"] != cases[-1]["m_after"]
-
-
-def test_tiny_momentum_buffer_end_to_end_vector(tmp_path, backend):
-    """spec/vectors/tiny-momentum-buffer: the numpy reference and reconstruct land on expected.json."""
-    tiny = VECTORS / "tiny-momentum-buffer"
-    expected = json.loads((tiny / "expected.json").read_text())
-    traj = read_trajectory(tiny / "traj.mzt")
-    h = traj.header
-    assert h["rule"]["name"] == "mezo-momentum-buffer" and "window" not in h["rule"]
-    base = BaseCheckpoint.open(tiny / "base.safetensors")
-    for k, t in enumerate(h["tensors"]):
-        w = np.frombuffer(base.read_bytes(t["name"]), dtype=R.BITS_DTYPE[t["dtype"]]).copy()
-        got = R.replay(w, t["dtype"], seed=int(h["generator"]["seed"]), k=k, noise_name=h["noise"]["name"],
-                       rule=h["rule"], grads=[int(b) for b in traj.grad_bits], decayed=bool(t.get("decay")))
-        assert hashlib.sha256(got.tobytes()).hexdigest() == expected["tensors"][t["name"]]["sha256"], t["name"]
-    out = replay.reconstruct(replay.plan(tiny / "base.safetensors", tiny / "traj.mzt"), tmp_path / "o.safetensors")
-    result = BaseCheckpoint.open(out)
-    for name, want in expected["tensors"].items():
-        assert hashlib.sha256(bytes(result.read_bytes(name))).hexdigest() == want["sha256"], name
 
 
 @pytest.mark.skipif(not cpu_kernel.available(), reason="the compiled CPU kernel is not built")
