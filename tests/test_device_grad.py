@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
 from mezo_replay.arithmetic.device_grad import device_coefficient
-from mezo_replay.arithmetic.rule import MezoSGD, Schedule, encode_grad
+from mezo_replay.arithmetic.rule import MezoSGD, Schedule
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _BITS_DTYPE = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
@@ -21,7 +21,7 @@ SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[Heal
 def host(lp: torch.Tensor, lm: torch.Tensor, rule: MezoSGD, t: int) -> tuple[int, int, bool]:
     """What MeZO.step computes on the host: (bits, c's binary32 pattern, failed)."""
     try:
-        bits = encode_grad((float(lp) - float(lm)) / (2.0 * rule.eps))
+        bits = rule.encode_grad((float(lp) - float(lm)) / (2.0 * rule.eps))  # the rule's encoding
         c = rule.coefficient(t, bits)
     except ValueError:
         return 0, 0, True
@@ -196,13 +196,16 @@ def test_reads_no_value_on_the_host(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_gives_the_host_bits_without_synchronising():
-    """On a GPU: CUDA's binary64 arithmetic gives the same bits, and torch's sync debug mode sees no sync."""
+    """On a GPU: CUDA's binary64 arithmetic gives the same bits, for every gradient encoding, and torch's
+    sync debug mode sees no sync."""
     import random
 
     rng = random.Random(11)
-    rule = MezoSGD.create(lr=1e-3, eps=1e-3, seed=0)
+    rules = [MezoSGD.create(lr=1e-3, eps=1e-3, seed=0),
+             MezoSGD.create(lr=1e-3, eps=1e-3, seed=0, grad_encoding="fp8", grad_scale=2.0**-3),
+             MezoSGD.create(lr=1e-3, eps=1e-3, seed=0, grad_encoding="sign", grad_scale=4.0)]
     cases = [(rng.gauss(2.0, 1.0), rng.gauss(2.0, 1.0)) for _ in range(300)] + [(lp, lm) for lp, lm, *_ in EDGES]
-    for dtype in DTYPES:
+    for dtype, rule in ((d, r) for d in DTYPES for r in rules):
         for lp, lm in cases:
             a, b = torch.tensor(lp).to(dtype), torch.tensor(lm).to(dtype)
             want = host(a, b, rule, 0)
@@ -213,4 +216,4 @@ def test_cuda_gives_the_host_bits_without_synchronising():
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             got = (int(out[0]), int(out[1].view(torch.int32)) & 0xFFFF_FFFF, bool(out[2]))
-            assert got == want, (dtype, lp, lm)
+            assert got == want, (dtype, rule.grad_encoding, lp, lm)

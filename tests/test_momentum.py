@@ -461,3 +461,32 @@ def test_fused_update_perturb_is_the_two_passes(backend, kind):
         steps.perturb_all_(apart, rule, 4, rule.eps)
         for a, b in zip(fused, apart):
             assert tensor_bytes(a) == tensor_bytes(b), (backend, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (tools/gpu_check.sh runs it)")
+@pytest.mark.parametrize("kind", ["mezo-momentum", "mezo-momentum-buffer"])
+def test_cuda_kernels_give_the_reference_bits(kind):
+    """The momentum Triton kernels compiled for the GPU: a replay gives the numpy reference's bits, and the
+    training passes (restore-update, fused with the next P1) give the compiled CPU kernel's, per dtype."""
+    rule = momentum_rule(lr=3e-2, eps=1e-2, seed=11, weight_decay=0.25, rule=kind, momentum=0.75,
+                         schedule=Schedule("linear", 2, 9))
+    bits = [R.grad_bits(g) for g in (2.0, -3.5, 1.25, 0.0, 7.0, -0.5)]
+    constants = steps.step_constants(rule, bits)
+    for dtype in ("F32", "BF16", "F16"):
+        ref = R.round_to((np.random.default_rng(1).standard_normal(5003) * 2.0).astype(np.float32), dtype)
+        want = R.replay(ref, dtype, seed=11, k=2, noise_name=rule.noise, rule=rule.header_fields()["rule"],
+                        grads=bits, decayed=True, start=123)
+        x = bits_to_torch(ref, dtype, "cuda")
+        steps.replay_tensor_(x, rule, 2, constants, decay=True, start=123)
+        assert torch_to_bits(x.cpu(), dtype).tolist() == want.tolist(), dtype
+        ws = {dev: [bits_to_torch(ref, dtype, dev)] for dev in ("cpu", "cuda")}
+        ms = {dev: [torch.linspace(-1, 1, ref.size, device=dev)] for dev in ("cpu", "cuda")}
+        for dev in ("cpu", "cuda"):
+            if kind == "mezo-momentum":
+                steps.restore_terms_all_(ws[dev], rule, 5, constants[5][0], constants[5][1], [True], starts=[123],
+                                         then_perturb=True)
+            else:
+                steps.restore_buffer_all_(ws[dev], ms[dev], rule, 5, rule.coefficient(5, bits[5]), rule.decay(5),
+                                          [True], starts=[123], then_perturb=True)
+        assert tensor_bytes(ws["cuda"][0].cpu()) == tensor_bytes(ws["cpu"][0]), dtype
+        assert tensor_bytes(ms["cuda"][0].cpu()) == tensor_bytes(ms["cpu"][0]), dtype
