@@ -84,7 +84,9 @@ class ReplayPlan:
     @property
     def element_steps(self) -> int:
         # From the header, not the base: new (init) tensors are not in the base.
-        return self.steps * sum(math.prod(t["shape"]) for t in self.trajectory.header["tensors"])
+        # n-SPSA: N sub-steps a step (spec/nspsa.md), each a pass over every element
+        elements = sum(math.prod(t["shape"]) for t in self.trajectory.header["tensors"])
+        return self.steps * self.rule.perturbations * elements
 
 
 def _listed(steps: list[int]) -> str:
