@@ -403,3 +403,25 @@ def test_resume_mid_run_equals_the_uninterrupted_run(tmp_path):
     for step, out in (("1", "at1"), ("4", "at4")):
         r = inproc("reconstruct", base, "run.mzt", "--step", step, "-o", out, cwd=tmp_path)
         assert r.returncode == 0 and "verified against" in r.stdout, r.stderr
+
+
+def test_a_trainer_run_with_perturbations_rebuilds_with_the_cli(tmp_path):
+    """MeZOTrainer(mezo_perturbations=2) with fp8 records: the file holds 2 records a step, and the CLI's
+    rebuild is the trained weights, byte for byte."""
+    pytest.importorskip("transformers")
+    from tests.test_trainer import assert_weights, make, run_cli
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32)
+    base = tmp_path / "base"
+    LlamaForCausalLM(cfg).save_pretrained(base)
+    trainer = make(base, tmp_path / "run", seed=3, max_steps=3,
+                   extra={"mezo_eps": 1e-2, "mezo_grad_codec": "fp8", "mezo_grad_scale": 0.25, "mezo_perturbations": 2})
+    trainer.train()
+    traj = read_trajectory(tmp_path / "run" / "trajectory.mzt")
+    assert traj.header["rule"]["perturbations"] == 2 and traj.grad_bits.shape == (3, 2)
+    done = run_cli("reconstruct", str(base), str(tmp_path / "run" / "trajectory.mzt"), "-o", str(tmp_path / "rebuilt"))
+    assert done.returncode == 0, done.stderr
+    assert_weights(trainer.model, tmp_path / "rebuilt")
