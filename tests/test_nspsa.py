@@ -425,3 +425,21 @@ def test_a_trainer_run_with_perturbations_rebuilds_with_the_cli(tmp_path):
     done = run_cli("reconstruct", str(base), str(tmp_path / "run" / "trajectory.mzt"), "-o", str(tmp_path / "rebuilt"))
     assert done.returncode == 0, done.stderr
     assert_weights(trainer.model, tmp_path / "rebuilt")
+
+
+@pytest.mark.slow
+def test_data_parallel_and_sharded_runs_record_the_same_steps(tmp_path):
+    """torchrun, 2 ranks (gloo): data parallel and --shard (FSDP2) record the same n-SPSA steps (each closure's
+    loss is the whole batch's, all-reduced per perturbation), and each file rebuilds verified in one process."""
+    from tests.test_distributed_train import cli as dcli, torchrun
+
+    common = ("train", "--steps", "3", "--eval-every", "0", "--perturbations", "2", "-q")
+    files = {}
+    for name, extra in (("data", ()), ("shard", ("--shard",))):
+        r = torchrun(2, "-m", "mezo_replay", *common, *extra, "-o", f"{name}.mzt", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        r2 = dcli(*printed_command(r.stdout), "-q", cwd=tmp_path)
+        assert r2.returncode == 0 and "verified against" in r2.stdout, r2.stderr
+        files[name] = read_trajectory(tmp_path / f"{name}.mzt")
+    assert files["data"].grad_bits.tolist() == files["shard"].grad_bits.tolist()
+    assert files["data"].final_fingerprint == files["shard"].final_fingerprint
