@@ -201,6 +201,10 @@ def _two_defaults(key: str) -> str:
               help="With --optimizer mezo-momentum or mezo-momentum-buffer: beta (stored to 16 significant bits).")
 @click.option("--momentum-window", type=click.IntRange(1, 64), default=16, show_default=True,
               help="With --optimizer mezo-momentum: how many recorded steps each update spans (K).")
+@click.option("--perturbations", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="n-SPSA (spec/nspsa.md; --optimizer mezo-sgd only): N perturbations a step on the same "
+                   "batch, averaged into one update. Costs 2N forward passes a step and records N gradients "
+                   "a step (N times the step bytes); --steps counts optimizer steps.")
 @click.option("--tune", multiple=True, show_default="every parameter",
               help="Tune only parameters matching this glob (repeatable), e.g. 'layers.*.self_attn'.")
 @click.option("--freeze", multiple=True, show_default="none",
@@ -270,7 +274,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
           label_words: str | None, text_key: str, prompt_key: str, completion_key: str, label_key: str,
           objective: str, out: Path, resume: Path | None, steps: int | None, lr: float | None, eps: float | None,
           schedule: str, warmup_steps: int, weight_decay: float, grad_codec: str, grad_scale: float | None,
-          rule_name: str, momentum: float, momentum_window: int, tune: tuple[str, ...], freeze: tuple[str, ...],
+          rule_name: str, momentum: float, momentum_window: int, perturbations: int, tune: tuple[str, ...],
+          freeze: tuple[str, ...],
           peft_kind: str | None, lora_r: int, lora_alpha: int, lora_dropout: float, lora_targets: str | None,
           num_virtual_tokens: int, batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
           eval_every: int | None, eval_batch_size: int, record_losses: bool, checkpoint_every: int,
@@ -332,7 +337,7 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
             max_length=max_length or d["max_length"], dtype=dtype, noise=noise, schedule=schedule,
             warmup_steps=warmup_steps, weight_decay=weight_decay, grad_codec=grad_codec,
             grad_scale=grad_scale, optimizer=rule_name, momentum=momentum, momentum_window=momentum_window,
-            tune=tune, freeze=freeze,
+            perturbations=perturbations, tune=tune, freeze=freeze,
             eval_every=d["eval_every"] if eval_every is None else eval_every, eval_batch_size=eval_batch_size,
             record_losses=record_losses, flush_every=flush_every,
             resume=resume is not None, overwrite=overwrite, device=_device(device),
@@ -347,6 +352,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
         if rule_name == "mezo-sgd" and given:
             raise MezoReplayError("--momentum and --momentum-window set --optimizer mezo-momentum: add it")
+        if perturbations > 1 and rule_name != "mezo-sgd":
+            raise MezoReplayError(f"--perturbations (n-SPSA) applies to --optimizer mezo-sgd only, not {rule_name}")
         if rule_name == "mezo-momentum-buffer" and "momentum_window" in given:
             raise MezoReplayError("--momentum-window sets mezo-momentum's window; mezo-momentum-buffer keeps a "
                                   "buffer instead and has none")
@@ -1001,6 +1008,7 @@ def _info_lines(s: dict[str, Any], trajectory: Path) -> list[str]:
         + (f", weight decay {r['weight_decay']:.6g}" if r.get("weight_decay") else "")
         + (f", momentum {r['momentum']:.6g} over {r['window']} steps" if r.get("window") else
            f", momentum {r['momentum']:.6g} (state buffer)" if r.get("momentum") else "")
+        + (f", {r['perturbations']} perturbations a step (n-SPSA)" if r.get("perturbations") else "")
         + " (exact: --json)",
         f"  gradient   {_codec_text(r)}",
         f"  noise      {s['noise']['name']} from {s['generator']['name']}, seed {s['generator']['seed']}",

@@ -297,7 +297,7 @@ def init() -> dict:
 def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_tensor: bool = False,
          nan_payloads: bool = False, checkpoints: tuple[int, ...] = (), grad_codec: str = "bf16",
          grad_scale: float | None = None, loss_values: tuple[float, ...] | None = None,
-         rule: str = "mezo-sgd", momentum: float = 0.9, window: int = 16) -> None:
+         rule: str = "mezo-sgd", momentum: float = 0.9, window: int = 16, perturbations: int = 1) -> None:
     """spec/vectors/tiny: a base with one tensor per dtype (special values included) and a frozen one,
     a trajectory recorded by the real optimizer from a fixed loss sequence, and the expected result.
     With nan_payloads the base's NaNs have signs, payloads and signalling bits that every output must
@@ -334,7 +334,8 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
         params["e.head"] = (torch.randn(2, 3, generator=g) * 0.5).requires_grad_(True)
     losses = iter(loss_values or [2.0, 1.9, 1.7, 1.75, 1.5, 1.52, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1])
     opt = MeZO(params.items(), lr=0.05, eps=1e-3, seed=2**40 + 11, schedule=schedule, weight_decay=weight_decay,
-               grad_codec=grad_codec, grad_scale=grad_scale, rule=rule, momentum=momentum, momentum_window=window)
+               grad_codec=grad_codec, grad_scale=grad_scale, rule=rule, momentum=momentum, momentum_window=window,
+               perturbations=perturbations)
     (out / "traj.mzt").unlink(missing_ok=True)
     opt.record(out / "traj.mzt", base_source="base.safetensors", steps_per_chunk=4,
                metadata={"purpose": "spec test vector"}, new_tensors=["e.head"] if new_tensor else ())
@@ -548,9 +549,105 @@ def momentum_vectors() -> None:
          loss_values=(2.0, 1.9, 1.7, 1.75, 1.5, 1.5, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1))
 
 
+def nspsa() -> dict:
+    """nspsa.md: q and the c_j of steps, the sub-step plan of a small file, STEP payloads of N records a
+    step, and whole steps on runs of elements with the generator's noise (what a replay must produce)."""
+    grads = [0x3F80, 0xC2F7, 0x0000, 0x8000, 0x0001, 0x4049, 0xBE00, 0x5F00, 0x3C23, 0xC000, 0x7EFF, 0x3F81]
+    runs = []
+    for sched, lr in (({"name": "constant"}, R.round_significant(1e-3, 24)),
+                      ({"name": "cosine", "warmup_steps": 1, "total_steps": 3}, R.round_significant(3e-4, 24)),
+                      ({"name": "constant"}, 2.0**-100), ({"name": "linear", "total_steps": 4}, 0.75)):
+        for n in (2, 3, 4):
+            rule = {"name": "mezo-sgd", "lr": lr, "schedule": sched, "perturbations": n}
+            records = [grads[(t * n + j) % len(grads)] for t in range(3) for j in range(n)]
+            if lr > 2.0**-90:  # 0x7EFF (about 2^127) is valid only with the smallest lr: 2^97 instead
+                records = [0x7000 if x == 0x7EFF else x for x in records]
+            rows = [records[t * n:(t + 1) * n] for t in range(3)]
+            runs.append({"lr": lr, "schedule": sched, "perturbations": n,
+                         "grad_bits": [[hx(x, 4) for x in row] for row in rows],
+                         "q": [R.round_significant(R.lr_at(rule, t) / n, 24) for t in range(3)],
+                         "terms": [[[u, c] for u, c in R.nspsa_terms(rule, t, row)] for t, row in enumerate(rows)]})
+    lr3 = R.round_significant(1e-3, 24)
+    assert lr3 / 3 != R.round_significant(lr3 / 3, 24)  # the division rounds: q is not lr / 3 exactly
+    plan_rule = {"name": "mezo-sgd", "lr": lr3, "schedule": {"name": "constant"}, "weight_decay": 0.5,
+                 "perturbations": 3}
+    plan_rows = [[0x3F80, 0x0000, 0xC2F7], [0x4049, 0xBE00, 0x3C23]]
+    plan = []
+    for t, row in enumerate(plan_rows):
+        plan += [[[], 0.0]] * 2 + [[[[u, c] for u, c in R.nspsa_terms(plan_rule, t, row)], R.decay_factor(plan_rule, t)]]
+
+    def payload(first: int, count: int, body: bytes) -> str:
+        return (struct.pack("<II", first, count) + body).hex()
+
+    payloads = []
+    for encoding, scale, n, first, body, count in (
+            ("bf16", None, 2, 7, bytes([0x3F, 0xC2, 0x00, 0x80, 0x80, 0xF7, 0x00, 0x00]), 2),
+            ("bf16", None, 3, 0, bytes([0x3F, 0xC2, 0x00, 0x80, 0xF7, 0x00]), 1),
+            ("bf16", None, 3, 0, bytes([0x3F, 0xC2, 0x00, 0x80, 0xF7, 0x00]), 2),        # length: 2 x 3 needs 12
+            ("fp8", 0.25, 3, 4, bytes([0x38, 0xB8, 0x00, 0x7E, 0x01, 0x80]), 2),
+            ("fp8", 0.25, 3, 4, bytes([0x38, 0xB8, 0x00, 0x7E, 0x01]), 2),              # length: 5, not 6
+            ("fp8", 0.25, 2, 0, bytes([0x38, 0x7F]), 1),                                # a NaN code
+            ("sign", 0.125, 3, 1, bytes([0b00111011, 0b00000001, 0b00001010, 0b00000000]), 3),  # 9 values
+            ("sign", 0.125, 2, 0, bytes([0b00001011, 0b00000010]), 2),
+            ("sign", 0.125, 2, 0, bytes([0b00011011, 0b00000010]), 2),                  # a padding bit
+            ("sign", 0.125, 4, 0, bytes([0b00000001]), 1)):                             # length: 4 values need 2 bytes
+        data = payload(first, count, body)
+        try:
+            f, records = R.decode_step_payload(encoding, bytes.fromhex(data), n)
+            rows = [[hx(R.record_bf16_bits(encoding, scale, r), 4) for r in row] for row in records]
+        except ValueError:
+            f, rows = None, None
+        payloads.append({"grad_encoding": encoding, "grad_scale": scale, "perturbations": n, "payload": data,
+                         "first_step": f, "grad_bits": rows})
+    assert sum(p["grad_bits"] is None for p in payloads) == 5
+    rng = np.random.default_rng(20261202)
+    tensors = []
+    for m, (dtype, ws) in enumerate(MOMENTUM_SPECIAL.items()):
+        width = 8 if dtype == "F32" else 4
+        seed, k, start = [(0, 0, 0), (2**40 + 11, 3, 2**33 + 5), (2**64 - 1, 7, 1000)][m]
+        w = np.array(ws + [int(v) for v in rng.integers(0, 2**(4 * width), size=36)], dtype=R.BITS_DTYPE[dtype])
+        for n, decayed, noise_name in ((2, False, "gaussian16"), (3, True, "gaussian16"), (4, True, "rademacher16")):
+            rule = {"name": "mezo-sgd", "eps": R.round_significant(1e-3, 16), "lr": R.round_significant(3e-3, 24),
+                    "schedule": {"name": "cosine", "warmup_steps": 1, "total_steps": 3}, "weight_decay": 0.25,
+                    "perturbations": n}
+            rows = [[grads[(7 * t + 5 * j + m) % len(grads)] if grads[(7 * t + 5 * j + m) % len(grads)] != 0x7EFF
+                     else 0x3F00 for j in range(n)] for t in range(3)]
+            out = R.replay(w, dtype, seed=seed, k=k, noise_name=noise_name, rule=rule, grads=rows, decayed=decayed,
+                           start=start)
+            tensors.append({"dtype": dtype, "noise": noise_name, "seed": str(seed), "tensor": k, "start": str(start),
+                            "rule": rule, "decay": decayed, "grad_bits": [[hx(x, 4) for x in row] for row in rows],
+                            "w": [hx(int(x), width) for x in w], "after": [hx(int(x), width) for x in out]})
+    return {"about": "nspsa.md: runs: for records grad_bits (bf16 patterns, a row per step) under lr, schedule and "
+                     "perturbations N, each step's q and its terms [noise step N t + j, c_j]; plan: the sub-steps "
+                     "[terms, d] of the 2 steps plan_grad_bits under plan_rule; payloads: decompressed STEP payloads "
+                     "(hex) with N records a step, their first_step and gq patterns a row per step, or null for "
+                     "the corrupt ones; tensors: elements start.. of tensor `tensor` after all steps of grad_bits "
+                     "under `rule` (decay: whether the tensor takes weight decay), generator noise, NaNs canonical",
+            "runs": runs, "plan_rule": plan_rule, "plan_grad_bits": [[hx(x, 4) for x in r] for r in plan_rows],
+            "plan": plan, "payloads": payloads, "tensors": tensors}
+
+
+def nspsa_vectors() -> None:
+    (SPEC / "nspsa.json").write_text(json.dumps(nspsa(), indent=1) + "\n")
+    print("wrote", SPEC / "nspsa.json")
+    from mezo_replay.arithmetic.rule import Schedule
+
+    # 6 steps of 3 perturbations: cosine schedule with warmup, decay, perturbation 1 of step 1 with equal losses
+    losses = [round(2.0 - 0.02 * i + 0.013 * ((i * 7) % 5) * (-1) ** i, 6) for i in range(36)]
+    losses[9] = losses[8]
+    tiny("tiny-nspsa", schedule=Schedule("cosine", warmup_steps=1, total_steps=6), weight_decay=0.5,
+         perturbations=3, loss_values=tuple(losses))
+    # sign records, 2 perturbations: 6 steps, 12 values a chunk of 4 steps
+    tiny("tiny-nspsa-sign", grad_codec="sign", grad_scale=0.125, perturbations=2,
+         loss_values=tuple(losses[:24]))
+
+
 def main() -> None:
     if sys.argv[1:] == ["momentum"]:  # only spec/vectors/momentum.json and tiny-momentum
         momentum_vectors()
+        return
+    if sys.argv[1:] == ["nspsa"]:  # only spec/vectors/nspsa.json, tiny-nspsa and tiny-nspsa-sign
+        nspsa_vectors()
         return
     SPEC.mkdir(parents=True, exist_ok=True)
     for name, fn in (("philox", philox), ("noise", noise), ("rule", rule), ("init", init),
@@ -572,6 +669,7 @@ def main() -> None:
          loss_values=(2.0, 1.9, 1.7, 1.75, 1.5, 1.5, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1))
     tiny_lora()
     momentum_vectors()
+    nspsa_vectors()
 
 
 if __name__ == "__main__":

@@ -274,6 +274,9 @@ def replay(bits: np.ndarray, dtype: str, *, seed: int, k: int, noise_name: str, 
     (mezo-sgd, mezo-momentum or mezo-momentum-buffer)."""
     index = np.arange(start, start + bits.size, dtype=np.uint64)
     m = np.zeros(bits.size, dtype=np.float32)  # mezo-momentum-buffer's state
+    if rule.get("perturbations", 1) > 1:  # n-SPSA (nspsa.md): grads[t] holds step t's N records
+        return nspsa_replay(bits, dtype, seed=seed, k=k, noise_name=noise_name, rule=rule, grads=grads,
+                            decayed=decayed, index=index)
     for t, gb in enumerate(grads):
         z = noise(noise_name, seed, t, k, index)
         d = decay_factor(rule, t) if decayed else 0.0
@@ -336,6 +339,42 @@ def multi_term_update(bits: np.ndarray, dtype: str, z: np.ndarray, eps: float,
         return round_to(s, dtype)
 
 
+# --- n-SPSA (nspsa.md) ------------------------------------------------------------------------------
+
+def nspsa_terms(rule: dict, t: int, records: list[int]) -> list[tuple[int, float]]:
+    """Step t's N terms (noise step N t + j, c_j): q = RS(lr_t / N, 24), c_j = RS(q * gq_j, 16)."""
+    n = rule["perturbations"]
+    q = round_significant(lr_at(rule, t) / n, 24)
+    out = []
+    for j, gb in enumerate(records):
+        c = round_significant(q * grad_value(gb), 16)
+        if abs(c) > 2.0**100:
+            raise ValueError("update coefficient beyond 2^100")
+        out.append((n * t + j, 0.0 if abs(c) < 2.0**-100 else c))
+    return out
+
+
+def nspsa_replay(bits: np.ndarray, dtype: str, *, seed: int, k: int, noise_name: str, rule: dict,
+                 grads: list[list[int]], decayed: bool, index: np.ndarray) -> np.ndarray:
+    """Perturbation j of step t: P1 and P2 with z of noise step u = N t + j, then a plain restore for
+    j < N - 1, and for j = N - 1 the multi-term P3: restore, DECAY with step t's d, the N terms in order."""
+    n = rule["perturbations"]
+    for t, records in enumerate(grads):
+        if len(records) != n:
+            raise ValueError(f"step {t} has {len(records)} records, not {n}")
+        terms = nspsa_terms(rule, t, records)
+        d = decay_factor(rule, t) if decayed else 0.0
+        for j in range(n):
+            z = noise(noise_name, seed, n * t + j, k, index)
+            bits = perturbed(bits, dtype, z, rule["eps"])
+            if j < n - 1:
+                bits = multi_term_update(bits, dtype, z, rule["eps"], [], 0.0)
+            else:
+                bits = multi_term_update(bits, dtype, z, rule["eps"],
+                                         [(c, noise(noise_name, seed, u, k, index)) for u, c in terms], d)
+    return bits
+
+
 # --- grad_encoding records (rule.md): written from the spec, by exhaustive search over the codes ------
 
 def fp8_decode(code: int, scale: float) -> float | None:
@@ -383,11 +422,18 @@ def record_bf16_bits(encoding: str, scale: float | None, record) -> int:
     return int(np.array([gq], dtype=np.float32).view(np.uint32)[0] >> 16)
 
 
-def decode_step_payload(encoding: str, payload: bytes) -> tuple[int, list]:
-    """(first_step, records) of a decompressed STEP payload (format.md); ValueError if malformed."""
-    first, count = struct.unpack_from("<II", payload)
-    if not 1 <= count <= 1 << 20:
+def decode_step_payload(encoding: str, payload: bytes, perturbations: int = 1) -> tuple[int, list]:
+    """(first_step, records) of a decompressed STEP payload (format.md); ValueError if malformed. With
+    perturbations N > 1 (nspsa.md) the region holds count * N records, returned as count lists of N."""
+    first, steps = struct.unpack_from("<II", payload)
+    if not 1 <= steps <= 1 << 20:
         raise ValueError("count out of range")
+    count = steps * perturbations
+    if count > 1 << 20:
+        raise ValueError("count * perturbations out of range")
+    if perturbations > 1:
+        _, flat = decode_step_payload(encoding, struct.pack("<II", first, count) + payload[8:])
+        return first, [flat[v:v + perturbations] for v in range(0, count, perturbations)]
     body = payload[8:]
     if encoding == "bf16":
         if len(body) != 2 * count:

@@ -21,6 +21,7 @@ MAX_SEED = 2**64 - 1
 SCHEDULES = ("constant", "linear", "cosine")
 RULES = ("mezo-sgd", "mezo-momentum", "mezo-momentum-buffer")
 MAX_WINDOW = 64
+MAX_PERTURBATIONS = 64  # n-SPSA (spec/nspsa.md): perturbations per step, 1 .. 64
 _TINY, _HUGE = 2.0**-100, 2.0**100
 
 # K[k]: the binary64 values nearest (-1)^k pi^(2k) / (2k)! (spec/rule.md, COS_PI).
@@ -122,15 +123,16 @@ class MezoSGD:
     momentum: float = 0.0             # mezo-momentum's beta (spec/momentum.md); 0 with window 0: mezo-sgd
     window: int = 0                   # mezo-momentum's K, the records its average spans; 0: mezo-sgd
     buffered: bool = False            # mezo-momentum-buffer: a binary32 state m per element (momentum.md)
+    perturbations: int = 1            # n-SPSA (spec/nspsa.md): N perturbations a step, mezo-sgd only
 
     @classmethod
     def create(cls, *, lr: float, eps: float, seed: int, noise: str = "gaussian16",
                schedule: Schedule | None = None, weight_decay: float = 0.0, grad_encoding: str = "bf16",
                grad_scale: float | None = None, rule: str = "mezo-sgd", momentum: float = 0.9,
-               window: int = 16) -> MezoSGD:
+               window: int = 16, perturbations: int = 1) -> MezoSGD:
         """Quantises user values as the spec requires writers to: eps to 16 bits, lr and wd to 24, momentum to
         16. fp8 and sign take grad_scale 1 unless given one (it must be a power of two). momentum and window
-        apply to rule "mezo-momentum" only."""
+        apply to rule "mezo-momentum" only; perturbations (n-SPSA, spec/nspsa.md) to "mezo-sgd" only."""
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
         momentum_on = rule in ("mezo-momentum", "mezo-momentum-buffer")
@@ -142,7 +144,8 @@ class MezoSGD:
                    weight_decay=round_significant(float(weight_decay), 24), grad_encoding=grad_encoding,
                    grad_scale=None if grad_scale is None else float(grad_scale),
                    momentum=round_significant(float(momentum), 16) if momentum_on else 0.0,
-                   window=window if momentum_on and not buffered else 0, buffered=buffered).validated()
+                   window=window if momentum_on and not buffered else 0, buffered=buffered,
+                   perturbations=perturbations).validated()
 
     @property
     def name(self) -> str:
@@ -166,6 +169,10 @@ class MezoSGD:
         grad_codec.check_scale(self.grad_encoding, self.grad_scale)
         if self.buffered and self.window:
             raise ValueError("mezo-momentum-buffer has no window")
+        _int(self.perturbations, "perturbations", 1, MAX_PERTURBATIONS)
+        if self.perturbations > 1 and (self.window or self.buffered):
+            raise ValueError(f"{self.name} takes one perturbation a step: perturbations (n-SPSA) apply to "
+                             f"mezo-sgd only")
         if self.window or self.momentum or self.buffered:
             if not self.buffered:
                 _int(self.window, "momentum window", 1, MAX_WINDOW)
@@ -204,11 +211,20 @@ class MezoSGD:
             momentum = float(momentum)
             if not 0.0 < momentum < 1.0:
                 raise ValueError(f"rule momentum must be in [2^-16, 1 - 2^-16], got {momentum!r}")
+        perturbations = rule.get("perturbations", 1)
+        if "perturbations" in rule:  # spec/nspsa.md: an integer in [2, 64], on mezo-sgd only; absent means 1
+            if rule.get("name") != "mezo-sgd":
+                raise ValueError(f"rule {rule.get('name')} takes no perturbations (n-SPSA is defined for "
+                                 f"mezo-sgd only)")
+            if isinstance(perturbations, bool) or not isinstance(perturbations, int) or \
+                    not 2 <= perturbations <= MAX_PERTURBATIONS:
+                raise ValueError(f"rule perturbations must be an integer in [2, {MAX_PERTURBATIONS}] (a writer "
+                                 f"omits it for 1), got {perturbations!r}")
         return cls(lr=float(numbers["lr"]), eps=float(numbers["eps"]), seed=int(seed), noise=noise["name"],
                    schedule=Schedule.from_header(schedule), weight_decay=float(numbers["weight_decay"]),
                    grad_encoding=rule["grad_encoding"],
                    grad_scale=None if scale is None else float(scale), momentum=momentum,
-                   window=window, buffered=buffered).validated()
+                   window=window, buffered=buffered, perturbations=perturbations).validated()
 
     def header_fields(self) -> dict[str, Any]:
         noise: dict[str, Any] = {"name": self.noise}
@@ -224,6 +240,8 @@ class MezoSGD:
             rule["momentum"], rule["window"] = self.momentum, self.window
         elif self.buffered:
             rule["momentum"] = self.momentum
+        if self.perturbations > 1:
+            rule["perturbations"] = self.perturbations
         return {"generator": {"name": "philox4x32-10", "seed": str(self.seed)}, "noise": noise, "rule": rule}
 
     def lr_at(self, t: int) -> float:
@@ -272,6 +290,34 @@ class MezoSGD:
             c = round_significant(round_significant(lr * p, 24) * decode_grad(grad_bits[-1 - k]), 16)
             out.append((t - k, 0.0 if abs(c) < _TINY else c))
         return tuple(out)
+
+
+    @property
+    def max_steps(self) -> int:
+        """The most steps a file of this rule holds: its noise steps N t + j end at 2^32 - 2 (spec/nspsa.md)."""
+        return (2**32 - 1) // self.perturbations
+
+    def perturbation_rate(self, t: int) -> float:
+        """q = RS(lr_t / N, 24) of spec/nspsa.md: the learning rate each of step t's N records gets."""
+        return round_significant(self.lr_at(t) / self.perturbations, 24)
+
+    def perturbation_coefficient(self, t: int, grad_bits: int) -> float:
+        """c_j = RS(q * gq_j, 16), +0 below 2^-100; ValueError beyond 2^100 (the step is invalid)."""
+        c = round_significant(self.perturbation_rate(t) * decode_grad(grad_bits), 16)
+        if abs(c) < _TINY:
+            return 0.0
+        if abs(c) > _HUGE:
+            raise ValueError(f"step {t}: update coefficient {c:g} is beyond 2^100: the step diverged")
+        return c
+
+    def substeps(self, t: int, grad_bits: Sequence[int]) -> list[tuple[tuple[tuple[int, float], ...], float]]:
+        """Optimizer step t of an n-SPSA rule as its N sub-steps (terms, d) (spec/nspsa.md): sub-step N t + j
+        has no terms and d 0 for j < N - 1; the last has the N terms (N t + j, c_j) and step t's d."""
+        n = self.perturbations
+        if len(grad_bits) != n:
+            raise ValueError(f"step {t} needs {n} records (one a perturbation), got {len(grad_bits)}")
+        terms = tuple((n * t + j, self.perturbation_coefficient(t, int(b))) for j, b in enumerate(grad_bits))
+        return [((), 0.0)] * (n - 1) + [(terms, self.decay(t))]
 
 
 @lru_cache(maxsize=64)

@@ -18,7 +18,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Sequence, Union
 
 import numpy as np
 import zstandard
@@ -68,13 +68,14 @@ DTYPES = ("F32", "BF16", "F16")
 KNOWN: dict[str, dict[str, set[str]]] = {
     "generator": {"philox4x32-10": {"name", "seed"}},
     "noise": {"gaussian16": {"name", "table_sha256"}, "rademacher16": {"name"}},
-    "rule": {"mezo-sgd": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay"},
+    "rule": {"mezo-sgd": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay",
+                          "perturbations"},  # spec/nspsa.md
              "mezo-momentum": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay",
                                "momentum", "window"},  # spec/momentum.md
              "mezo-momentum-buffer": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale",
                                       "weight_decay", "momentum"}},
 }
-_OPTIONAL = {"weight_decay", "grad_scale"}
+_OPTIONAL = {"weight_decay", "grad_scale", "perturbations"}
 # Generated initial values (spec/init.md): a tensor entry's "init" may name one instead of `true`.
 INIT_KINDS: dict[str, set[str]] = {"zeros": {"name"}, "uniform16": {"name", "bound"}, "gaussian16": {"name", "std"}}
 INIT_SCALES = {"uniform16": "bound", "gaussian16": "std"}
@@ -214,6 +215,11 @@ def validate_header(header: dict) -> None:
     if noise["name"] == "gaussian16" and noise["table_sha256"] != GAUSSIAN16_SHA256:
         raise UnsupportedError(f"noise table_sha256 {noise['table_sha256']!r} is not the spec's gaussian16 table "
                                f"({GAUSSIAN16_SHA256})")
+    rule_obj = header["rule"]
+    if isinstance(rule_obj, dict) and "perturbations" in rule_obj and rule_obj.get("name") in KNOWN["rule"] and \
+            rule_obj.get("name") != "mezo-sgd":  # a known rule that has no such key: a bad file, not a newer one
+        raise TrajectoryError(f"rule {rule_obj['name']} takes no perturbations (spec/nspsa.md: n-SPSA is "
+                              f"defined for mezo-sgd only)")
     _known_object(header, "rule")
     rule = _check_rule(header)
     names, fps = _check_tensors(header["tensors"])
@@ -402,12 +408,35 @@ def invalid_steps(grad_bits: np.ndarray, rule: MezoSGD, first_step: int = 0) -> 
     return np.flatnonzero(bad)
 
 
+def invalid_perturbation_steps(grad_bits: np.ndarray, rule: MezoSGD, first_step: int = 0) -> np.ndarray:
+    """invalid_steps for n-SPSA (spec/nspsa.md): indices, into the flattened (steps, N) records, of values
+    rule.md forbids (non-finite or >= 2^127) or whose c_j = RS(q_t * gq_j, 16) exceeds 2^100, and of every
+    value of a step whose d >= 1. q_t = RS(lr_t / N, 24) is at most lr, so one bound clears most files."""
+    n = rule.perturbations
+    flat = np.asarray(grad_bits).reshape(-1)
+    with np.errstate(invalid="ignore"):
+        g = (flat.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    bad = ~np.isfinite(g) | (np.abs(g) >= 2.0**127)
+    ok_g = np.where(bad, 0.0, np.abs(g))
+    lr, wd = np.array([rule.lr]), np.array([rule.weight_decay])
+    if ok_g.size == 0 or (_rs(lr * ok_g.max(), 16)[0] <= 2.0**100 and _rs(lr * wd, 12)[0] < 1.0):
+        return np.flatnonzero(bad)
+    t = first_step + np.arange(flat.size, dtype=np.float64) // n
+    lr_t = step_rates(rule, t)
+    q = _rs(lr_t / n, 24)
+    c = np.abs(_rs(q * ok_g, 16))
+    d = _rs(lr_t * rule.weight_decay, 12)
+    bad |= (c > 2.0**100) | (d >= 1.0)
+    return np.flatnonzero(bad)
+
+
 class StepCodec:
     """The step records of one grad_encoding (format.md `STEP`) <-> the bfloat16 patterns of gq, the form
     every later stage uses (Trajectory.grad_bits, the coefficients, the kernels). Vectorised both ways."""
 
     def __init__(self, rule: MezoSGD) -> None:
         self.encoding = rule.grad_encoding
+        self.per_step = rule.perturbations  # n-SPSA (spec/nspsa.md): N values a step, laid out as N*count steps
         # to_bits[code] is the bf16 pattern of the code's gq; from_bits[pattern] its code, -1 if none
         if self.encoding == "fp8":
             assert rule.grad_scale is not None
@@ -441,7 +470,13 @@ class StepCodec:
         return self.encoding == "bf16" or bool(self.from_bits[bits] >= 0)
 
     def encode(self, first: int, bits: np.ndarray) -> bytes:
-        """A STEP payload for steps first.. (their bits must be representable)."""
+        """A STEP payload for steps first.. (their bits must be representable); n-SPSA: bits holds the
+        count * N values in order (step by step, perturbation by perturbation), the head counts steps."""
+        if self.per_step > 1:
+            return struct.pack("<II", first, bits.size // self.per_step) + self._encode_values(bits)[8:]
+        return self._encode_values(bits, first)
+
+    def _encode_values(self, bits: np.ndarray, first: int = 0) -> bytes:
         head = struct.pack("<II", first, bits.size)
         if self.encoding == "bf16":
             return head + (bits >> 8).astype(np.uint8).tobytes() + (bits & 0xFF).astype(np.uint8).tobytes()
@@ -453,7 +488,32 @@ class StepCodec:
         return head + planes[0].tobytes() + planes[1].tobytes()
 
     def decode(self, payload: bytes) -> tuple[int, np.ndarray]:
-        """(first_step, bf16 patterns) of a STEP payload; _Corrupt where format.md or rule.md forbid it."""
+        """(first_step, bf16 patterns) of a STEP payload; _Corrupt where format.md or rule.md forbid it.
+        n-SPSA (spec/nspsa.md): the patterns come as a (count, N) array."""
+        if self.per_step > 1:
+            return self._decode_perturbations(payload)
+        return self._decode_values(payload)
+
+    def _decode_perturbations(self, payload: bytes) -> tuple[int, np.ndarray]:
+        """The records region of count steps holds count * N values, laid out as count * N steps' records:
+        decoded as such, then each value's index v read as (step first + v // N, perturbation v % N)."""
+        n = self.per_step
+        first, count = _count(payload)
+        if count * n > MAX_STEPS_PER_CHUNK:
+            raise _Corrupt(f"count {count} with {n} perturbations a step is {count * n} values, over the limit "
+                           f"of {MAX_STEPS_PER_CHUNK} a chunk")
+        try:
+            _, values = self._decode_values(struct.pack("<II", 0, count * n) + payload[8:])
+        except _Corrupt as e:
+            def where(m: re.Match) -> str:
+                v = int(m.group(1))
+                return f"step {first + v // n} (perturbation {v % n})"
+            reason = re.sub(r"step (\d+)", where, str(e)).replace(f"count {count * n} needs",
+                                                                    f"count {count} x {n} perturbations needs")
+            raise _Corrupt(reason) from None
+        return first, values.reshape(count, n)
+
+    def _decode_values(self, payload: bytes) -> tuple[int, np.ndarray]:
         if self.encoding == "bf16":
             first, (hi, lo) = _counted(payload, 2)
             return first, (hi.astype(np.uint16) << 8) | lo
@@ -609,7 +669,8 @@ class CorruptInfo:
 class Trajectory:
     path: Path
     header: dict
-    grad_bits: np.ndarray               # uint16 bfloat16 pattern of each step's gq, whatever the grad_encoding
+    grad_bits: np.ndarray               # uint16 bfloat16 pattern of each step's gq, whatever the grad_encoding;
+    #                                     n-SPSA (rule perturbations N > 1): shape (steps, N), a row a step
     losses: np.ndarray | None           # float32 (bfloat16 values from lsbf), NaN where none was recorded
     fingerprints: dict[int, list[str]]  # step -> tensor fingerprints
     truncated: bool                     # the file ends inside a chunk (a torn write)
@@ -631,7 +692,7 @@ class Trajectory:
 
     @property
     def steps(self) -> int:
-        return int(self.grad_bits.size)
+        return int(self.grad_bits.shape[0])  # n-SPSA: grad_bits is (steps, N)
 
     @property
     def final_fingerprint(self) -> list[str] | None:
@@ -754,13 +815,20 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                                                                   cost=codec.budget_cost))
                     if first != steps:
                         raise _Corrupt(f"first_step is {first}, but {steps} steps precede it (a gap or overlap)")
-                    if first + chunk_bits.size > MAX_STEPS:
-                        raise _Corrupt(f"more than {MAX_STEPS} steps in the file")
-                    if (bad := invalid_steps(chunk_bits, rule, first)).size:
+                    if first + chunk_bits.shape[0] > rule.max_steps:
+                        raise _Corrupt(f"more than {rule.max_steps} steps in the file" +
+                                       (f" (a file of {rule.perturbations} perturbations a step holds at most "
+                                        f"(2^32 - 1) // {rule.perturbations})" if rule.perturbations > 1 else ""))
+                    if rule.perturbations > 1:
+                        if (bad := invalid_perturbation_steps(chunk_bits, rule, first)).size:
+                            t, j = divmod(int(bad[0]), rule.perturbations)
+                            raise _Corrupt(f"step {first + t} (perturbation {j}) records gradient bits "
+                                           f"0x{int(chunk_bits.reshape(-1)[bad[0]]):04x}, which rule.md forbids")
+                    elif (bad := invalid_steps(chunk_bits, rule, first)).size:
                         raise _Corrupt(f"step {first + bad[0]} records gradient bits 0x{chunk_bits[bad[0]]:04x}, "
                                        f"which rule.md forbids")
                     bits.append(chunk_bits)
-                    steps += chunk_bits.size
+                    steps += chunk_bits.shape[0]
                     step_bytes += CHUNK_HEAD.size + len(payload)
                 elif ctype == "FPRT":
                     fprt = _decode_fprt(dctx, payload, steps, len(header["tensors"]), budget)
@@ -801,6 +869,8 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
         for first, values in losses:
             loss_array[first:first + values.size] = values
     grad_bits = np.concatenate(bits) if bits else np.zeros(0, dtype=np.uint16)
+    if header["rule"].get("perturbations", 1) > 1 and not bits:
+        grad_bits = grad_bits.reshape(0, header["rule"]["perturbations"])
     # One part (the usual case) is kept as it came out of zstd; several are joined once.
     init_data = {k: parts[0] if len(parts) == 1 else b"".join(parts) for k, parts in inits.items()}
     return Trajectory(path, header, grad_bits, loss_array, fingerprints, truncated, corrupt, size, step_bytes, offset,
@@ -1123,7 +1193,7 @@ class TrajectoryWriter:
 
     @property
     def steps(self) -> int:
-        return self._flushed + len(self._bits)
+        return self._flushed + len(self._bits) // self._codec.per_step
 
     @property
     def records_losses(self) -> bool:
@@ -1171,8 +1241,13 @@ class TrajectoryWriter:
             f.close()
             self._lock.release()
 
-    def append_step(self, grad_bits: int, loss: float | None = None) -> None:
-        """Record one step; buffered, and written out every steps_per_chunk steps."""
+    def append_step(self, grad_bits: int | Sequence[int], loss: float | None = None) -> None:
+        """Record one step; buffered, and written out every steps_per_chunk steps. n-SPSA (the header's
+        rule has perturbations N > 1): grad_bits is the step's N records in perturbation order, loss the
+        mean of its 2N losses."""
+        if self._codec.per_step > 1:
+            self._append_perturbations(grad_bits, loss)
+            return
         self._check_open()
         if isinstance(grad_bits, bool) or not isinstance(grad_bits, (int, np.integer)) or not 0 <= grad_bits <= 0xFFFF:
             raise ValueError(f"grad_bits must be a bfloat16 bit pattern in 0..65535, not {grad_bits!r}")
@@ -1191,6 +1266,33 @@ class TrajectoryWriter:
         if loss is not None:
             self._losses.append(float(loss))
         if len(self._bits) >= self._spc:
+            self.flush()
+
+    def _append_perturbations(self, grad_bits: Sequence[int], loss: float | None) -> None:
+        self._check_open()
+        n = self._codec.per_step
+        values = [grad_bits] if isinstance(grad_bits, (int, np.integer)) else list(grad_bits)
+        if len(values) != n or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 <= b <= 0xFFFF
+                                   for b in values):
+            raise ValueError(f"a step of {n} perturbations records {n} bfloat16 bit patterns in 0..65535, "
+                             f"not {grad_bits!r}")
+        if (loss is None) == self._has_losses:
+            raise ValueError("a loss is required for every step" if self._has_losses
+                             else "the header says records.losses is false: pass no loss")
+        if self.steps >= self._rule.max_steps:
+            raise LimitError(f"a trajectory of {n} perturbations a step holds at most {self._rule.max_steps} steps")
+        row = np.array(values, dtype=np.uint16)
+        if (bad := invalid_perturbation_steps(row, self._rule, self.steps)).size:
+            raise ValueError(f"gradient bits 0x{int(row[bad[0]]):04x} (perturbation {int(bad[0])}) are not finite, "
+                             f">= 2^127, or make |c| exceed 2^100 (spec/nspsa.md): refusing to record the step")
+        for b in values:
+            if not self._codec.representable(int(b)):
+                raise ValueError(f"gradient bits 0x{int(b):04x} are not a value the {self._codec.encoding} "
+                                 f"encoding records (rule.md): refusing to record the step")
+        self._bits.extend(int(b) for b in values)
+        if loss is not None:
+            self._losses.append(float(loss))
+        if len(self._bits) // n >= min(self._spc, MAX_STEPS_PER_CHUNK // n):
             self.flush()
 
     def write_init(self, index: int, data: bytes | memoryview) -> None:
@@ -1228,7 +1330,7 @@ class TrajectoryWriter:
         if not data:
             return
         self._write(data)
-        self._flushed += len(self._bits)
+        self._flushed += len(self._bits) // self._codec.per_step
         self._bits.clear()
         self._losses.clear()
         self._evals.clear()

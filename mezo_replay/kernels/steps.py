@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from . import cpu_kernel, triton_kernels
-from ..format.mzt import _rs, invalid_steps, step_coefficients, step_rates
+from ..format.mzt import _rs, invalid_perturbation_steps, invalid_steps, step_coefficients, step_rates
 from ..arithmetic.noise import noise
 from ..arithmetic.rule import MezoSGD
 
@@ -178,6 +179,8 @@ def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0,
     Steps the rule refuses go through the rule itself, so that its error is the one raised."""
     if rule.window:
         return _momentum_constants(rule, grad_bits, first_step, earlier)
+    if rule.perturbations > 1:
+        return nspsa_constants(rule, grad_bits, first_step)
     bits = np.asarray(grad_bits, dtype=np.int64)
     if bits.size and (bits.min() < 0 or bits.max() > 0xFFFF or invalid_steps(bits.astype(np.uint16), rule,
                                                                               first_step).size):
@@ -222,6 +225,34 @@ def _momentum_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int
     for j in range(n):
         t = first_step + j
         out.append((tuple((t - k, columns[k][j]) for k in range(min(window, t + 1))), d[j]))
+    return out
+
+
+def nspsa_constants(rule: MezoSGD, grad_bits: Any, first_step: int = 0) -> list[StepTerms]:
+    """step_constants for n-SPSA (spec/nspsa.md): grad_bits holds N records a step ((steps, N), or flat in
+    that order), and the result is the N sub-steps of every step, (terms, d) each: a replay runs them as
+    sub-steps N * first_step, ..., whose noise steps they are. Vectorised like step_coefficients (bit for
+    bit MezoSGD.substeps); steps the rule refuses go through it, so that its error is the one raised."""
+    n = rule.perturbations
+    bits = np.asarray(grad_bits, dtype=np.int64).reshape(-1, n)
+    steps = bits.shape[0]
+    if bits.size and (bits.min() < 0 or bits.max() > 0xFFFF or
+                      invalid_perturbation_steps(bits.astype(np.uint16), rule, first_step).size):
+        return [sub for j, row in enumerate(bits.tolist()) for sub in rule.substeps(first_step + j, row)]
+    g = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    t = np.arange(first_step, first_step + steps, dtype=np.float64)
+    lr = step_rates(rule, t)
+    q = _rs(lr / n, 24)
+    c = _rs(q[:, None] * g, 16)
+    c[np.abs(c) < 2.0**-100] = 0.0
+    d = _rs(lr * rule.weight_decay, 12)
+    d[d < 2.0**-40] = 0.0
+    out: list[StepTerms] = []
+    idle: StepTerms = ((), 0.0)
+    for j, (row, dj) in enumerate(zip(c.tolist(), d.tolist())):
+        u = n * (first_step + j)
+        out.extend([idle] * (n - 1))
+        out.append((tuple((u + k, ck) for k, ck in enumerate(row)), dj))
     return out
 
 

@@ -84,7 +84,9 @@ class ReplayPlan:
     @property
     def element_steps(self) -> int:
         # From the header, not the base: new (init) tensors are not in the base.
-        return self.steps * sum(math.prod(t["shape"]) for t in self.trajectory.header["tensors"])
+        # n-SPSA: N sub-steps a step (spec/nspsa.md), each a pass over every element
+        elements = sum(math.prod(t["shape"]) for t in self.trajectory.header["tensors"])
+        return self.steps * self.rule.perturbations * elements
 
 
 def _listed(steps: list[int]) -> str:
@@ -253,7 +255,7 @@ def _replay_all(p: ReplayPlan, device: Devices, progress: Progress | None,
     def remote(index: int) -> torch.Tensor:
         w = crew.fetch(owner[index], index, DTYPE_NAMES[tensors[index]["dtype"]], tensors[index]["shape"])
         if progress is not None:
-            progress(w.numel() * p.steps)
+            progress(w.numel() * p.steps * p.rule.perturbations)  # n-SPSA: N sub-steps a step
         return w
 
     spread.run(owner, order, read, kernel, finish, {0: devices[0]}, remote)
@@ -352,7 +354,7 @@ def verify(p: ReplayPlan, tuned: str | os.PathLike[str] | None = None, *, device
         if DTYPE_NAMES.get(w.dtype) != p.trajectory.header["tensors"][index]["dtype"]:
             raise VerificationError(f"tensor {name!r} in {given.path} has dtype {w.dtype}")
         if progress is not None:
-            progress(w.numel() * p.steps)
+            progress(w.numel() * p.steps * p.rule.perturbations)  # n-SPSA: N sub-steps a step
         fingerprints.append(tensor_fingerprint(w))
         _check(p, index, fingerprints[-1])
     _check_all(p, fingerprints)

@@ -124,6 +124,10 @@ class MeZO:
     for mezo-sgd; its steps are never queued on the device: queue_step refuses them.
     rule="mezo-momentum-buffer" is the state-buffer form: one float32 buffer per tuned tensor (`states`),
     4 bytes per tuned parameter more, one noise draw per step; fused and never queued the same way.
+
+    perturbations=N > 1 (mezo-sgd only) is n-SPSA (spec/nspsa.md): each step calls the closure 2N times on
+    the same batch, records N projected gradients and applies their average (lr_t / N each), replayable
+    exactly like the rest; the step returns the mean of its 2N losses. Never queued on the device either.
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], *, lr: float, eps: float = 1e-3,
@@ -131,7 +135,7 @@ class MeZO:
                  weight_decay: float = 0.0, no_decay: Callable[[str, torch.Tensor], bool] | None = None,
                  on_nonfinite: Literal["raise", "skip"] = "raise", grad_codec: str = "bf16",
                  grad_scale: float | None = None, rule: str = "mezo-sgd", momentum: float = 0.9,
-                 momentum_window: int = 16) -> None:
+                 momentum_window: int = 16, perturbations: int = 1) -> None:
         chosen: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for item in params:
@@ -153,7 +157,8 @@ class MeZO:
         self.sharded = any(shards.is_dtensor(p) for p in self.params)  # FSDP2: passes over local shards
         self.rule = MezoSGD.create(lr=lr, eps=eps, seed=seed, noise=noise, schedule=schedule,
                                    weight_decay=weight_decay, grad_encoding=grad_codec, grad_scale=grad_scale,
-                                   rule=rule, momentum=momentum, window=momentum_window)
+                                   rule=rule, momentum=momentum, window=momentum_window,
+                                   perturbations=perturbations)
         exempt = no_decay or default_no_decay
         self.decay = [bool(self.rule.weight_decay) and not exempt(n, p) for n, p in zip(self.names, self.params)]
         self.on_nonfinite = on_nonfinite
@@ -221,6 +226,8 @@ class MeZO:
         The losses are read together after the second forward: reading the first one before would make
         the host wait for the device while the second forward could already be queued."""
         self.flush()  # after queued steps: their last record first (a wait, as this step makes anyway)
+        if self.rule.perturbations > 1:
+            return self._step_perturbations(closure, settle)
         eps = self.rule.eps
         t = self.step_count
         tensors, starts = self.local_tensors()
@@ -238,6 +245,49 @@ class MeZO:
         if h.error is not None:
             raise h.error
         return h.loss
+
+    def _step_perturbations(self, closure: Closure, settle: bool) -> float:
+        """An n-SPSA step (spec/nspsa.md): perturbation j of step t is sub-step u = N t + j, with its own
+        noise, P1 (fused with the restore of the perturbation before, or with the pending update of the step
+        before) and P2; the last one's P3 subtracts all N terms. The 2N losses are read once, at the end:
+        no perturbation's passes depend on them."""
+        n, eps, t = self.rule.perturbations, self.rule.eps, self.step_count
+        tensors, starts = self.local_tensors()
+        held = []
+        for j in range(n):
+            u = n * t + j
+            if j == 0:
+                self._first_pass(tensors, u, starts)
+            else:  # the plain restore of sub-step u - 1 (no terms, no decay) and P1 of u, in one pass
+                restore_terms_all_(tensors, self.rule, u - 1, (), 0.0, self.decay, starts=starts, then_perturb=True)
+            plus = _hold(closure())
+            perturb_all_(tensors, self.rule, u, -2.0 * eps, starts=starts)
+            held.append((plus, _hold(closure())))
+        losses = [_read(plus, minus) for plus, minus in held]
+        bits, terms, failures = [], [], []
+        for j, (lp, lm) in enumerate(losses):
+            try:  # a perturbation that fails (non-finite g, a diverged c_j) records +0, as a failed step does
+                b = self.rule.encode_grad((lp - lm) / (2.0 * eps))
+                c = self.rule.perturbation_coefficient(t, b)
+            except ValueError as e:
+                b, c = 0, 0.0
+                failures.append(f"perturbation {j}: {e} (losses {lp:g}, {lm:g})")
+            bits.append(b)
+            terms.append((n * t + j, c))
+        loss = sum(lp + lm for lp, lm in losses) / (2.0 * n)
+        error = None
+        if failures and (self.on_nonfinite == "raise" or math.isfinite(loss)):
+            error = NonFiniteLossError(f"step {t}: " + "; ".join(failures) + "; recorded as zero updates")
+        if self.writer is not None:
+            self.writer.append_step(bits, loss if self.writer_records_losses else None)
+        self.last_grad_bits = tuple(bits)  # type: ignore[assignment]  # n-SPSA: the step's N records
+        self._pending = (n * t + n - 1, tuple(terms), self.rule.decay(t), None)
+        self.step_count += 1
+        if settle or failures:
+            self.settle()
+        if error is not None:
+            raise error
+        return loss
 
     def _host_step(self, t: int, loss_plus: float, loss_minus: float) -> _HostStep:
         """Step t's record from its two losses, in binary64 on the host (spec/rule.md): a non-finite loss or
@@ -305,6 +355,9 @@ class MeZO:
         update has a device-side fused pass (use step())."""
         if self.rule.window or self.rule.buffered:
             raise MezoReplayError(f"queue_step takes mezo-sgd steps only, not {self.rule.name}'s: use step()")
+        if self.rule.perturbations > 1:
+            raise MezoReplayError(f"queue_step takes one perturbation a step, not {self.rule.perturbations} "
+                                  f"(n-SPSA): use step()")
         eps = self.rule.eps
         t = self.step_count
         tensors, starts = self.local_tensors()

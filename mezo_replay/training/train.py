@@ -84,6 +84,7 @@ class TrainConfig:
     optimizer: str = "mezo-sgd"  # the rule: mezo-sgd, mezo-momentum or mezo-momentum-buffer (spec/momentum.md)
     momentum: float = 0.9  # mezo-momentum's beta
     momentum_window: int = 16  # mezo-momentum's K: the records each step's average spans
+    perturbations: int = 1  # n-SPSA (spec/nspsa.md): N perturbations a step, mezo-sgd only
     tune: Sequence[str] = ()
     freeze: Sequence[str] = ()
     eval_every: int = 0
@@ -291,7 +292,7 @@ STEP_SETTINGS = {
     "rule.schedule.name": "--schedule", "rule.schedule.warmup_steps": "--warmup-steps",
     "rule.schedule.total_steps": "--steps (the schedule's length)", "rule.weight_decay": "--weight-decay",
     "rule.grad_encoding": "--grad-codec", "rule.grad_scale": "--grad-scale", "rule.name": "--optimizer",
-    "rule.momentum": "--momentum", "rule.window": "--momentum-window",
+    "rule.momentum": "--momentum", "rule.window": "--momentum-window", "rule.perturbations": "--perturbations",
     "peft": "--peft", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
     "lora_targets": "--lora-targets", "num_virtual_tokens": "--num-virtual-tokens",
 }
@@ -543,6 +544,7 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
     devices = {p.device for p in opt.params}  # one device: c and go live there, where every kernel reads them
     # mezo-momentum steps are never queued: their terms come from the host's records
     queues = len(devices) == 1 and next(iter(devices)).type in QUEUED_DEVICES and not (opt.rule.window or opt.rule.buffered)
+    queues = queues and opt.rule.perturbations == 1  # n-SPSA steps neither: step() takes them
 
     def report(done: int, loss: float) -> None:
         if after_step is not None:
@@ -675,7 +677,8 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
             named = ((keys[n], p) for n, p in model.named_parameters())
         opt = MeZO(named, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise, schedule=schedule.validated(),
                    weight_decay=cfg.weight_decay, grad_codec=cfg.grad_codec, grad_scale=cfg.grad_scale,
-                   rule=cfg.optimizer, momentum=cfg.momentum, momentum_window=cfg.momentum_window)
+                   rule=cfg.optimizer, momentum=cfg.momentum, momentum_window=cfg.momentum_window,
+                   perturbations=cfg.perturbations)
         if adapter is not None:
             added: Mapping[str, Any] | list[str] = adapter.inits
         else:

@@ -82,7 +82,8 @@ class MeZOTrainer(Trainer):
     max_steps (or `mezo_schedule`, which replaces them). `mezo_grad_codec`/`mezo_grad_scale` choose how each
     step's gradient is recorded (MeZO's grad_codec/grad_scale: "bf16", "fp8", "sign"); `mezo_rule`,
     `mezo_momentum`, `mezo_momentum_window` the update rule (MeZO's rule/momentum/momentum_window:
-    "mezo-sgd", "mezo-momentum", "mezo-momentum-buffer"; spec/momentum.md). `trajectory` defaults to <output_dir>/trajectory.mzt;
+    "mezo-sgd", "mezo-momentum", "mezo-momentum-buffer"; spec/momentum.md); `mezo_perturbations` N > 1 makes
+    each step n-SPSA (MeZO's perturbations, spec/nspsa.md: 2N forwards a step, N records). `trajectory` defaults to <output_dir>/trajectory.mzt;
     `base_source` (what `reconstruct` will need as its base) defaults to the model's name_or_path.
     Each step runs with the model in eval mode, as the MeZO reference trainer does: dropout would make
     the two forwards of a step measure different functions."""
@@ -92,11 +93,12 @@ class MeZOTrainer(Trainer):
                  overwrite_trajectory: bool = False, base_source: str | None = None,
                  on_nonfinite: Literal["raise", "skip"] = "raise", mezo_grad_codec: str = "bf16",
                  mezo_grad_scale: float | None = None, mezo_rule: str = "mezo-sgd", mezo_momentum: float = 0.9,
-                 mezo_momentum_window: int = 16, **kwargs: Any) -> None:
+                 mezo_momentum_window: int = 16, mezo_perturbations: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mezo_eps, self.mezo_noise, self.mezo_schedule = mezo_eps, mezo_noise, mezo_schedule
         self.mezo_grad_codec, self.mezo_grad_scale = mezo_grad_codec, mezo_grad_scale
         self.mezo_rule, self.mezo_momentum, self.mezo_momentum_window = mezo_rule, mezo_momentum, mezo_momentum_window
+        self.mezo_perturbations = mezo_perturbations
         self.record_losses, self.overwrite_trajectory = record_losses, overwrite_trajectory
         self.on_nonfinite = on_nonfinite
         self.trajectory_path = Path(trajectory) if trajectory is not None else \
@@ -207,7 +209,8 @@ class MeZOTrainer(Trainer):
         opt = MeZO(inner.named_parameters(), lr=self.args.learning_rate, eps=self.mezo_eps, seed=self.args.seed,
                    noise=self.mezo_noise, schedule=schedule, weight_decay=self.args.weight_decay,
                    on_nonfinite=self.on_nonfinite, grad_codec=self.mezo_grad_codec, grad_scale=self.mezo_grad_scale,
-                   rule=self.mezo_rule, momentum=self.mezo_momentum, momentum_window=self.mezo_momentum_window)
+                   rule=self.mezo_rule, momentum=self.mezo_momentum, momentum_window=self.mezo_momentum_window,
+                   perturbations=self.mezo_perturbations)
         source, revision = self.base_source, None
         if source is None:
             config = getattr(inner, "config", None)
@@ -434,7 +437,7 @@ def _continue(path: Path, fresh: dict[str, Any], at: int, names: list[str],
     except BaseException:
         lock.release()
         raise
-    return writer, [int(b) for b in traj.grad_bits[:at]]
+    return writer, traj.grad_bits[:at].tolist()  # n-SPSA files: a list of N records a step
 
 
 def _restore_momentum(opt: MeZO, records: list[int]) -> None:
