@@ -236,11 +236,65 @@ def _adam_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int,
     history = [int(b) for b in earlier][-(window - 1):] if window > 1 else []
     if window and first_step > 0 and len(history) < min(window - 1, first_step):
         raise ValueError(f"step {first_step} needs the records of the {min(window - 1, first_step)} steps before it")
-    host, out = AdamHost(rule), []
-    for j, b in enumerate(grad_bits):
-        history = [*history, int(b)][-max(1, window):]
-        out.append(host.step(first_step + j, history))
+    bits = np.asarray(grad_bits, dtype=np.int64)
+    if bits.size == 0:
+        return []
+    if bits.min() < 0 or bits.max() > 0xFFFF or invalid_steps(bits.astype(np.uint16), rule, first_step).size:
+        host, out = AdamHost(rule), []  # the rule's own loop, so that its error is the one raised
+        for j, b in enumerate(grad_bits):
+            history = [*history, int(b)][-max(1, window):]
+            out.append(host.step(first_step + j, history))
+        return out
+    # Vectorised, bit for bit AdamHost (numpy rounds each binary64 operation once, as the spec's host
+    # arithmetic does): a 20,000-step window-16 plan in milliseconds instead of seconds.
+    n, h0 = bits.size, len(history)
+    every = np.concatenate([np.asarray(history, dtype=np.int64), bits]).astype(np.uint32)
+    g = (every << np.uint32(16)).view(np.float32).astype(np.float64)
+    g[np.abs(g) < 2.0**-100] = 0.0  # spec/adam.md: gq below 2^-100 is applied as +0
+    t = np.arange(first_step, first_step + n, dtype=np.int64)
+    lr = step_rates(rule, t.astype(np.float64))
+    d = step_coefficients(rule, bits.astype(np.uint16), first_step)[1].tolist()
+    b1, b2 = rule.momentum, rule.beta2
+    if window:
+        count = np.minimum(window, t + 1)
+        p1, p2 = np.ones(window + 1), np.ones(window + 1)  # power(beta, k) for k = 0 .. K
+        for k in range(1, window + 1):
+            p1[k], p2[k] = p1[k - 1] * b1, p2[k - 1] * b2
+        big1, big2 = p1[count], p2[count]
+        u1p, u2p = _adam_powers24(rule)
+        columns = []
+        for k in range(window):
+            src = np.maximum(np.arange(n) + h0 - k, 0)
+            cm = _rs(u1p[k] * g[src], 16)
+            cv = _rs(u2p[k] * (g[src] * g[src]), 16)
+            cm[np.abs(cm) < 2.0**-100] = 0.0
+            cv[cv < 2.0**-100] = 0.0
+            columns.append((cm.tolist(), cv.tolist()))
+    else:
+        powers1 = np.multiply.accumulate(np.full(first_step + n, b1))  # B_t = B_(t-1) * beta, in order
+        powers2 = np.multiply.accumulate(np.full(first_step + n, b2))
+        big1, big2 = powers1[first_step:], powers2[first_step:]
+    alpha = _rs(lr / (1.0 - big1), 24).tolist()
+    h = _rs(1.0 / np.sqrt(1.0 - big2), 24).tolist()
+    gq = g[h0:].tolist()
+    out = []
+    for j in range(n):
+        tj = first_step + j
+        if window:
+            terms = tuple((tj - k, columns[k][0][j], columns[k][1][j]) for k in range(min(window, tj + 1)))
+        else:
+            terms = ((tj, gq[j], 0.0),)
+        out.append(AdamStep(terms, alpha[j], h[j], d[j]))
     return out
+
+
+def _adam_powers24(rule: MezoSGD) -> tuple[list[float], list[float]]:
+    """RS(u * p_k, 24) for both betas (spec/adam.md's window weights), as AdamHost forms them."""
+    from ..arithmetic.rule import _powers24, round_significant
+
+    p1, p2 = _powers24(rule.momentum, rule.adam_window), _powers24(rule.beta2, rule.adam_window)
+    u1, u2 = 1.0 - rule.momentum, 1.0 - rule.beta2
+    return ([round_significant(u1 * p, 24) for p in p1], [round_significant(u2 * p, 24) for p in p2])
 
 
 def adam_update_(w: torch.Tensor, z: torch.Tensor, rule: MezoSGD, m: torch.Tensor, v: torch.Tensor,
