@@ -445,3 +445,25 @@ def test_a_resumed_trainer_run_ends_on_the_bytes_of_an_uninterrupted_one(tmp_pat
         again.train(resume_from_checkpoint=checkpoint)
         assert (run / "trajectory.mzt").read_bytes() == want, checkpoint
         assert all(same_bytes(a, b) for a, b in zip(ref.model.state_dict().values(), again.model.state_dict().values()))
+
+
+@pytest.mark.parametrize("bits", [0x5380, 0xD380])  # |gq| = 2^40: the first invalid Adam magnitude
+def test_a_file_with_a_step_beyond_the_gradient_bound_is_rejected(tmp_path: Path, bits: int) -> None:
+    """A reader rejects an Adam file from the STEP chunk holding |gq| >= 2^40 (a mezo-sgd file may hold it);
+    the writer refuses to append it."""
+    from mezo_replay.errors import CorruptChunkError
+    from mezo_replay.format.mzt import TrajectoryWriter, read_trajectory
+    from tests.test_mzt import PREAMBLE, crafted, head_chunk, step_chunk
+
+    header = make_header()
+    header["rule"] = adam_rule("mezo-adam-buffer").header_fields()["rule"]
+    path = crafted(tmp_path, PREAMBLE, head_chunk(header), step_chunk(0, [0x3F80, 0x537F, bits]))
+    with pytest.raises(CorruptChunkError, match=f"step 2 records gradient bits 0x{bits:04x}"):
+        read_trajectory(path)
+    sgd = crafted(tmp_path, PREAMBLE, head_chunk(), step_chunk(0, [0x3F80, bits]), name="sgd.mzt")
+    assert read_trajectory(sgd).steps == 2
+    with TrajectoryWriter(tmp_path / "w.mzt", {**header, "records": {"losses": False}}) as w:
+        w.append_step(0x537F)
+        with pytest.raises(ValueError, match="refusing"):
+            w.append_step(bits)
+        assert w.steps == 1
