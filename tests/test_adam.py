@@ -467,3 +467,40 @@ def test_a_file_with_a_step_beyond_the_gradient_bound_is_rejected(tmp_path: Path
         with pytest.raises(ValueError, match="refusing"):
             w.append_step(bits)
         assert w.steps == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (tools/gpu_check.sh can run it)")
+@pytest.mark.parametrize("name", ["mezo-adam", "mezo-adam-buffer"])
+def test_cuda_gives_the_reference_bits(name):
+    """On a GPU, Triton's Adam kernel and the torch path (CUDA's sqrt and division): a replay gives the numpy
+    reference's bits; the fused training pass gives the compiled CPU kernel's (weights and m, v); the
+    tensor vectors hold."""
+    rule = adam_rule(name, lr=3e-2, eps=1e-2, seed=11, weight_decay=0.25, schedule=Schedule("linear", 2, 9))
+    constants = steps.step_constants(rule, GRADS)
+    try:
+        for backend in ("triton", "torch"):
+            steps.set_backend(backend)
+            for dtype in ("F32", "BF16", "F16"):
+                ref = R.round_to((np.random.default_rng(1).standard_normal(5003) * 2.0).astype(np.float32), dtype)
+                want = R.replay(ref, dtype, seed=11, k=2, noise_name=rule.noise, rule=rule.header_fields()["rule"],
+                                grads=GRADS, decayed=True, start=123)
+                x = bits_to_torch(ref, dtype, "cuda")
+                steps.replay_tensor_(x, rule, 2, constants, decay=True, start=123)
+                assert torch_to_bits(x.cpu(), dtype).tolist() == want.tolist(), (backend, dtype)
+                ws = {dev: [bits_to_torch(ref, dtype, dev)] for dev in ("cpu", "cuda")}
+                ss = {dev: [torch.linspace(-1, 1, 2 * ref.size, device=dev).abs()] if name == "mezo-adam-buffer"
+                      else None for dev in ("cpu", "cuda")}
+                for dev in ("cpu", "cuda"):
+                    steps.restore_adam_all_(ws[dev], ss[dev], rule, constants[5], 5, [True], starts=[123],
+                                            then_perturb=True)
+                assert tensor_bytes(ws["cuda"][0].cpu()) == tensor_bytes(ws["cpu"][0]), (backend, dtype)
+                if ss["cpu"] is not None:
+                    assert tensor_bytes(ss["cuda"][0].cpu()) == tensor_bytes(ss["cpu"][0]), (backend, dtype)
+            for case in ADAM["tensors"]:
+                r, w, state, step = _tensor_case(case)
+                w, state = w.cuda(), None if state is None else state.cuda()
+                steps._apply_adam_(w, state, r, case["tensor"], case["step"], cpu_kernel.RESTORE_UPDATE, [step],
+                                   bool(case["d"]), None, None, int(case["start"]))
+                _check_tensor_case(case, w.cpu(), None if state is None else state.cpu())
+    finally:
+        steps.set_backend("auto")
