@@ -504,3 +504,41 @@ def test_cuda_gives_the_reference_bits(name):
                 _check_tensor_case(case, w.cpu(), None if state is None else state.cpu())
     finally:
         steps.set_backend("auto")
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "compiled"])
+def test_random_hyperparameters_replay_like_the_reference(backend_name):
+    """Hypothesis: any valid (beta1, beta2, adam_eps, lr, window, records, dtype) replays on the torch path
+    and the C kernel to the numpy reference's bits."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    if backend_name == "compiled" and not cpu_kernel.available():
+        pytest.skip("the compiled CPU kernel is not built")
+    beta = st.integers(1, 2**24 - 1).map(lambda k: k / 2**24)
+    records = st.lists(st.integers(0, 0xFFFF).filter(lambda b: abs(R.grad_value(b)) < 2.0**40), min_size=1, max_size=6)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(b1=beta, b2=beta, delta_exp=st.integers(-100, 0), lr_exp=st.integers(-120, -4), window=st.integers(0, 5),
+           grads=records, dtype=st.sampled_from(["F32", "BF16", "F16"]), wd=st.sampled_from([0.0, 0.5]))
+    def check(b1, b2, delta_exp, lr_exp, window, grads, dtype, wd):
+        lr = 2.0**max(-100, lr_exp + delta_exp + 60)  # mostly within the step-size bound
+        rule = MezoSGD(lr=lr, eps=2.0**-10, seed=5, momentum=b1, beta2=b2, adam_eps=2.0**delta_exp,
+                       adam_window=window, weight_decay=wd)
+        try:
+            rule.validated()
+        except ValueError:
+            return  # the step-size bound: a reader refuses the header
+        w = _random_weights(TORCH_DTYPE[dtype], 150)
+        want = R.replay(torch_to_bits(w, dtype), dtype, seed=5, k=1, noise_name="gaussian16",
+                        rule=rule.header_fields()["rule"], grads=grads, decayed=True)
+        steps.replay_tensor_(w, rule, 1, steps.step_constants(rule, grads), decay=True)
+        assert torch_to_bits(w, dtype).tolist() == want.tolist()
+
+    steps.set_backend(backend_name)
+    try:
+        check()
+    finally:
+        steps.set_backend("auto")
+
+
+TORCH_DTYPE = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
