@@ -205,8 +205,8 @@ def _two_defaults(key: str) -> str:
                    "with mezo-adam or mezo-adam-buffer: Adam's beta1 (stored as a multiple of 2^-24).")
 @click.option("--beta2", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.999, show_default=True,
               help="With --optimizer mezo-adam or mezo-adam-buffer: Adam's beta2 (stored as a multiple of 2^-24).")
-@click.option("--adam-eps", type=click.FloatRange(2.0**-100, 1.0), default=1e-8, show_default=True,
-              help="With --optimizer mezo-adam or mezo-adam-buffer: Adam's delta, added to the root of v "
+@click.option("--adam-eps", type=click.FloatRange(0, 1, min_open=True), default=1e-8, show_default=True,
+              help="With --optimizer mezo-adam or mezo-adam-buffer: Adam's delta, added to the root of v, at least 2^-100 "
                    "(stored to 24 significant bits).")
 @click.option("--momentum-window", type=click.IntRange(1, 64), default=16, show_default=True,
               help="With --optimizer mezo-momentum or mezo-adam: how many recorded steps each update spans (K).")
@@ -279,7 +279,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
           label_words: str | None, text_key: str, prompt_key: str, completion_key: str, label_key: str,
           objective: str, out: Path, resume: Path | None, steps: int | None, lr: float | None, eps: float | None,
           schedule: str, warmup_steps: int, weight_decay: float, grad_codec: str, grad_scale: float | None,
-          rule_name: str, momentum: float, beta2: float, adam_eps: float, momentum_window: int, tune: tuple[str, ...], freeze: tuple[str, ...],
+          rule_name: str, momentum: float, beta2: float, adam_eps: float, momentum_window: int,
+          tune: tuple[str, ...], freeze: tuple[str, ...],
           peft_kind: str | None, lora_r: int, lora_alpha: int, lora_dropout: float, lora_targets: str | None,
           num_virtual_tokens: int, batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
           eval_every: int | None, eval_batch_size: int, record_losses: bool, checkpoint_every: int,
