@@ -574,6 +574,10 @@ void mezo_apply_buffer(int isa, BARGS) {
  * on x86 (sqrtf elsewhere) and the division the vector `/` (divps): both IEEE correctly rounded, never the
  * rcpps / rsqrtps estimates (which only -ffast-math would let the compiler use; it is never used). */
 
+/* The correctly rounded root of 16 lanes, one per instruction-set build (each build passes its own,
+ * inlined there): SSE's sqrtps on 4 lanes at a time (x86-64's baseline), AVX's on 8, AVX-512's on 16. */
+typedef vf (*sqrt_fn)(vf v);
+
 INLINE vf vsqrt(vf v) {
     vf r;
 #ifdef X86
@@ -589,10 +593,32 @@ INLINE vf vsqrt(vf v) {
     return r;
 }
 
+#ifdef X86
+AVX2_FN vf vsqrt_avx2(vf v) {
+    vf r;
+    for (int l = 0; l < W; l += 8) {
+        __m256 a;
+        memcpy(&a, (float *)&v + l, sizeof a);
+        a = _mm256_sqrt_ps(a);
+        memcpy((float *)&r + l, &a, sizeof a);
+    }
+    return r;
+}
+
+__attribute__((target("avx512f,avx512bw"))) INLINE vf vsqrt_avx512(vf v) {
+    __m512 a;
+    memcpy(&a, &v, sizeof a);
+    a = _mm512_sqrt_ps(a);
+    vf r;
+    memcpy(&r, &a, sizeof r);
+    return r;
+}
+#endif
+
 /* P3 from this step's m and v: r = sqrt(v); den = r*h + delta; upd = (alpha*m) / den;
  * x = R_D(DECAY(x + e*z) - upd), each operation rounded on its own. */
 INLINE void adam_p3(int dtype, float *x, const float *z, const float *mv, const float *vv, int64_t m, float e,
-                    float alpha, float h, float delta, float d) {
+                    float alpha, float h, float delta, float d, sqrt_fn vsqrt) {
     for (int64_t q = 0; q < m; q += W) {
         vf xv, zv, mm, vq2;
         memcpy(&xv, x + q, sizeof xv);
@@ -650,7 +676,7 @@ INLINE void adam_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t se
                       int64_t nsteps, const double *d, double eps, int noise, const float *table, int mode,
                       const int64_t *toff, const uint32_t *tstep, const double *tcm, const double *tcv,
                       const double *alpha, const double *h, double beta1, double beta2, double delta,
-                      float *mstate, float *vstate, int ring, float *zring, noise_fn make_noise) {
+                      float *mstate, float *vstate, int ring, float *zring, noise_fn make_noise, sqrt_fn root) {
     float x[CHUNK] __attribute__((aligned(64)));
     float mv[CHUNK] __attribute__((aligned(64)));
     float vv[CHUNK] __attribute__((aligned(64)));
@@ -687,7 +713,7 @@ INLINE void adam_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t se
                     adam_moments_term(mv, vv, zq, padded, (float)tcm[q], (float)tcv[q]);
                 }
             }
-            adam_p3(dtype, x, z, mv, vv, padded, e, (float)alpha[j], (float)h[j], dl, (float)d[j]);
+            adam_p3(dtype, x, z, mv, vv, padded, e, (float)alpha[j], (float)h[j], dl, (float)d[j], root);
         }
         if (mode == UPDATE_PERTURB) {  /* P1 of step first + 1 on P3's rounded result: PERTURB's bits */
             float *z = ring_noise(zring, tags, ring, first + 1u, i0, m, padded, index, k0, k1, noise, table,
@@ -710,10 +736,12 @@ INLINE void adam_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t se
 #define APASS w, dtype, n, start, seed, index, first, nsteps, d, eps, noise, table, mode, toff, tstep, tcm, tcv, \
               alpha, h, beta1, beta2, delta, mstate, vstate, ring, zring
 
-static void adam_generic(AARGS) { adam_body(APASS, make_noise); }
+static void adam_generic(AARGS) { adam_body(APASS, make_noise, vsqrt); }
 #ifdef X86
-__attribute__((target("avx2"))) static void adam_avx2(AARGS) { adam_body(APASS, make_noise_avx2); }
-__attribute__((target("avx512f,avx512bw"))) static void adam_avx512(AARGS) { adam_body(APASS, make_noise); }
+__attribute__((target("avx2"))) static void adam_avx2(AARGS) { adam_body(APASS, make_noise_avx2, vsqrt_avx2); }
+__attribute__((target("avx512f,avx512bw"))) static void adam_avx512(AARGS) {
+    adam_body(APASS, make_noise, vsqrt_avx512);
+}
 #endif
 
 /* mezo-adam (mstate NULL: step j's terms (tstep[q], tcm[q], tcv[q]) for q in toff[j] .. toff[j+1]-1) or
