@@ -135,7 +135,8 @@ class MezoSGD:
                window: int = 16, beta2: float = 0.999, adam_eps: float = 1e-8) -> MezoSGD:
         """Quantises user values as the spec requires writers to: eps to 16 bits, lr and wd to 24, momentum to
         16. fp8 and sign take grad_scale 1 unless given one (it must be a power of two). momentum and window
-        apply to rule "mezo-momentum" only."""
+        apply to rule "mezo-momentum" only. Adam rules (spec/adam.md): momentum is beta1, and beta1 and beta2
+        are stored as multiples of 2^-24, adam_eps to 24 bits; window is mezo-adam's K."""
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
         if rule in ADAM_RULES:
@@ -274,7 +275,7 @@ class MezoSGD:
                 raise ValueError(f"rule {key} must be a number, got {v!r}")
             values[key] = float(v)
         window = rule.get("window", 0 if rule["name"] == "mezo-adam-buffer" else None)
-        if rule["name"] == "mezo-adam-buffer" and window != 0:
+        if rule["name"] == "mezo-adam-buffer" and "window" in rule:
             raise ValueError(f"rule mezo-adam-buffer has no window, got {window!r}")
         if rule["name"] == "mezo-adam" and (isinstance(window, bool) or not isinstance(window, int)
                                             or not 1 <= window <= MAX_WINDOW):
