@@ -188,19 +188,28 @@ def _two_defaults(key: str) -> str:
               help="With --grad-codec fp8 or sign, a power of two: fp8 records multiples of it up to 448 "
                    "times it; sign applies +-it, so the step is lr times it (the demo's lr, made for bf16's "
                    "|g| of about 4, wants 8 with sign).")
-@click.option("--optimizer", "rule_name", type=click.Choice(["mezo-sgd", "mezo-momentum", "mezo-momentum-buffer"]),
+@click.option("--optimizer", "rule_name", type=click.Choice(["mezo-sgd", "mezo-momentum", "mezo-momentum-buffer",
+                                                                 "mezo-adam", "mezo-adam-buffer"]),
               default="mezo-sgd",
               show_default=True,
               help="The update rule. mezo-momentum: heavy-ball momentum with no state buffer, each step applying "
                    "the last --momentum-window records weighted by --momentum^k with their noise regenerated "
                    "(spec/momentum.md): training memory stays at inference's; a rebuild costs that many noise "
                    "draws per step on the torch path (the C kernel caches them). mezo-momentum-buffer: the same "
-                   "with a float32 buffer per tuned parameter (4 more bytes each), one noise draw per step.")
+                   "with a float32 buffer per tuned parameter (4 more bytes each), one noise draw per step. "
+                   "mezo-adam-buffer: MeZO-Adam (spec/adam.md) with float32 m and v per tuned parameter (8 more "
+                   "bytes each); mezo-adam: the same recomputed from the last --momentum-window records, no state.")
 @click.option("--momentum", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
               show_default=True,
-              help="With --optimizer mezo-momentum or mezo-momentum-buffer: beta (stored to 16 significant bits).")
+              help="With --optimizer mezo-momentum or mezo-momentum-buffer: beta (stored to 16 significant bits); "
+                   "with mezo-adam or mezo-adam-buffer: Adam's beta1 (stored as a multiple of 2^-24).")
+@click.option("--beta2", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.999, show_default=True,
+              help="With --optimizer mezo-adam or mezo-adam-buffer: Adam's beta2 (stored as a multiple of 2^-24).")
+@click.option("--adam-eps", type=click.FloatRange(0, 1, min_open=True), default=1e-8, show_default=True,
+              help="With --optimizer mezo-adam or mezo-adam-buffer: Adam's delta, added to the root of v, at least 2^-100 "
+                   "(stored to 24 significant bits).")
 @click.option("--momentum-window", type=click.IntRange(1, 64), default=16, show_default=True,
-              help="With --optimizer mezo-momentum: how many recorded steps each update spans (K).")
+              help="With --optimizer mezo-momentum or mezo-adam: how many recorded steps each update spans (K).")
 @click.option("--perturbations", type=click.IntRange(1, 64), default=1, show_default=True,
               help="n-SPSA (spec/nspsa.md; --optimizer mezo-sgd only): N perturbations a step on the same "
                    "batch, averaged into one update. Costs 2N forward passes a step and records N gradients "
@@ -274,8 +283,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
           label_words: str | None, text_key: str, prompt_key: str, completion_key: str, label_key: str,
           objective: str, out: Path, resume: Path | None, steps: int | None, lr: float | None, eps: float | None,
           schedule: str, warmup_steps: int, weight_decay: float, grad_codec: str, grad_scale: float | None,
-          rule_name: str, momentum: float, momentum_window: int, perturbations: int, tune: tuple[str, ...],
-          freeze: tuple[str, ...],
+          rule_name: str, momentum: float, beta2: float, adam_eps: float, momentum_window: int,
+          perturbations: int, tune: tuple[str, ...], freeze: tuple[str, ...],
           peft_kind: str | None, lora_r: int, lora_alpha: int, lora_dropout: float, lora_targets: str | None,
           num_virtual_tokens: int, batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
           eval_every: int | None, eval_batch_size: int, record_losses: bool, checkpoint_every: int,
@@ -337,7 +346,7 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
             max_length=max_length or d["max_length"], dtype=dtype, noise=noise, schedule=schedule,
             warmup_steps=warmup_steps, weight_decay=weight_decay, grad_codec=grad_codec,
             grad_scale=grad_scale, optimizer=rule_name, momentum=momentum, momentum_window=momentum_window,
-            perturbations=perturbations, tune=tune, freeze=freeze,
+            beta2=beta2, adam_eps=adam_eps, perturbations=perturbations, tune=tune, freeze=freeze,
             eval_every=d["eval_every"] if eval_every is None else eval_every, eval_batch_size=eval_batch_size,
             record_losses=record_losses, flush_every=flush_every,
             resume=resume is not None, overwrite=overwrite, device=_device(device),
@@ -348,8 +357,14 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
         if grad_scale is not None and grad_codec == "bf16":
             raise MezoReplayError("--grad-scale sets the step of --grad-codec fp8 or sign; bf16 records have none")
         ctx = click.get_current_context()
-        given = {name for name in ("momentum", "momentum_window")
+        given = {name for name in ("momentum", "momentum_window", "beta2", "adam_eps")
                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+        if not rule_name.startswith("mezo-adam") and given & {"beta2", "adam_eps"}:
+            raise MezoReplayError("--beta2 and --adam-eps set Adam's moments: add --optimizer mezo-adam or "
+                                  "mezo-adam-buffer")
+        if rule_name == "mezo-adam-buffer" and "momentum_window" in given:
+            raise MezoReplayError("--momentum-window sets mezo-adam's window; mezo-adam-buffer keeps m and v "
+                                  "instead and has none")
         if rule_name == "mezo-sgd" and given:
             raise MezoReplayError("--momentum and --momentum-window set --optimizer mezo-momentum: add it")
         if perturbations > 1 and rule_name != "mezo-sgd":
@@ -1006,7 +1021,10 @@ def _info_lines(s: dict[str, Any], trajectory: Path) -> list[str]:
         f"  tuned      {s['tensors']:,} tensors, {s['parameters']:,} parameters ({', '.join(s['dtypes'])})",
         f"  rule       {r['name']}: lr {r['lr']:.6g}, eps {r['eps']:.6g}, {_schedule_text(r['schedule'])}"
         + (f", weight decay {r['weight_decay']:.6g}" if r.get("weight_decay") else "")
-        + (f", momentum {r['momentum']:.6g} over {r['window']} steps" if r.get("window") else
+        + (f", beta1 {r['beta1']:.9g}, beta2 {r['beta2']:.9g}, adam_eps {r['adam_eps']:.6g}"
+           + (f" over {r['window']} steps" if r.get("window") else " (state buffers m, v)")
+           if r.get("beta2") else
+           f", momentum {r['momentum']:.6g} over {r['window']} steps" if r.get("window") else
            f", momentum {r['momentum']:.6g} (state buffer)" if r.get("momentum") else "")
         + (f", {r['perturbations']} perturbations a step (n-SPSA)" if r.get("perturbations") else "")
         + " (exact: --json)",

@@ -184,13 +184,13 @@ def test_unknown_rule_is_refused_not_misreplayed(work):
     data = (d / "t.mzt").read_bytes()
     off, ctype, length = chunks(d / "t.mzt")[0]
     header = json.loads(zstandard.ZstdDecompressor().decompress(data[off + 12: off + 12 + length]))
-    header["rule"]["name"] = "mezo-adam"
+    header["rule"]["name"] = "mezo-lion"
     payload = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(
         json.dumps(header).encode())
     head = struct.pack("<I4sI", len(payload), b"HEAD", zlib.crc32(b"HEAD" + payload))
     (d / "adam.mzt").write_bytes(data[:16] + head + payload + data[off + 12 + length:])
     code, out = run("reconstruct", d / "base", d / "adam.mzt", "-o", d / "out", "-q")
-    assert code == 1 and "mezo-adam" in out and not (d / "out").exists()
+    assert code == 1 and "mezo-lion" in out and not (d / "out").exists()
 
 
 def test_help_teaches():

@@ -409,9 +409,9 @@ def test_head_problems(tmp_path: Path) -> None:
     with pytest.raises(CorruptChunkError, match=r"chunk 1 \(HEAD\).*only the first"):
         read_trajectory(crafted(tmp_path, PREAMBLE, head_chunk(), head_chunk()))
     header = make_header()
-    header["rule"]["name"] = "mezo-adam"
+    header["rule"]["name"] = "mezo-lion"
     path = crafted(tmp_path, PREAMBLE, head_chunk(header))
-    with pytest.raises(UnsupportedError, match=f"{path}: HEAD: unknown rule 'mezo-adam'.*newer"):
+    with pytest.raises(UnsupportedError, match=f"{path}: HEAD: unknown rule 'mezo-lion'.*newer"):
         read_trajectory(path)
 
 
@@ -479,7 +479,7 @@ BAD_HEADERS = [
     ("tensors.0.shape", [2, -1], TrajectoryError, "non-negative integers"),
     ("tensors.0.shape", [2, True], TrajectoryError, "non-negative integers"),
     ("tensors.0.sha256", "AB" * 32, TrajectoryError, "64 lowercase hex"),
-    ("rule.name", "mezo-adam", UnsupportedError, "unknown rule 'mezo-adam'.*newer mezo-replay"),
+    ("rule.name", "mezo-lion", UnsupportedError, "unknown rule 'mezo-lion'.*newer mezo-replay"),
     ("rule.momentum", 0.9, UnsupportedError, "keys \\['momentum'\\] .*newer mezo-replay"),
     ("rule.eps", KeyError, TrajectoryError, "lacks the keys \\['eps'\\]"),
     ("rule.eps", 1e-3, TrajectoryError, "at most 16 significant bits"),

@@ -243,7 +243,9 @@ def test_hostile_perturbations_are_refused_in_one_line(tmp_path, value, words):
 
 def test_perturbations_with_a_momentum_rule_are_refused(tmp_path):
     for rule in ({"name": "mezo-momentum", "momentum": 0.75, "window": 4},
-                 {"name": "mezo-momentum-buffer", "momentum": 0.75}):
+                 {"name": "mezo-momentum-buffer", "momentum": 0.75},
+                 {"name": "mezo-adam", "beta1": 0.75, "beta2": 0.875, "adam_eps": 2.0**-20, "window": 4},
+                 {"name": "mezo-adam-buffer", "beta1": 0.75, "beta2": 0.875, "adam_eps": 2.0**-20}):
         with pytest.raises(TrajectoryError) as e:
             TrajectoryWriter(tmp_path / "m.mzt", _header(2, **rule))
         assert "takes no perturbations" in str(e.value) and "\n" not in str(e.value)
@@ -251,6 +253,9 @@ def test_perturbations_with_a_momentum_rule_are_refused(tmp_path):
         MezoSGD.create(lr=1e-3, eps=1e-3, seed=0, rule="mezo-momentum", perturbations=2)
     with pytest.raises(ValueError, match="mezo-sgd only"):
         MeZO([("w", torch.nn.Parameter(torch.zeros(3)))], lr=1e-3, rule="mezo-momentum-buffer", perturbations=4)
+    for rule in ("mezo-adam", "mezo-adam-buffer"):
+        with pytest.raises(ValueError, match="mezo-sgd only"):
+            MeZO([("w", torch.nn.Parameter(torch.zeros(3)))], lr=1e-3, rule=rule, perturbations=2)
 
 
 # -- training ----------------------------------------------------------------------------------------
@@ -359,6 +364,9 @@ def test_train_cli_then_the_printed_reconstruct(tmp_path):
 def test_train_cli_refuses_perturbations_with_momentum_in_one_line(tmp_path):
     r = inproc("train", "--steps", "2", "--optimizer", "mezo-momentum", "--perturbations", "2", "-q", "-o", "x.mzt",
                cwd=tmp_path)
+    assert "--perturbations (n-SPSA) applies to --optimizer mezo-sgd only" in one_line_error(r)
+    r = inproc("train", "--steps", "2", "--optimizer", "mezo-adam-buffer", "--perturbations", "2", "-q", "-o",
+               "x.mzt", cwd=tmp_path)
     assert "--perturbations (n-SPSA) applies to --optimizer mezo-sgd only" in one_line_error(r)
     r = inproc("train", "--steps", "2", "--perturbations", "65", "-q", "-o", "x.mzt", cwd=tmp_path)
     assert r.returncode != 0 and "65" in r.stderr

@@ -297,7 +297,8 @@ def init() -> dict:
 def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_tensor: bool = False,
          nan_payloads: bool = False, checkpoints: tuple[int, ...] = (), grad_codec: str = "bf16",
          grad_scale: float | None = None, loss_values: tuple[float, ...] | None = None,
-         rule: str = "mezo-sgd", momentum: float = 0.9, window: int = 16, perturbations: int = 1) -> None:
+         rule: str = "mezo-sgd", momentum: float = 0.9, window: int = 16, perturbations: int = 1,
+         beta2: float = 0.999, adam_eps: float = 1e-8) -> None:
     """spec/vectors/tiny: a base with one tensor per dtype (special values included) and a frozen one,
     a trajectory recorded by the real optimizer from a fixed loss sequence, and the expected result.
     With nan_payloads the base's NaNs have signs, payloads and signalling bits that every output must
@@ -335,7 +336,8 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
     losses = iter(loss_values or [2.0, 1.9, 1.7, 1.75, 1.5, 1.52, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1])
     opt = MeZO(params.items(), lr=0.05, eps=1e-3, seed=2**40 + 11, schedule=schedule, weight_decay=weight_decay,
                grad_codec=grad_codec, grad_scale=grad_scale, rule=rule, momentum=momentum, momentum_window=window,
-               perturbations=perturbations)
+               perturbations=perturbations,
+               **({"beta2": beta2, "adam_eps": adam_eps} if rule.startswith("mezo-adam") else {}))
     (out / "traj.mzt").unlink(missing_ok=True)
     opt.record(out / "traj.mzt", base_source="base.safetensors", steps_per_chunk=4,
                metadata={"purpose": "spec test vector"}, new_tensors=["e.head"] if new_tensor else ())
@@ -642,12 +644,196 @@ def nspsa_vectors() -> None:
          loss_values=tuple(losses[:24]))
 
 
+def adam() -> dict:
+    """adam.md: host values (B_t, alpha_t, h_t, window terms), refusals, and Adam's P3 on single elements
+    (given z, m, v) and on runs of elements (the generator's z), with the cases where a fused multiply-add,
+    an approximate square root or an approximate division would give other bits."""
+    import math
+
+    import torch
+
+    from mezo_replay.arithmetic.rule import adam_beta
+
+    table = R.gauss16_table()
+    zs = [float(table[32768]), float(table[65535]), float(table[0]), float(table[40000]), 1.0, -1.0, float(table[20000])]
+    b9, b999 = adam_beta(0.9), adam_beta(0.999)
+    hosts = []
+    grads = [0x3F80, 0xC2F7, 0x0000, 0x8000, 0x0001, 0x4049, 0xBE00, 0x537F, 0x3C23, 0xC000]
+    for sched, lr in (({"name": "constant"}, R.round_significant(1e-3, 24)),
+                      ({"name": "cosine", "warmup_steps": 2, "total_steps": 9}, R.round_significant(3e-4, 24))):
+        for b1, b2, window in ((b9, b999, 0), (b9, b999, 4), (2.0**-24, 1.0 - 2.0**-24, 3),
+                               (1.0 - 2.0**-24, 2.0**-24, 0), (0.5, 0.75, 16)):
+            rule = {"name": "mezo-adam" if window else "mezo-adam-buffer", "lr": lr, "schedule": sched,
+                    "beta1": b1, "beta2": b2, "adam_eps": R.round_significant(1e-8, 24)}
+            if window:
+                rule["window"] = window
+            steps_out = []
+            for t in range(len(grads)):
+                terms, alpha, h = R.adam_host(rule, t, grads)
+                n = min(window, t + 1) if window else t + 1
+                steps_out.append({"B1": R.adam_power(b1, n), "B2": R.adam_power(b2, n), "alpha": alpha, "h": h,
+                                  "terms": [list(x) for x in terms] if window else None})
+            hosts.append({"rule": rule, "grad_bits": [hx(x, 4) for x in grads], "steps": steps_out})
+    refused_headers = [
+        ({"beta1": 0.9}, "beta1 not a multiple of 2^-24"), ({"beta1": 0.0}, "beta1 0"), ({"beta2": 1.0}, "beta2 1"),
+        ({"beta2": True}, "beta2 a boolean"), ({"adam_eps": 0.0}, "adam_eps 0"),
+        ({"adam_eps": 2.0**-101}, "adam_eps below 2^-100"), ({"adam_eps": 2.0}, "adam_eps above 1"),
+        ({"adam_eps": 1.0 + 2.0**-30}, "adam_eps with 31 significant bits"), ({"window": 4}, "a window (buffer form)"),
+        ({"momentum": b9}, "a momentum key"), ({"lr": 2.0**60, "adam_eps": 2.0**-100}, "lr / (1 - beta1) > 2^80 delta"),
+    ]
+    refusals = [{"rule": {"name": "mezo-adam-buffer", "eps": 2.0**-10, "lr": 2.0**-10, "schedule": {"name": "constant"},
+                          "grad_encoding": "bf16", "beta1": b9, "beta2": b999, "adam_eps": 2.0**-27, **change},
+                 "why": why} for change, why in refused_headers]
+    for w, why in ((0, "mezo-adam: window 0"), (65, "mezo-adam: window 65"), (None, "mezo-adam: no window")):
+        r = {"name": "mezo-adam", "eps": 2.0**-10, "lr": 2.0**-10, "schedule": {"name": "constant"},
+             "grad_encoding": "bf16", "beta1": b9, "beta2": b999, "adam_eps": 2.0**-27}
+        if w is not None:
+            r["window"] = w
+        refusals.append({"rule": r, "why": why})
+    rng = np.random.default_rng(20261202)
+    f = np.float32
+    ms = [0.0, -0.0, 1e-45, -3.5e-39, 1.0, -2.5e-3, 3.0e12, R.round_significant(0.3, 24)]
+    vs = [0.0, 1e-45, 2.5e-39, 1.0, 7.5e-6, 6.0e25, R.round_significant(0.09, 24), 4.0]
+    gqs = [0.0, 1.0, -R.grad_value(0xC2F7), R.grad_value(0x537F), -R.grad_value(0x1E80), R.grad_value(0x3C23)]
+    alphas = [0.0, R.round_significant(1e-3 / 0.1, 24), R.round_significant(3e-4, 24), 2.0**-100]
+    hs = [1.0, R.round_significant(1 / math.sqrt(1 - 0.999), 24), 4096.0]
+    deltas = [R.round_significant(1e-8, 24), 2.0**-100, 1.0]
+    specials = {"F32": [0x00000000, 0x80000000, 0x00000001, 0x80000001, 0x7F800000, 0xFF800000, 0x7FC00000,
+                        0x7F7FFFFF, 0x3F800000],
+                "BF16": [0x0000, 0x8000, 0x0001, 0x7F80, 0xFF80, 0x7FC0, 0x7F7F, 0x3F80],
+                "F16": [0x0000, 0x8000, 0x0001, 0x7C00, 0xFC00, 0x7E00, 0x7BFF, 0x3C00]}
+    buffer_elements, window_elements = [], []
+    for dtype, ws in specials.items():
+        width = 8 if dtype == "F32" else 4
+        for n, w in enumerate(ws + [int(v) for v in rng.integers(0, 2**(4 * width), size=8)]):
+            z, eps = zs[n % len(zs)], [R.round_significant(1e-3, 16), 0.5, 2.0**-60][n % 3]
+            b1, b2 = [(b9, b999), (2.0**-24, 1 - 2.0**-24), (1 - 2.0**-24, 0.5)][n % 3]
+            rule = {"eps": eps, "beta1": b1, "beta2": b2, "adam_eps": deltas[n % 3]}
+            alpha, h, d = alphas[n % 4], hs[n % 3], [0.0, R.round_significant(1e-3, 12), 0.75][n % 3]
+            m, v = np.array([ms[n % 8]], dtype=f), np.array([vs[(n + 3) % 8]], dtype=f)
+            out, m2, v2 = R.adam_buffer_p3(np.array([w], dtype=R.BITS_DTYPE[dtype]), m, v, dtype,
+                                           np.array([z], dtype=f), rule, gqs[n % 6], alpha, h, d)
+            buffer_elements.append({"dtype": dtype, "w": hx(w, width), "m": hx(f32_bits(float(m[0])), 8),
+                                    "v": hx(f32_bits(float(v[0])), 8), "z": hx(f32_bits(z), 8), "eps": eps,
+                                    "gq": gqs[n % 6], "beta1": b1, "beta2": b2, "adam_eps": rule["adam_eps"],
+                                    "alpha": alpha, "h": h, "d": d, "p3": hx(int(out[0]), width),
+                                    "m_after": hx(f32_bits(float(m2[0])), 8), "v_after": hx(f32_bits(float(v2[0])), 8)})
+            terms = [(R.round_significant(R.round_significant(0.1 * 0.9**j, 24) * gqs[(n + j) % 6], 16),
+                      R.round_significant(R.round_significant(0.001 * 0.999**j, 24) * gqs[(n + j) % 6]**2, 16),
+                      zs[(n + 2 * j + 1) % len(zs)]) for j in range(1 + n % 4)]
+            out = R.adam_window_p3(np.array([w], dtype=R.BITS_DTYPE[dtype]), dtype, np.array([z], dtype=f), rule,
+                                   [(cm, cv, np.array([zj], dtype=f)) for cm, cv, zj in terms], alpha, h, d)
+            window_elements.append({"dtype": dtype, "w": hx(w, width), "z": hx(f32_bits(z), 8), "eps": eps,
+                                    "adam_eps": rule["adam_eps"], "alpha": alpha, "h": h, "d": d,
+                                    "terms": [[cm, cv, hx(f32_bits(zj), 8)] for cm, cv, zj in terms],
+                                    "p3": hx(int(out[0]), width)})
+    # Cases where the shortcuts an implementation must not take give other bits (F32, w = +0, eps 2^-60: the
+    # weight after P3 is -upd rounded with a negligible s, so a wrong upd shows in the weight's bits).
+    rule = {"eps": 2.0**-60, "beta1": b9, "beta2": b999, "adam_eps": R.round_significant(1e-8, 24)}
+    alpha, h = R.round_significant(1e-3 / 0.1, 24), R.round_significant(1 / math.sqrt(1 - 0.999), 24)
+    found: dict[str, dict] = {}
+    for x in range(1, 20000):
+        m = np.array([R.round_significant(x / 7.0, 24) * 2.0**-10], dtype=f)
+        v = np.array([R.round_significant(x / 3.0, 24) * 2.0**-20], dtype=f)
+        z, gq = np.array([zs[x % len(zs)]], dtype=f), R.grad_value(0x3F80 + x % 127)
+        out, m2, v2 = R.adam_buffer_p3(np.array([0], dtype=np.uint32), m, v, "F32", z, rule, gq, alpha, h)
+        g = float(z[0]) * gq
+        fused_m = f(b9 * float(m[0]) + float(f((1 - b9) * g)))  # binary64 exact here: one rounding, as an FMA
+        fused_v = f(b999 * float(v[0]) + float(f((1 - b999) * float(f(g * g)))))
+        r = np.sqrt(v2)[0]
+        # torch 2.13's CPU float32 sqrt (vectorised: 16 lanes), not correctly rounded
+        approx_r = torch.sqrt(torch.from_numpy(np.repeat(v2, 16))).numpy()[0]
+        den = f(f(r * f(h)) + f(rule["adam_eps"]))
+        am = f(f(alpha) * m2[0])
+        approx_div = f(am * f(f(1.0) / den))  # a reciprocal, then a product
+        s = f(f(0.0) + f(2.0**-60) * z[0])
+        cases = {"fused_m_after": (fused_m, m2[0]), "fused_v_after": (fused_v, v2[0]),
+                 "approx_sqrt": (approx_r, r), "reciprocal_division": (approx_div, f(am / den))}
+        for key, (bad, good) in cases.items():
+            upd_bad = {"approx_sqrt": lambda: f(am / f(f(approx_r * f(h)) + f(rule["adam_eps"]))),
+                       "reciprocal_division": lambda: approx_div}.get(key, lambda: None)()
+            if key not in found and f32_bits(float(bad)) != f32_bits(float(good)) and \
+                    (upd_bad is None or f32_bits(float(f(s - upd_bad))) != int(out[0])):
+                found[key] = {"dtype": "F32", "w": "0x00000000", "m": hx(f32_bits(float(m[0])), 8),
+                              "v": hx(f32_bits(float(v[0])), 8), "z": hx(f32_bits(float(z[0])), 8),
+                              "eps": 2.0**-60, "gq": gq, "beta1": b9, "beta2": b999, "adam_eps": rule["adam_eps"],
+                              "alpha": alpha, "h": h, "d": 0.0, "p3": hx(int(out[0]), 8),
+                              "m_after": hx(f32_bits(float(m2[0])), 8), "v_after": hx(f32_bits(float(v2[0])), 8),
+                              "shortcut": key, "shortcut_value": hx(f32_bits(float(bad)), 8),
+                              "shortcut_p3": None if upd_bad is None else hx(f32_bits(float(f(s - upd_bad))), 8)}
+        if len(found) == len(cases):
+            break
+    if len(found) != 4:
+        raise AssertionError(f"shortcut cases not all found: {sorted(found)}")
+    wrong = [found[k] for k in sorted(found)]
+    tensors = []
+    for n, (dtype, ws) in enumerate(specials.items()):
+        width = 8 if dtype == "F32" else 4
+        seed, k, start = [(0, 0, 0), (2**40 + 11, 3, 2**33 + 5), (2**64 - 1, 7, 1000)][n]
+        w = np.array(ws + [int(v) for v in rng.integers(0, 2**(4 * width), size=36)], dtype=R.BITS_DTYPE[dtype])
+        index = np.arange(start, start + w.size, dtype=np.uint64)
+        m = (rng.standard_normal(w.size) * 1e-3).astype(f)
+        v = (rng.standard_normal(w.size) ** 2 * 1e-6).astype(f)
+        for noise_name in ("gaussian16", "rademacher16"):
+            for t, eps, d, window, terms_spec in ((7, R.round_significant(1e-3, 16), 0.0, 0, None),
+                                                  (3, 0.5, R.round_significant(1e-3, 12), 3, None)):
+                rule = {"eps": eps, "beta1": b9, "beta2": b999, "adam_eps": R.round_significant(1e-8, 24)}
+                z = R.noise(noise_name, seed, t, k, index)
+                alpha, h = R.round_significant(1e-3 / 0.1, 24), R.round_significant(1 / math.sqrt(1 - 0.999), 24)
+                case = {"dtype": dtype, "noise": noise_name, "seed": str(seed), "tensor": k, "start": str(start),
+                        "step": t, "eps": eps, "d": d, "beta1": b9, "beta2": b999, "adam_eps": rule["adam_eps"],
+                        "alpha": alpha, "h": h, "w": [hx(int(x), width) for x in w]}
+                if window:
+                    terms = [(t - j, R.round_significant(R.round_significant(0.1 * 0.9**j, 24) * gqs[j + 1], 16),
+                              R.round_significant(R.round_significant(0.001 * 0.999**j, 24) * gqs[j + 1]**2, 16))
+                             for j in range(window)]
+                    out = R.adam_window_p3(w, dtype, z, rule, [(cm, cv, R.noise(noise_name, seed, s, k, index))
+                                                               for s, cm, cv in terms], alpha, h, d)
+                    case |= {"terms": [list(x) for x in terms], "p3": [hx(int(x), width) for x in out]}
+                else:
+                    out, m2, v2 = R.adam_buffer_p3(w, m, v, dtype, z, rule, gqs[2], alpha, h, d)
+                    case |= {"gq": gqs[2], "m": [hx(int(x), 8) for x in m.view(np.uint32)],
+                             "v": [hx(int(x), 8) for x in v.view(np.uint32)], "p3": [hx(int(x), width) for x in out],
+                             "m_after": [hx(int(x), 8) for x in m2.view(np.uint32)],
+                             "v_after": [hx(int(x), 8) for x in v2.view(np.uint32)]}
+                tensors.append(case)
+    return {"about": "adam.md: hosts: for a rule and records grad_bits (bf16 patterns), each step's B1, B2 "
+                     "(power(beta, n), n = t + 1 or K'), alpha, h and (mezo-adam) terms [noise step, cm, cv]; "
+                     "refusals: rule objects a reader refuses (with generator/noise of any valid file) and why; "
+                     "invalid_grad_bits: records an Adam reader rejects (|gq| >= 2^40); buffer_elements: "
+                     "mezo-adam-buffer's P3 on one element (bits of D; m, v before and after as binary32 bits) for "
+                     "z, eps, gq, beta1, beta2, adam_eps, alpha, h, d; window_elements: mezo-adam's P3 for terms "
+                     "[cm, cv, z_j]; shortcuts: buffer elements where a fused multiply-add (m or v), torch's "
+                     "approximate CPU float32 sqrt or a reciprocal-then-multiply division gives another value "
+                     "(shortcut_value) and, for the last two, other weight bits (shortcut_p3); tensors: the P3 of "
+                     "step `step` on elements start.. of tensor `tensor` with the generator's noise (buffer form "
+                     "with m, v; window form with terms). NaN results canonical",
+            "hosts": hosts, "refusals": refusals, "invalid_grad_bits": ["0x5380", "0xd380", "0x5f00", "0x7f7f"],
+            "valid_grad_bits": ["0x537f", "0xd37f", "0x0001", "0x8000"],
+            "buffer_elements": buffer_elements, "window_elements": window_elements, "shortcuts": wrong,
+            "tensors": tensors}
+
+
+def adam_vectors() -> None:
+    (SPEC / "adam.json").write_text(json.dumps(adam(), indent=1) + "\n")
+    print("wrote", SPEC / "adam.json")
+    from mezo_replay.arithmetic.rule import Schedule
+
+    # window 3 over 6 steps, cosine schedule with warmup, decay, and a step with equal losses (gq 0)
+    for name, rule in (("tiny-adam", "mezo-adam"), ("tiny-adam-buffer", "mezo-adam-buffer")):
+        tiny(name, schedule=Schedule("cosine", warmup_steps=1, total_steps=6), weight_decay=0.5, rule=rule,
+             momentum=0.75, window=3, beta2=0.875, adam_eps=2.0**-20,
+             loss_values=(2.0, 1.9, 1.7, 1.75, 1.5, 1.5, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1))
+
+
 def main() -> None:
     if sys.argv[1:] == ["momentum"]:  # only spec/vectors/momentum.json and tiny-momentum
         momentum_vectors()
         return
     if sys.argv[1:] == ["nspsa"]:  # only spec/vectors/nspsa.json, tiny-nspsa and tiny-nspsa-sign
         nspsa_vectors()
+    if sys.argv[1:] == ["adam"]:  # only spec/vectors/adam.json, tiny-adam and tiny-adam-buffer
+        adam_vectors()
         return
     SPEC.mkdir(parents=True, exist_ok=True)
     for name, fn in (("philox", philox), ("noise", noise), ("rule", rule), ("init", init),
@@ -670,6 +856,7 @@ def main() -> None:
     tiny_lora()
     momentum_vectors()
     nspsa_vectors()
+    adam_vectors()
 
 
 if __name__ == "__main__":

@@ -277,10 +277,20 @@ def replay(bits: np.ndarray, dtype: str, *, seed: int, k: int, noise_name: str, 
     if rule.get("perturbations", 1) > 1:  # n-SPSA (nspsa.md): grads[t] holds step t's N records
         return nspsa_replay(bits, dtype, seed=seed, k=k, noise_name=noise_name, rule=rule, grads=grads,
                             decayed=decayed, index=index)
+    v = np.zeros(bits.size, dtype=np.float32)  # mezo-adam-buffer's second one
     for t, gb in enumerate(grads):
         z = noise(noise_name, seed, t, k, index)
         d = decay_factor(rule, t) if decayed else 0.0
-        if rule.get("name") == "mezo-momentum-buffer":
+        if rule.get("name") in ("mezo-adam", "mezo-adam-buffer"):
+            terms, alpha, h = adam_host(rule, t, grads[:t + 1])
+            pre = perturbed(bits, dtype, z, rule["eps"])
+            if rule["name"] == "mezo-adam-buffer":
+                bits, m, v = adam_buffer_p3(pre, m, v, dtype, z, rule, terms[0][1], alpha, h, d)
+            else:
+                zs = [z if s == t else noise(noise_name, seed, s, k, index) for s, _, _ in terms]
+                bits = adam_window_p3(pre, dtype, z, rule, [(cm, cv, zj) for (_, cm, cv), zj in zip(terms, zs)],
+                                      alpha, h, d)
+        elif rule.get("name") == "mezo-momentum-buffer":
             bits, m = buffer_update(perturbed(bits, dtype, z, rule["eps"]), m, dtype, z, rule["eps"],
                                     coefficient(lr_at(rule, t), gb), rule["momentum"], d)
         elif rule.get("name") == "mezo-momentum":
@@ -450,3 +460,78 @@ def decode_step_payload(encoding: str, payload: bytes, perturbations: int = 1) -
     if any(bit[0][count:]) or any(bit[1][count:]):
         raise ValueError("padding bits set")
     return first, [(bit[0][j], bit[1][j]) for j in range(count)]
+
+
+# --- mezo-adam and mezo-adam-buffer (adam.md) --------------------------------------------------------
+
+def adam_flush(bits: int) -> float:
+    """gq as the Adam rules apply it: +0 when |gq| < 2^-100; ValueError at or beyond 2^40."""
+    g = grad_value(bits)
+    if not abs(g) < 2.0**40:
+        raise ValueError("Adam step with |gq| >= 2^40")
+    return 0.0 if abs(g) < 2.0**-100 else g
+
+
+def adam_power(beta: float, n: int) -> float:
+    p = 1.0
+    for _ in range(n):
+        p = p * beta  # binary64, rounded each time
+    return p
+
+
+def adam_host(rule: dict, t: int, grads: list[int]) -> tuple[list[tuple[int, float, float]], float, float]:
+    """Step t's (terms, alpha_t, h_t); grads: the records of steps 0..t. Buffer form: terms = [(t, gq, 0)]."""
+    lr = lr_at(rule, t)
+    b1, b2 = rule["beta1"], rule["beta2"]
+    adam_flush(grads[t])
+    if rule["name"] == "mezo-adam-buffer":
+        n, terms = t + 1, [(t, adam_flush(grads[t]), 0.0)]
+    else:
+        n = min(rule["window"], t + 1)
+        p1, p2 = momentum_powers(b1, rule["window"]), momentum_powers(b2, rule["window"])
+        terms = []
+        for k in range(n):
+            gq = adam_flush(grads[t - k])
+            cm = round_significant(round_significant((1.0 - b1) * p1[k], 24) * gq, 16)
+            cv = round_significant(round_significant((1.0 - b2) * p2[k], 24) * (gq * gq), 16)
+            terms.append((t - k, 0.0 if abs(cm) < 2.0**-100 else cm, 0.0 if cv < 2.0**-100 else cv))
+    alpha = round_significant(lr / (1.0 - adam_power(b1, n)), 24)
+    h = round_significant(1.0 / math.sqrt(1.0 - adam_power(b2, n)), 24)
+    return terms, alpha, h
+
+
+def adam_finish(bits: np.ndarray, dtype: str, z: np.ndarray, eps: float, m: np.ndarray, v: np.ndarray,
+                alpha: float, h: float, delta: float, d: float) -> np.ndarray:
+    """r = sqrt32(v); den = fl32(fl32(r*h) + delta); upd = fl32(fl32(alpha*m) / den); then P3's restore,
+    DECAY and R_D(fl32(s - upd)). numpy's float32 sqrt and division are IEEE's, correctly rounded."""
+    with np.errstate(invalid="ignore", over="ignore", under="ignore", divide="ignore"):
+        r = np.sqrt(v)
+        den = (r * np.float32(h)) + np.float32(delta)
+        upd = (np.float32(alpha) * m) / den
+        s = decay(to_f32(bits, dtype) + np.float32(eps) * z, d)
+        return round_to(s - upd, dtype)
+
+
+def adam_buffer_p3(bits: np.ndarray, m: np.ndarray, v: np.ndarray, dtype: str, z: np.ndarray, rule: dict,
+                   gq: float, alpha: float, h: float, d: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """mezo-adam-buffer's P3: g = gq*z; m = fl32(fl32(b1*m) + fl32(u1*g)); v = fl32(fl32(b2*v) + fl32(u2*fl32(g*g)))."""
+    f = np.float32
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        g = f(gq) * z
+        m = (f(rule["beta1"]) * m) + (f(1.0 - rule["beta1"]) * g)
+        v = (f(rule["beta2"]) * v) + (f(1.0 - rule["beta2"]) * (g * g))
+    m, v = m.astype(np.float32), v.astype(np.float32)
+    return adam_finish(bits, dtype, z, rule["eps"], m, v, alpha, h, rule["adam_eps"], d), m, v
+
+
+def adam_window_p3(bits: np.ndarray, dtype: str, z: np.ndarray, rule: dict,
+                   terms: list[tuple[float, float, np.ndarray]], alpha: float, h: float, d: float = 0.0) -> np.ndarray:
+    """mezo-adam's P3: m, v summed over the terms (cm, cv, z_j) in order, then adam_finish."""
+    f = np.float32
+    m = np.zeros(z.shape, dtype=np.float32)
+    v = np.zeros(z.shape, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        for cm, cv, zj in terms:
+            m = m + f(cm) * zj  # exact product
+            v = v + f(cv) * (zj * zj)  # zj*zj exact, the product rounded
+    return adam_finish(bits, dtype, z, rule["eps"], m, v, alpha, h, rule["adam_eps"], d)

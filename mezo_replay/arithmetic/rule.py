@@ -10,16 +10,18 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import grad_codec
 from .noise import GAUSS16_SHA256, NOISES
 
 MAX_SEED = 2**64 - 1
 SCHEDULES = ("constant", "linear", "cosine")
-RULES = ("mezo-sgd", "mezo-momentum", "mezo-momentum-buffer")
+RULES = ("mezo-sgd", "mezo-momentum", "mezo-momentum-buffer", "mezo-adam", "mezo-adam-buffer")
+ADAM_RULES = ("mezo-adam", "mezo-adam-buffer")  # spec/adam.md
+ADAM_GRAD_LIMIT = 2.0**40  # |gq| at or beyond it is an invalid Adam step (spec/adam.md)
 MAX_WINDOW = 64
 MAX_PERTURBATIONS = 64  # n-SPSA (spec/nspsa.md): perturbations per step, 1 .. 64
 _TINY, _HUGE = 2.0**-100, 2.0**100
@@ -124,17 +126,33 @@ class MezoSGD:
     window: int = 0                   # mezo-momentum's K, the records its average spans; 0: mezo-sgd
     buffered: bool = False            # mezo-momentum-buffer: a binary32 state m per element (momentum.md)
     perturbations: int = 1            # n-SPSA (spec/nspsa.md): N perturbations a step, mezo-sgd only
+    beta2: float = 0.0                # Adam (spec/adam.md): beta2, nonzero for mezo-adam(-buffer); momentum is beta1
+    adam_eps: float = 0.0             # Adam's delta
+    adam_window: int = 0              # mezo-adam's K; 0 with beta2 set: mezo-adam-buffer (m, v per element)
 
     @classmethod
     def create(cls, *, lr: float, eps: float, seed: int, noise: str = "gaussian16",
                schedule: Schedule | None = None, weight_decay: float = 0.0, grad_encoding: str = "bf16",
                grad_scale: float | None = None, rule: str = "mezo-sgd", momentum: float = 0.9,
-               window: int = 16, perturbations: int = 1) -> MezoSGD:
+               window: int = 16, perturbations: int = 1, beta2: float = 0.999,
+               adam_eps: float = 1e-8) -> MezoSGD:
         """Quantises user values as the spec requires writers to: eps to 16 bits, lr and wd to 24, momentum to
         16. fp8 and sign take grad_scale 1 unless given one (it must be a power of two). momentum and window
-        apply to rule "mezo-momentum" only; perturbations (n-SPSA, spec/nspsa.md) to "mezo-sgd" only."""
+        apply to rule "mezo-momentum" only; perturbations (n-SPSA, spec/nspsa.md) to "mezo-sgd" only. Adam
+        rules (spec/adam.md): momentum is beta1, and beta1 and beta2 are stored as multiples of 2^-24,
+        adam_eps to 24 bits; window is mezo-adam's K."""
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
+        if rule in ADAM_RULES:
+            if grad_encoding != "bf16" and grad_scale is None:
+                grad_scale = 1.0
+            return cls(lr=round_significant(float(lr), 24), eps=round_significant(float(eps), 16), seed=int(seed),
+                       noise=noise, schedule=schedule or Schedule(),
+                       weight_decay=round_significant(float(weight_decay), 24), grad_encoding=grad_encoding,
+                       grad_scale=None if grad_scale is None else float(grad_scale),
+                       momentum=adam_beta(momentum, "beta1 (momentum)"), beta2=adam_beta(beta2, "beta2"),
+                       adam_eps=round_significant(float(adam_eps), 24),
+                       adam_window=window if rule == "mezo-adam" else 0, perturbations=perturbations).validated()
         momentum_on = rule in ("mezo-momentum", "mezo-momentum-buffer")
         buffered = rule == "mezo-momentum-buffer"
         if grad_encoding != "bf16" and grad_scale is None:
@@ -149,7 +167,20 @@ class MezoSGD:
 
     @property
     def name(self) -> str:
+        if self.adam:
+            return "mezo-adam" if self.adam_window else "mezo-adam-buffer"
         return "mezo-momentum-buffer" if self.buffered else "mezo-momentum" if self.window else "mezo-sgd"
+
+    @property
+    def adam(self) -> bool:
+        """mezo-adam or mezo-adam-buffer (spec/adam.md)."""
+        return bool(self.beta2)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether a step's update reaches beyond its own record (momentum and Adam rules): such steps are
+        never queued on the device, and a resume rebuilds their history or state from the records."""
+        return bool(self.window or self.buffered or self.adam)
 
     def validated(self) -> MezoSGD:
         if self.noise not in NOISES:
@@ -167,12 +198,16 @@ class MezoSGD:
             raise ValueError(f"weight_decay must be in [0, 2^100] with at most 24 significant bits, got {wd!r}")
         self.schedule.validated()
         grad_codec.check_scale(self.grad_encoding, self.grad_scale)
-        if self.buffered and self.window:
-            raise ValueError("mezo-momentum-buffer has no window")
         _int(self.perturbations, "perturbations", 1, MAX_PERTURBATIONS)
-        if self.perturbations > 1 and (self.window or self.buffered):
+        if self.perturbations > 1 and (self.window or self.buffered or self.adam):
             raise ValueError(f"{self.name} takes one perturbation a step: perturbations (n-SPSA) apply to "
                              f"mezo-sgd only")
+        if self.adam:
+            return self._adam_validated()
+        if self.adam_window or self.adam_eps:
+            raise ValueError("adam_eps and the Adam window belong to mezo-adam(-buffer) only")
+        if self.buffered and self.window:
+            raise ValueError("mezo-momentum-buffer has no window")
         if self.window or self.momentum or self.buffered:
             if not self.buffered:
                 _int(self.window, "momentum window", 1, MAX_WINDOW)
@@ -181,9 +216,28 @@ class MezoSGD:
                 raise ValueError(f"momentum must be in [2^-16, 1 - 2^-16] with at most 16 significant bits, got {b!r}")
         return self
 
+    def _adam_validated(self) -> MezoSGD:
+        """spec/adam.md's header checks (the mezo-sgd ones have passed)."""
+        if self.window or self.buffered:
+            raise ValueError(f"{self.name} has no momentum window or momentum buffer")
+        for what, b in (("beta1", self.momentum), ("beta2", self.beta2)):
+            if not (isinstance(b, float) and 2.0**-24 <= b <= 1.0 - 2.0**-24 and (b * 2.0**24).is_integer()):
+                raise ValueError(f"{what} must be a multiple of 2^-24 in [2^-24, 1 - 2^-24], got {b!r}")
+        e = self.adam_eps
+        if not (isinstance(e, float) and _TINY <= e <= 1.0 and round_significant(e, 24) == e):
+            raise ValueError(f"adam_eps must be in [2^-100, 1] with at most 24 significant bits, got {e!r}")
+        if self.adam_window:
+            _int(self.adam_window, "Adam window", 1, MAX_WINDOW)
+        bound = round_significant(self.lr / (1.0 - self.momentum), 24)
+        if bound > 2.0**80 * e:
+            raise ValueError(f"lr / (1 - beta1) = {bound:g} is beyond 2^80 * adam_eps: Adam's update could overflow")
+        return self
+
     @classmethod
     def from_header(cls, header: dict[str, Any]) -> MezoSGD:
         """Raises ValueError for anything rule.md does not allow (mzt turns it into a file error)."""
+        if header["rule"].get("name") in ADAM_RULES:
+            return cls._adam_from_header(header)
         rule, gen, noise = header["rule"], header["generator"], header["noise"]
         numbers = {k: rule.get(k, 0.0) for k in ("lr", "eps", "weight_decay")}
         for k, v in numbers.items():
@@ -226,6 +280,29 @@ class MezoSGD:
                    grad_scale=None if scale is None else float(scale), momentum=momentum,
                    window=window, buffered=buffered, perturbations=perturbations).validated()
 
+    @classmethod
+    def _adam_from_header(cls, header: dict[str, Any]) -> MezoSGD:
+        rule = header["rule"]
+        if "perturbations" in rule:
+            raise ValueError(f"rule {rule['name']} takes no perturbations (n-SPSA is defined for mezo-sgd only)")
+        base = cls.from_header({**header, "rule": {k: v for k, v in rule.items()
+                                                    if k not in ("name", "beta1", "beta2", "adam_eps", "window")}
+                                           | {"name": "mezo-sgd"}})
+        values = {}
+        for key in ("beta1", "beta2", "adam_eps"):
+            v = rule.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"rule {key} must be a number, got {v!r}")
+            values[key] = float(v)
+        window = rule.get("window", 0 if rule["name"] == "mezo-adam-buffer" else None)
+        if rule["name"] == "mezo-adam-buffer" and "window" in rule:
+            raise ValueError(f"rule mezo-adam-buffer has no window, got {window!r}")
+        if rule["name"] == "mezo-adam" and (isinstance(window, bool) or not isinstance(window, int)
+                                            or not 1 <= window <= MAX_WINDOW):
+            raise ValueError(f"rule window must be an integer in [1, {MAX_WINDOW}], got {window!r}")
+        return replace(base, momentum=values["beta1"], beta2=values["beta2"], adam_eps=values["adam_eps"],
+                       adam_window=window).validated()
+
     def header_fields(self) -> dict[str, Any]:
         noise: dict[str, Any] = {"name": self.noise}
         if self.noise == "gaussian16":
@@ -236,7 +313,11 @@ class MezoSGD:
             rule["grad_scale"] = self.grad_scale
         if self.weight_decay:
             rule["weight_decay"] = self.weight_decay
-        if self.window:
+        if self.adam:
+            rule["beta1"], rule["beta2"], rule["adam_eps"] = self.momentum, self.beta2, self.adam_eps
+            if self.adam_window:
+                rule["window"] = self.adam_window
+        elif self.window:
             rule["momentum"], rule["window"] = self.momentum, self.window
         elif self.buffered:
             rule["momentum"] = self.momentum
@@ -254,8 +335,14 @@ class MezoSGD:
         return grad_codec.encode(g, self.grad_encoding, self.grad_scale)
 
     def coefficient(self, t: int, grad_bits: int) -> float:
-        """c = RS(lr_t * gq, 16); lr_t * gq is exact in binary64 (24 + 8 significant bits)."""
+        """c = RS(lr_t * gq, 16); lr_t * gq is exact in binary64 (24 + 8 significant bits). Adam rules:
+        the gradient bound of spec/adam.md instead (c is then unused but returned, unchecked)."""
         c = round_significant(self.lr_at(t) * decode_grad(grad_bits), 16)
+        if self.adam:
+            if abs(decode_grad(grad_bits)) >= ADAM_GRAD_LIMIT:
+                raise ValueError(f"step {t}: projected gradient {decode_grad(grad_bits):g} is beyond 2^40, "
+                                 "the limit of an Adam step: the step diverged")
+            return 0.0 if abs(c) < _TINY else c
         if abs(c) < _TINY:
             return 0.0
         if abs(c) > _HUGE:
@@ -327,3 +414,93 @@ def _powers(beta: float, window: int) -> tuple[float, ...]:
         nxt = round_significant(p[-1] * beta, 24)
         p.append(0.0 if nxt < _TINY else nxt)
     return tuple(p)
+
+
+# --- Adam (spec/adam.md) -------------------------------------------------------------------------------
+
+class AdamStep(NamedTuple):
+    """The host constants of one Adam step: terms ((noise step, cm, cv), ...) in order (the buffer form:
+    ((t, gq, 0.0),), gq flushed), alpha_t, h_t and the decay factor d."""
+
+    terms: tuple[tuple[int, float, float], ...]
+    alpha: float
+    h: float
+    d: float
+
+
+def adam_beta(beta: float, what: str = "beta") -> float:
+    """A writer's beta: round_half_even(beta * 2^24) / 2^24, refused if that is 0 or 1 (spec/adam.md)."""
+    q = round(float(beta) * 2.0**24) / 2.0**24
+    if not 2.0**-24 <= q <= 1.0 - 2.0**-24:
+        raise ValueError(f"{what} {beta!r} rounds to {q!r} at 24 bits; it must lie in (0, 1)")
+    return q
+
+
+def adam_gq(bits: int) -> float:
+    """gq of a record as the Adam rules apply it: +0 below 2^-100 (spec/adam.md)."""
+    g = decode_grad(bits)
+    return 0.0 if abs(g) < _TINY else g
+
+
+def binary64_power(beta: float, n: int) -> float:
+    """beta^n by n binary64 products, rounded each time (spec/adam.md's power(); never pow())."""
+    p = 1.0
+    for _ in range(n):
+        p = p * beta
+    return p
+
+
+def adam_bias(lr_t: float, b1: float, b2: float) -> tuple[float, float]:
+    """(alpha_t, h_t) = (RS(lr_t / (1 - B1), 24), RS(1 / sqrt(1 - B2), 24)), binary64."""
+    return round_significant(lr_t / (1.0 - b1), 24), round_significant(1.0 / math.sqrt(1.0 - b2), 24)
+
+
+def adam_window_terms(rule: MezoSGD, t: int, grad_bits: Sequence[int]) -> tuple[tuple[int, float, float], ...]:
+    """mezo-adam's terms (t - k, cm_k, cv_k), k = 0 .. K'-1; grad_bits[-1] is step t's record."""
+    count = min(rule.adam_window, t + 1)
+    if len(grad_bits) < count:
+        raise ValueError(f"step {t} needs the records of its last {count} steps, got {len(grad_bits)}")
+    u1, u2 = 1.0 - rule.momentum, 1.0 - rule.beta2
+    p1, p2 = _powers24(rule.momentum, rule.adam_window), _powers24(rule.beta2, rule.adam_window)
+    out = []
+    for k in range(count):
+        gq = adam_gq(grad_bits[-1 - k])
+        cm = round_significant(round_significant(u1 * p1[k], 24) * gq, 16)
+        cv = round_significant(round_significant(u2 * p2[k], 24) * (gq * gq), 16)
+        out.append((t - k, 0.0 if abs(cm) < _TINY else cm, 0.0 if cv < _TINY else cv))
+    return tuple(out)
+
+
+@lru_cache(maxsize=64)
+def _powers24(beta: float, window: int) -> tuple[float, ...]:
+    """momentum.md's p_k for a 24-bit beta: the products p * beta (24 + 24 bits) are exact too."""
+    p = [1.0]
+    for _ in range(1, window):
+        nxt = round_significant(p[-1] * beta, 24)
+        p.append(0.0 if nxt < _TINY else nxt)
+    return tuple(p)
+
+
+class AdamHost:
+    """Adam's host arithmetic for steps taken in order (training): B1_t, B2_t advance by one product a step,
+    so step t costs O(1) instead of t products; a step out of order recomputes them from step 0."""
+
+    def __init__(self, rule: MezoSGD) -> None:
+        self.rule = rule
+        self._t, self._b1, self._b2 = -1, 1.0, 1.0  # B_-1 = 1
+
+    def step(self, t: int, grad_bits: Sequence[int]) -> AdamStep:
+        """Step t's constants; grad_bits ends with step t's record (and holds the window before it)."""
+        r = self.rule
+        r.coefficient(t, grad_bits[-1])  # the gradient bound
+        lr = r.lr_at(t)
+        if r.adam_window:
+            count = min(r.adam_window, t + 1)
+            alpha, h = adam_bias(lr, binary64_power(r.momentum, count), binary64_power(r.beta2, count))
+            return AdamStep(adam_window_terms(r, t, grad_bits), alpha, h, r.decay(t))
+        if t < self._t:
+            self._t, self._b1, self._b2 = -1, 1.0, 1.0
+        while self._t < t:
+            self._t, self._b1, self._b2 = self._t + 1, self._b1 * r.momentum, self._b2 * r.beta2
+        alpha, h = adam_bias(lr, self._b1, self._b2)
+        return AdamStep(((t, adam_gq(grad_bits[-1]), 0.0),), alpha, h, r.decay(t))

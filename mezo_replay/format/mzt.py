@@ -73,7 +73,11 @@ KNOWN: dict[str, dict[str, set[str]]] = {
              "mezo-momentum": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay",
                                "momentum", "window"},  # spec/momentum.md
              "mezo-momentum-buffer": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale",
-                                      "weight_decay", "momentum"}},
+                                      "weight_decay", "momentum"},
+             "mezo-adam": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay",
+                           "beta1", "beta2", "adam_eps", "window"},  # spec/adam.md
+             "mezo-adam-buffer": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay",
+                                  "beta1", "beta2", "adam_eps"}},
 }
 _OPTIONAL = {"weight_decay", "grad_scale", "perturbations"}
 # Generated initial values (spec/init.md): a tensor entry's "init" may name one instead of `true`.
@@ -395,6 +399,13 @@ def invalid_steps(grad_bits: np.ndarray, rule: MezoSGD, first_step: int = 0) -> 
     with np.errstate(invalid="ignore"):  # signalling NaNs widen quietly; they are refused just below
         g = (grad_bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
     bad = ~np.isfinite(g) | (np.abs(g) >= 2.0**127)
+    if rule.adam:  # spec/adam.md: |gq| >= 2^40 is invalid, and c is not used (only d's check remains)
+        bad |= np.abs(g) >= 2.0**40
+        if _rs(np.array([rule.lr * rule.weight_decay]), 12)[0] >= 1.0:
+            for at in range(0, g.size, _BLOCK):
+                t = np.arange(first_step + at, first_step + min(g.size, at + _BLOCK), dtype=np.float64)
+                bad[at:at + _BLOCK] |= _rs(step_rates(rule, t) * rule.weight_decay, 12) >= 1.0
+        return np.flatnonzero(bad)
     ok_g = np.where(bad, 0.0, np.abs(g))
     lr, wd = np.array([rule.lr]), np.array([rule.weight_decay])
     if ok_g.size == 0 or (_rs(lr * ok_g.max(), 16)[0] <= 2.0**100 and _rs(lr * wd, 12)[0] < 1.0):

@@ -566,3 +566,205 @@ void mezo_apply_buffer(int isa, BARGS) {
     (void)isa;
     buffer_generic(BPASS);
 }
+
+/* ---- mezo-adam and mezo-adam-buffer (spec/adam.md) ----
+ * Three kinds of operation here are not exact: products with too many significant bits (beta*m, u*g,
+ * g*g, u*gg, r*h, alpha*m, cv*(z*z)), a square root and a division. The file is built with
+ * -ffp-contract=off, so no product is fused with the addition after it; the square root is SSE's sqrtps
+ * on x86 (sqrtf elsewhere) and the division the vector `/` (divps): both IEEE correctly rounded, never the
+ * rcpps / rsqrtps estimates (which only -ffast-math would let the compiler use; it is never used). */
+
+/* The correctly rounded root of 16 lanes, one per instruction-set build (each build passes its own,
+ * inlined there): SSE's sqrtps on 4 lanes at a time (x86-64's baseline), AVX's on 8, AVX-512's on 16. */
+typedef vf (*sqrt_fn)(vf v);
+
+INLINE vf vsqrt(vf v) {
+    vf r;
+#ifdef X86
+    for (int l = 0; l < W; l += 4) {
+        __m128 a;
+        memcpy(&a, (float *)&v + l, sizeof a);
+        a = _mm_sqrt_ps(a);
+        memcpy((float *)&r + l, &a, sizeof a);
+    }
+#else
+    for (int l = 0; l < W; l++) r[l] = __builtin_sqrtf(v[l]);
+#endif
+    return r;
+}
+
+#ifdef X86
+AVX2_FN vf vsqrt_avx2(vf v) {
+    vf r;
+    for (int l = 0; l < W; l += 8) {
+        __m256 a;
+        memcpy(&a, (float *)&v + l, sizeof a);
+        a = _mm256_sqrt_ps(a);
+        memcpy((float *)&r + l, &a, sizeof a);
+    }
+    return r;
+}
+
+__attribute__((target("avx512f,avx512bw"))) INLINE vf vsqrt_avx512(vf v) {
+    __m512 a;
+    memcpy(&a, &v, sizeof a);
+    a = _mm512_sqrt_ps(a);
+    vf r;
+    memcpy(&r, &a, sizeof r);
+    return r;
+}
+#endif
+
+/* P3 from this step's m and v: r = sqrt(v); den = r*h + delta; upd = (alpha*m) / den;
+ * x = R_D(DECAY(x + e*z) - upd), each operation rounded on its own. */
+INLINE void adam_p3(int dtype, float *x, const float *z, const float *mv, const float *vv, int64_t m, float e,
+                    float alpha, float h, float delta, float d, sqrt_fn vsqrt) {
+    for (int64_t q = 0; q < m; q += W) {
+        vf xv, zv, mm, vq2;
+        memcpy(&xv, x + q, sizeof xv);
+        memcpy(&zv, z + q, sizeof zv);
+        memcpy(&mm, mv + q, sizeof mm);
+        memcpy(&vq2, vv + q, sizeof vq2);
+        vf r = vsqrt(vq2);
+        vf rh = r * h;
+        vf den = rh + delta;
+        vf am = alpha * mm;
+        vf upd = am / den;
+        vf sv = xv + e * zv;
+        if (d != 0.0f) sv = decay(sv, d);
+        xv = round_to(dtype, sv - upd);
+        memcpy(x + q, &xv, sizeof xv);
+    }
+}
+
+/* mezo-adam-buffer: g = gq*z (exact); m = b1*m + u1*g; v = b2*v + u2*(g*g), every product rounded alone. */
+INLINE void adam_moments_buffer(float *mv, float *vv, const float *z, int64_t m, float gq, float b1, float u1,
+                                float b2, float u2) {
+    for (int64_t q = 0; q < m; q += W) {
+        vf zv, mm, vq2;
+        memcpy(&zv, z + q, sizeof zv);
+        memcpy(&mm, mv + q, sizeof mm);
+        memcpy(&vq2, vv + q, sizeof vq2);
+        vf g = gq * zv;
+        vf bm = b1 * mm, ug = u1 * g;
+        mm = bm + ug;
+        vf gg = g * g;
+        vf ugg = u2 * gg, bv = b2 * vq2;
+        vq2 = bv + ugg;
+        memcpy(mv + q, &mm, sizeof mm);
+        memcpy(vv + q, &vq2, sizeof vq2);
+    }
+}
+
+/* mezo-adam: one term of the window: m += cm*z (exact product); v += cv*(z*z) (z*z exact, the product rounded). */
+INLINE void adam_moments_term(float *mv, float *vv, const float *z, int64_t m, float cm, float cv) {
+    for (int64_t q = 0; q < m; q += W) {
+        vf zv, mm, vq2;
+        memcpy(&zv, z + q, sizeof zv);
+        memcpy(&mm, mv + q, sizeof mm);
+        memcpy(&vq2, vv + q, sizeof vq2);
+        mm = mm + cm * zv;
+        vf zz = zv * zv;
+        vf p = cv * zz;
+        vq2 = vq2 + p;
+        memcpy(mv + q, &mm, sizeof mm);
+        memcpy(vv + q, &vq2, sizeof vq2);
+    }
+}
+
+INLINE void adam_body(void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index, uint32_t first,
+                      int64_t nsteps, const double *d, double eps, int noise, const float *table, int mode,
+                      const int64_t *toff, const uint32_t *tstep, const double *tcm, const double *tcv,
+                      const double *alpha, const double *h, double beta1, double beta2, double delta,
+                      float *mstate, float *vstate, int ring, float *zring, noise_fn make_noise, sqrt_fn root) {
+    float x[CHUNK] __attribute__((aligned(64)));
+    float mv[CHUNK] __attribute__((aligned(64)));
+    float vv[CHUNK] __attribute__((aligned(64)));
+    int64_t tags[64];
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    float e = (float)eps, e2 = (float)(2.0 * eps);
+    float b1 = (float)beta1, u1 = (float)(1.0 - beta1), b2 = (float)beta2, u2 = (float)(1.0 - beta2);
+    float dl = (float)delta;
+    for (int64_t base = 0; base < n; base += CHUNK) {
+        int64_t m = n - base < CHUNK ? n - base : CHUNK, padded = (m + W - 1) / W * W;
+        uint64_t i0 = start + (uint64_t)base;
+        for (int r = 0; r < ring; r++) tags[r] = -1;
+        for (int64_t q = 0; q < m; q++) x[q] = load(w, dtype, base + q);
+        for (int64_t q = m; q < padded; q++) x[q] = 0.0f;
+        if (mstate != NULL) {
+            for (int64_t q = 0; q < m; q++) mv[q] = mstate[base + q];
+            for (int64_t q = 0; q < m; q++) vv[q] = vstate[base + q];
+            for (int64_t q = m; q < padded; q++) mv[q] = vv[q] = 0.0f;
+        }
+        for (int64_t j = 0; j < (mode == REPLAY ? nsteps : 1); j++) {
+            uint32_t t = first + (uint32_t)j;
+            float *z = ring_noise(zring, tags, ring, t, i0, m, padded, index, k0, k1, noise, table, make_noise);
+            if (mode == REPLAY) {
+                chunk_phases(dtype, PERTURB, x, z, padded, e, e2, e, 0.0f, 0.0f);     /* P1 */
+                chunk_phases(dtype, PERTURB, x, z, padded, e, e2, -e2, 0.0f, 0.0f);   /* P2 */
+            }
+            if (mstate != NULL) {
+                adam_moments_buffer(mv, vv, z, padded, (float)tcm[toff[j]], b1, u1, b2, u2);
+            } else {
+                for (int64_t q = 0; q < padded; q++) mv[q] = vv[q] = 0.0f;
+                for (int64_t q = toff[j]; q < toff[j + 1]; q++) {
+                    const float *zq = ring_noise(zring, tags, ring, tstep[q], i0, m, padded, index, k0, k1, noise,
+                                                 table, make_noise);
+                    adam_moments_term(mv, vv, zq, padded, (float)tcm[q], (float)tcv[q]);
+                }
+            }
+            adam_p3(dtype, x, z, mv, vv, padded, e, (float)alpha[j], (float)h[j], dl, (float)d[j], root);
+        }
+        if (mode == UPDATE_PERTURB) {  /* P1 of step first + 1 on P3's rounded result: PERTURB's bits */
+            float *z = ring_noise(zring, tags, ring, first + 1u, i0, m, padded, index, k0, k1, noise, table,
+                                  make_noise);
+            chunk_phases(dtype, PERTURB, x, z, padded, e, e2, e, 0.0f, 0.0f);
+        }
+        for (int64_t q = 0; q < m; q++) store(w, dtype, base + q, x[q]);
+        if (mstate != NULL) {
+            for (int64_t q = 0; q < m; q++) mstate[base + q] = mv[q];
+            for (int64_t q = 0; q < m; q++) vstate[base + q] = vv[q];
+        }
+    }
+}
+
+#define AARGS void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index, uint32_t first,     \
+              int64_t nsteps, const double *d, double eps, int noise, const float *table, int mode,            \
+              const int64_t *toff, const uint32_t *tstep, const double *tcm, const double *tcv,                \
+              const double *alpha, const double *h, double beta1, double beta2, double delta, float *mstate,   \
+              float *vstate, int ring, float *zring
+#define APASS w, dtype, n, start, seed, index, first, nsteps, d, eps, noise, table, mode, toff, tstep, tcm, tcv, \
+              alpha, h, beta1, beta2, delta, mstate, vstate, ring, zring
+
+static void adam_generic(AARGS) { adam_body(APASS, make_noise, vsqrt); }
+#ifdef X86
+__attribute__((target("avx2"))) static void adam_avx2(AARGS) { adam_body(APASS, make_noise_avx2, vsqrt_avx2); }
+__attribute__((target("avx512f,avx512bw"))) static void adam_avx512(AARGS) {
+    adam_body(APASS, make_noise, vsqrt_avx512);
+}
+#endif
+
+/* mezo-adam (mstate NULL: step j's terms (tstep[q], tcm[q], tcv[q]) for q in toff[j] .. toff[j+1]-1) or
+ * mezo-adam-buffer (mstate, vstate: n floats each, updated in place; step j's gq is tcm[toff[j]]) on elements
+ * [start, start + n) of tensor `index`; alpha[j], h[j], d[j]: step j's host constants. Modes as
+ * mezo_apply_terms. Returns 0, or -1 if the noise ring could not be allocated. */
+int mezo_apply_adam(int isa, void *w, int dtype, int64_t n, uint64_t start, uint64_t seed, uint32_t index,
+                    uint32_t first, int64_t nsteps, const double *d, double eps, int noise, const float *table,
+                    int mode, const int64_t *toff, const uint32_t *tstep, const double *tcm, const double *tcv,
+                    const double *alpha, const double *h, double beta1, double beta2, double delta, float *mstate,
+                    float *vstate, int ring) {
+    if (ring < 1) ring = 1;
+    if (ring > 64) ring = 64;
+    float *zring = malloc((size_t)ring * CHUNK * sizeof(float));
+    if (zring == NULL) return -1;
+#ifdef X86
+    if (isa == AVX512) adam_avx512(APASS);
+    else if (isa == AVX2) adam_avx2(APASS);
+    else adam_generic(APASS);
+#else
+    (void)isa;
+    adam_generic(APASS);
+#endif
+    free(zring);
+    return 0;
+}

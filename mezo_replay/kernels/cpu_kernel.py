@@ -50,6 +50,14 @@ def _library() -> ctypes.CDLL | None:
                 ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64, _D, ctypes.c_double, ctypes.c_int,
                 ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
                 ctypes.POINTER(ctypes.c_uint32), _D, ctypes.c_int]
+            if hasattr(lib, "mezo_apply_adam"):  # spec/adam.md; absent from an older build (apply_adam_ says so)
+                lib.mezo_apply_adam.restype = ctypes.c_int
+                lib.mezo_apply_adam.argtypes = [
+                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
+                    ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64, _D, ctypes.c_double, ctypes.c_int,
+                    ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
+                    ctypes.POINTER(ctypes.c_uint32), _D, _D, _D, _D, ctypes.c_double, ctypes.c_double,
+                    ctypes.c_double, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float), ctypes.c_int]
             lib.mezo_apply_buffer.restype = None
             lib.mezo_apply_buffer.argtypes = [
                 ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
@@ -150,3 +158,39 @@ def apply_buffer_(w: torch.Tensor, state: torch.Tensor, start: int, rule: MezoSG
                           len(constants), c, d, rule.eps, rule.momentum, NOISES[rule.noise],
                           ctypes.cast(table.data_ptr(), ctypes.POINTER(ctypes.c_float)), mode,
                           ctypes.cast(state.data_ptr(), ctypes.POINTER(ctypes.c_float)))
+
+
+def apply_adam_(w: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, start: int, rule: MezoSGD,
+                index: int, first_step: int, mode: int, *, steps: Sequence[Any], isa: str | None = None) -> None:
+    """mezo-adam(-buffer) (spec/adam.md) on a contiguous CPU slice: steps[j] is step first_step + j's
+    AdamStep (terms, alpha, h, d). m, v: mezo-adam-buffer's float32 states of the slice (updated in place),
+    None for mezo-adam, whose chunks keep the noise of the window's steps in a ring. Modes as apply_terms_."""
+    lib, isa_index = _checked(w, mode, (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB),
+                              "the Adam pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB, not", isa)
+    if not hasattr(lib, "mezo_apply_adam"):
+        raise RuntimeError("the compiled CPU kernel predates mezo-adam: rebuild it (pip install -e .)")
+    for s in (m, v):
+        if s is not None and (s.dtype != torch.float32 or not s.is_contiguous() or s.numel() != w.numel()
+                              or s.device.type != "cpu"):
+            raise ValueError("the Adam states must be contiguous float32 CPU tensors of the weights' size")
+    offsets, tstep, tcm, tcv = [0], [], [], []
+    for st in steps:
+        tstep.extend(s & 0xFFFFFFFF for s, _, _ in st.terms)
+        tcm.extend(c for _, c, _ in st.terms)
+        tcv.extend(c for _, _, c in st.terms)
+        offsets.append(len(tstep))
+    ring = 1 if m is not None else max(1, min(64, max(len(st.terms) for st in steps)))
+    k = len(steps)
+    dbl = ctypes.c_double
+    fptr = ctypes.POINTER(ctypes.c_float)
+    table = gauss16_table(torch.device("cpu"))
+    rc = lib.mezo_apply_adam(
+        isa_index, w.data_ptr(), DTYPES[w.dtype], w.numel(), start, rule.seed, index, first_step, k,
+        (dbl * k)(*(st.d for st in steps)), rule.eps, NOISES[rule.noise], ctypes.cast(table.data_ptr(), fptr), mode,
+        (ctypes.c_int64 * len(offsets))(*offsets), (ctypes.c_uint32 * max(1, len(tstep)))(*tstep),
+        (dbl * max(1, len(tcm)))(*tcm), (dbl * max(1, len(tcv)))(*tcv), (dbl * k)(*(st.alpha for st in steps)),
+        (dbl * k)(*(st.h for st in steps)), rule.momentum, rule.beta2, rule.adam_eps,
+        None if m is None else ctypes.cast(m.data_ptr(), fptr), None if v is None else ctypes.cast(v.data_ptr(), fptr),
+        ring)
+    if rc != 0:
+        raise MemoryError("the compiled kernel could not allocate its noise ring")

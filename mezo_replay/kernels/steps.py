@@ -21,7 +21,7 @@ import torch
 from . import cpu_kernel, triton_kernels
 from ..format.mzt import _rs, invalid_perturbation_steps, invalid_steps, step_coefficients, step_rates
 from ..arithmetic.noise import noise
-from ..arithmetic.rule import MezoSGD
+from ..arithmetic.rule import AdamHost, AdamStep, MezoSGD
 
 BACKENDS = ("auto", "torch", "compiled", "triton")
 UPDATE_PERTURB = cpu_kernel.UPDATE_PERTURB  # P3 of a step fused with P1 of the next (both kernels' code 3)
@@ -177,6 +177,8 @@ def step_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int = 0,
     Vectorised (mzt.step_coefficients, bit for bit the rule's): a Python loop over the rule costs about
     10 us a step, 0.2 s for a 20,000-step plan, which is a sizeable part of rebuilding a small adapter.
     Steps the rule refuses go through the rule itself, so that its error is the one raised."""
+    if rule.adam:
+        return _adam_constants(rule, grad_bits, first_step, earlier)  # type: ignore[return-value]
     if rule.window:
         return _momentum_constants(rule, grad_bits, first_step, earlier)
     if rule.perturbations > 1:
@@ -254,6 +256,100 @@ def nspsa_constants(rule: MezoSGD, grad_bits: Any, first_step: int = 0) -> list[
         out.extend([idle] * (n - 1))
         out.append((tuple((u + k, ck) for k, ck in enumerate(row)), dj))
     return out
+
+
+def _adam_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int,
+                    earlier: Sequence[int]) -> list[AdamStep]:
+    """step_constants for mezo-adam(-buffer) (spec/adam.md): each step's AdamStep, from the rule's own host
+    arithmetic (O(1) per step for the buffer form, K terms for the window form). `earlier`: the records
+    before first_step (the window form's last K - 1 of them)."""
+    window = rule.adam_window
+    history = [int(b) for b in earlier][-(window - 1):] if window > 1 else []
+    if window and first_step > 0 and len(history) < min(window - 1, first_step):
+        raise ValueError(f"step {first_step} needs the records of the {min(window - 1, first_step)} steps before it")
+    bits = np.asarray(grad_bits, dtype=np.int64)
+    if bits.size == 0:
+        return []
+    if bits.min() < 0 or bits.max() > 0xFFFF or invalid_steps(bits.astype(np.uint16), rule, first_step).size:
+        host, out = AdamHost(rule), []  # the rule's own loop, so that its error is the one raised
+        for j, b in enumerate(grad_bits):
+            history = [*history, int(b)][-max(1, window):]
+            out.append(host.step(first_step + j, history))
+        return out
+    # Vectorised, bit for bit AdamHost (numpy rounds each binary64 operation once, as the spec's host
+    # arithmetic does): a 20,000-step window-16 plan in milliseconds instead of seconds.
+    n, h0 = bits.size, len(history)
+    every = np.concatenate([np.asarray(history, dtype=np.int64), bits]).astype(np.uint32)
+    g = (every << np.uint32(16)).view(np.float32).astype(np.float64)
+    g[np.abs(g) < 2.0**-100] = 0.0  # spec/adam.md: gq below 2^-100 is applied as +0
+    t = np.arange(first_step, first_step + n, dtype=np.int64)
+    lr = step_rates(rule, t.astype(np.float64))
+    d = step_coefficients(rule, bits.astype(np.uint16), first_step)[1].tolist()
+    b1, b2 = rule.momentum, rule.beta2
+    if window:
+        count = np.minimum(window, t + 1)
+        p1, p2 = np.ones(window + 1), np.ones(window + 1)  # power(beta, k) for k = 0 .. K
+        for k in range(1, window + 1):
+            p1[k], p2[k] = p1[k - 1] * b1, p2[k - 1] * b2
+        big1, big2 = p1[count], p2[count]
+        u1p, u2p = _adam_powers24(rule)
+        columns = []
+        for k in range(window):
+            src = np.maximum(np.arange(n) + h0 - k, 0)
+            cm = _rs(u1p[k] * g[src], 16)
+            cv = _rs(u2p[k] * (g[src] * g[src]), 16)
+            cm[np.abs(cm) < 2.0**-100] = 0.0
+            cv[cv < 2.0**-100] = 0.0
+            columns.append((cm.tolist(), cv.tolist()))
+    else:
+        powers1 = np.multiply.accumulate(np.full(first_step + n, b1))  # B_t = B_(t-1) * beta, in order
+        powers2 = np.multiply.accumulate(np.full(first_step + n, b2))
+        big1, big2 = powers1[first_step:], powers2[first_step:]
+    alpha = _rs(lr / (1.0 - big1), 24).tolist()
+    h = _rs(1.0 / np.sqrt(1.0 - big2), 24).tolist()
+    gq = g[h0:].tolist()
+    out = []
+    for j in range(n):
+        tj = first_step + j
+        if window:
+            terms = tuple((tj - k, columns[k][0][j], columns[k][1][j]) for k in range(min(window, tj + 1)))
+        else:
+            terms = ((tj, gq[j], 0.0),)
+        out.append(AdamStep(terms, alpha[j], h[j], d[j]))
+    return out
+
+
+def _adam_powers24(rule: MezoSGD) -> tuple[list[float], list[float]]:
+    """RS(u * p_k, 24) for both betas (spec/adam.md's window weights), as AdamHost forms them."""
+    from ..arithmetic.rule import _powers24, round_significant
+
+    p1, p2 = _powers24(rule.momentum, rule.adam_window), _powers24(rule.beta2, rule.adam_window)
+    u1, u2 = 1.0 - rule.momentum, 1.0 - rule.beta2
+    return ([round_significant(u1 * p, 24) for p in p1], [round_significant(u2 * p, 24) for p in p2])
+
+
+def adam_update_(w: torch.Tensor, z: torch.Tensor, rule: MezoSGD, m: torch.Tensor, v: torch.Tensor,
+                 step: AdamStep, d: float) -> None:
+    """P3 of spec/adam.md from this step's m and v (float32): r = sqrt32(v); den = fl32(fl32(r*h) + delta);
+    upd = fl32(fl32(alpha*m) / den); w = R_D(fl32(DECAY(fl32(w + eps*z)) - upd)). Every operation is one
+    eager torch kernel, rounded on its own. torch's float32 sqrt on CPU is not correctly rounded (its
+    vectorised kernel differs from IEEE's in about 17% of random inputs, measured with torch 2.13), so the
+    root is taken in binary64 and rounded once to binary32: with 53 >= 2 * 24 + 2 bits that double rounding
+    gives the correctly rounded binary32 root. float32 division is IEEE's."""
+    den = torch.sqrt(v.double()).float().mul_(step.h).add_(rule.adam_eps)
+    upd = (m * step.alpha).div_(den)
+    s = w.to(torch.float32) + z * rule.eps
+    if d:
+        s = _decay(s, d)
+    w.copy_(s - upd)
+
+
+def adam_moments_buffer_(m: torch.Tensor, v: torch.Tensor, z: torch.Tensor, rule: MezoSGD, gq: float) -> None:
+    """mezo-adam-buffer's state update, in place: g = gq*z (exact); m = fl32(fl32(b1*m) + fl32(u1*g));
+    v = fl32(fl32(b2*v) + fl32(u2*fl32(g*g))). Separate kernels: nothing is fused."""
+    g = z * gq
+    m.mul_(rule.momentum).add_(g * (1.0 - rule.momentum))
+    v.mul_(rule.beta2).add_((g * g).mul_(1.0 - rule.beta2))
 
 
 def _dispatch(w: torch.Tensor, steps: int, slice_size: int | None, progress: Callable[[int], None] | None,
@@ -460,6 +556,15 @@ def replay_tensor_(w: torch.Tensor, rule: MezoSGD, index: int,
     constants: step_constants' output for the rule ((terms, d) per step under mezo-momentum). Under
     mezo-momentum-buffer, state is the float32 m of w's elements (updated in place; None: +0, from step 0).
     """
+    if rule.adam:  # spec/adam.md: state is mezo-adam-buffer's m then v (2 * numel); None: +0, from step 0
+        if rule.adam_window == 0 and state is None:
+            if first_step:
+                raise ValueError("a mezo-adam-buffer replay from a later step needs the state at that step")
+            state = torch.zeros(2 * w.numel(), dtype=torch.float32, device=w.device)
+        if constants:
+            _apply_adam_(w, state if rule.adam_window == 0 else None, rule, index, first_step, cpu_kernel.REPLAY,
+                         constants, decay, slice_size, progress, start)  # type: ignore[arg-type]
+        return
     if rule.buffered:  # mezo-momentum-buffer: state is m (float32, w's element count); None: +0, from step 0
         if state is None:
             if first_step:
@@ -535,3 +640,66 @@ def _starts(starts: Sequence[int] | None, count: int) -> list[int]:
         raise ValueError(f"a shard's start must be a non-negative element index, not {min(out)}")
     return out
 
+
+
+def _apply_adam_(w: torch.Tensor, state: torch.Tensor | None, rule: MezoSGD, index: int, first_step: int, mode: int,
+                 steps: Sequence[AdamStep], decay: bool, slice_size: int | None,
+                 progress: Callable[[int], None] | None, start: int) -> None:
+    """mezo-adam(-buffer) (spec/adam.md): REPLAY (P1, P2, Adam's P3 per step), RESTORE_UPDATE (the P3 of
+    first_step) or UPDATE_PERTURB (that, then P1 of first_step + 1). state: the buffer form's float32 m
+    then v of w's elements (2 * numel, flat, updated in place); None for mezo-adam. The compiled kernel on
+    CPU tensors, Triton's on CUDA ones, else the torch operations one by one."""
+    if mode not in (cpu_kernel.REPLAY, cpu_kernel.RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError("an Adam update runs in replay or as a step's restore-update (then perturb)")
+    n = w.numel()
+    if rule.adam_window == 0 and (state is None or state.dtype != torch.float32 or not state.is_contiguous()
+                                  or state.numel() != 2 * n):
+        raise ValueError("the mezo-adam-buffer state must be a contiguous float32 tensor of twice the weights' "
+                         "element count (m, then v)")
+    steps = [s if decay else s._replace(d=0.0) for s in steps]
+    flat = state.view(-1) if state is not None else None
+
+    def torch_slice(offset: int, s: torch.Tensor) -> None:
+        size = s.numel()
+        for j, st in enumerate(steps):
+            t = first_step + j
+            z = noise(rule.noise, rule.seed, t, index, start + offset, size, s.device)
+            if mode == cpu_kernel.REPLAY:
+                perturb_(s, z, rule.eps)
+                perturb_(s, z, -2.0 * rule.eps)
+            if flat is not None:
+                m, v = flat[offset:offset + size], flat[n + offset:n + offset + size]
+                adam_moments_buffer_(m, v, z, rule, st.terms[0][1])
+            else:
+                m = torch.zeros(size, dtype=torch.float32, device=s.device)
+                v = torch.zeros(size, dtype=torch.float32, device=s.device)
+                for step, cm, cv in st.terms:
+                    zj = z if step == t else noise(rule.noise, rule.seed, step, index, start + offset, size, s.device)
+                    m.add_(zj * cm)  # exact product, one rounding
+                    v.add_((zj * zj).mul_(cv))  # zj*zj exact, the product rounded, then the sum
+            adam_update_(s, z, rule, m, v, st, st.d)
+            if mode == UPDATE_PERTURB:
+                perturb_(s, noise(rule.noise, rule.seed, t + 1, index, start + offset, size, s.device), rule.eps)
+
+    def on_triton(t: torch.Tensor) -> None:
+        triton_kernels.apply_adam_(t, flat, start, rule, index, first_step, mode, steps=steps, progress=progress)
+
+    def on_compiled(offset: int, s: torch.Tensor) -> None:
+        size = s.numel()
+        cpu_kernel.apply_adam_(s, None if flat is None else flat[offset:offset + size],
+                               None if flat is None else flat[n + offset:n + offset + size], start + offset, rule,
+                               index, first_step, mode, steps=steps)
+
+    _dispatch(w, len(steps), slice_size, progress, on_triton, on_compiled, torch_slice)
+
+
+def restore_adam_all_(tensors: Sequence[torch.Tensor], states: Sequence[torch.Tensor] | None, rule: MezoSGD,
+                      step: AdamStep, t: int, decays: Sequence[bool], starts: Sequence[int] | None = None,
+                      then_perturb: bool = False) -> None:
+    """Adam's P3 of step t (spec/adam.md) on every tuned tensor (states[k]: mezo-adam-buffer's m and v of
+    tensors[k]; None under mezo-adam); then_perturb: P1 of t + 1 in the same pass."""
+    starts = _starts(starts, len(tensors))
+    mode = UPDATE_PERTURB if then_perturb else cpu_kernel.RESTORE_UPDATE
+    for k, w in enumerate(tensors):
+        _apply_adam_(w, states[k] if states else None, rule, k, t, mode, [step], bool(decays[k]), None, None,
+                     starts[k])

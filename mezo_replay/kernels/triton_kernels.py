@@ -409,6 +409,141 @@ if triton is not None:
         tl.store(q + 5, h5, mask=m5)
         tl.store(q + 6, h6, mask=m6)
         tl.store(q + 7, h7, mask=m7)
+
+    # --- mezo-adam and mezo-adam-buffer (spec/adam.md): launched with enable_fp_fusion=False, division and
+    # square root correctly rounded (div_rn, sqrt_rn: Triton's `/` and sqrt are approximate on NVIDIA GPUs).
+
+    @triton.jit
+    def _adam_finish(w, z, mm, vv, eps, alpha, h, delta, d, DT: tl.constexpr, DECAY: tl.constexpr):
+        """r = sqrt32(v); den = fl32(fl32(r*h) + delta); upd = fl32(fl32(alpha*m) / den); R_D(DECAY(w + eps z) - upd)."""
+        r = tl.math.sqrt_rn(vv)
+        rh = r * h
+        den = rh + delta
+        am = mm * alpha
+        upd = tl.math.div_rn(am, den)
+        s = _restore(w, z, eps, d, DECAY)
+        return _round(s - upd, DT)
+
+    @triton.jit
+    def _adam_moments(mm, vv, z, gq, b1, u1, b2, u2):
+        """mezo-adam-buffer: g = gq*z (exact); m = b1*m + u1*g; v = b2*v + u2*(g*g), each product rounded alone."""
+        g = z * gq
+        bm = mm * b1
+        ug = g * u1
+        gg = g * g
+        ugg = gg * u2
+        bv = vv * b2
+        return bm + ug, bv + ugg
+
+    @triton.jit
+    def _adam_term(mm, vv, y, cm, cv):
+        """mezo-adam, one window term: m + cm*y (exact product); v + fl32(cv * (y*y)) (y*y exact)."""
+        yy = y * y
+        p = yy * cv
+        return mm + y * cm, vv + p
+
+    @triton.jit(do_not_specialize=["n", "base_hi", "base_lo", "tensor_index", "first_step", "key0", "key1",
+                                   "nsteps"])
+    def _adam_kernel(w_ptr, m_ptr, v_ptr, n, base_hi, base_lo, table_ptr, d_ptr, alpha_ptr, h_ptr, toff_ptr, tstep_ptr,
+                     tcm_ptr, tcv_ptr, nsteps, first_step, tensor_index, key0, key1, eps, b1, u1, b2, u2, delta,
+                     DT: tl.constexpr, NOISE: tl.constexpr, REPLAY_STEPS: tl.constexpr, DECAY: tl.constexpr,
+                     BLOCK: tl.constexpr, NEXT_PERTURB: tl.constexpr, BUFFERED: tl.constexpr):
+        """spec/adam.md on one tensor (or a run of it) in the layout of _tile. BUFFERED (mezo-adam-buffer): m and
+        v at m_ptr, v_ptr (float32, loaded once, stored once), step j's gq at tcm[toff[j]]; otherwise
+        (mezo-adam) m and v summed from +0 over step j's terms (tstep, tcm, tcv)[toff[j] .. toff[j+1]), each
+        term's noise regenerated in registers."""
+        base = (base_hi.to(tl.int64) << 31) + base_lo.to(tl.int64)
+        k_idx, k0, k1 = tensor_index.to(tl.uint32), key0.to(tl.uint32), key1.to(tl.uint32)
+        blocks = (base >> 3) + tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8).to(tl.int64)
+        o = blocks * 8 - base
+        p = w_ptr + o
+        m0, m1, m2, m3 = (o >= 0) & (o < n), (o >= -1) & (o < n - 1), (o >= -2) & (o < n - 2), (o >= -3) & (o < n - 3)
+        m4, m5, m6, m7 = (o >= -4) & (o < n - 4), (o >= -5) & (o < n - 5), (o >= -6) & (o < n - 6), (o >= -7) & (o < n - 7)
+        w0, w1, w2, w3 = _load(p, m0, DT), _load(p + 1, m1, DT), _load(p + 2, m2, DT), _load(p + 3, m3, DT)
+        w4, w5, w6, w7 = _load(p + 4, m4, DT), _load(p + 5, m5, DT), _load(p + 6, m6, DT), _load(p + 7, m7, DT)
+        n0, n1, n2, n3, n4, n5, n6, n7 = w0 != w0, w1 != w1, w2 != w2, w3 != w3, w4 != w4, w5 != w5, w6 != w6, w7 != w7
+        zero = tl.zeros_like(w0)
+        a0, a1, a2, a3, a4, a5, a6, a7 = zero, zero, zero, zero, zero, zero, zero, zero
+        b0, b1_, b2_, b3, b4, b5, b6, b7 = zero, zero, zero, zero, zero, zero, zero, zero
+        if BUFFERED:
+            q = m_ptr + o
+            r = v_ptr + o
+            a0, a1, a2, a3 = tl.load(q, mask=m0), tl.load(q + 1, mask=m1), tl.load(q + 2, mask=m2), tl.load(q + 3, mask=m3)
+            a4, a5, a6, a7 = tl.load(q + 4, mask=m4), tl.load(q + 5, mask=m5), tl.load(q + 6, mask=m6), tl.load(q + 7, mask=m7)
+            b0, b1_, b2_, b3 = tl.load(r, mask=m0), tl.load(r + 1, mask=m1), tl.load(r + 2, mask=m2), tl.load(r + 3, mask=m3)
+            b4, b5, b6, b7 = tl.load(r + 4, mask=m4), tl.load(r + 5, mask=m5), tl.load(r + 6, mask=m6), tl.load(r + 7, mask=m7)
+        for j in range(nsteps):
+            d = tl.load(d_ptr + j)
+            alpha = tl.load(alpha_ptr + j)
+            h = tl.load(h_ptr + j)
+            z0, z1, z2, z3, z4, z5, z6, z7 = _z8(blocks, k_idx, (first_step + j).to(tl.uint32), k0, k1, table_ptr,
+                                                 NOISE)
+            if REPLAY_STEPS:
+                w0, w1, w2, w3 = _p12(w0, z0, eps, DT), _p12(w1, z1, eps, DT), _p12(w2, z2, eps, DT), _p12(w3, z3, eps, DT)
+                w4, w5, w6, w7 = _p12(w4, z4, eps, DT), _p12(w5, z5, eps, DT), _p12(w6, z6, eps, DT), _p12(w7, z7, eps, DT)
+            if BUFFERED:
+                gq = tl.load(tcm_ptr + tl.load(toff_ptr + j))
+                a0, b0 = _adam_moments(a0, b0, z0, gq, b1, u1, b2, u2)
+                a1, b1_ = _adam_moments(a1, b1_, z1, gq, b1, u1, b2, u2)
+                a2, b2_ = _adam_moments(a2, b2_, z2, gq, b1, u1, b2, u2)
+                a3, b3 = _adam_moments(a3, b3, z3, gq, b1, u1, b2, u2)
+                a4, b4 = _adam_moments(a4, b4, z4, gq, b1, u1, b2, u2)
+                a5, b5 = _adam_moments(a5, b5, z5, gq, b1, u1, b2, u2)
+                a6, b6 = _adam_moments(a6, b6, z6, gq, b1, u1, b2, u2)
+                a7, b7 = _adam_moments(a7, b7, z7, gq, b1, u1, b2, u2)
+            else:
+                a0, a1, a2, a3, a4, a5, a6, a7 = zero, zero, zero, zero, zero, zero, zero, zero
+                b0, b1_, b2_, b3, b4, b5, b6, b7 = zero, zero, zero, zero, zero, zero, zero, zero
+                for t in range(tl.load(toff_ptr + j), tl.load(toff_ptr + j + 1)):
+                    cm = tl.load(tcm_ptr + t)
+                    cv = tl.load(tcv_ptr + t)
+                    y0, y1, y2, y3, y4, y5, y6, y7 = _z8(blocks, k_idx, tl.load(tstep_ptr + t).to(tl.uint32), k0, k1,
+                                                         table_ptr, NOISE)
+                    a0, b0 = _adam_term(a0, b0, y0, cm, cv)
+                    a1, b1_ = _adam_term(a1, b1_, y1, cm, cv)
+                    a2, b2_ = _adam_term(a2, b2_, y2, cm, cv)
+                    a3, b3 = _adam_term(a3, b3, y3, cm, cv)
+                    a4, b4 = _adam_term(a4, b4, y4, cm, cv)
+                    a5, b5 = _adam_term(a5, b5, y5, cm, cv)
+                    a6, b6 = _adam_term(a6, b6, y6, cm, cv)
+                    a7, b7 = _adam_term(a7, b7, y7, cm, cv)
+            w0 = _adam_finish(w0, z0, a0, b0, eps, alpha, h, delta, d, DT, DECAY)
+            w1 = _adam_finish(w1, z1, a1, b1_, eps, alpha, h, delta, d, DT, DECAY)
+            w2 = _adam_finish(w2, z2, a2, b2_, eps, alpha, h, delta, d, DT, DECAY)
+            w3 = _adam_finish(w3, z3, a3, b3, eps, alpha, h, delta, d, DT, DECAY)
+            w4 = _adam_finish(w4, z4, a4, b4, eps, alpha, h, delta, d, DT, DECAY)
+            w5 = _adam_finish(w5, z5, a5, b5, eps, alpha, h, delta, d, DT, DECAY)
+            w6 = _adam_finish(w6, z6, a6, b6, eps, alpha, h, delta, d, DT, DECAY)
+            w7 = _adam_finish(w7, z7, a7, b7, eps, alpha, h, delta, d, DT, DECAY)
+        if NEXT_PERTURB:
+            w0, w1, w2, w3, w4, w5, w6, w7 = _next_p1(w0, w1, w2, w3, w4, w5, w6, w7, blocks, k_idx,
+                                                      (first_step + 1).to(tl.uint32), k0, k1, table_ptr, eps,
+                                                      DT, NOISE)
+        _store(p, w0, n0, m0, DT)
+        _store(p + 1, w1, n1, m1, DT)
+        _store(p + 2, w2, n2, m2, DT)
+        _store(p + 3, w3, n3, m3, DT)
+        _store(p + 4, w4, n4, m4, DT)
+        _store(p + 5, w5, n5, m5, DT)
+        _store(p + 6, w6, n6, m6, DT)
+        _store(p + 7, w7, n7, m7, DT)
+        if BUFFERED:
+            tl.store(q, a0, mask=m0)
+            tl.store(q + 1, a1, mask=m1)
+            tl.store(q + 2, a2, mask=m2)
+            tl.store(q + 3, a3, mask=m3)
+            tl.store(q + 4, a4, mask=m4)
+            tl.store(q + 5, a5, mask=m5)
+            tl.store(q + 6, a6, mask=m6)
+            tl.store(q + 7, a7, mask=m7)
+            tl.store(r, b0, mask=m0)
+            tl.store(r + 1, b1_, mask=m1)
+            tl.store(r + 2, b2_, mask=m2)
+            tl.store(r + 3, b3, mask=m3)
+            tl.store(r + 4, b4, mask=m4)
+            tl.store(r + 5, b5, mask=m5)
+            tl.store(r + 6, b6, mask=m6)
+            tl.store(r + 7, b7, mask=m7)
 else:
     _kernel = None
 
@@ -743,3 +878,85 @@ def compile_momentum_for_gpu(kind: str, dtype: torch.dtype, *, replay: bool = Tr
     signature.update({k: "constexpr" for k in constexprs})
     return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "enable_fp_fusion": fusion})
+
+
+def apply_adam_(w: torch.Tensor, state: torch.Tensor | None, start: int, rule: MezoSGD, index: int, first_step: int,
+                mode: int, *, steps: Sequence, steps_per_launch: int = 256, block: int = BLOCK,
+                native_bf16: bool | None = None, progress: Callable[[int], None] | None = None) -> None:
+    """mezo-adam(-buffer) (spec/adam.md) on one tensor (or a contiguous slice holding elements start..): mode
+    REPLAY runs P1, P2 and Adam's P3 for steps first_step.. (steps[j]: an AdamStep, its d already 0 where the
+    tensor has no decay); RESTORE_UPDATE its P3 of first_step; UPDATE_PERTURB that, then P1 of first_step + 1.
+    state: mezo-adam-buffer's float32 m then v of w's elements (2 * numel, updated in place); None for
+    mezo-adam. Launched with fusion off; division and square root are div_rn and sqrt_rn."""
+    if not runs_on(w) or not w.is_contiguous():
+        raise ValueError("the Triton kernel takes contiguous float32/bfloat16/float16 CUDA tensors "
+                         "(CPU tensors only under TRITON_INTERPRET=1)")
+    if mode not in (REPLAY, RESTORE_UPDATE, UPDATE_PERTURB):
+        raise ValueError("the Adam pass runs modes REPLAY, RESTORE_UPDATE and UPDATE_PERTURB")
+    n_all = w.numel()
+    buffered = state is not None
+    if buffered and (state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != 2 * n_all
+                     or state.device != w.device):
+        raise ValueError("the mezo-adam-buffer state must be a contiguous float32 tensor of twice the weights' size")
+    if n_all == 0 or not steps:
+        return
+    view = (w.view(torch.int16) if w.dtype == torch.bfloat16 else w).view(-1)
+    flat = state.view(-1) if buffered else torch.zeros(2, dtype=torch.float32, device=w.device)
+    table = _table(w.device)
+    if native_bf16 is None:
+        native_bf16 = native_bf16_default(w.device)
+    decay = any(st.d for st in steps)
+    meta = dict(DT=_dt_code(w.dtype, native_bf16), NOISE=NOISES[rule.noise], REPLAY_STEPS=mode == REPLAY,
+                DECAY=decay, BLOCK=block, NEXT_PERTURB=mode == UPDATE_PERTURB, BUFFERED=buffered,
+                enable_fp_fusion=False)
+    f32 = dict(dtype=torch.float32)
+    b1, b2 = rule.momentum, rule.beta2
+    for first in range(0, len(steps), steps_per_launch):
+        part_steps = steps[first:first + steps_per_launch]
+        offsets, tstep, tcm, tcv = [0], [], [], []
+        for st in part_steps:
+            tstep.extend(s & 0xFFFFFFFF for s, _, _ in st.terms)
+            tcm.extend(c for _, c, _ in st.terms)
+            tcv.extend(c for _, _, c in st.terms)
+            offsets.append(len(tstep))
+        d = torch.tensor([st.d for st in part_steps], **f32).to(w.device)
+        alpha = torch.tensor([st.alpha for st in part_steps], **f32).to(w.device)  # binary32 values: exact
+        h = torch.tensor([st.h for st in part_steps], **f32).to(w.device)
+        toff = torch.tensor(offsets, dtype=torch.int32).to(w.device)
+        ts = torch.tensor(tstep or [0], dtype=torch.int64).to(torch.int32 if max(tstep or [0]) < 2**31 else torch.int64)
+        ts = ts.to(w.device)
+        cm = torch.tensor(tcm or [0.0], **f32).to(w.device)
+        cv = torch.tensor(tcv or [0.0], **f32).to(w.device)
+        for at in range(0, n_all, _MAX_LAUNCH):
+            n = min(_MAX_LAUNCH, n_all - at)
+            base = start + at
+            mp = flat[at:] if buffered else flat
+            vp = flat[n_all + at:] if buffered else flat
+            _adam_kernel[(triton.cdiv((base & 7) + n, block),)](
+                view[at:], mp, vp, n, base >> 31, base & 0x7FFFFFFF, table, d, alpha, h, toff, ts, cm, cv,
+                len(part_steps), first_step + first, index, rule.seed & 0xFFFFFFFF, rule.seed >> 32, rule.eps,
+                b1, 1.0 - b1, b2, 1.0 - b2, rule.adam_eps, **meta)
+        if progress is not None:
+            progress(n_all * len(part_steps))
+
+
+def compile_adam_for_gpu(dtype: torch.dtype, *, buffered: bool, replay: bool = True, decay: bool = True,
+                         noise: str = "gaussian16", arch: int = 90, block: int = BLOCK, num_warps: int = 4):
+    """_adam_kernel compiled for an NVIDIA GPU (fusion off), for tests that read its PTX: div.rn.f32 and
+    sqrt.rn.f32, no fma and no approx. Not under TRITON_INTERPRET."""
+    if triton is None or interpreting():
+        raise RuntimeError("compiling needs Triton, and TRITON_INTERPRET unset")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr = {torch.float32: "*fp32", torch.bfloat16: "*i16", torch.float16: "*fp16"}[dtype]
+    signature = {"w_ptr": ptr, "m_ptr": "*fp32", "v_ptr": "*fp32", "n": "i32", "base_hi": "i32", "base_lo": "i32",
+                 "table_ptr": "*u16", "d_ptr": "*fp32", "alpha_ptr": "*fp32", "h_ptr": "*fp32", "toff_ptr": "*i32",
+                 "tstep_ptr": "*i32", "tcm_ptr": "*fp32", "tcv_ptr": "*fp32", "nsteps": "i32", "first_step": "i32",
+                 "tensor_index": "i32", "key0": "i32", "key1": "i32", "eps": "fp32", "b1": "fp32", "u1": "fp32",
+                 "b2": "fp32", "u2": "fp32", "delta": "fp32"}
+    constexprs = {"DT": _dt_code(dtype, arch >= 80), "NOISE": NOISES[noise], "REPLAY_STEPS": replay,
+                  "DECAY": decay, "BLOCK": block, "NEXT_PERTURB": not replay, "BUFFERED": buffered}
+    signature.update({k: "constexpr" for k in constexprs})
+    return triton.compile(ASTSource(_adam_kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "enable_fp_fusion": False})

@@ -35,9 +35,9 @@ from ..format.fingerprint import DTYPE_NAMES, base_fingerprint, canonicalize_nan
 from ..arithmetic.initial import generate
 from ..format.mzt import TrajectoryWriter
 from ..arithmetic.device_grad import device_coefficient
-from ..arithmetic.rule import MezoSGD, Schedule
-from ..kernels.steps import (perturb_all_, restore_buffer_all_, restore_terms_all_, restore_update_all_,
-                             update_perturb_all_)
+from ..arithmetic.rule import AdamHost, AdamStep, MezoSGD, Schedule
+from ..kernels.steps import (perturb_all_, restore_adam_all_, restore_buffer_all_, restore_terms_all_,
+                             restore_update_all_, update_perturb_all_)
 from . import shards
 
 Closure = Callable[[], "torch.Tensor | float"]
@@ -128,6 +128,9 @@ class MeZO:
     perturbations=N > 1 (mezo-sgd only) is n-SPSA (spec/nspsa.md): each step calls the closure 2N times on
     the same batch, records N projected gradients and applies their average (lr_t / N each), replayable
     exactly like the rest; the step returns the mean of its 2N losses. Never queued on the device either.
+    rule="mezo-adam-buffer" and "mezo-adam" are MeZO-Adam (spec/adam.md), beta1 = `momentum`, `beta2`,
+    `adam_eps` (delta): the buffer form keeps m and v in `states` (8 bytes per tuned parameter more), the
+    window form recomputes both from the last `momentum_window` records; fused and never queued the same way.
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], *, lr: float, eps: float = 1e-3,
@@ -135,7 +138,8 @@ class MeZO:
                  weight_decay: float = 0.0, no_decay: Callable[[str, torch.Tensor], bool] | None = None,
                  on_nonfinite: Literal["raise", "skip"] = "raise", grad_codec: str = "bf16",
                  grad_scale: float | None = None, rule: str = "mezo-sgd", momentum: float = 0.9,
-                 momentum_window: int = 16, perturbations: int = 1) -> None:
+                 momentum_window: int = 16, perturbations: int = 1, beta2: float = 0.999,
+                 adam_eps: float = 1e-8) -> None:
         chosen: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for item in params:
@@ -158,7 +162,7 @@ class MeZO:
         self.rule = MezoSGD.create(lr=lr, eps=eps, seed=seed, noise=noise, schedule=schedule,
                                    weight_decay=weight_decay, grad_encoding=grad_codec, grad_scale=grad_scale,
                                    rule=rule, momentum=momentum, window=momentum_window,
-                                   perturbations=perturbations)
+                                   perturbations=perturbations, beta2=beta2, adam_eps=adam_eps)
         exempt = no_decay or default_no_decay
         self.decay = [bool(self.rule.weight_decay) and not exempt(n, p) for n, p in zip(self.names, self.params)]
         self.on_nonfinite = on_nonfinite
@@ -169,6 +173,10 @@ class MeZO:
         # (sharded: this rank's shard of it, like the passes' tensors)
         self.states: list[torch.Tensor] = [torch.zeros(t.numel(), dtype=torch.float32, device=t.device)
                                            for t in self.local_tensors()[0]] if self.rule.buffered else []
+        if self.rule.adam and not self.rule.adam_window:  # mezo-adam-buffer: m then v, float32, per tensor
+            self.states = [torch.zeros(2 * t.numel(), dtype=torch.float32, device=t.device)
+                           for t in self.local_tensors()[0]]
+        self._adam = AdamHost(self.rule) if self.rule.adam else None
         self.writer: TrajectoryWriter | None = None
         self.writer_records_losses = True
         # (step, c, d, go) of an update not yet applied; c and go are device tensors after a queued step, and
@@ -205,7 +213,9 @@ class MeZO:
             t, c, d, _ = self._pending
             self._pending = None  # first: a pass that fails half-way must never be applied a second time
             tensors, starts = self.local_tensors()
-            if isinstance(c, tuple):  # a multi-term update (mezo-momentum)
+            if isinstance(c, AdamStep):  # spec/adam.md
+                restore_adam_all_(tensors, self.states, self.rule, c, t, self.decay, starts=starts)
+            elif isinstance(c, tuple):  # a multi-term update (mezo-momentum)
                 restore_terms_all_(tensors, self.rule, t, c, d, self.decay, starts=starts)
             elif self.rule.buffered:
                 restore_buffer_all_(tensors, self.states, self.rule, t, c, d, self.decay, starts=starts)
@@ -238,7 +248,8 @@ class MeZO:
         loss_plus, loss_minus = _read(plus, minus)  # the step's one host synchronisation
         h = self._host_step(t, loss_plus, loss_minus)
         self._record(h)
-        self._pending = (t, self._terms(t) if self.rule.window else h.c, self.rule.decay(t), None)
+        self._pending = (t, self._adam_step(t) if self._adam is not None else self._terms(t) if self.rule.window
+                         else h.c, self.rule.decay(t), None)
         self.step_count += 1
         if settle or h.failed:  # a failed step is settled (its zero update applied) before anything else
             self.settle()
@@ -309,25 +320,34 @@ class MeZO:
         if self.writer is not None:
             self.writer.append_step(h.bits, h.loss if self.writer_records_losses else None)
         self.last_grad_bits = h.bits
-        if self.rule.window:
-            self._history = [*self._history, h.bits][-self.rule.window:]
+        if self.rule.window or self.rule.adam_window:
+            self._history = [*self._history, h.bits][-(self.rule.window or self.rule.adam_window):]
+        elif self.rule.adam:
+            self._history = [h.bits]
 
     def _terms(self, t: int) -> tuple[tuple[int, float], ...]:
         """Step t's multi-term update from the recorded history (its own record last)."""
         return self.rule.terms(t, self._history)
 
+    def _adam_step(self, t: int) -> AdamStep:
+        """Step t's Adam constants (spec/adam.md) from the recorded history (its own record last)."""
+        assert self._adam is not None
+        return self._adam.step(t, self._history)
+
     def load_history(self, grad_bits: Sequence[int]) -> None:
         """The records of the steps already taken (all of them, or at least the last window): what a
         resumed mezo-momentum run needs for its next steps' terms. A no-op for mezo-sgd."""
-        if self.rule.window:
-            self._history = [int(b) for b in grad_bits][-self.rule.window:]
+        if self.rule.window or self.rule.adam_window:
+            self._history = [int(b) for b in grad_bits][-(self.rule.window or self.rule.adam_window):]
 
     def _first_pass(self, tensors: list[torch.Tensor], t: int, starts: list[int] | None = None) -> None:
         """P1 of step t, fused with the pending update of the step before when there is one."""
         if self._pending is not None:
             pt, c, d, go = self._pending
             self._pending = None  # as in settle(): never applied twice
-            if isinstance(c, tuple):  # mezo-momentum: its multi-term P3, then P1 of t, in one pass
+            if isinstance(c, AdamStep):  # spec/adam.md: its P3, then P1 of t, in one pass
+                restore_adam_all_(tensors, self.states, self.rule, c, pt, self.decay, then_perturb=True, starts=starts)
+            elif isinstance(c, tuple):  # mezo-momentum: its multi-term P3, then P1 of t, in one pass
                 restore_terms_all_(tensors, self.rule, pt, c, d, self.decay, then_perturb=True, starts=starts)
             elif self.rule.buffered:
                 restore_buffer_all_(tensors, self.states, self.rule, pt, c, d, self.decay, then_perturb=True,
@@ -353,7 +373,7 @@ class MeZO:
         settle() (and everything that reads the weights) completes the last queued step.
         Momentum steps are refused: mezo-momentum's terms come from the host's records, and neither form's
         update has a device-side fused pass (use step())."""
-        if self.rule.window or self.rule.buffered:
+        if self.rule.stateful:
             raise MezoReplayError(f"queue_step takes mezo-sgd steps only, not {self.rule.name}'s: use step()")
         if self.rule.perturbations > 1:
             raise MezoReplayError(f"queue_step takes one perturbation a step, not {self.rule.perturbations} "

@@ -85,6 +85,8 @@ class TrainConfig:
     momentum: float = 0.9  # mezo-momentum's beta
     momentum_window: int = 16  # mezo-momentum's K: the records each step's average spans
     perturbations: int = 1  # n-SPSA (spec/nspsa.md): N perturbations a step, mezo-sgd only
+    beta2: float = 0.999  # mezo-adam(-buffer)'s beta2 (spec/adam.md; momentum is its beta1)
+    adam_eps: float = 1e-8  # mezo-adam(-buffer)'s delta
     tune: Sequence[str] = ()
     freeze: Sequence[str] = ()
     eval_every: int = 0
@@ -293,6 +295,7 @@ STEP_SETTINGS = {
     "rule.schedule.total_steps": "--steps (the schedule's length)", "rule.weight_decay": "--weight-decay",
     "rule.grad_encoding": "--grad-codec", "rule.grad_scale": "--grad-scale", "rule.name": "--optimizer",
     "rule.momentum": "--momentum", "rule.window": "--momentum-window", "rule.perturbations": "--perturbations",
+    "rule.beta1": "--momentum", "rule.beta2": "--beta2", "rule.adam_eps": "--adam-eps",
     "peft": "--peft", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
     "lora_targets": "--lora-targets", "num_virtual_tokens": "--num-virtual-tokens",
 }
@@ -543,7 +546,7 @@ def fit(opt: MeZO, steps: int, closure_for: Callable[[int], Callable[[], torch.T
     reads = reads_weights if callable(reads_weights) else (lambda done: bool(reads_weights))
     devices = {p.device for p in opt.params}  # one device: c and go live there, where every kernel reads them
     # mezo-momentum steps are never queued: their terms come from the host's records
-    queues = len(devices) == 1 and next(iter(devices)).type in QUEUED_DEVICES and not (opt.rule.window or opt.rule.buffered)
+    queues = len(devices) == 1 and next(iter(devices)).type in QUEUED_DEVICES and not opt.rule.stateful
     queues = queues and opt.rule.perturbations == 1  # n-SPSA steps neither: step() takes them
 
     def report(done: int, loss: float) -> None:
@@ -678,7 +681,7 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
         opt = MeZO(named, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise, schedule=schedule.validated(),
                    weight_decay=cfg.weight_decay, grad_codec=cfg.grad_codec, grad_scale=cfg.grad_scale,
                    rule=cfg.optimizer, momentum=cfg.momentum, momentum_window=cfg.momentum_window,
-                   perturbations=cfg.perturbations)
+                   perturbations=cfg.perturbations, beta2=cfg.beta2, adam_eps=cfg.adam_eps)
         if adapter is not None:
             added: Mapping[str, Any] | list[str] = adapter.inits
         else:

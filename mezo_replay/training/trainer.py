@@ -82,8 +82,10 @@ class MeZOTrainer(Trainer):
     max_steps (or `mezo_schedule`, which replaces them). `mezo_grad_codec`/`mezo_grad_scale` choose how each
     step's gradient is recorded (MeZO's grad_codec/grad_scale: "bf16", "fp8", "sign"); `mezo_rule`,
     `mezo_momentum`, `mezo_momentum_window` the update rule (MeZO's rule/momentum/momentum_window:
-    "mezo-sgd", "mezo-momentum", "mezo-momentum-buffer"; spec/momentum.md); `mezo_perturbations` N > 1 makes
-    each step n-SPSA (MeZO's perturbations, spec/nspsa.md: 2N forwards a step, N records). `trajectory` defaults to <output_dir>/trajectory.mzt;
+    "mezo-sgd", "mezo-momentum", "mezo-momentum-buffer"; spec/momentum.md; or "mezo-adam", "mezo-adam-buffer"
+    with `mezo_momentum` as beta1 and `mezo_beta2`, `mezo_adam_eps`: spec/adam.md); `mezo_perturbations` N > 1
+    makes each step n-SPSA (MeZO's perturbations, spec/nspsa.md: 2N forwards a step, N records). `trajectory`
+    defaults to <output_dir>/trajectory.mzt;
     `base_source` (what `reconstruct` will need as its base) defaults to the model's name_or_path.
     Each step runs with the model in eval mode, as the MeZO reference trainer does: dropout would make
     the two forwards of a step measure different functions."""
@@ -93,12 +95,14 @@ class MeZOTrainer(Trainer):
                  overwrite_trajectory: bool = False, base_source: str | None = None,
                  on_nonfinite: Literal["raise", "skip"] = "raise", mezo_grad_codec: str = "bf16",
                  mezo_grad_scale: float | None = None, mezo_rule: str = "mezo-sgd", mezo_momentum: float = 0.9,
-                 mezo_momentum_window: int = 16, mezo_perturbations: int = 1, **kwargs: Any) -> None:
+                 mezo_momentum_window: int = 16, mezo_perturbations: int = 1, mezo_beta2: float = 0.999,
+                 mezo_adam_eps: float = 1e-8, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mezo_eps, self.mezo_noise, self.mezo_schedule = mezo_eps, mezo_noise, mezo_schedule
         self.mezo_grad_codec, self.mezo_grad_scale = mezo_grad_codec, mezo_grad_scale
         self.mezo_rule, self.mezo_momentum, self.mezo_momentum_window = mezo_rule, mezo_momentum, mezo_momentum_window
         self.mezo_perturbations = mezo_perturbations
+        self.mezo_beta2, self.mezo_adam_eps = mezo_beta2, mezo_adam_eps
         self.record_losses, self.overwrite_trajectory = record_losses, overwrite_trajectory
         self.on_nonfinite = on_nonfinite
         self.trajectory_path = Path(trajectory) if trajectory is not None else \
@@ -210,7 +214,7 @@ class MeZOTrainer(Trainer):
                    noise=self.mezo_noise, schedule=schedule, weight_decay=self.args.weight_decay,
                    on_nonfinite=self.on_nonfinite, grad_codec=self.mezo_grad_codec, grad_scale=self.mezo_grad_scale,
                    rule=self.mezo_rule, momentum=self.mezo_momentum, momentum_window=self.mezo_momentum_window,
-                   perturbations=self.mezo_perturbations)
+                   perturbations=self.mezo_perturbations, beta2=self.mezo_beta2, adam_eps=self.mezo_adam_eps)
         source, revision = self.base_source, None
         if source is None:
             config = getattr(inner, "config", None)
@@ -236,7 +240,7 @@ class MeZOTrainer(Trainer):
                 writer, records = _continue(self.trajectory_path, header, at, opt.names, fps)
             elif world.main:
                 opt.record(self.trajectory_path, overwrite=self.overwrite_trajectory, **described)
-        if self._resuming and (opt.rule.window or opt.rule.buffered):  # the same on every rank
+        if self._resuming and opt.rule.stateful:  # the same on every rank
             with talking():
                 _restore_momentum(opt, distributed.broadcast(records, world))
         if writer is not None:
@@ -445,7 +449,7 @@ def _restore_momentum(opt: MeZO, records: list[int]) -> None:
     form's last K records; the buffer form's m, which depends on the noise and the records only, never on the
     weights, so replaying those steps onto a scratch copy rebuilds it exactly (one tensor at a time)."""
     opt.load_history(records)
-    if opt.rule.buffered and records:
+    if (opt.rule.buffered or opt.states) and records:  # mezo-adam-buffer's m and v likewise (spec/adam.md)
         constants = step_constants(opt.rule, records)
         tensors, starts = opt.local_tensors()
         for k, t in enumerate(tensors):
