@@ -5,7 +5,7 @@ trained with --no-record-losses) and the evaluations made during training. That 
 without its logs: this module draws them for one or several trajectories, one colour per file.
 
 What is drawn, against the steps done before each measurement (or the training forward passes, two per
-step; evaluations are not counted):
+step, 2N for n-SPSA's N perturbations a step; evaluations are not counted):
 - training loss: the recorded value of each step, (L(θ+εz) + L(θ-εz))/2, the mean of the two perturbed
   losses MeZO measured on the batch (for --objective accuracy or f1 that is 1 - accuracy or 1 - F1). The
   loss of step k was measured on the weights after k-1 steps, so it is drawn at k-1, where an evaluation
@@ -95,10 +95,12 @@ class Curves:
     losses: np.ndarray | None      # one per step (NaN: none recorded), None: the file records no losses
     evals: list[dict[str, Any]]    # {"step", "split", "metrics"} as the file holds them
     objective: str
+    forwards: int = 2              # training forward passes a step: 2, or 2N with N perturbations (spec/nspsa.md)
 
     @classmethod
     def of(cls, name: str, traj: Trajectory) -> Curves:
-        return cls(name, traj.losses, list(traj.evals), str(traj.header.get("metadata", {}).get("objective", "ce")))
+        return cls(name, traj.losses, list(traj.evals), str(traj.header.get("metadata", {}).get("objective", "ce")),
+                   2 * int(traj.header["rule"].get("perturbations", 1)))
 
     @property
     def has_losses(self) -> bool:
@@ -119,8 +121,8 @@ class Curves:
         return f"{self.name}: {lost}: drew its evaluations only"
 
 
-def _x(steps: np.ndarray, axis: str) -> np.ndarray:
-    return steps * 2 if axis == "forward-passes" else steps
+def _x(steps: np.ndarray, axis: str, forwards: int = 2) -> np.ndarray:
+    return steps * forwards if axis == "forward-passes" else steps
 
 
 def draw(curves: Sequence[Curves], *, x_axis: str = "steps") -> Figure:
@@ -149,12 +151,12 @@ def draw(curves: Sequence[Curves], *, x_axis: str = "steps") -> Figure:
             assert c.losses is not None
             objectives.add(c.objective)
             steps = np.arange(c.losses.size)
-            top.plot(_x(steps, x_axis), c.losses, ".", color=colour, alpha=0.35, markersize=3.5, rasterized=True)
+            top.plot(_x(steps, x_axis, c.forwards), c.losses, ".", color=colour, alpha=0.35, markersize=3.5, rasterized=True)
             window = smoothing_window(c.losses.size)
             line = smoothed(c.losses.astype(np.float64), window)
             every = max(1, math.ceil(c.losses.size / MAX_LINE_POINTS))
             keep = np.unique(np.append(steps[::every], steps[-1:]))
-            top.plot(_x(keep, x_axis), line[keep], "-", color=colour, linewidth=1.6,
+            top.plot(_x(keep, x_axis, c.forwards), line[keep], "-", color=colour, linewidth=1.6,
                      label=f"{c.name}: {_OBJECTIVE.get(c.objective, 'training loss')}"
                            + (f" (mean over {window} steps)" if window > 1 else ""))
         series: dict[tuple[str, str], list[tuple[int, float]]] = {}
@@ -164,7 +166,7 @@ def draw(curves: Sequence[Curves], *, x_axis: str = "steps") -> Figure:
         for (split, metric), points in series.items():
             marker = markers.setdefault((split, metric), _MARKERS[len(markers) % len(_MARKERS)])
             points.sort(key=lambda p: p[0])
-            xs = _x(np.array([p[0] for p in points]), x_axis)
+            xs = _x(np.array([p[0] for p in points]), x_axis, c.forwards)
             ax = top if metric == "loss" or bottom is None else bottom
             ax.plot(xs, [p[1] for p in points], "--", marker=marker, color=colour, linewidth=1.1, markersize=5,
                     label=f"{c.name}: {split} {metric}")
@@ -173,7 +175,8 @@ def draw(curves: Sequence[Curves], *, x_axis: str = "steps") -> Figure:
     axes = [top] if bottom is None else [top, bottom]
     if bottom is not None:
         bottom.set_ylabel("evaluation metric")
-    axes[-1].set_xlabel("steps" if x_axis == "steps" else "training forward passes (2 per step)")
+    axes[-1].set_xlabel("steps" if x_axis == "steps" else "training forward passes (2 per step)"
+                        if all(c.forwards == 2 for c in curves) else "training forward passes (2N per step for N perturbations)")
     for ax in axes:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

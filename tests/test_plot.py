@@ -193,3 +193,15 @@ def test_smoothing_is_a_centred_mean_of_the_finite_values():
     assert np.allclose(got, want)
     assert np.isnan(smoothed(np.array([np.nan, np.nan]), 1)).all()
     assert [smoothing_window(n) for n in (1, 6, 60, 1000, 20000)] == [1, 2, 8, 32, 141]
+
+
+def test_forward_passes_count_every_perturbation_of_an_n_spsa_step():
+    """--x-axis forward-passes: 2N passes a step for a file with N perturbations (spec/nspsa.md), 2 otherwise."""
+    from mezo_replay.format.mzt import read_trajectory
+    from mezo_replay.plot import Curves, _x
+
+    vectors = Path(__file__).resolve().parent.parent / "spec" / "vectors"
+    nspsa, plain = (Curves.of(n, read_trajectory(vectors / n / "traj.mzt")) for n in ("tiny-nspsa", "tiny"))
+    assert (nspsa.forwards, plain.forwards) == (6, 2)  # tiny-nspsa: 3 perturbations a step
+    assert _x(np.arange(3), "forward-passes", nspsa.forwards).tolist() == [0, 6, 12]
+    assert _x(np.arange(3), "steps", nspsa.forwards).tolist() == [0, 1, 2]

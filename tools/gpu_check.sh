@@ -63,14 +63,16 @@ fi
 if [[ " $STAGES " == *" tests "* ]]; then
     # Every test with a CUDA case (vectors, kernels compiled for this GPU, train/replay across devices, the
     # device-side gradient against the host's, every gradient encoding) and the oracle tests (MeZO's sign),
-    # which run wherever the suite runs; the momentum kernels on the GPU against the reference. The fused-step
+    # which run wherever the suite runs; the momentum and Adam kernels on the GPU against the reference (the
+    # n-SPSA, Adam and layer-wise end-to-end vectors run in test_spec_vectors on every backend). The fused-step
     # kernel tests join when present.
     TESTS=(tests/test_spec_vectors.py tests/test_kernels.py tests/test_roundtrip.py tests/test_oracle.py
         tests/test_device_grad.py::test_cuda_gives_the_host_bits_without_synchronising
         tests/test_step_pipeline.py::test_queued_steps_never_wait_for_the_gpu tests/test_rebuild_pipeline.py
         tests/test_distributed_rebuild.py tests/test_shards.py
         tests/test_momentum.py::test_cuda_kernels_give_the_reference_bits
-        tests/test_momentum.py::test_gpu_kernels_compile_and_the_buffer_kernel_fuses_nothing)
+        tests/test_momentum.py::test_gpu_kernels_compile_and_the_buffer_kernel_fuses_nothing
+        tests/test_adam.py::test_cuda_gives_the_reference_bits)
     [[ -f tests/test_fused_step.py ]] && TESTS+=(tests/test_fused_step.py)
     stage tests 165 gpu_tests.log python3 -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}"
 fi
