@@ -201,6 +201,15 @@ def _two_defaults(key: str) -> str:
               help="With --optimizer mezo-momentum or mezo-momentum-buffer: beta (stored to 16 significant bits).")
 @click.option("--momentum-window", type=click.IntRange(1, 64), default=16, show_default=True,
               help="With --optimizer mezo-momentum: how many recorded steps each update spans (K).")
+@click.option("--layerwise", type=click.Choice(["none", "perturbation", "step", "both"]), default="none",
+              show_default=True,
+              help="Layer-wise MeZO (spec/layerwise.md): scale each tuned tensor's perturbation and/or step by a "
+                   "power of two 2^e near its base weights' rms (relative to the element-weighted mean, so --eps "
+                   "and --lr keep their average meaning; all-zero tensors such as LoRA B get 1). perturbation: "
+                   "a tensor of small weights is probed less hard, one of large weights harder, and the update "
+                   "follows that direction; step: the probe is unchanged and larger weights take larger steps "
+                   "(LARS-like); both. The exponents are recorded per tensor, so a rebuild is as exact and as "
+                   "fast as without.")
 @click.option("--tune", multiple=True, show_default="every parameter",
               help="Tune only parameters matching this glob (repeatable), e.g. 'layers.*.self_attn'.")
 @click.option("--freeze", multiple=True, show_default="none",
@@ -270,7 +279,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
           label_words: str | None, text_key: str, prompt_key: str, completion_key: str, label_key: str,
           objective: str, out: Path, resume: Path | None, steps: int | None, lr: float | None, eps: float | None,
           schedule: str, warmup_steps: int, weight_decay: float, grad_codec: str, grad_scale: float | None,
-          rule_name: str, momentum: float, momentum_window: int, tune: tuple[str, ...], freeze: tuple[str, ...],
+          rule_name: str, momentum: float, momentum_window: int, layerwise: str, tune: tuple[str, ...],
+          freeze: tuple[str, ...],
           peft_kind: str | None, lora_r: int, lora_alpha: int, lora_dropout: float, lora_targets: str | None,
           num_virtual_tokens: int, batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
           eval_every: int | None, eval_batch_size: int, record_losses: bool, checkpoint_every: int,
@@ -332,7 +342,7 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
             max_length=max_length or d["max_length"], dtype=dtype, noise=noise, schedule=schedule,
             warmup_steps=warmup_steps, weight_decay=weight_decay, grad_codec=grad_codec,
             grad_scale=grad_scale, optimizer=rule_name, momentum=momentum, momentum_window=momentum_window,
-            tune=tune, freeze=freeze,
+            layerwise=layerwise, tune=tune, freeze=freeze,
             eval_every=d["eval_every"] if eval_every is None else eval_every, eval_batch_size=eval_batch_size,
             record_losses=record_losses, flush_every=flush_every,
             resume=resume is not None, overwrite=overwrite, device=_device(device),
@@ -877,6 +887,7 @@ def summary(traj: Trajectory) -> dict[str, Any]:
         "dtypes": sorted({t["dtype"] for t in h["tensors"]}), "metadata": h["metadata"], "evals": traj.evals,
         **_parallel(h["metadata"]),
     }
+    out.update(_layerwise_summary(h))
     out.update(_kind_summary(traj))
     if traj.losses is not None and traj.steps:
         k = max(1, traj.steps // 10)
@@ -886,6 +897,26 @@ def summary(traj: Trajectory) -> dict[str, Any]:
             out["loss_first"] = float(traj.losses[:k].mean())
             out["loss_last"] = float(traj.losses[-k:].mean())
     return out
+
+
+def _layerwise_summary(h: dict[str, Any]) -> dict[str, Any]:
+    """spec/layerwise.md: each tuned tensor's (perturb_exp, step_exp), present only when one is not 0."""
+    pairs = {t["name"]: [t.get("perturb_exp", 0), t.get("step_exp", 0)] for t in h["tensors"]}
+    if not any(e or f for e, f in pairs.values()):
+        return {}
+    return {"layerwise": pairs}
+
+
+def _layerwise_lines(s: dict[str, Any]) -> list[str]:
+    if "layerwise" not in s:
+        return []
+    out = []
+    for i, what in enumerate(("perturbation", "step")):
+        values = [pair[i] for pair in s["layerwise"].values()]
+        if any(values):
+            out.append(f"{what} exps in [{min(values)}, {max(values)}] ({sum(1 for v in values if v)} of "
+                       f"{len(values)} tensors scaled)")
+    return [f"  layer-wise {'; '.join(out)} (per tensor: --json)"]
 
 
 def _parallel(meta: dict[str, Any]) -> dict[str, Any]:
@@ -1002,6 +1033,7 @@ def _info_lines(s: dict[str, Any], trajectory: Path) -> list[str]:
         + (f", momentum {r['momentum']:.6g} over {r['window']} steps" if r.get("window") else
            f", momentum {r['momentum']:.6g} (state buffer)" if r.get("momentum") else "")
         + " (exact: --json)",
+        *_layerwise_lines(s),
         f"  gradient   {_codec_text(r)}",
         f"  noise      {s['noise']['name']} from {s['generator']['name']}, seed {s['generator']['seed']}",
         f"  parallel   {s['parallel']}, world_size {s['world_size']}"

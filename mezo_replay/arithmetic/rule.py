@@ -21,6 +21,8 @@ MAX_SEED = 2**64 - 1
 SCHEDULES = ("constant", "linear", "cosine")
 RULES = ("mezo-sgd", "mezo-momentum", "mezo-momentum-buffer")
 MAX_WINDOW = 64
+MAX_EXP = 40  # layer-wise scaling (spec/layerwise.md): perturb_exp and step_exp lie in [-MAX_EXP, MAX_EXP]
+LAYERWISE_KEYS = ("perturb_exp", "step_exp")
 _TINY, _HUGE = 2.0**-100, 2.0**100
 
 # K[k]: the binary64 values nearest (-1)^k pi^(2k) / (2k)! (spec/rule.md, COS_PI).
@@ -122,12 +124,15 @@ class MezoSGD:
     momentum: float = 0.0             # mezo-momentum's beta (spec/momentum.md); 0 with window 0: mezo-sgd
     window: int = 0                   # mezo-momentum's K, the records its average spans; 0: mezo-sgd
     buffered: bool = False            # mezo-momentum-buffer: a binary32 state m per element (momentum.md)
+    # layer-wise scaling (spec/layerwise.md): (perturb_exp e_k, step_exp f_k) of each tuned tensor, from the
+    # header's tensor entries; () when every exponent is 0 (the rule then is exactly rule.md's)
+    exponents: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def create(cls, *, lr: float, eps: float, seed: int, noise: str = "gaussian16",
                schedule: Schedule | None = None, weight_decay: float = 0.0, grad_encoding: str = "bf16",
                grad_scale: float | None = None, rule: str = "mezo-sgd", momentum: float = 0.9,
-               window: int = 16) -> MezoSGD:
+               window: int = 16, exponents: Sequence[tuple[int, int]] = ()) -> MezoSGD:
         """Quantises user values as the spec requires writers to: eps to 16 bits, lr and wd to 24, momentum to
         16. fp8 and sign take grad_scale 1 unless given one (it must be a power of two). momentum and window
         apply to rule "mezo-momentum" only."""
@@ -142,7 +147,8 @@ class MezoSGD:
                    weight_decay=round_significant(float(weight_decay), 24), grad_encoding=grad_encoding,
                    grad_scale=None if grad_scale is None else float(grad_scale),
                    momentum=round_significant(float(momentum), 16) if momentum_on else 0.0,
-                   window=window if momentum_on and not buffered else 0, buffered=buffered).validated()
+                   window=window if momentum_on and not buffered else 0, buffered=buffered,
+                   exponents=_normal_exponents(exponents)).validated()
 
     @property
     def name(self) -> str:
@@ -172,6 +178,11 @@ class MezoSGD:
             b = self.momentum
             if not (isinstance(b, float) and 2.0**-16 <= b <= 1.0 - 2.0**-16 and round_significant(b, 16) == b):
                 raise ValueError(f"momentum must be in [2^-16, 1 - 2^-16] with at most 16 significant bits, got {b!r}")
+        for k, pair in enumerate(self.exponents):
+            for key, x in zip(LAYERWISE_KEYS, pair):
+                _int(x, f"tensors[{k}] {key}", -MAX_EXP, MAX_EXP)
+            if not 2.0**-60 <= math.ldexp(self.eps, pair[0]) <= 2.0**60:
+                raise ValueError(f"tensors[{k}] perturb_exp {pair[0]} puts eps * 2^{pair[0]} outside [2^-60, 2^60]")
         return self
 
     @classmethod
@@ -208,7 +219,7 @@ class MezoSGD:
                    schedule=Schedule.from_header(schedule), weight_decay=float(numbers["weight_decay"]),
                    grad_encoding=rule["grad_encoding"],
                    grad_scale=None if scale is None else float(scale), momentum=momentum,
-                   window=window, buffered=buffered).validated()
+                   window=window, buffered=buffered, exponents=_header_exponents(header.get("tensors"))).validated()
 
     def header_fields(self) -> dict[str, Any]:
         noise: dict[str, Any] = {"name": self.noise}
@@ -226,6 +237,39 @@ class MezoSGD:
             rule["momentum"] = self.momentum
         return {"generator": {"name": "philox4x32-10", "seed": str(self.seed)}, "noise": noise, "rule": rule}
 
+    def tensor_fields(self, k: int) -> dict[str, int]:
+        """The layer-wise keys of tensor k's header entry: its non-zero exponents (writers omit zeros)."""
+        if not self.exponents:
+            return {}
+        return {key: x for key, x in zip(LAYERWISE_KEYS, self.exponents[k]) if x}
+
+    def tensor_scaling(self, k: int) -> tuple[float, float]:
+        """(eps_k, scale_k) of tuned tensor k (spec/layerwise.md): eps_k = eps * 2^e_k is what its P1, P2 and
+        P3 use, and its coefficients are c * scale_k with scale_k = 2^(e_k + f_k); both exact (powers of two),
+        so every product of rule.md keeps its bits and stays FMA-immune. (eps, 1.0) without exponents."""
+        if not self.exponents:
+            return self.eps, 1.0
+        e, f = self.exponents[k]
+        return math.ldexp(self.eps, e), math.ldexp(1.0, e + f)
+
+    def tensor_coefficient(self, c: float, k: int) -> float:
+        """c_k = c * 2^(e_k + f_k) for tensor k: +0 below 2^-100 like c, and beyond 2^100 the step is invalid
+        (coefficient refuses such steps through coefficient_limit, so this only guards)."""
+        if not self.exponents or c == 0.0:
+            return c
+        ck = c * self.tensor_scaling(k)[1]  # a power of two: exact in binary64
+        if abs(ck) < _TINY:
+            return 0.0
+        if abs(ck) > _HUGE:
+            raise ValueError(f"tensor {k}: update coefficient {ck:g} is beyond 2^100: the step diverged")
+        return ck
+
+    @property
+    def coefficient_limit(self) -> float:
+        """The largest valid |c|: 2^100, lowered by the largest e_k + f_k so that every c_k stays within 2^100."""
+        shift = max([0, *(e + f for e, f in self.exponents)])
+        return math.ldexp(_HUGE, -shift)
+
     def lr_at(self, t: int) -> float:
         lr = round_significant(self.lr * self.schedule.multiplier(t), 24)
         return 0.0 if lr < _TINY else lr
@@ -242,6 +286,9 @@ class MezoSGD:
             return 0.0
         if abs(c) > _HUGE:
             raise ValueError(f"step {t}: update coefficient {c:g} is beyond 2^100: the step diverged")
+        if self.exponents and abs(c) > self.coefficient_limit:  # some tensor's c_k (spec/layerwise.md)
+            raise ValueError(f"step {t}: update coefficient {c:g} scaled layer-wise is beyond 2^100: "
+                             f"the step diverged")
         return c
 
     def decay(self, t: int) -> float:
@@ -272,6 +319,29 @@ class MezoSGD:
             c = round_significant(round_significant(lr * p, 24) * decode_grad(grad_bits[-1 - k]), 16)
             out.append((t - k, 0.0 if abs(c) < _TINY else c))
         return tuple(out)
+
+
+def _normal_exponents(pairs: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """() when every exponent is 0, so that such a rule equals (and replays as) the plain one."""
+    out = tuple((e, f) for e, f in pairs)
+    return out if any(e or f for e, f in out) else ()
+
+
+def _header_exponents(tensors: object) -> tuple[tuple[int, int], ...]:
+    """(perturb_exp, step_exp) of every header tensor entry; absent means 0. A value that is not a JSON integer
+    (a boolean, 1.5, "2") is refused here, the range by validated()."""
+    if not isinstance(tensors, list):
+        return ()
+    out = []
+    for k, entry in enumerate(tensors):
+        pair = []
+        for key in LAYERWISE_KEYS:
+            x = entry.get(key, 0) if isinstance(entry, dict) else 0
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise ValueError(f"tensors[{k}] {key} must be an integer in [-{MAX_EXP}, {MAX_EXP}], got {x!r}")
+            pair.append(x)
+        out.append((pair[0], pair[1]))
+    return _normal_exponents(out)
 
 
 @lru_cache(maxsize=64)

@@ -84,6 +84,7 @@ class TrainConfig:
     optimizer: str = "mezo-sgd"  # the rule: mezo-sgd, mezo-momentum or mezo-momentum-buffer (spec/momentum.md)
     momentum: float = 0.9  # mezo-momentum's beta
     momentum_window: int = 16  # mezo-momentum's K: the records each step's average spans
+    layerwise: str = "none"  # none, perturbation, step or both: per-tensor exponents from the base (spec/layerwise.md)
     tune: Sequence[str] = ()
     freeze: Sequence[str] = ()
     eval_every: int = 0
@@ -291,7 +292,7 @@ STEP_SETTINGS = {
     "rule.schedule.name": "--schedule", "rule.schedule.warmup_steps": "--warmup-steps",
     "rule.schedule.total_steps": "--steps (the schedule's length)", "rule.weight_decay": "--weight-decay",
     "rule.grad_encoding": "--grad-codec", "rule.grad_scale": "--grad-scale", "rule.name": "--optimizer",
-    "rule.momentum": "--momentum", "rule.window": "--momentum-window",
+    "rule.momentum": "--momentum", "rule.window": "--momentum-window", "layerwise": "--layerwise",
     "peft": "--peft", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
     "lora_targets": "--lora-targets", "num_virtual_tokens": "--num-virtual-tokens",
 }
@@ -338,6 +339,10 @@ def setting_differences(old: Mapping[str, Any], fresh: Mapping[str, Any],
     old_names, new_names = [t["name"] for t in old["tensors"]], [t["name"] for t in fresh["tensors"]]
     if old_names != new_names and not any(k == "peft" for k, _, _ in found):  # else the adapter explains it
         out.append(f"--tune/--freeze: {len(old_names)} tuned tensors {there}, {len(new_names)} {now}")
+    elif not any(k == "layerwise" for k, _, _ in found):  # spec/layerwise.md: the recorded exponents themselves
+        exps = [[(t.get("perturb_exp", 0), t.get("step_exp", 0)) for t in h["tensors"]] for h in (old, fresh)]
+        if exps[0] != exps[1]:
+            out.append(f"--layerwise: other per-tensor exponents {there} than {now}")
     return out
 
 
@@ -675,7 +680,8 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
             named = ((keys[n], p) for n, p in model.named_parameters())
         opt = MeZO(named, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise, schedule=schedule.validated(),
                    weight_decay=cfg.weight_decay, grad_codec=cfg.grad_codec, grad_scale=cfg.grad_scale,
-                   rule=cfg.optimizer, momentum=cfg.momentum, momentum_window=cfg.momentum_window)
+                   rule=cfg.optimizer, momentum=cfg.momentum, momentum_window=cfg.momentum_window,
+                   layerwise=cfg.layerwise)
         if adapter is not None:
             added: Mapping[str, Any] | list[str] = adapter.inits
         else:
@@ -689,7 +695,8 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
                 "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
                 "dtype": cfg.dtype, "train_data_sha256": data_fingerprint(train_set),
                 "base_model": source + (f"@{src.revision}" if src.revision else ""),
-                **(adapter.metadata() if adapter is not None else {}), **parallel, **cfg.metadata}
+                **(adapter.metadata() if adapter is not None else {}), **parallel,
+                **({"layerwise": cfg.layerwise} if cfg.layerwise != "none" else {}), **cfg.metadata}
         # the header this run would write: what a resume compares with the file's, and the ranks with each other
         fresh = opt.header(metadata=meta, new_tensors=added, config=config, extra=extra) \
             if cfg.resume or world.distributed else None
