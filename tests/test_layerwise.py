@@ -259,9 +259,9 @@ def _config(tmp_path: Path, steps: int = 4, **kw) -> TrainConfig:
 
 
 @pytest.mark.parametrize("mode, optimizer, dtype", [
-    pytest.param("perturbation", "mezo-sgd", "fp32", marks=pytest.mark.slow),
+    pytest.param("both", "mezo-sgd", "fp32", marks=pytest.mark.slow),
     pytest.param("step", "mezo-momentum", "bf16", marks=pytest.mark.slow),
-    pytest.param("both", "mezo-momentum-buffer", "fp16", marks=pytest.mark.slow)])
+    pytest.param("perturbation", "mezo-momentum-buffer", "fp16", marks=pytest.mark.slow)])  # both: fp16 overflows
 def test_training_bytes_equal_reconstruction(tmp_path, mode, optimizer, dtype):
     """train() in process on tiny Llama with each choice: its final in-memory weights against reconstruct's."""
     result = train(_config(tmp_path, layerwise=mode, optimizer=optimizer, dtype=dtype, weight_decay=0.01))
