@@ -210,6 +210,9 @@ def _two_defaults(key: str) -> str:
                    "follows that direction; step: the probe is unchanged and larger weights take larger steps "
                    "(LARS-like); both. The exponents are recorded per tensor, so a rebuild is as exact and as "
                    "fast as without.")
+@click.option("--layerwise-blocks", type=click.Choice(["tensor", "layer"]), default="tensor", show_default=True,
+              help="With --layerwise: one exponent per tensor, or per decoder layer (computed from all of the "
+                   "layer's tensors together and recorded on each; tensors outside the layers keep their own).")
 @click.option("--tune", multiple=True, show_default="every parameter",
               help="Tune only parameters matching this glob (repeatable), e.g. 'layers.*.self_attn'.")
 @click.option("--freeze", multiple=True, show_default="none",
@@ -279,7 +282,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
           label_words: str | None, text_key: str, prompt_key: str, completion_key: str, label_key: str,
           objective: str, out: Path, resume: Path | None, steps: int | None, lr: float | None, eps: float | None,
           schedule: str, warmup_steps: int, weight_decay: float, grad_codec: str, grad_scale: float | None,
-          rule_name: str, momentum: float, momentum_window: int, layerwise: str, tune: tuple[str, ...],
+          rule_name: str, momentum: float, momentum_window: int, layerwise: str, layerwise_blocks: str,
+          tune: tuple[str, ...],
           freeze: tuple[str, ...],
           peft_kind: str | None, lora_r: int, lora_alpha: int, lora_dropout: float, lora_targets: str | None,
           num_virtual_tokens: int, batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
@@ -342,7 +346,7 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
             max_length=max_length or d["max_length"], dtype=dtype, noise=noise, schedule=schedule,
             warmup_steps=warmup_steps, weight_decay=weight_decay, grad_codec=grad_codec,
             grad_scale=grad_scale, optimizer=rule_name, momentum=momentum, momentum_window=momentum_window,
-            layerwise=layerwise, tune=tune, freeze=freeze,
+            layerwise=layerwise, layerwise_blocks=layerwise_blocks, tune=tune, freeze=freeze,
             eval_every=d["eval_every"] if eval_every is None else eval_every, eval_batch_size=eval_batch_size,
             record_losses=record_losses, flush_every=flush_every,
             resume=resume is not None, overwrite=overwrite, device=_device(device),
@@ -360,6 +364,9 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
         if rule_name == "mezo-momentum-buffer" and "momentum_window" in given:
             raise MezoReplayError("--momentum-window sets mezo-momentum's window; mezo-momentum-buffer keeps a "
                                   "buffer instead and has none")
+        if layerwise == "none" and ctx.get_parameter_source("layerwise_blocks") != click.core.ParameterSource.DEFAULT:
+            raise MezoReplayError("--layerwise-blocks chooses the blocks of --layerwise: add --layerwise "
+                                  "perturbation, step or both")
         if peft_kind is None and (lora_targets is not None or any(
                 ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
                 for name in ("lora_r", "lora_alpha", "lora_dropout", "num_virtual_tokens"))):

@@ -24,7 +24,7 @@ from mezo_replay.format.mzt import TrajectoryWriter, invalid_steps, read_traject
 from mezo_replay.format.safetensors_io import BaseCheckpoint
 from mezo_replay.kernels import cpu_kernel, steps
 from mezo_replay.rebuild import replay
-from mezo_replay.training.layerwise import exponents_from_rms, layerwise_exponents
+from mezo_replay.training.layerwise import block_of, exponents_from_rms, layerwise_exponents
 from mezo_replay.training.optimizer import MeZO
 from mezo_replay.training.train import TrainConfig, train
 from tests.test_adapter import with_header
@@ -200,6 +200,53 @@ def test_writers_exponents_from_the_base():
     assert layerwise_exponents(ts, "both", 1e-3) == [(-2, -2), (0, 0), (2, 2), (0, 0)]
     assert layerwise_exponents(ts, "none", 1e-3) == [(0, 0)] * 4
     assert layerwise_exponents(ts, "both", 1e-3, groups=["x", "y", "x", "z"]) == [(0, 0)] * 4
+    assert [block_of(n, "layer") for n in ("model.layers.3.mlp.up.weight", "transformer.h.12.attn.c_attn.bias",
+                                           "model.embed_tokens.weight", "layers.1.x")] == \
+        ["model.layers.3", "transformer.h.12", "model.embed_tokens.weight", "layers.1.x"]
+    assert block_of("model.layers.3.mlp.up.weight", "tensor") == "model.layers.3.mlp.up.weight"
+
+
+def test_layer_blocks_share_one_exponent_per_decoder_layer():
+    """--layerwise-blocks layer: each decoder layer's tensors get the exponent of all of them together."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.mul_(16.0 if ".layers.1." in n else 1.0)
+    opt = MeZO(model.named_parameters(), lr=1e-3, layerwise="perturbation", layerwise_blocks="layer")
+    by_layer: dict[str, set] = {}
+    for n, (e, f) in zip(opt.names, opt.rule.exponents):
+        by_layer.setdefault(block_of(n, "layer"), set()).add(e)
+        assert f == 0
+    assert len(by_layer["model.layers.0"]) == len(by_layer["model.layers.1"]) == 1
+    assert by_layer["model.layers.1"].pop() - by_layer["model.layers.0"].pop() == 4
+
+
+def test_queued_steps_scale_the_device_coefficient_like_the_host(tmp_path):
+    """fit's queued steps (a GPU's path; here the CPU by patching) keep c on the device and scale it there:
+    the file equals the one written with every step settled on the host, and it rebuilds to its fingerprint."""
+    from unittest import mock
+
+    from mezo_replay.training import train as train_module
+    from mezo_replay.training.train import fit
+    from tests.test_step_pipeline import N, make_closure_for, tiny_model
+
+    def go(queued: set[str], reads: bool, name: str) -> bytes:
+        model = tiny_model("bf16")
+        given = {n: (i % 3 - 1, i % 2 * 3 - 1) for i, (n, _) in enumerate(model.named_parameters())}
+        opt = MeZO(model.named_parameters(), lr=2e-2, eps=1e-2, seed=7, weight_decay=0.1, layerwise=given)
+        assert len(set(opt.rule.exponents)) > 2
+        opt.record(tmp_path / name, new_tensors=list(opt.names))
+        with mock.patch.object(train_module, "QUEUED_DEVICES", queued):
+            fit(opt, N, make_closure_for(model), reads_weights=reads)
+        return (tmp_path / name).read_bytes()
+
+    settled = go(set(), True, "settled.mzt")
+    assert go({"cpu"}, False, "queued.mzt") == settled
+    replay.verify(replay.plan(None, tmp_path / "queued.mzt"))
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -251,6 +298,12 @@ def test_train_cli_then_the_printed_reconstruct(tmp_path):
     assert js["layerwise"] == {t["name"]: [e, f] for t, (e, f) in zip(h["tensors"], exps)}
 
 
+def test_train_cli_refuses_blocks_without_layerwise_in_one_line(tmp_path):
+    r = inproc("train", "--steps", "2", "--layerwise-blocks", "layer", "-q", "-o", "x.mzt", cwd=tmp_path)
+    assert "--layerwise-blocks chooses the blocks of --layerwise" in one_line_error(r)
+    assert not (tmp_path / "x.mzt").exists()
+
+
 def _config(tmp_path: Path, steps: int = 4, **kw) -> TrainConfig:
     tr, ev = embedded.load_task()
     args = dict(model=embedded.MODEL_DIR, train_examples=tr[:32], eval_examples=ev[:8], out=tmp_path / "t.mzt",
@@ -295,9 +348,10 @@ def test_resume_and_reconstruct_step(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["perturbation", "step"])
-def test_train_cli_other_choices(tmp_path, mode):
-    r = cli("train", "--steps", "3", "--eval-every", "0", "--layerwise", mode, "-q", "-o", "run.mzt", cwd=tmp_path)
+@pytest.mark.parametrize("mode, blocks", [("perturbation", "tensor"), ("step", "tensor"), ("perturbation", "layer")])
+def test_train_cli_other_choices(tmp_path, mode, blocks):
+    r = cli("train", "--steps", "3", "--eval-every", "0", "--layerwise", mode, "--layerwise-blocks", blocks, "-q",
+            "-o", "run.mzt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r2 = cli(*printed_command(r.stdout), "-q", cwd=tmp_path)
     assert r2.returncode == 0 and "verified against" in r2.stdout, r2.stderr

@@ -12,6 +12,7 @@ first-order training: larger weights take larger steps. `both` does both.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,18 @@ import torch
 from ..arithmetic.rule import MAX_EXP
 
 MODES = ("none", "perturbation", "step", "both")
+BLOCKS = ("tensor", "layer")
+# a decoder (or encoder) layer of the common architectures: model.layers.3., transformer.h.3., encoder.layer.3.
+_LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
+
+
+def block_of(name: str, blocks: str) -> str:
+    """The block a tensor belongs to: itself ("tensor"), or its numbered layer ("layer"; a tensor outside
+    every layer, such as the embeddings or the final norm, is a block of its own)."""
+    if blocks not in BLOCKS:
+        raise ValueError(f"unknown layer-wise block {blocks!r}; choose one of {', '.join(BLOCKS)}")
+    m = _LAYER.match(name) if blocks == "layer" else None
+    return m.group(1) if m else name
 
 
 def rms_exponent(t: torch.Tensor) -> int | None:

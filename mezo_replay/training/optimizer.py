@@ -39,7 +39,7 @@ from ..arithmetic.rule import MezoSGD, Schedule
 from ..kernels.steps import (perturb_all_, restore_buffer_all_, restore_terms_all_, restore_update_all_,
                              update_perturb_all_)
 from . import shards
-from .layerwise import layerwise_exponents
+from .layerwise import block_of, layerwise_exponents
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -133,7 +133,8 @@ class MeZO:
                  on_nonfinite: Literal["raise", "skip"] = "raise", grad_codec: str = "bf16",
                  grad_scale: float | None = None, rule: str = "mezo-sgd", momentum: float = 0.9,
                  momentum_window: int = 16,
-                 layerwise: str | Sequence[tuple[int, int]] | Mapping[str, tuple[int, int]] = "none") -> None:
+                 layerwise: str | Sequence[tuple[int, int]] | Mapping[str, tuple[int, int]] = "none",
+                 layerwise_blocks: str = "tensor") -> None:
         chosen: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for item in params:
@@ -153,7 +154,7 @@ class MeZO:
         self.names = sorted(chosen, key=lambda n: n.encode("utf-8"))
         self.params = [chosen[n] for n in self.names]
         self.sharded = any(shards.is_dtensor(p) for p in self.params)  # FSDP2: passes over local shards
-        exponents = self._layerwise(layerwise, eps)
+        exponents = self._layerwise(layerwise, eps, layerwise_blocks)
         self.rule = MezoSGD.create(lr=lr, eps=eps, seed=seed, noise=noise, schedule=schedule,
                                    weight_decay=weight_decay, grad_encoding=grad_codec, grad_scale=grad_scale,
                                    rule=rule, momentum=momentum, window=momentum_window, exponents=exponents)
@@ -177,10 +178,10 @@ class MeZO:
         self._base_fingerprints = self.fingerprints()
 
     def _layerwise(self, layerwise: str | Sequence[tuple[int, int]] | Mapping[str, tuple[int, int]],
-                   eps: float) -> list[tuple[int, int]]:
+                   eps: float, blocks: str) -> list[tuple[int, int]]:
         """(perturb_exp, step_exp) per tuned tensor (spec/layerwise.md): a mode of training/layerwise.py
-        computed from the weights as they are now (the base), or given (a sequence in tuned-tensor order, or
-        a mapping by name with absent names 0), e.g. a resumed run's, taken from its file."""
+        computed from the weights as they are now (the base), per tensor or per decoder layer (`blocks`), or
+        given (a sequence in tuned-tensor order, or a mapping by name with absent names 0)."""
         if isinstance(layerwise, str):
             if layerwise == "none":
                 return []
@@ -188,7 +189,8 @@ class MeZO:
                 raise MezoReplayError("layer-wise scaling computes each tensor's rms from the whole tensor; "
                                       "FSDP2-sharded parameters are not supported yet")
             eps_q = MezoSGD.create(lr=1.0, eps=eps, seed=0).eps  # the stored eps, whose range bounds eps_k
-            return layerwise_exponents([p.detach() for p in self.params], layerwise, eps_q)
+            groups = None if blocks == "tensor" else [block_of(n, blocks) for n in self.names]
+            return layerwise_exponents([p.detach() for p in self.params], layerwise, eps_q, groups)
         if isinstance(layerwise, Mapping):
             if unknown := set(layerwise) - set(self.names):
                 raise ValueError(f"layer-wise exponents for {sorted(unknown)}, which are not tuned parameters")

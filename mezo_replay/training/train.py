@@ -85,6 +85,7 @@ class TrainConfig:
     momentum: float = 0.9  # mezo-momentum's beta
     momentum_window: int = 16  # mezo-momentum's K: the records each step's average spans
     layerwise: str = "none"  # none, perturbation, step or both: per-tensor exponents from the base (spec/layerwise.md)
+    layerwise_blocks: str = "tensor"  # tensor, or layer: one exponent per decoder layer, from all its tensors
     tune: Sequence[str] = ()
     freeze: Sequence[str] = ()
     eval_every: int = 0
@@ -293,6 +294,7 @@ STEP_SETTINGS = {
     "rule.schedule.total_steps": "--steps (the schedule's length)", "rule.weight_decay": "--weight-decay",
     "rule.grad_encoding": "--grad-codec", "rule.grad_scale": "--grad-scale", "rule.name": "--optimizer",
     "rule.momentum": "--momentum", "rule.window": "--momentum-window", "layerwise": "--layerwise",
+    "layerwise_blocks": "--layerwise-blocks",
     "peft": "--peft", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
     "lora_targets": "--lora-targets", "num_virtual_tokens": "--num-virtual-tokens",
 }
@@ -681,7 +683,7 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
         opt = MeZO(named, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise, schedule=schedule.validated(),
                    weight_decay=cfg.weight_decay, grad_codec=cfg.grad_codec, grad_scale=cfg.grad_scale,
                    rule=cfg.optimizer, momentum=cfg.momentum, momentum_window=cfg.momentum_window,
-                   layerwise=cfg.layerwise)
+                   layerwise=cfg.layerwise, layerwise_blocks=cfg.layerwise_blocks)
         if adapter is not None:
             added: Mapping[str, Any] | list[str] = adapter.inits
         else:
@@ -696,7 +698,9 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
                 "dtype": cfg.dtype, "train_data_sha256": data_fingerprint(train_set),
                 "base_model": source + (f"@{src.revision}" if src.revision else ""),
                 **(adapter.metadata() if adapter is not None else {}), **parallel,
-                **({"layerwise": cfg.layerwise} if cfg.layerwise != "none" else {}), **cfg.metadata}
+                **({"layerwise": cfg.layerwise} if cfg.layerwise != "none" else {}),
+                **({"layerwise_blocks": cfg.layerwise_blocks}
+                   if cfg.layerwise != "none" and cfg.layerwise_blocks != "tensor" else {}), **cfg.metadata}
         # the header this run would write: what a resume compares with the file's, and the ranks with each other
         fresh = opt.header(metadata=meta, new_tensors=added, config=config, extra=extra) \
             if cfg.resume or world.distributed else None
