@@ -125,6 +125,11 @@ class MeZO:
     for mezo-sgd; its steps are never queued on the device: queue_step refuses them.
     rule="mezo-momentum-buffer" is the state-buffer form: one float32 buffer per tuned tensor (`states`),
     4 bytes per tuned parameter more, one noise draw per step; fused and never queued the same way.
+
+    layerwise (spec/layerwise.md) scales each tensor's perturbation (2^perturb_exp) and step (2^step_exp) by
+    powers of two recorded in its header entry, so replay stays exact: "perturbation", "step" or "both"
+    choose them from the weights as they are at construction (the base; layerwise_blocks="layer" gives each
+    decoder layer one exponent), or pass them (per tuned tensor in order, or a mapping by name).
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], *, lr: float, eps: float = 1e-3,
