@@ -204,12 +204,13 @@ def _two_defaults(key: str) -> str:
 @click.option("--layerwise", type=click.Choice(["none", "perturbation", "step", "both"]), default="none",
               show_default=True,
               help="Layer-wise MeZO (spec/layerwise.md): scale each tuned tensor's perturbation and/or step by a "
-                   "power of two 2^e near its base weights' rms (relative to the element-weighted mean, so --eps "
-                   "and --lr keep their average meaning; all-zero tensors such as LoRA B get 1). perturbation: "
+                   "power of two 2^e near its base weights' rms (relative to the element-weighted mean exponent, "
+                   "so --eps keeps its average meaning; all-zero tensors such as LoRA B get 1). perturbation: "
                    "a tensor of small weights is probed less hard, one of large weights harder, and the update "
                    "follows that direction; step: the probe is unchanged and larger weights take larger steps "
-                   "(LARS-like); both. The exponents are recorded per tensor, so a rebuild is as exact and as "
-                   "fast as without.")
+                   "(LARS-like); both. In expectation tensor k's step grows by 4^e (perturbation), 2^e (step) or "
+                   "8^e (both): lower --lr (on the demo: 2e-5 for perturbation, 1e-6 for both). The exponents "
+                   "are recorded per tensor, so a rebuild is as exact and as fast as without.")
 @click.option("--layerwise-blocks", type=click.Choice(["tensor", "layer"]), default="tensor", show_default=True,
               help="With --layerwise: one exponent per tensor, or per decoder layer (computed from all of the "
                    "layer's tensors together and recorded on each; tensors outside the layers keep their own).")
