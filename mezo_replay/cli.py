@@ -214,6 +214,19 @@ def _two_defaults(key: str) -> str:
               help="n-SPSA (spec/nspsa.md; --optimizer mezo-sgd only): N perturbations a step on the same "
                    "batch, averaged into one update. Costs 2N forward passes a step and records N gradients "
                    "a step (N times the step bytes); --steps counts optimizer steps.")
+@click.option("--layerwise", type=click.Choice(["none", "perturbation", "step", "both"]), default="none",
+              show_default=True,
+              help="Layer-wise MeZO (spec/layerwise.md): scale each tuned tensor's perturbation and/or step by a "
+                   "power of two 2^e near its base weights' rms (relative to the element-weighted mean exponent, "
+                   "so --eps keeps its average meaning; all-zero tensors such as LoRA B get 1). perturbation: "
+                   "a tensor of small weights is probed less hard, one of large weights harder, and the update "
+                   "follows that direction; step: the probe is unchanged and larger weights take larger steps "
+                   "(LARS-like); both. In expectation tensor k's step grows by 4^e (perturbation), 2^e (step) or "
+                   "8^e (both): lower --lr (on the demo: 2e-5 for perturbation, 1e-6 for both). The exponents "
+                   "are recorded per tensor, so a rebuild is as exact and as fast as without.")
+@click.option("--layerwise-blocks", type=click.Choice(["tensor", "layer"]), default="tensor", show_default=True,
+              help="With --layerwise: one exponent per tensor, or per decoder layer (computed from all of the "
+                   "layer's tensors together and recorded on each; tensors outside the layers keep their own).")
 @click.option("--tune", multiple=True, show_default="every parameter",
               help="Tune only parameters matching this glob (repeatable), e.g. 'layers.*.self_attn'.")
 @click.option("--freeze", multiple=True, show_default="none",
@@ -284,7 +297,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
           objective: str, out: Path, resume: Path | None, steps: int | None, lr: float | None, eps: float | None,
           schedule: str, warmup_steps: int, weight_decay: float, grad_codec: str, grad_scale: float | None,
           rule_name: str, momentum: float, beta2: float, adam_eps: float, momentum_window: int,
-          perturbations: int, tune: tuple[str, ...], freeze: tuple[str, ...],
+          perturbations: int, layerwise: str, layerwise_blocks: str, tune: tuple[str, ...],
+          freeze: tuple[str, ...],
           peft_kind: str | None, lora_r: int, lora_alpha: int, lora_dropout: float, lora_targets: str | None,
           num_virtual_tokens: int, batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
           eval_every: int | None, eval_batch_size: int, record_losses: bool, checkpoint_every: int,
@@ -346,7 +360,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
             max_length=max_length or d["max_length"], dtype=dtype, noise=noise, schedule=schedule,
             warmup_steps=warmup_steps, weight_decay=weight_decay, grad_codec=grad_codec,
             grad_scale=grad_scale, optimizer=rule_name, momentum=momentum, momentum_window=momentum_window,
-            beta2=beta2, adam_eps=adam_eps, perturbations=perturbations, tune=tune, freeze=freeze,
+            beta2=beta2, adam_eps=adam_eps, perturbations=perturbations, layerwise=layerwise,
+            layerwise_blocks=layerwise_blocks, tune=tune, freeze=freeze,
             eval_every=d["eval_every"] if eval_every is None else eval_every, eval_batch_size=eval_batch_size,
             record_losses=record_losses, flush_every=flush_every,
             resume=resume is not None, overwrite=overwrite, device=_device(device),
@@ -372,6 +387,9 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
         if rule_name == "mezo-momentum-buffer" and "momentum_window" in given:
             raise MezoReplayError("--momentum-window sets mezo-momentum's window; mezo-momentum-buffer keeps a "
                                   "buffer instead and has none")
+        if layerwise == "none" and ctx.get_parameter_source("layerwise_blocks") != click.core.ParameterSource.DEFAULT:
+            raise MezoReplayError("--layerwise-blocks chooses the blocks of --layerwise: add --layerwise "
+                                  "perturbation, step or both")
         if peft_kind is None and (lora_targets is not None or any(
                 ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
                 for name in ("lora_r", "lora_alpha", "lora_dropout", "num_virtual_tokens"))):
@@ -899,6 +917,7 @@ def summary(traj: Trajectory) -> dict[str, Any]:
         "dtypes": sorted({t["dtype"] for t in h["tensors"]}), "metadata": h["metadata"], "evals": traj.evals,
         **_parallel(h["metadata"]),
     }
+    out.update(_layerwise_summary(h))
     out.update(_kind_summary(traj))
     if traj.losses is not None and traj.steps:
         k = max(1, traj.steps // 10)
@@ -908,6 +927,26 @@ def summary(traj: Trajectory) -> dict[str, Any]:
             out["loss_first"] = float(traj.losses[:k].mean())
             out["loss_last"] = float(traj.losses[-k:].mean())
     return out
+
+
+def _layerwise_summary(h: dict[str, Any]) -> dict[str, Any]:
+    """spec/layerwise.md: each tuned tensor's (perturb_exp, step_exp), present only when one is not 0."""
+    pairs = {t["name"]: [t.get("perturb_exp", 0), t.get("step_exp", 0)] for t in h["tensors"]}
+    if not any(e or f for e, f in pairs.values()):
+        return {}
+    return {"layerwise": pairs}
+
+
+def _layerwise_lines(s: dict[str, Any]) -> list[str]:
+    if "layerwise" not in s:
+        return []
+    out = []
+    for i, what in enumerate(("perturbation", "step")):
+        values = [pair[i] for pair in s["layerwise"].values()]
+        if any(values):
+            out.append(f"{what} exps in [{min(values)}, {max(values)}] ({sum(1 for v in values if v)} of "
+                       f"{len(values)} tensors scaled)")
+    return [f"  layer-wise {'; '.join(out)} (per tensor: --json)"]
 
 
 def _parallel(meta: dict[str, Any]) -> dict[str, Any]:
@@ -1028,6 +1067,7 @@ def _info_lines(s: dict[str, Any], trajectory: Path) -> list[str]:
            f", momentum {r['momentum']:.6g} (state buffer)" if r.get("momentum") else "")
         + (f", {r['perturbations']} perturbations a step (n-SPSA)" if r.get("perturbations") else "")
         + " (exact: --json)",
+        *_layerwise_lines(s),
         f"  gradient   {_codec_text(r)}",
         f"  noise      {s['noise']['name']} from {s['generator']['name']}, seed {s['generator']['seed']}",
         f"  parallel   {s['parallel']}, world_size {s['world_size']}"

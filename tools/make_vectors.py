@@ -298,7 +298,8 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
          nan_payloads: bool = False, checkpoints: tuple[int, ...] = (), grad_codec: str = "bf16",
          grad_scale: float | None = None, loss_values: tuple[float, ...] | None = None,
          rule: str = "mezo-sgd", momentum: float = 0.9, window: int = 16, perturbations: int = 1,
-         beta2: float = 0.999, adam_eps: float = 1e-8) -> None:
+         beta2: float = 0.999, adam_eps: float = 1e-8,
+         layerwise: dict[str, tuple[int, int]] | None = None) -> None:
     """spec/vectors/tiny: a base with one tensor per dtype (special values included) and a frozen one,
     a trajectory recorded by the real optimizer from a fixed loss sequence, and the expected result.
     With nan_payloads the base's NaNs have signs, payloads and signalling bits that every output must
@@ -337,7 +338,8 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
     opt = MeZO(params.items(), lr=0.05, eps=1e-3, seed=2**40 + 11, schedule=schedule, weight_decay=weight_decay,
                grad_codec=grad_codec, grad_scale=grad_scale, rule=rule, momentum=momentum, momentum_window=window,
                perturbations=perturbations,
-               **({"beta2": beta2, "adam_eps": adam_eps} if rule.startswith("mezo-adam") else {}))
+               **({"beta2": beta2, "adam_eps": adam_eps} if rule.startswith("mezo-adam") else {}),
+               **({"layerwise": layerwise} if layerwise else {}))
     (out / "traj.mzt").unlink(missing_ok=True)
     opt.record(out / "traj.mzt", base_source="base.safetensors", steps_per_chunk=4,
                metadata={"purpose": "spec test vector"}, new_tensors=["e.head"] if new_tensor else ())
@@ -826,6 +828,21 @@ def adam_vectors() -> None:
              loss_values=(2.0, 1.9, 1.7, 1.75, 1.5, 1.5, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1))
 
 
+# spec/layerwise.md: a positive, a zero-and-positive and a most-negative tensor. b.bias's e + f = -80 makes
+# every c_k tiny, and step 2's c (equal losses but for 2^-40: c about 2^-35) fall below 2^-100 to +0.
+LAYERWISE_EXPONENTS = {"a.weight": (3, -2), "b.bias": (-40, -40), "c.scale": (0, 5)}
+LAYERWISE_LOSSES = (2.0, 1.9, 1.7, 1.75, 1.0, 1.0 + 2.0**-40, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1)
+
+
+def layerwise_vectors() -> None:
+    from mezo_replay.arithmetic.rule import Schedule
+
+    tiny("tiny-layerwise", schedule=Schedule("cosine", warmup_steps=1, total_steps=6), weight_decay=0.5,
+         layerwise=LAYERWISE_EXPONENTS, loss_values=LAYERWISE_LOSSES)
+    tiny("tiny-layerwise-momentum", rule="mezo-momentum", momentum=0.75, window=3,
+         layerwise=LAYERWISE_EXPONENTS, loss_values=LAYERWISE_LOSSES)
+
+
 def main() -> None:
     if sys.argv[1:] == ["momentum"]:  # only spec/vectors/momentum.json and tiny-momentum
         momentum_vectors()
@@ -834,6 +851,8 @@ def main() -> None:
         nspsa_vectors()
     if sys.argv[1:] == ["adam"]:  # only spec/vectors/adam.json, tiny-adam and tiny-adam-buffer
         adam_vectors()
+    if sys.argv[1:] == ["layerwise"]:  # only spec/vectors/tiny-layerwise*
+        layerwise_vectors()
         return
     SPEC.mkdir(parents=True, exist_ok=True)
     for name, fn in (("philox", philox), ("noise", noise), ("rule", rule), ("init", init),
@@ -857,6 +876,7 @@ def main() -> None:
     momentum_vectors()
     nspsa_vectors()
     adam_vectors()
+    layerwise_vectors()
 
 
 if __name__ == "__main__":

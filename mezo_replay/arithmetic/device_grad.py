@@ -119,7 +119,7 @@ def device_coefficient(loss_plus: torch.Tensor, loss_minus: torch.Tensor, rule: 
     product = gq.view(torch.float64) * lr  # exact: 32 significant bits, in the normal range
     p = product.view(torch.int64)
     c = _round_magnitude(torch.clamp(torch.bitwise_and(p, _MAGNITUDE), max=_INF), 16)
-    coefficient_failed = c > _pattern(100)
+    coefficient_failed = c > _pattern(int(math.log2(rule.coefficient_limit)))  # 2^100, lower layer-wise
     failed = encode_failed | coefficient_failed
     c = torch.where((c < _pattern(-100)) | failed, 0, c)
     c = torch.where(c == 0, 0, torch.bitwise_or(c, torch.bitwise_and(p, _SIGN)))  # +0, never -0, as the host

@@ -269,15 +269,19 @@ def phases(bits: np.ndarray, dtype: str, z: np.ndarray, eps: float, c: float, d:
 
 
 def replay(bits: np.ndarray, dtype: str, *, seed: int, k: int, noise_name: str, rule: dict, grads: list[int],
-           decayed: bool = False, start: int = 0) -> np.ndarray:
+           decayed: bool = False, start: int = 0, perturb_exp: int = 0, step_exp: int = 0) -> np.ndarray:
     """Elements start.. of tensor k after every step in `grads` (bf16 bits); `rule` is the header's
-    (mezo-sgd, mezo-momentum or mezo-momentum-buffer)."""
+    (mezo-sgd, mezo-momentum or mezo-momentum-buffer); perturb_exp and step_exp are the tensor entry's
+    layer-wise exponents (layerwise.md: eps_k = eps * 2^e, every coefficient times 2^(e + f))."""
     index = np.arange(start, start + bits.size, dtype=np.uint64)
     m = np.zeros(bits.size, dtype=np.float32)  # mezo-momentum-buffer's state
+    if (perturb_exp or step_exp) and (rule.get("perturbations", 1) > 1 or rule.get("name", "").startswith("mezo-adam")):
+        raise ValueError("layer-wise exponents apply to mezo-sgd with one perturbation and the momentum rules")
     if rule.get("perturbations", 1) > 1:  # n-SPSA (nspsa.md): grads[t] holds step t's N records
         return nspsa_replay(bits, dtype, seed=seed, k=k, noise_name=noise_name, rule=rule, grads=grads,
                             decayed=decayed, index=index)
     v = np.zeros(bits.size, dtype=np.float32)  # mezo-adam-buffer's second one
+    eps = layerwise_eps(rule["eps"], perturb_exp)
     for t, gb in enumerate(grads):
         z = noise(noise_name, seed, t, k, index)
         d = decay_factor(rule, t) if decayed else 0.0
@@ -291,15 +295,39 @@ def replay(bits: np.ndarray, dtype: str, *, seed: int, k: int, noise_name: str, 
                 bits = adam_window_p3(pre, dtype, z, rule, [(cm, cv, zj) for (_, cm, cv), zj in zip(terms, zs)],
                                       alpha, h, d)
         elif rule.get("name") == "mezo-momentum-buffer":
-            bits, m = buffer_update(perturbed(bits, dtype, z, rule["eps"]), m, dtype, z, rule["eps"],
-                                    coefficient(lr_at(rule, t), gb), rule["momentum"], d)
+            c = layerwise_coefficient(coefficient(lr_at(rule, t), gb), perturb_exp, step_exp)
+            bits, m = buffer_update(perturbed(bits, dtype, z, eps), m, dtype, z, eps, c, rule["momentum"], d)
         elif rule.get("name") == "mezo-momentum":
-            terms = [(s, c, noise(noise_name, seed, s, k, index)) for s, c in momentum_terms(rule, t, grads[:t + 1])]
-            bits = multi_term_update(perturbed(bits, dtype, z, rule["eps"]), dtype, z, rule["eps"],
+            terms = [(s, layerwise_coefficient(c, perturb_exp, step_exp), noise(noise_name, seed, s, k, index))
+                     for s, c in momentum_terms(rule, t, grads[:t + 1])]
+            bits = multi_term_update(perturbed(bits, dtype, z, eps), dtype, z, eps,
                                      [(c, zs) for _, c, zs in terms], d)
         else:
-            bits = phases(bits, dtype, z, rule["eps"], coefficient(lr_at(rule, t), gb), d)[2]
+            c = layerwise_coefficient(coefficient(lr_at(rule, t), gb), perturb_exp, step_exp)
+            bits = phases(bits, dtype, z, eps, c, d)[2]
     return bits
+
+
+# --- layer-wise scaling (layerwise.md) ----------------------------------------------------------------
+
+def layerwise_eps(eps: float, e: int) -> float:
+    """eps_k = eps * 2^e; a header whose eps_k leaves [2^-60, 2^60] is refused."""
+    if isinstance(e, bool) or not isinstance(e, int) or not -40 <= e <= 40:
+        raise ValueError("perturb_exp must be an integer in [-40, 40]")
+    out = math.ldexp(eps, e)
+    if not 2.0**-60 <= out <= 2.0**60:
+        raise ValueError("eps * 2^perturb_exp outside [2^-60, 2^60]")
+    return out
+
+
+def layerwise_coefficient(c: float, e: int, f: int) -> float:
+    """c_k = c * 2^(e + f): +0 below 2^-100; beyond 2^100 the step is invalid."""
+    ck = math.ldexp(c, e + f)
+    if abs(ck) < 2.0**-100:
+        return 0.0
+    if abs(ck) > 2.0**100:
+        raise ValueError("layer-wise update coefficient beyond 2^100")
+    return ck
 
 
 # --- mezo-momentum (momentum.md) ----------------------------------------------------------------------

@@ -24,6 +24,8 @@ ADAM_RULES = ("mezo-adam", "mezo-adam-buffer")  # spec/adam.md
 ADAM_GRAD_LIMIT = 2.0**40  # |gq| at or beyond it is an invalid Adam step (spec/adam.md)
 MAX_WINDOW = 64
 MAX_PERTURBATIONS = 64  # n-SPSA (spec/nspsa.md): perturbations per step, 1 .. 64
+MAX_EXP = 40  # layer-wise scaling (spec/layerwise.md): perturb_exp and step_exp lie in [-MAX_EXP, MAX_EXP]
+LAYERWISE_KEYS = ("perturb_exp", "step_exp")
 _TINY, _HUGE = 2.0**-100, 2.0**100
 
 # K[k]: the binary64 values nearest (-1)^k pi^(2k) / (2k)! (spec/rule.md, COS_PI).
@@ -129,13 +131,16 @@ class MezoSGD:
     beta2: float = 0.0                # Adam (spec/adam.md): beta2, nonzero for mezo-adam(-buffer); momentum is beta1
     adam_eps: float = 0.0             # Adam's delta
     adam_window: int = 0              # mezo-adam's K; 0 with beta2 set: mezo-adam-buffer (m, v per element)
+    # layer-wise scaling (spec/layerwise.md): (perturb_exp e_k, step_exp f_k) of each tuned tensor, from the
+    # header's tensor entries; () when every exponent is 0 (the rule then is exactly rule.md's)
+    exponents: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def create(cls, *, lr: float, eps: float, seed: int, noise: str = "gaussian16",
                schedule: Schedule | None = None, weight_decay: float = 0.0, grad_encoding: str = "bf16",
                grad_scale: float | None = None, rule: str = "mezo-sgd", momentum: float = 0.9,
                window: int = 16, perturbations: int = 1, beta2: float = 0.999,
-               adam_eps: float = 1e-8) -> MezoSGD:
+               adam_eps: float = 1e-8, exponents: Sequence[tuple[int, int]] = ()) -> MezoSGD:
         """Quantises user values as the spec requires writers to: eps to 16 bits, lr and wd to 24, momentum to
         16. fp8 and sign take grad_scale 1 unless given one (it must be a power of two). momentum and window
         apply to rule "mezo-momentum" only; perturbations (n-SPSA, spec/nspsa.md) to "mezo-sgd" only. Adam
@@ -152,7 +157,8 @@ class MezoSGD:
                        grad_scale=None if grad_scale is None else float(grad_scale),
                        momentum=adam_beta(momentum, "beta1 (momentum)"), beta2=adam_beta(beta2, "beta2"),
                        adam_eps=round_significant(float(adam_eps), 24),
-                       adam_window=window if rule == "mezo-adam" else 0, perturbations=perturbations).validated()
+                       adam_window=window if rule == "mezo-adam" else 0, perturbations=perturbations,
+                       exponents=_normal_exponents(exponents)).validated()
         momentum_on = rule in ("mezo-momentum", "mezo-momentum-buffer")
         buffered = rule == "mezo-momentum-buffer"
         if grad_encoding != "bf16" and grad_scale is None:
@@ -163,7 +169,7 @@ class MezoSGD:
                    grad_scale=None if grad_scale is None else float(grad_scale),
                    momentum=round_significant(float(momentum), 16) if momentum_on else 0.0,
                    window=window if momentum_on and not buffered else 0, buffered=buffered,
-                   perturbations=perturbations).validated()
+                   perturbations=perturbations, exponents=_normal_exponents(exponents)).validated()
 
     @property
     def name(self) -> str:
@@ -202,6 +208,10 @@ class MezoSGD:
         if self.perturbations > 1 and (self.window or self.buffered or self.adam):
             raise ValueError(f"{self.name} takes one perturbation a step: perturbations (n-SPSA) apply to "
                              f"mezo-sgd only")
+        if self.exponents and (self.adam or self.perturbations > 1):  # spec/layerwise.md: not defined (yet)
+            raise ValueError(f"layer-wise exponents (perturb_exp, step_exp) apply to mezo-sgd with one perturbation "
+                             f"a step and the momentum rules, not to {self.name}"
+                             + (f" with {self.perturbations} perturbations" if self.perturbations > 1 else ""))
         if self.adam:
             return self._adam_validated()
         if self.adam_window or self.adam_eps:
@@ -214,6 +224,11 @@ class MezoSGD:
             b = self.momentum
             if not (isinstance(b, float) and 2.0**-16 <= b <= 1.0 - 2.0**-16 and round_significant(b, 16) == b):
                 raise ValueError(f"momentum must be in [2^-16, 1 - 2^-16] with at most 16 significant bits, got {b!r}")
+        for k, pair in enumerate(self.exponents):
+            for key, x in zip(LAYERWISE_KEYS, pair):
+                _int(x, f"tensors[{k}] {key}", -MAX_EXP, MAX_EXP)
+            if not 2.0**-60 <= math.ldexp(self.eps, pair[0]) <= 2.0**60:
+                raise ValueError(f"tensors[{k}] perturb_exp {pair[0]} puts eps * 2^{pair[0]} outside [2^-60, 2^60]")
         return self
 
     def _adam_validated(self) -> MezoSGD:
@@ -278,7 +293,8 @@ class MezoSGD:
                    schedule=Schedule.from_header(schedule), weight_decay=float(numbers["weight_decay"]),
                    grad_encoding=rule["grad_encoding"],
                    grad_scale=None if scale is None else float(scale), momentum=momentum,
-                   window=window, buffered=buffered, perturbations=perturbations).validated()
+                   window=window, buffered=buffered, perturbations=perturbations,
+                   exponents=_header_exponents(header.get("tensors"), rule.get("layerwise"))).validated()
 
     @classmethod
     def _adam_from_header(cls, header: dict[str, Any]) -> MezoSGD:
@@ -323,7 +339,42 @@ class MezoSGD:
             rule["momentum"] = self.momentum
         if self.perturbations > 1:
             rule["perturbations"] = self.perturbations
+        if self.exponents:  # spec/layerwise.md: readers that predate the tensor keys refuse the file by this one
+            rule["layerwise"] = True
         return {"generator": {"name": "philox4x32-10", "seed": str(self.seed)}, "noise": noise, "rule": rule}
+
+    def tensor_fields(self, k: int) -> dict[str, int]:
+        """The layer-wise keys of tensor k's header entry: its non-zero exponents (writers omit zeros)."""
+        if not self.exponents:
+            return {}
+        return {key: x for key, x in zip(LAYERWISE_KEYS, self.exponents[k]) if x}
+
+    def tensor_scaling(self, k: int) -> tuple[float, float]:
+        """(eps_k, scale_k) of tuned tensor k (spec/layerwise.md): eps_k = eps * 2^e_k is what its P1, P2 and
+        P3 use, and its coefficients are c * scale_k with scale_k = 2^(e_k + f_k); both exact (powers of two),
+        so every product of rule.md keeps its bits and stays FMA-immune. (eps, 1.0) without exponents."""
+        if not self.exponents:
+            return self.eps, 1.0
+        e, f = self.exponents[k]
+        return math.ldexp(self.eps, e), math.ldexp(1.0, e + f)
+
+    def tensor_coefficient(self, c: float, k: int) -> float:
+        """c_k = c * 2^(e_k + f_k) for tensor k: +0 below 2^-100 like c, and beyond 2^100 the step is invalid
+        (coefficient refuses such steps through coefficient_limit, so this only guards)."""
+        if not self.exponents or c == 0.0:
+            return c
+        ck = c * self.tensor_scaling(k)[1]  # a power of two: exact in binary64
+        if abs(ck) < _TINY:
+            return 0.0
+        if abs(ck) > _HUGE:
+            raise ValueError(f"tensor {k}: update coefficient {ck:g} is beyond 2^100: the step diverged")
+        return ck
+
+    @property
+    def coefficient_limit(self) -> float:
+        """The largest valid |c|: 2^100, lowered by the largest e_k + f_k so that every c_k stays within 2^100."""
+        shift = max([0, *(e + f for e, f in self.exponents)])
+        return math.ldexp(_HUGE, -shift)
 
     def lr_at(self, t: int) -> float:
         lr = round_significant(self.lr * self.schedule.multiplier(t), 24)
@@ -347,6 +398,9 @@ class MezoSGD:
             return 0.0
         if abs(c) > _HUGE:
             raise ValueError(f"step {t}: update coefficient {c:g} is beyond 2^100: the step diverged")
+        if self.exponents and abs(c) > self.coefficient_limit:  # some tensor's c_k (spec/layerwise.md)
+            raise ValueError(f"step {t}: update coefficient {c:g} scaled layer-wise is beyond 2^100: "
+                             f"the step diverged")
         return c
 
     def decay(self, t: int) -> float:
@@ -405,6 +459,37 @@ class MezoSGD:
             raise ValueError(f"step {t} needs {n} records (one a perturbation), got {len(grad_bits)}")
         terms = tuple((n * t + j, self.perturbation_coefficient(t, int(b))) for j, b in enumerate(grad_bits))
         return [((), 0.0)] * (n - 1) + [(terms, self.decay(t))]
+
+
+def _normal_exponents(pairs: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """() when every exponent is 0, so that such a rule equals (and replays as) the plain one."""
+    out = tuple((e, f) for e, f in pairs)
+    return out if any(e or f for e, f in out) else ()
+
+
+def _header_exponents(tensors: object, flag: object = None) -> tuple[tuple[int, int], ...]:
+    """(perturb_exp, step_exp) of every header tensor entry; absent means 0. A value that is not a JSON integer
+    (a boolean, 1.5, "2") is refused here, the range by validated(). `flag` is the rule's `layerwise` key: true
+    exactly when some exponent is non-zero (so readers that predate layer-wise refuse such files by their rule)."""
+    if flag is not None and flag is not True:
+        raise ValueError(f"rule layerwise must be true when present, got {flag!r}")
+    if not isinstance(tensors, list):
+        return ()
+    out = []
+    for k, entry in enumerate(tensors):
+        pair = []
+        for key in LAYERWISE_KEYS:
+            x = entry.get(key, 0) if isinstance(entry, dict) else 0
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise ValueError(f"tensors[{k}] {key} must be an integer in [-{MAX_EXP}, {MAX_EXP}], got {x!r}")
+            pair.append(x)
+        out.append((pair[0], pair[1]))
+    out = _normal_exponents(out)
+    if bool(out) != (flag is True):
+        raise ValueError('a tensor entry has a non-zero perturb_exp or step_exp: the rule needs "layerwise": true'
+                         if out else 'rule "layerwise": true, but no tensor entry has a non-zero perturb_exp or '
+                         'step_exp')
+    return out
 
 
 @lru_cache(maxsize=64)

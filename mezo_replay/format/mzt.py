@@ -69,17 +69,17 @@ KNOWN: dict[str, dict[str, set[str]]] = {
     "generator": {"philox4x32-10": {"name", "seed"}},
     "noise": {"gaussian16": {"name", "table_sha256"}, "rademacher16": {"name"}},
     "rule": {"mezo-sgd": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay",
-                          "perturbations"},  # spec/nspsa.md
+                          "perturbations", "layerwise"},  # spec/nspsa.md, spec/layerwise.md
              "mezo-momentum": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay",
-                               "momentum", "window"},  # spec/momentum.md
+                               "momentum", "window", "layerwise"},  # spec/momentum.md
              "mezo-momentum-buffer": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale",
-                                      "weight_decay", "momentum"},
+                                      "weight_decay", "momentum", "layerwise"},
              "mezo-adam": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay",
                            "beta1", "beta2", "adam_eps", "window"},  # spec/adam.md
              "mezo-adam-buffer": {"name", "eps", "lr", "schedule", "grad_encoding", "grad_scale", "weight_decay",
                                   "beta1", "beta2", "adam_eps"}},
 }
-_OPTIONAL = {"weight_decay", "grad_scale", "perturbations"}
+_OPTIONAL = {"weight_decay", "grad_scale", "perturbations", "layerwise"}
 # Generated initial values (spec/init.md): a tensor entry's "init" may name one instead of `true`.
 INIT_KINDS: dict[str, set[str]] = {"zeros": {"name"}, "uniform16": {"name", "bound"}, "gaussian16": {"name", "std"}}
 INIT_SCALES = {"uniform16": "bound", "gaussian16": "std"}
@@ -392,7 +392,8 @@ _BLOCK = 1 << 16  # steps per vectorised block: bounds the float64 temporaries
 
 
 def invalid_steps(grad_bits: np.ndarray, rule: MezoSGD, first_step: int = 0) -> np.ndarray:
-    """Indices of steps rule.md forbids: non-finite or >= 2^127 gradients, |c| > 2^100, d >= 1.
+    """Indices of steps rule.md forbids: non-finite or >= 2^127 gradients, |c| > 2^100 (or some tensor's
+    layer-wise c_k beyond it: spec/layerwise.md), d >= 1.
 
     Vectorised: a chunk of a million steps costs milliseconds. Since every lr_t <= lr, most files are
     cleared by one bound; otherwise c and d are computed for every step, a block at a time."""
@@ -408,14 +409,14 @@ def invalid_steps(grad_bits: np.ndarray, rule: MezoSGD, first_step: int = 0) -> 
         return np.flatnonzero(bad)
     ok_g = np.where(bad, 0.0, np.abs(g))
     lr, wd = np.array([rule.lr]), np.array([rule.weight_decay])
-    if ok_g.size == 0 or (_rs(lr * ok_g.max(), 16)[0] <= 2.0**100 and _rs(lr * wd, 12)[0] < 1.0):
+    if ok_g.size == 0 or (_rs(lr * ok_g.max(), 16)[0] <= rule.coefficient_limit and _rs(lr * wd, 12)[0] < 1.0):
         return np.flatnonzero(bad)
     for at in range(0, g.size, _BLOCK):
         t = np.arange(first_step + at, first_step + min(g.size, at + _BLOCK), dtype=np.float64)
         lr_t = step_rates(rule, t)
         c = np.abs(_rs(lr_t * ok_g[at:at + _BLOCK], 16))
         d = _rs(lr_t * rule.weight_decay, 12)
-        bad[at:at + _BLOCK] |= (c > 2.0**100) | (d >= 1.0)
+        bad[at:at + _BLOCK] |= (c > rule.coefficient_limit) | (d >= 1.0)
     return np.flatnonzero(bad)
 
 

@@ -10,6 +10,8 @@ index of its first element (`start`, `starts`) and gets exactly the bytes of the
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -90,6 +92,63 @@ StepTerms = tuple[Terms, float]  # (terms, d) of one step of a rule whose P3 has
 
 def _has_terms(constants: Sequence[tuple[object, float]]) -> bool:
     return bool(constants) and isinstance(constants[0][0], tuple)
+
+
+def _scaled_c(rule: MezoSGD, c: float | torch.Tensor, index: int) -> float | torch.Tensor:
+    """c_k = c * 2^(e_k + f_k) of tensor `index` (spec/layerwise.md). A device c (a 0-dim float32 tensor of a
+    queued step) is scaled where it lies: a power of two leaves its 16 bits exact, and a result below 2^-100
+    (possibly subnormal in binary32, hence rounded) becomes +0 as the host's does."""
+    if not isinstance(c, torch.Tensor):
+        return rule.tensor_coefficient(c, index)
+    ck = c * rule.tensor_scaling(index)[1]
+    return torch.where(ck.abs() < 2.0**-100, torch.zeros_like(ck), ck)
+
+
+def _for_tensor(rule: MezoSGD, index: int, constants: Sequence, scale: float = 0.0) -> tuple[MezoSGD, list, float]:
+    """Layer-wise scaling (spec/layerwise.md) of one tensor's pass, applied where the passes begin so that every
+    path (torch, the C kernel, Triton) gets it alike: (rule with eps_k and no exponents, constants with every
+    coefficient c_k = c * 2^(e_k + f_k) (a multi-term step's terms each), the perturbation scale times 2^e_k).
+    The decay factor d is not scaled. Without exponents the arguments come back as they are."""
+    if not rule.exponents:
+        return rule, constants, scale  # type: ignore[return-value]
+    e = rule.exponents[index][0]
+    local = dataclasses.replace(rule, eps=rule.tensor_scaling(index)[0], exponents=())
+    scaled = _scaled_plan(constants, rule.tensor_scaling(index)[1]) if len(constants) > 1 else None
+    if scaled is not None:
+        return local, scaled, math.ldexp(scale, e)
+    out: list = []
+    for c, d in constants:
+        if isinstance(c, tuple):  # a multi-term step: (noise step, coefficient) terms
+            out.append((tuple((step, rule.tensor_coefficient(cj, index)) for step, cj in c), d))
+        else:
+            out.append((_scaled_c(rule, c, index), d))
+    return local, out, math.ldexp(scale, e)
+
+
+_last_plan: tuple | None = None  # (constants, their float64 table, {factor: scaled constants}) of the last plan
+
+
+def _scaled_plan(constants: Sequence, factor: float) -> list | None:
+    """A replay plan's (c, d) list with every c times `factor` (+0 below 2^-100), vectorised like
+    step_constants, and shared by the tensors with the same e_k + f_k: converting a 20,000-step plan costs
+    about 10 ms, once per distinct factor rather than once per tensor. None where it does not apply (a
+    multi-term plan, a device c) or where some c_k is beyond 2^100 (the loop then raises the rule's error).
+    Threads replaying tensors each hold their own entry: the global is only ever rebound, never mutated."""
+    global _last_plan
+    entry = _last_plan
+    if entry is None or entry[0] is not constants:
+        if not all(type(c) is float for c, _ in constants):
+            return None
+        entry = (constants, np.asarray(constants, dtype=np.float64).reshape(-1, 2), {})
+        _last_plan = entry
+    table, done = entry[1], entry[2]
+    if factor not in done:
+        ck = table[:, 0] * factor  # exact: a power of two, far from binary64's limits
+        if (np.abs(ck) > 2.0**100).any():
+            return None
+        ck[np.abs(ck) < 2.0**-100] = 0.0
+        done[factor] = list(zip(ck.tolist(), table[:, 1].tolist()))  # a dict store: atomic under the GIL
+    return done[factor]
 
 
 def perturb_(w: torch.Tensor, z: torch.Tensor, scale: float) -> None:
@@ -396,6 +455,7 @@ def _apply_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, mode: i
     """
     if start < 0:
         raise ValueError(f"a shard's start must be a non-negative element index, not {start}")
+    rule, constants, scale = _for_tensor(rule, index, constants, scale)  # layer-wise: eps_k, c_k (no-op without)
     if _has_terms(constants):
         _apply_terms_(w, rule, index, first_step, mode, constants, decay, slice_size, progress, start)  # type: ignore[arg-type]
         return
@@ -441,6 +501,7 @@ def _apply_terms_(w: torch.Tensor, rule: MezoSGD, index: int, first_step: int, m
     at a time, so that memory stays at a few z-sized buffers."""
     if mode not in (cpu_kernel.REPLAY, cpu_kernel.RESTORE_UPDATE, UPDATE_PERTURB):
         raise ValueError("a multi-term update runs in replay or as a step's restore-update (then perturb)")
+    rule, steps, _ = _for_tensor(rule, index, steps)  # layer-wise: eps_k and every term's c_k
     steps = steps if decay else [(terms, 0.0) for terms, _ in steps]
 
     def torch_slice(offset: int, s: torch.Tensor) -> None:
@@ -478,6 +539,7 @@ def _apply_buffer_(w: torch.Tensor, state: torch.Tensor, rule: MezoSGD, index: i
         raise ValueError("a buffered momentum update runs in replay or as a step's restore-update (then perturb)")
     if state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != w.numel():
         raise ValueError("the momentum state must be a contiguous float32 tensor with the weights' element count")
+    rule, constants, _ = _for_tensor(rule, index, constants)  # layer-wise: eps_k, and b = c_k * z feeds m
     cs = [(float(c), d if decay else 0.0) for c, d in constants]
     flat_state = state.view(-1)
 
@@ -617,7 +679,8 @@ def _each_(tensors: Sequence[torch.Tensor], rule: MezoSGD, step: int, mode: int,
     """Tensors the Triton kernel takes go through one grouped launch per dtype (a launch per tensor
     would cost more than the arithmetic on a model's many small tensors); the rest one by one."""
     starts = _starts(starts, len(tensors))
-    grouped = [k for k, t in enumerate(tensors) if t.is_contiguous() and _path(t) == "triton"]
+    grouped = [k for k, t in enumerate(tensors) if t.is_contiguous() and _path(t) == "triton"
+               and not (rule.exponents and any(rule.exponents[k]))]  # one eps and c per launch: layer-wise go alone
     if grouped:
         triton_kernels.apply_group_([tensors[k] for k in grouped], grouped, [decays[k] for k in grouped], rule,
                                     step, mode, c=c, d=d, scale=scale, go=go, starts=[starts[k] for k in grouped])

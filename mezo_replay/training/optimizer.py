@@ -39,6 +39,7 @@ from ..arithmetic.rule import AdamHost, AdamStep, MezoSGD, Schedule
 from ..kernels.steps import (perturb_all_, restore_adam_all_, restore_buffer_all_, restore_terms_all_,
                              restore_update_all_, update_perturb_all_)
 from . import shards
+from .layerwise import block_of, layerwise_exponents
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -131,6 +132,10 @@ class MeZO:
     rule="mezo-adam-buffer" and "mezo-adam" are MeZO-Adam (spec/adam.md), beta1 = `momentum`, `beta2`,
     `adam_eps` (delta): the buffer form keeps m and v in `states` (8 bytes per tuned parameter more), the
     window form recomputes both from the last `momentum_window` records; fused and never queued the same way.
+    layerwise (spec/layerwise.md) scales each tensor's perturbation (2^perturb_exp) and step (2^step_exp) by
+    powers of two recorded in its header entry, so replay stays exact: "perturbation", "step" or "both"
+    choose them from the weights as they are at construction (the base; layerwise_blocks="layer" gives each
+    decoder layer one exponent), or pass them (per tuned tensor in order, or a mapping by name).
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], *, lr: float, eps: float = 1e-3,
@@ -139,7 +144,9 @@ class MeZO:
                  on_nonfinite: Literal["raise", "skip"] = "raise", grad_codec: str = "bf16",
                  grad_scale: float | None = None, rule: str = "mezo-sgd", momentum: float = 0.9,
                  momentum_window: int = 16, perturbations: int = 1, beta2: float = 0.999,
-                 adam_eps: float = 1e-8) -> None:
+                 adam_eps: float = 1e-8,
+                 layerwise: str | Sequence[tuple[int, int]] | Mapping[str, tuple[int, int]] = "none",
+                 layerwise_blocks: str = "tensor") -> None:
         chosen: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for item in params:
@@ -159,10 +166,11 @@ class MeZO:
         self.names = sorted(chosen, key=lambda n: n.encode("utf-8"))
         self.params = [chosen[n] for n in self.names]
         self.sharded = any(shards.is_dtensor(p) for p in self.params)  # FSDP2: passes over local shards
+        exponents = self._layerwise(layerwise, eps, layerwise_blocks)
         self.rule = MezoSGD.create(lr=lr, eps=eps, seed=seed, noise=noise, schedule=schedule,
                                    weight_decay=weight_decay, grad_encoding=grad_codec, grad_scale=grad_scale,
                                    rule=rule, momentum=momentum, window=momentum_window,
-                                   perturbations=perturbations, beta2=beta2, adam_eps=adam_eps)
+                                   perturbations=perturbations, beta2=beta2, adam_eps=adam_eps, exponents=exponents)
         exempt = no_decay or default_no_decay
         self.decay = [bool(self.rule.weight_decay) and not exempt(n, p) for n, p in zip(self.names, self.params)]
         self.on_nonfinite = on_nonfinite
@@ -185,6 +193,29 @@ class MeZO:
         self._unread: _Unread | None = None  # the record of a queued step, on its way to the host
         self._abandoned = False  # see abandon()
         self._base_fingerprints = self.fingerprints()
+
+    def _layerwise(self, layerwise: str | Sequence[tuple[int, int]] | Mapping[str, tuple[int, int]],
+                   eps: float, blocks: str) -> list[tuple[int, int]]:
+        """(perturb_exp, step_exp) per tuned tensor (spec/layerwise.md): a mode of training/layerwise.py
+        computed from the weights as they are now (the base), per tensor or per decoder layer (`blocks`), or
+        given (a sequence in tuned-tensor order, or a mapping by name with absent names 0)."""
+        if isinstance(layerwise, str):
+            if layerwise == "none":
+                return []
+            if self.sharded:
+                raise MezoReplayError("layer-wise scaling computes each tensor's rms from the whole tensor; "
+                                      "FSDP2-sharded parameters are not supported yet")
+            eps_q = MezoSGD.create(lr=1.0, eps=eps, seed=0).eps  # the stored eps, whose range bounds eps_k
+            groups = None if blocks == "tensor" else [block_of(n, blocks) for n in self.names]
+            return layerwise_exponents([p.detach() for p in self.params], layerwise, eps_q, groups)
+        if isinstance(layerwise, Mapping):
+            if unknown := set(layerwise) - set(self.names):
+                raise ValueError(f"layer-wise exponents for {sorted(unknown)}, which are not tuned parameters")
+            return [tuple(layerwise.get(n, (0, 0))) for n in self.names]  # type: ignore[misc]
+        pairs = [tuple(x) for x in layerwise]
+        if len(pairs) != len(self.names):
+            raise ValueError(f"{len(pairs)} layer-wise exponent pairs for {len(self.names)} tuned tensors")
+        return pairs  # type: ignore[return-value]
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -459,6 +490,8 @@ class MeZO:
         if self.rule.weight_decay:
             for entry, decay in zip(tensors, self.decay):
                 entry["decay"] = decay
+        for k, entry in enumerate(tensors):  # layer-wise exponents (spec/layerwise.md): the non-zero ones
+            entry.update(self.rule.tensor_fields(k))
         inits = new_tensors if isinstance(new_tensors, Mapping) else dict.fromkeys(new_tensors, True)
         for k, (name, p) in enumerate(zip(self.names, self.params)):
             spec = inits.get(name)

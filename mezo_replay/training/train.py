@@ -87,6 +87,8 @@ class TrainConfig:
     perturbations: int = 1  # n-SPSA (spec/nspsa.md): N perturbations a step, mezo-sgd only
     beta2: float = 0.999  # mezo-adam(-buffer)'s beta2 (spec/adam.md; momentum is its beta1)
     adam_eps: float = 1e-8  # mezo-adam(-buffer)'s delta
+    layerwise: str = "none"  # none, perturbation, step or both: per-tensor exponents from the base (spec/layerwise.md)
+    layerwise_blocks: str = "tensor"  # tensor, or layer: one exponent per decoder layer, from all its tensors
     tune: Sequence[str] = ()
     freeze: Sequence[str] = ()
     eval_every: int = 0
@@ -296,6 +298,7 @@ STEP_SETTINGS = {
     "rule.grad_encoding": "--grad-codec", "rule.grad_scale": "--grad-scale", "rule.name": "--optimizer",
     "rule.momentum": "--momentum", "rule.window": "--momentum-window", "rule.perturbations": "--perturbations",
     "rule.beta1": "--momentum", "rule.beta2": "--beta2", "rule.adam_eps": "--adam-eps",
+    "layerwise": "--layerwise", "layerwise_blocks": "--layerwise-blocks",
     "peft": "--peft", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
     "lora_targets": "--lora-targets", "num_virtual_tokens": "--num-virtual-tokens",
 }
@@ -342,6 +345,10 @@ def setting_differences(old: Mapping[str, Any], fresh: Mapping[str, Any],
     old_names, new_names = [t["name"] for t in old["tensors"]], [t["name"] for t in fresh["tensors"]]
     if old_names != new_names and not any(k == "peft" for k, _, _ in found):  # else the adapter explains it
         out.append(f"--tune/--freeze: {len(old_names)} tuned tensors {there}, {len(new_names)} {now}")
+    elif not any(k == "layerwise" for k, _, _ in found):  # spec/layerwise.md: the recorded exponents themselves
+        exps = [[(t.get("perturb_exp", 0), t.get("step_exp", 0)) for t in h["tensors"]] for h in (old, fresh)]
+        if exps[0] != exps[1]:
+            out.append(f"--layerwise: other per-tensor exponents {there} than {now}")
     return out
 
 
@@ -681,7 +688,8 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
         opt = MeZO(named, lr=cfg.lr, eps=cfg.eps, seed=cfg.seed, noise=cfg.noise, schedule=schedule.validated(),
                    weight_decay=cfg.weight_decay, grad_codec=cfg.grad_codec, grad_scale=cfg.grad_scale,
                    rule=cfg.optimizer, momentum=cfg.momentum, momentum_window=cfg.momentum_window,
-                   perturbations=cfg.perturbations, beta2=cfg.beta2, adam_eps=cfg.adam_eps)
+                   perturbations=cfg.perturbations, beta2=cfg.beta2, adam_eps=cfg.adam_eps,
+                   layerwise=cfg.layerwise, layerwise_blocks=cfg.layerwise_blocks)
         if adapter is not None:
             added: Mapping[str, Any] | list[str] = adapter.inits
         else:
@@ -695,7 +703,10 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
                 "max_length": str(cfg.max_length), "examples": str(len(train_set)), **task.metadata(),
                 "dtype": cfg.dtype, "train_data_sha256": data_fingerprint(train_set),
                 "base_model": source + (f"@{src.revision}" if src.revision else ""),
-                **(adapter.metadata() if adapter is not None else {}), **parallel, **cfg.metadata}
+                **(adapter.metadata() if adapter is not None else {}), **parallel,
+                **({"layerwise": cfg.layerwise} if cfg.layerwise != "none" else {}),
+                **({"layerwise_blocks": cfg.layerwise_blocks}
+                   if cfg.layerwise != "none" and cfg.layerwise_blocks != "tensor" else {}), **cfg.metadata}
         # the header this run would write: what a resume compares with the file's, and the ranks with each other
         fresh = opt.header(metadata=meta, new_tensors=added, config=config, extra=extra) \
             if cfg.resume or world.distributed else None
