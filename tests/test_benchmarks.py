@@ -277,14 +277,17 @@ def test_variants_bench_prints_the_table_and_draws_the_chart(tmp_path):
     reconstruct verified, the table and the eval-loss curve printed and the PNG written."""
     env = {**os.environ, "PYTHONPATH": str(TOOLS.parent), "OMP_NUM_THREADS": "1"}
     png = tmp_path / "variants.png"
-    proc = subprocess.run([sys.executable, str(TOOLS / "bench_variants.py"), "--quick", "--variants", "bf16,fp8",
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_variants.py"), "--quick", "--variants", "bf16,fp8,nspsa-2",
                            "--out", str(png), "--workdir", str(tmp_path)], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
-            if line.startswith(("bf16 ", "fp8 ")) and " MiB " in line}
+            if line.startswith(("bf16 ", "fp8 ", "nspsa-2 ")) and " MiB " in line}
     assert rows["bf16"][2] == "1.00x" and rows["fp8"][2].endswith("x")  # figure, then ratio to the baseline
-    assert "embedded: 4 steps (8 training forward passes)" in proc.stdout
-    assert "forward passes           0       4       8" in proc.stdout
+    assert "embedded: 4 steps (8 training forward passes;" in proc.stdout
+    assert "forward passes                 0       4       8" in proc.stdout
+    # n-SPSA with 2 perturbations: 2 steps of 4 forward passes, evaluated at the same passes as the others
+    curve = [line.split() for line in proc.stdout.splitlines() if line.startswith("nspsa-2 ") and " MiB " not in line]
+    assert len(curve) == 1 and len(curve[0]) == 4 and "-" not in curve[0], proc.stdout
     assert "verified: every rebuild matched the final fingerprint" in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

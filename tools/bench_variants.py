@@ -1,9 +1,11 @@
 """Training variants side by side on real tasks: eval loss against forward passes, bytes per step, training
 memory and rebuild cost, each variant a fresh `mezo-replay train` and the `reconstruct` it prints.
 
-A variant is a name and the extra `train` arguments that make it (VARIANTS below): today the gradient codecs
-(`--grad-codec bf16|fp8|sign`, `--grad-scale 2^k`) and the update rules (`--optimizer mezo-momentum`, the
-memory-free window, and `mezo-momentum-buffer`); a new rule is new entries. An entry whose option this
+A variant is a name and the extra `train` arguments that make it (VARIANTS below): the gradient codecs
+(`--grad-codec bf16|fp8|sign`, `--grad-scale 2^k`), the update rules (`--optimizer mezo-momentum`, the
+memory-free window, `mezo-momentum-buffer`, `mezo-adam`, `mezo-adam-buffer`), n-SPSA (`--perturbations N`,
+trained for steps / N steps so that every variant spends the same forward passes) and layer-wise scaling
+(`--layerwise perturbation|step`); a new rule is new entries. An entry whose option this
 checkout's `mezo-replay train --help` does not offer is listed as skipped, with the option it needs, so the
 table says what was left out rather than failing.
 
@@ -65,6 +67,7 @@ class Variant:
     name: str
     args: tuple[str, ...]
     needs: str | None = None  # a `train --help` word without which the variant is skipped
+    perturbations: int = 1  # n-SPSA: 2N forward passes a step, so it trains steps / N steps (equal passes)
 
 
 #: The first is the baseline every ratio is taken against.
@@ -84,6 +87,18 @@ VARIANTS: tuple[Variant, ...] = (
             needs="mezo-momentum-buffer"),
     Variant("mom-window-fp8", ("--optimizer", "mezo-momentum", "--momentum", "0.9", "--momentum-window", "16",
                                "--lr", "6.1e-6", "--grad-codec", "fp8"), needs="mezo-momentum"),
+    # MeZO-Adam: its step is lr-sized whatever g's scale, so its lr is its own; beta2 0.9 and lr 6e-4 were the
+    # best of a sweep on the embedded task (spec/adam.md notes; the torch default beta2 0.999 trails there).
+    Variant("adam-buffer", ("--optimizer", "mezo-adam-buffer", "--momentum", "0.9", "--beta2", "0.9",
+                            "--lr", "6e-4"), needs="mezo-adam-buffer"),
+    Variant("adam-window", ("--optimizer", "mezo-adam", "--momentum", "0.9", "--beta2", "0.9",
+                            "--momentum-window", "16", "--lr", "6e-4"), needs="mezo-adam"),
+    # n-SPSA at equal forward passes (steps / N) with lr x N: N averaged estimates make a step N times safer.
+    Variant("nspsa-2", ("--perturbations", "2", "--lr", "1e-4"), needs="--perturbations", perturbations=2),
+    Variant("nspsa-4", ("--perturbations", "4", "--lr", "2e-4"), needs="--perturbations", perturbations=4),
+    # Layer-wise scaling: the expected step of tensor k grows by 4^e_k (perturbation), so lr is lowered.
+    Variant("layerwise-perturbation", ("--layerwise", "perturbation", "--lr", "2e-5"), needs="--layerwise"),
+    Variant("layerwise-step", ("--layerwise", "step", "--lr", "2.5e-5"), needs="--layerwise"),
 )
 
 TASKS = ("embedded", "label-words")
@@ -159,7 +174,8 @@ def task_args(task: str, folder: Path) -> list[str]:
 
 def train(task: str, variant: Variant, steps: int, folder: Path, args: argparse.Namespace) -> tuple[Run, str]:
     out = folder / f"{variant.name}.mzt"
-    eval_every = args.eval_every or max(1, steps // 10)
+    steps = max(1, steps // variant.perturbations)  # the same training forward passes as the others
+    eval_every = max(1, (args.eval_every or max(1, steps * variant.perturbations // 10)) // variant.perturbations)
     cmd = [*cli(), "train", *task_args(task, folder), "--steps", str(steps), "--eval-every", str(eval_every),
            "-q", "--overwrite", "-o", out.name, *variant.args]
     rc, text, seconds, rss, _ = run_child(cmd, folder, child_env(args))
@@ -210,9 +226,10 @@ def report(task: str, runs: list[Run], skipped: list[Variant]) -> None:
     b = runs[0]
     steps = b.steps
     metric = next((k for _, m in b.evals() for k in m if k != "loss"), None)
-    print(f"\n{task}: {steps} steps ({2 * steps} training forward passes), {b.params:,} tuned parameters; "
+    print(f"\n{task}: {steps} steps ({2 * steps} training forward passes; n-SPSA with N perturbations: steps / N, "
+          f"bytes per step / N), {b.params:,} tuned parameters; "
           f"ratios against {b.variant.name}")
-    head = (f"{'variant':<18}{'eval loss end':>15}{'':>7}{'best':>8}" + (f"{metric + ' end':>14}" if metric else "")
+    head = (f"{'variant':<24}{'eval loss end':>15}{'':>7}{'best':>8}" + (f"{metric + ' end':>14}" if metric else "")
             + f"{'step B/step':>13}{'':>7}{'file B/step':>13}{'':>7}{'train peak RSS':>16}{'':>7}{'train s':>9}"
             f"{'rebuild s':>11}{'elt-steps/s':>13}{'':>7}{'CPU s':>7}{'step-0 CPU s':>14}{'replay/CPU-s':>14}{'':>7}")
     print(head)
@@ -220,30 +237,32 @@ def report(task: str, runs: list[Run], skipped: list[Variant]) -> None:
     def row(r: Run) -> tuple[float, ...]:
         ev = r.evals()
         loss, best = ev[-1][1]["loss"], min(m["loss"] for _, m in ev)
-        work = r.params * r.steps
+        work = r.params * r.steps * r.variant.perturbations  # element-steps replayed: N sub-steps a step
         whole = work / r.rebuild.median
         net = r.rebuild_cpu.median - r.fixed_cpu.median if r.fixed_cpu else 0.0
         replay = work / net if net > 0 else 0.0
-        return loss, best, r.info["bytes_per_step"], r.info["file_bytes_per_step"], r.peak_rss / 2**20, whole, replay
+        n = r.variant.perturbations  # bytes per 2 forward passes: an n-SPSA step's over its N perturbations
+        return (loss, best, r.info["bytes_per_step"] / n, r.info["file_bytes_per_step"] / n, r.peak_rss / 2**20,
+                whole, replay)
 
     base_row = row(b)
     for r in runs:
         loss, best, sb, fb, rss, whole, replay = row(r)
         m = f"{r.evals()[-1][1].get(metric, float('nan')):>14.4f}" if metric else ""
-        print(f"{r.variant.name:<18}{loss:>15.4f}{ratio(loss, base_row[0]):>7}{best:>8.4f}{m}{sb:>13.2f}"
+        print(f"{r.variant.name:<24}{loss:>15.4f}{ratio(loss, base_row[0]):>7}{best:>8.4f}{m}{sb:>13.2f}"
               f"{ratio(sb, base_row[2]):>7}{fb:>13.2f}{ratio(fb, base_row[3]):>7}{rss:>12.0f} MiB"
               f"{ratio(rss, base_row[4]):>7}{r.train_seconds:>9.0f}{r.rebuild.median:>11.2f}"
               f"{fmt_rate(whole):>13}{ratio(whole, base_row[5]):>7}{r.rebuild_cpu.median:>7.2f}"
               f"{f'{r.fixed_cpu.median:.2f}' if r.fixed_cpu else '-':>14}{fmt_rate(replay):>14}"
               f"{ratio(replay, base_row[6]) if replay and base_row[6] else '-':>7}")
     for v in skipped:
-        print(f"{v.name:<18}skipped: train --help lacks {v.needs} ({' '.join(v.args)})")
+        print(f"{v.name:<24}skipped: train --help lacks {v.needs} ({' '.join(v.args)})")
     print("eval loss against training forward passes (2 per step):")
     points = [s for s, _ in b.evals()]
-    print(f"{'forward passes':<18}" + "".join(f"{2 * s:>8}" for s in points))
+    print(f"{'forward passes':<24}" + "".join(f"{2 * s:>8}" for s in points))
     for r in runs:
-        by_step = {s: m["loss"] for s, m in r.evals()}
-        print(f"{r.variant.name:<18}" + "".join(f"{by_step[s]:>8.4f}" if s in by_step else f"{'-':>8}" for s in points))
+        by_pass = {s * r.variant.perturbations: m["loss"] for s, m in r.evals()}
+        print(f"{r.variant.name:<24}" + "".join(f"{by_pass[s]:>8.4f}" if s in by_pass else f"{'-':>8}" for s in points))
     spreads = "; ".join(f"{r.variant.name} {r.rebuild.spread()}" for r in runs)
     print(f"rebuild spread (whole command, wall): {spreads}")
     if b.fixed_cpu:

@@ -494,6 +494,8 @@ def _header_exponents(tensors: object, flag: object = None) -> tuple[tuple[int, 
 
 @lru_cache(maxsize=64)
 def _powers(beta: float, window: int) -> tuple[float, ...]:
+    """momentum.md's p_k: each product p * beta is exact in binary64 for betas of up to 24 significant bits
+    (momentum's 16, Adam's multiples of 2^-24), then rounded to 24 bits."""
     p = [1.0]
     for _ in range(1, window):
         nxt = round_significant(p[-1] * beta, 24)
@@ -546,7 +548,7 @@ def adam_window_terms(rule: MezoSGD, t: int, grad_bits: Sequence[int]) -> tuple[
     if len(grad_bits) < count:
         raise ValueError(f"step {t} needs the records of its last {count} steps, got {len(grad_bits)}")
     u1, u2 = 1.0 - rule.momentum, 1.0 - rule.beta2
-    p1, p2 = _powers24(rule.momentum, rule.adam_window), _powers24(rule.beta2, rule.adam_window)
+    p1, p2 = _powers(rule.momentum, rule.adam_window), _powers(rule.beta2, rule.adam_window)  # 24-bit betas: exact too
     out = []
     for k in range(count):
         gq = adam_gq(grad_bits[-1 - k])
@@ -554,16 +556,6 @@ def adam_window_terms(rule: MezoSGD, t: int, grad_bits: Sequence[int]) -> tuple[
         cv = round_significant(round_significant(u2 * p2[k], 24) * (gq * gq), 16)
         out.append((t - k, 0.0 if abs(cm) < _TINY else cm, 0.0 if cv < _TINY else cv))
     return tuple(out)
-
-
-@lru_cache(maxsize=64)
-def _powers24(beta: float, window: int) -> tuple[float, ...]:
-    """momentum.md's p_k for a 24-bit beta: the products p * beta (24 + 24 bits) are exact too."""
-    p = [1.0]
-    for _ in range(1, window):
-        nxt = round_significant(p[-1] * beta, 24)
-        p.append(0.0 if nxt < _TINY else nxt)
-    return tuple(p)
 
 
 class AdamHost:

@@ -380,9 +380,9 @@ def _adam_constants(rule: MezoSGD, grad_bits: Sequence[int], first_step: int,
 
 def _adam_powers24(rule: MezoSGD) -> tuple[list[float], list[float]]:
     """RS(u * p_k, 24) for both betas (spec/adam.md's window weights), as AdamHost forms them."""
-    from ..arithmetic.rule import _powers24, round_significant
+    from ..arithmetic.rule import _powers, round_significant
 
-    p1, p2 = _powers24(rule.momentum, rule.adam_window), _powers24(rule.beta2, rule.adam_window)
+    p1, p2 = _powers(rule.momentum, rule.adam_window), _powers(rule.beta2, rule.adam_window)
     u1, u2 = 1.0 - rule.momentum, 1.0 - rule.beta2
     return ([round_significant(u1 * p, 24) for p in p1], [round_significant(u2 * p, 24) for p in p2])
 

@@ -345,7 +345,7 @@ def setting_differences(old: Mapping[str, Any], fresh: Mapping[str, Any],
     old_names, new_names = [t["name"] for t in old["tensors"]], [t["name"] for t in fresh["tensors"]]
     if old_names != new_names and not any(k == "peft" for k, _, _ in found):  # else the adapter explains it
         out.append(f"--tune/--freeze: {len(old_names)} tuned tensors {there}, {len(new_names)} {now}")
-    elif not any(k == "layerwise" for k, _, _ in found):  # spec/layerwise.md: the recorded exponents themselves
+    elif old_names == new_names and not any(k == "layerwise" for k, _, _ in found):  # the recorded exponents
         exps = [[(t.get("perturb_exp", 0), t.get("step_exp", 0)) for t in h["tensors"]] for h in (old, fresh)]
         if exps[0] != exps[1]:
             out.append(f"--layerwise: other per-tensor exponents {there} than {now}")
