@@ -277,6 +277,10 @@ def _two_defaults(key: str) -> str:
                    "trajectory).")
 @click.option("--flush-every", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
               help="Steps per checksummed chunk: a hard crash loses at most this many steps.")
+@click.option("--no-compact", "compact", is_flag=True, flag_value=False, default=True,
+              help="Keep the per-flush chunks when the run ends. By default the finished file is rewritten "
+                   "with them merged (same records, a smaller file); --no-compact keeps it strictly "
+                   "append-only, e.g. for a tool that copies it as it grows.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--shard", is_flag=True,
               help="Under torchrun: shard the model over the processes (FSDP2), for a model that does not fit one "
@@ -302,7 +306,7 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
           peft_kind: str | None, lora_r: int, lora_alpha: int, lora_dropout: float, lora_targets: str | None,
           num_virtual_tokens: int, batch_size: int | None, max_length: int | None, seed: int | None, dtype: str, noise: str,
           eval_every: int | None, eval_batch_size: int, record_losses: bool, checkpoint_every: int,
-          allow_new_tensors: bool, flush_every: int, device: str, shard: bool, offload: str | None,
+          allow_new_tensors: bool, flush_every: int, compact: bool, device: str, shard: bool, offload: str | None,
           log_path: str | None, overwrite: bool, quiet: bool) -> None:
     """Fine-tune a Hugging Face model with MeZO and record the trajectory.
 
@@ -363,7 +367,7 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
             beta2=beta2, adam_eps=adam_eps, perturbations=perturbations, layerwise=layerwise,
             layerwise_blocks=layerwise_blocks, tune=tune, freeze=freeze,
             eval_every=d["eval_every"] if eval_every is None else eval_every, eval_batch_size=eval_batch_size,
-            record_losses=record_losses, flush_every=flush_every,
+            record_losses=record_losses, flush_every=flush_every, compact=compact,
             resume=resume is not None, overwrite=overwrite, device=_device(device),
             checkpoint_every=checkpoint_every, allow_new_tensors=allow_new_tensors, shard=shard, offload=offload,
             peft=None if peft_kind is None else PeftOptions(

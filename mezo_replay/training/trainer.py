@@ -335,9 +335,9 @@ class MeZOTrainer(Trainer):
             return
         if self._in_step:
             writer, opt.writer = opt.writer, None
-            writer.close()
+            writer.close(compact=False)
         else:
-            opt.close()
+            opt.close(compact=False)  # kept as flushed: a resume cuts it back at a checkpoint's chunk
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Trainer's log; evaluation results (its `eval_` keys, without timings) also go into the
@@ -437,7 +437,7 @@ def _continue(path: Path, fresh: dict[str, Any], at: int, names: list[str],
             with open(path, "r+b") as f:
                 f.truncate(cut)
                 os.fsync(f.fileno())
-        writer = TrajectoryWriter.open_append(path, lock=lock)
+        writer = TrajectoryWriter.open_append(path, lock=lock, compact=True)
     except BaseException:
         lock.release()
         raise
