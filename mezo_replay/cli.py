@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -417,7 +418,8 @@ def train(model: str | None, config_dir: Path | None, data: str | None, eval_dat
         first = _rank() == 0  # under torchrun, the process that writes; the others print nothing
         log = None if log_path is None or not first else (sys.stdout if log_path == "-" else open(log_path, "a"))
         try:
-            result = run(cfg, on_step, log)
+            with _compaction_warnings_in_one_line():
+                result = run(cfg, on_step, log)
         except Exception as e:
             if getattr(e, SHOWN_BY_RANK0, False) and not first:
                 sys.exit(FAIL)  # process 0 prints this failure, or names the process that had it
@@ -796,6 +798,27 @@ def _verify_ranks(args: tuple[str, ...], step: int | None, device: str, quiet: b
             click.echo(f"OK: the replay after {p.steps} steps, split over {crew.world.size} ranks: {p.verified_by}")
 
     _under_ranks("verify", device, work, prepare)
+
+
+@contextmanager
+def _compaction_warnings_in_one_line() -> Iterator[None]:
+    """A file that could not be compacted (a full disk) is still the run's complete result: one
+    `warning:` line, like the other warnings here, and exit status 0."""
+    from .format.compact import CompactionWarning
+
+    show = warnings.showwarning
+
+    def shown(message, category, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if issubclass(category, CompactionWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, *args, **kwargs)
+
+    warnings.showwarning = shown
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def _warn_truncated(shown: str, traj: Trajectory) -> None:

@@ -207,3 +207,24 @@ def test_cli_train_compacts_then_reconstructs_and_resumes(tmp_path: Path) -> Non
     assert traj.steps == 30 and sorted(traj.fingerprints) == [24, 30] and types(run).count(b"STEP") == 2
     r4 = cli(*args, "--overwrite", "-q", cwd=tmp_path)
     assert r4.returncode == 0 and "verified against" in r4.stdout, r4.stderr
+
+
+def test_cli_full_disk_during_compaction_warns_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run succeeded: exit status 0, one `warning:` line, the file as flushed (in process: the failure is
+    injected where the compacted copy is written)."""
+    from click.testing import CliRunner
+
+    from mezo_replay.cli import main
+
+    def no_space(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(compact, "_write_new", no_space)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["train", "--steps", "8", "--flush-every", "2", "--eval-every", "0", "-q",
+                                  "-o", "run.mzt"], catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "compacted" in line]
+    assert lines == [f"warning: run.mzt: not compacted (No space left on device); the file is complete and "
+                     f"keeps its per-flush chunks"], r.stderr
+    assert types(tmp_path / "run.mzt").count(b"STEP") == 4 and read_trajectory(tmp_path / "run.mzt").steps == 8

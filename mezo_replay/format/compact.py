@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import struct
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import numpy as np
 import zstandard
 
 from .filelock import FileLock
-from .mzt import (CHUNK_HEAD, MAGIC, FORMAT_VERSION, MAX_CHUNK_BYTES, MAX_STEPS_PER_CHUNK, MAX_WINDOW_BYTES,
+from .mzt import (CHUNK_HEAD, CKPT, MAGIC, FORMAT_VERSION, MAX_CHUNK_BYTES, MAX_STEPS_PER_CHUNK, MAX_WINDOW_BYTES,
                   PREAMBLE, MezoSGD, StepCodec, Trajectory, _LOSS_WIDTH, _read_chunk, fsync_dir, read_trajectory)
 
 # steps per merged chunk (records per STEP chunk with n-SPSA): format.md's limit; a test lowers it
@@ -62,40 +63,19 @@ def _raw(ctype: str, payload: bytes) -> bytes:
     return CHUNK_HEAD.pack(len(payload), raw_type, zlib.crc32(payload, zlib.crc32(raw_type))) + payload
 
 
-def compacted_bytes(path: Path, end: int) -> tuple[bytes, int]:
-    """The compacted form of the first `end` bytes of the trajectory at `path` (a complete file: the
-    writer's own, just flushed), and how many chunks it merged away (0: nothing to gain)."""
+Item = tuple  # ("step", first, records) | ("loss", ctype, first, planes) | ("raw", ctype, chunk bytes)
+
+
+def _items(path: Path, end: int) -> tuple[bytes, StepCodec, list[Item], int]:
+    """The preamble, codec and chunks of the first `end` bytes of the complete trajectory at `path`:
+    STEP and loss chunks decoded (records; byte planes), every other chunk as its bytes."""
     dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES)
-    cctx = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True)
-    out: list[bytes] = []
-    steps: list[np.ndarray] = []          # decoded records of the STEP chunks not yet written
-    step_first = 0                        # the first step of `steps`
-    held: list[bytes] = []                # ckpt/eval chunks waiting for the merged STEP chunks
-    losses: list[tuple[str, int, np.ndarray]] = []   # type, first step, byte planes (width, count)
+    items: list[Item] = []
     codec: StepCodec | None = None
-    n_in = n_out = 0
-    seen_step = False
-
-    def emit_steps() -> None:
-        nonlocal step_first, n_out
-        if steps:
-            assert codec is not None
-            records = np.concatenate(steps)
-            per = max(1, MAX_MERGED // codec.per_step)
-            for at in range(0, records.shape[0], per):
-                part = records[at:at + per]
-                out.append(_frame(cctx, b"STEP", codec.encode(step_first + at, part.reshape(-1))))
-                n_out += 1
-            step_first += records.shape[0]
-            steps.clear()
-        out.extend(held)
-        n_out += len(held)
-        held.clear()
-
     with open(path, "rb") as f:
         pre = f.read(PREAMBLE.size)
-        assert pre[:len(MAGIC)] == MAGIC and PREAMBLE.unpack(pre)[1] == FORMAT_VERSION
-        out.append(pre)
+        if pre[:len(MAGIC)] != MAGIC or PREAMBLE.unpack(pre)[1:] != (FORMAT_VERSION, 0):
+            raise ValueError(f"{path} is not a version {FORMAT_VERSION} trajectory")
         offset = PREAMBLE.size
         while offset < end:
             chunk = _read_chunk(f, offset, end)
@@ -103,29 +83,60 @@ def compacted_bytes(path: Path, end: int) -> tuple[bytes, int]:
                 raise ValueError(f"{path}: a chunk at byte {offset} is cut short")
             ctype, payload = chunk
             offset += CHUNK_HEAD.size + len(payload)
-            n_in += 1
             if ctype == "HEAD":
                 codec = StepCodec(MezoSGD.from_header(json.loads(dctx.decompress(payload))))
             if ctype == "STEP":
                 assert codec is not None
-                first, bits = codec.decode(dctx.decompress(payload))
-                if not seen_step:
-                    seen_step, step_first = True, first
-                steps.append(bits)
-            elif not seen_step:
-                out.append(_raw(ctype, payload))  # HEAD, INIT, what sits before the first step: as it was
-                n_out += 1
+                items.append(("step", *codec.decode(dctx.decompress(payload))))
             elif ctype in _LOSS_WIDTH:
                 data = dctx.decompress(payload)
-                first = int.from_bytes(data[:4], "little")
-                count = int.from_bytes(data[4:8], "little")
-                losses.append((ctype, first, np.frombuffer(data, np.uint8, offset=8).reshape(_LOSS_WIDTH[ctype], count)))
-            elif ctype in _MOVABLE:
-                held.append(_raw(ctype, payload))
-            else:  # FPRT, or a type whose placement rules are unknown here: it keeps its place in step terms
-                emit_steps()
-                out.append(_raw(ctype, payload))
-                n_out += 1
+                first, count = struct.unpack_from("<II", data)
+                items.append(("loss", ctype, first,
+                              np.frombuffer(data, np.uint8, offset=8).reshape(_LOSS_WIDTH[ctype], count)))
+            else:
+                items.append(("raw", ctype, _raw(ctype, payload)))
+    assert codec is not None
+    return pre, codec, items, len(items)
+
+
+def _build(pre: bytes, codec: StepCodec, items: list[Item]) -> tuple[bytes, int]:
+    """The file of these chunks with consecutive STEP chunks merged (up to the limit), `ckpt`/`eval` after
+    them, every other chunk in its place in step terms, and the losses merged at the end; and its number
+    of chunks."""
+    cctx = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True)
+    out: list[bytes] = [pre]
+    steps: list[np.ndarray] = []          # records of the STEP chunks not yet written
+    step_first = 0                        # the first step of `steps`
+    held: list[bytes] = []                # ckpt/eval chunks waiting for the merged STEP chunks
+    losses: list[tuple[str, int, np.ndarray]] = []   # type, first step, byte planes (width, count)
+    seen_step = False
+
+    def emit_steps() -> None:
+        nonlocal step_first
+        if steps:
+            records = np.concatenate(steps)
+            per = max(1, MAX_MERGED // codec.per_step)
+            for at in range(0, records.shape[0], per):
+                out.append(_frame(cctx, b"STEP", codec.encode(step_first + at, records[at:at + per].reshape(-1))))
+            step_first += records.shape[0]
+            steps.clear()
+        out.extend(held)
+        held.clear()
+
+    for item in items:
+        if item[0] == "step":
+            if not seen_step:
+                seen_step, step_first = True, item[1]
+            steps.append(item[2])
+        elif item[0] == "loss":
+            losses.append(item[1:])
+        elif not seen_step:
+            out.append(item[2])  # HEAD, INIT, what sits before the first step: as it was
+        elif item[1] in _MOVABLE:
+            held.append(item[2])
+        else:  # FPRT, or a type whose placement rules are unknown here: it keeps its place in step terms
+            emit_steps()
+            out.append(item[2])
     emit_steps()
     # losses: consecutive chunks of one type covering contiguous steps become one (up to the step limit)
     runs: list[tuple[str, int, list[np.ndarray]]] = []
@@ -138,10 +149,48 @@ def compacted_bytes(path: Path, end: int) -> tuple[bytes, int]:
         planes = np.concatenate(parts, axis=1)
         for at in range(0, planes.shape[1], MAX_MERGED):
             part = planes[:, at:at + MAX_MERGED]
-            head = (first + at).to_bytes(4, "little") + part.shape[1].to_bytes(4, "little")
+            head = struct.pack("<II", first + at, part.shape[1])
             out.append(_frame(cctx, ctype.encode("ascii"), head + np.ascontiguousarray(part).tobytes()))
-            n_out += 1
-    return b"".join(out), n_in - n_out
+    return b"".join(out), len(out) - 1
+
+
+def compacted_bytes(path: Path, end: int) -> tuple[bytes, int]:
+    """The compacted form of the first `end` bytes of the trajectory at `path` (a complete file: the
+    writer's own, just flushed), and how many chunks it merged away (0: nothing to gain)."""
+    pre, codec, items, n_in = _items(path, end)
+    data, n_out = _build(pre, codec, items)
+    return data, n_in - n_out
+
+
+def through_checkpoint(path: Path, step: int, end: int) -> bytes | None:
+    """The trajectory as a run that stopped right after recording its `ckpt` for `step` would have
+    left it, compacted: what MeZOTrainer's resume_from_checkpoint continues from when the file was
+    compacted (its `ckpt` chunks then follow the merged steps). None if there is no such `ckpt`, or a
+    fingerprint of a later step precedes it."""
+    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES)
+    pre, codec, items, _ = _items(path, end)
+    kept: list[Item] = []
+    seen = 0      # steps in the STEP chunks so far
+    found = False
+    for item in items:
+        if item[0] == "step":
+            if not found and seen < step:
+                kept.append(("step", item[1], item[2][:step - seen]))
+            seen += item[2].shape[0]
+        elif item[0] == "loss":
+            ctype, first, planes = item[1:]
+            if first < step:
+                kept.append(("loss", ctype, first, planes[:, :step - first]))
+        elif not found:
+            ctype, raw = item[1], item[2]
+            if ctype == "FPRT" and seen > step:
+                return None  # a fingerprint of steps beyond the checkpoint comes first
+            kept.append(item)
+            if ctype == "ckpt" and CKPT.unpack(dctx.decompress(raw[CHUNK_HEAD.size:]))[0] == step:
+                found = True
+    if not found or seen < step:
+        return None
+    return _build(pre, codec, kept)[0]
 
 
 def _same(a: Trajectory, b: Trajectory) -> bool:
