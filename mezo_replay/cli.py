@@ -182,9 +182,9 @@ def _two_defaults(key: str) -> str:
               help="Decoupled weight decay (MeZO's rule: not on biases, norms or other 1-d tensors).")
 @click.option("--grad-codec", type=click.Choice(["bf16", "fp8", "sign"]), default="bf16", show_default=True,
               help="How each step's projected gradient is recorded (training applies the recorded value, so "
-                   "the rebuild stays exact): bf16 (8 significant bits: 1.9 bytes/step in the demo), fp8 (E4M3 "
-                   "times --grad-scale, saturating: 1.13) or sign (ZO-SignSGD: +-grad-scale, or 0: 0.29, of "
-                   "which chunk framing is half; 1.2 bits/step with --flush-every 2048).")
+                   "the rebuild stays exact): bf16 (8 significant bits: 1.67 bytes/step in the demo), fp8 (E4M3 "
+                   "times --grad-scale, saturating: 0.94) or sign (ZO-SignSGD: +-grad-scale, or 0: 0.17, 1.3 "
+                   "bits; the finished file's chunks are merged, see --no-compact).")
 @click.option("--grad-scale", type=click.FloatRange(min=0, min_open=True), show_default="1",
               help="With --grad-codec fp8 or sign, a power of two: fp8 records multiples of it up to 448 "
                    "times it; sign applies +-it, so the step is lr times it (the demo's lr, made for bf16's "
