@@ -225,6 +225,27 @@ def test_cli_full_disk_during_compaction_warns_in_one_line(tmp_path: Path, monke
                                   "-o", "run.mzt"], catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
     lines = [line for line in r.stderr.splitlines() if "compacted" in line]
-    assert lines == [f"warning: run.mzt: not compacted (No space left on device); the file is complete and "
-                     f"keeps its per-flush chunks"], r.stderr
+    assert lines == ["warning: run.mzt: not compacted (No space left on device); the file is complete and "
+                     "keeps its per-flush chunks"], r.stderr
     assert types(tmp_path / "run.mzt").count(b"STEP") == 4 and read_trajectory(tmp_path / "run.mzt").steps == 8
+
+
+def test_the_lock_is_held_throughout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another writer finds the file busy while the copy is written and right after it took the name."""
+    path, seen = tmp_path / "run.mzt", []
+    write_new, replace = compact._write_new, os.replace
+
+    def spy_write(p: Path, data: bytes) -> None:
+        seen.append(FileLock.probe(path))
+        write_new(p, data)
+
+    def spy_replace(a: Path, b: Path) -> None:
+        replace(a, b)
+        seen.append(FileLock.probe(path))
+
+    monkeypatch.setattr(compact, "_write_new", spy_write)
+    monkeypatch.setattr(compact.os, "replace", spy_replace)
+    h = header("sign")
+    write(path, h, records(h, 30), compact_it=True)
+    assert len(seen) == 2 and all(e is not None for e in seen)  # FileBusyError both times
+    assert types(path).count(b"STEP") == 1 and FileLock.probe(path) is None
