@@ -48,7 +48,8 @@ def lm_closure(model, device="cpu", seed=0):
 
 def train_steps(model, traj_path, steps, *, lr=5e-3, eps=1e-3, seed=7, snapshot_at=None, device="cpu", **rule):
     opt = MeZO(model.named_parameters(), lr=lr, eps=eps, seed=seed, **rule)
-    opt.record(traj_path, base_source="test", steps_per_chunk=3)
+    # compact=False: tests cut and corrupt this file chunk by chunk (test_cli), so it keeps its flushes
+    opt.record(traj_path, base_source="test", steps_per_chunk=3, compact=False)
     snap = None
     for s in range(steps):
         opt.step(lm_closure(model, device, seed=s))

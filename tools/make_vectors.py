@@ -341,7 +341,8 @@ def tiny(name: str = "tiny", *, schedule=None, weight_decay: float = 0.0, new_te
                **({"beta2": beta2, "adam_eps": adam_eps} if rule.startswith("mezo-adam") else {}),
                **({"layerwise": layerwise} if layerwise else {}))
     (out / "traj.mzt").unlink(missing_ok=True)
-    opt.record(out / "traj.mzt", base_source="base.safetensors", steps_per_chunk=4,
+    # compact=False: the vectors keep the per-flush layout (several STEP/lsbf chunks) they test readers on
+    opt.record(out / "traj.mzt", base_source="base.safetensors", steps_per_chunk=4, compact=False,
                metadata={"purpose": "spec test vector"}, new_tensors=["e.head"] if new_tensor else ())
     at: dict[str, str] = {}
     for _ in range(6):
@@ -414,7 +415,7 @@ def tiny_lora(name: str = "tiny-lora") -> None:
     losses = iter([2.0, 1.9, 1.7, 1.75, 1.5, 1.52, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1])
     opt = MeZO(params.items(), lr=1e-3, eps=1e-3, seed=seed)
     (out / "traj.mzt").unlink(missing_ok=True)
-    opt.record(out / "traj.mzt", steps_per_chunk=4, metadata={"purpose": "spec test vector", "peft": "lora"},
+    opt.record(out / "traj.mzt", steps_per_chunk=4, compact=False, metadata={"purpose": "spec test vector", "peft": "lora"},
                new_tensors={n: specs[n][2] for n in names}, extra={"peft": peft})
     for _ in range(6):
         opt.step(lambda: next(losses))

@@ -1130,8 +1130,10 @@ class TrajectoryWriter:
     raises TrajectoryWriteError, again on every later call that would write.
     """
 
-    def __init__(self, path: PathLike, header: dict, *, overwrite: bool = False, steps_per_chunk: int = 256):
+    def __init__(self, path: PathLike, header: dict, *, overwrite: bool = False, steps_per_chunk: int = 256,
+                 compact: bool = False):
         self._check_steps_per_chunk(steps_per_chunk)
+        self.compact = compact  # close() merges the per-flush chunks (format/compact.py)
         path = Path(path)
         self._cctx = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True)
         validate_header(header)
@@ -1174,7 +1176,7 @@ class TrajectoryWriter:
 
     @classmethod
     def open_append(cls, path: PathLike, *, steps_per_chunk: int = 256,
-                    lock: FileLock | None = None) -> "TrajectoryWriter":
+                    lock: FileLock | None = None, compact: bool = False) -> "TrajectoryWriter":
         """Continue a trajectory (resume): a torn trailing chunk is cut off, a corrupt file is refused.
 
         Takes the file's lock before reading it (FileBusyError if another writer holds it), or uses
@@ -1200,6 +1202,7 @@ class TrajectoryWriter:
                 held.release()
             raise
         writer = cls.__new__(cls)
+        writer.compact = compact
         writer._setup(traj.path, f, held, traj.header, traj.steps, steps_per_chunk, traj.valid_bytes)
         return writer
 
@@ -1355,12 +1358,18 @@ class TrajectoryWriter:
         self.flush()
         self._write(self._chunk(b"FPRT", _json_dumps({"step": self.steps, "tensors": list(tensor_fps)})))
 
-    def close(self) -> None:
-        """Flush, close and unlock; closing twice, or after a failed write, is harmless."""
+    def close(self, *, compact: bool | None = None) -> None:
+        """Flush, close and unlock; closing twice, or after a failed write, is harmless.
+
+        With `compact` (default: the writer's setting) a file whose run ended cleanly is rewritten with
+        its per-flush chunks merged (format/compact.py), under the lock; if that fails it stays as it is."""
         if self._file is None:
             return
         try:
             self.flush()
+            if (self.compact if compact is None else compact) and self._failure is None:
+                from .compact import compact_locked  # compact.py reads files with this module
+                compact_locked(self.path, self._end)
         finally:
             if self._file is not None:
                 self._file.close()
@@ -1371,4 +1380,6 @@ class TrajectoryWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()  # also on an exception: what was recorded is valid and worth keeping
+        # also on an exception: what was recorded is valid and worth keeping (but not compacted: the run
+        # did not end cleanly)
+        self.close(compact=None if exc[0] is None else False)

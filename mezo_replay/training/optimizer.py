@@ -514,14 +514,16 @@ class MeZO:
         }
 
     def record(self, path: str | os.PathLike[str], *, overwrite: bool = False, steps_per_chunk: int = 256,
-               **header_args: Any) -> TrajectoryWriter:
-        """Starts writing every step to a new `.mzt` file; see `header` for the arguments."""
+               compact: bool = True, **header_args: Any) -> TrajectoryWriter:
+        """Starts writing every step to a new `.mzt` file; see `header` for the arguments. With `compact`,
+        close() merges the per-flush chunks once the run has ended (format/compact.py)."""
         header = self.header(**header_args)  # settles: the INIT chunks below read the weights
         for k, entry in enumerate(header["tensors"]):  # before the file exists
             if entry.get("init") is True and shards.is_dtensor(self.params[k]):
                 raise MezoReplayError(f"{entry['name']}: a new tensor is stored whole in the trajectory, and "
                                       f"this rank holds only its shard (FSDP2)")
-        self.writer = TrajectoryWriter(path, header, overwrite=overwrite, steps_per_chunk=steps_per_chunk)
+        self.writer = TrajectoryWriter(path, header, overwrite=overwrite, steps_per_chunk=steps_per_chunk,
+                                       compact=compact)
         self.writer_records_losses = bool(header["records"]["losses"])
         for k, entry in enumerate(header["tensors"]):
             if entry.get("init") is True:
@@ -537,10 +539,11 @@ class MeZO:
             raise ValueError(f"the trajectory holds {writer.steps} steps, not {steps_done}")
         self.writer, self.writer_records_losses, self.step_count = writer, writer.records_losses, steps_done
 
-    def close(self) -> None:
+    def close(self, *, compact: bool | None = None) -> None:
         """Ends the trajectory with the fingerprint of the weights as they are now (NaNs made canonical);
         a pending update is applied first, so the weights left behind are the trained ones. A queued
-        step's error (see `queue_step`) is raised after the trajectory is closed."""
+        step's error (see `queue_step`) is raised after the trajectory is closed. `compact`: whether the
+        file's chunks are merged now (default: the writer's setting; never after a step's error)."""
         error: NonFiniteLossError | None = None
         try:
             self.settle()
@@ -555,7 +558,7 @@ class MeZO:
         elif self.writer is not None:
             self.writer.write_fingerprint(self.fingerprints())
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close(compact=False if error is not None else compact)
             self.writer = None
         if error is not None:
             raise error
@@ -567,10 +570,10 @@ class MeZO:
         self._abandoned = True
         if self.writer is not None:
             writer, self.writer = self.writer, None
-            writer.close()
+            writer.close(compact=False)
 
     def __enter__(self) -> MeZO:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close(compact=None if exc[0] is None else False)

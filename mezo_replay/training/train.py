@@ -95,6 +95,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     flush_every: int = 256
     record_losses: bool = True  # False: no `loss` chunks (a smaller file; replay does not need them)
+    compact: bool = True  # merge the per-flush chunks when the run ends (format/compact.py)
     resume: bool = False
     overwrite: bool = False
     device: str = "cpu"
@@ -718,10 +719,12 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
             start = _resume_ranks(opt, cfg.out, cfg.flush_every, fresh, world)
         else:
             start = _resume(opt, cfg.out, cfg.flush_every, fresh)
+        if opt.writer is not None:
+            opt.writer.compact = cfg.compact
         if start >= cfg.steps:
             if opt.writer is not None:
                 writer, opt.writer = opt.writer, None
-                writer.close()  # unlocks; writes nothing, not even a second final fingerprint
+                writer.close(compact=False)  # unlocks; writes nothing, not even a second final fingerprint
             raise everywhere(MezoReplayError(f"--resume: {cfg.out} already holds {start} steps (--steps {cfg.steps})"))
         with all_or_none(world):
             # after the checks: nothing if refused. An adapter needs no base copy: it rebuilds from the file
@@ -736,7 +739,7 @@ def _train(cfg: TrainConfig, world: World, on_step: Callable[[StepReport], None]
             same = adapter is not None or base == src.weights  # else: a copy cast to the training dtype, named
             # by its path from the trajectory's folder (it is saved beside it), which stays true when both move
             if world.main:
-                opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every,
+                opt.record(cfg.out, overwrite=cfg.overwrite, steps_per_chunk=cfg.flush_every, compact=cfg.compact,
                            base_source=source if same else os.path.relpath(base, cfg.out.parent),
                            base_revision=src.revision if same else None, metadata=meta, new_tensors=added,
                            record_losses=cfg.record_losses, config=config, extra=extra)

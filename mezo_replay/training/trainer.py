@@ -45,7 +45,9 @@ from ..arithmetic.rule import MezoSGD, Schedule
 from ..errors import MezoReplayError
 from ..format.filelock import FileLock
 from ..format.fingerprint import checkpoint_fingerprint
-from ..format.mzt import CHUNK_HEAD, CKPT, PREAMBLE, TrajectoryWriter, read_trajectory
+from ..format import compact
+from ..format.mzt import (CHUNK_HEAD, CKPT, PREAMBLE, TrajectoryWriter, _write_all, create_locked,
+                          read_trajectory)
 from . import distributed
 from .data_parallel import PeerLost, all_or_none, any_stop, lost, talking
 from .defaults import MEZO_DEFAULTS
@@ -335,9 +337,9 @@ class MeZOTrainer(Trainer):
             return
         if self._in_step:
             writer, opt.writer = opt.writer, None
-            writer.close()
+            writer.close(compact=False)
         else:
-            opt.close()
+            opt.close(compact=False)  # kept as flushed: a resume cuts it back at a checkpoint's chunk
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Trainer's log; evaluation results (its `eval_` keys, without timings) also go into the
@@ -432,12 +434,23 @@ def _continue(path: Path, fresh: dict[str, Any], at: int, names: list[str],
             raise MezoReplayError(f"MeZOTrainer cannot resume {path} at step {at}: the checkpoint's weights are not "
                                   f"those the trajectory recorded at that step")
         cut = _end_of_checkpoint(path, at, traj.valid_bytes)
-        _check_prefix(path, cut, at)
+        try:
+            _check_prefix(path, cut, at)
+        except MezoReplayError:
+            # a finished file was compacted: its ckpt chunks follow the merged steps. Rebuilt as it stood
+            # at that checkpoint (compacted), it ends on the same bytes as an uninterrupted run once closed
+            if (prefix := compact.through_checkpoint(path, at, traj.valid_bytes)) is None:
+                raise
+            f, new = create_locked(path, lambda f: _write_all(f, prefix), overwrite=True, replacing=lock)
+            f.close()
+            lock.release()  # the replaced file's; `new` locks the file that now has the name
+            lock = new
+            cut = traj.file_bytes = len(prefix)
         if cut < traj.file_bytes:
             with open(path, "r+b") as f:
                 f.truncate(cut)
                 os.fsync(f.fileno())
-        writer = TrajectoryWriter.open_append(path, lock=lock)
+        writer = TrajectoryWriter.open_append(path, lock=lock, compact=True)
     except BaseException:
         lock.release()
         raise
