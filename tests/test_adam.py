@@ -365,14 +365,16 @@ def test_resume_mid_window_equals_the_uninterrupted_run(tmp_path, args):
     assert r.returncode == 0 and "verified against" in r.stdout, r.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("rule, dtype", [("mezo-adam", "bf16"), ("mezo-adam-buffer", "fp16")])
-def test_training_bytes_equal_reconstruction(tmp_path, rule, dtype):
-    """train() in process on tiny Llama: its final in-memory weights against reconstruct's bytes."""
+@pytest.mark.parametrize("rule, dtype, codec", [("mezo-adam", "bf16", "bf16"), ("mezo-adam-buffer", "fp16", "bf16"),
+                                                ("mezo-adam-buffer", "fp32", "fp8"), ("mezo-adam", "fp32", "sign")])
+def test_training_bytes_equal_reconstruction(tmp_path, rule, dtype, codec):
+    """train() in process on tiny Llama: its final in-memory weights against reconstruct's bytes, with each
+    gradient encoding too (Adam's P3 takes the decoded gq like every rule)."""
     tr, ev = embedded.load_task()
     result = train(TrainConfig(model=embedded.MODEL_DIR, train_examples=tr[:32], eval_examples=ev[:8],
                                out=tmp_path / "t.mzt", steps=4, lr=1e-4, eps=1e-3, batch_size=4, dtype=dtype,
-                               optimizer=rule, momentum=0.75, momentum_window=3, weight_decay=0.01))
+                               optimizer=rule, momentum=0.75, momentum_window=3, weight_decay=0.01,
+                               grad_codec=codec, grad_scale=None if codec == "bf16" else 4.0))
     out = replay.reconstruct(replay.plan(result.base, result.trajectory), tmp_path / "out")
     got = BaseCheckpoint.open(out)
     tuned = dict(result.model.named_parameters())
