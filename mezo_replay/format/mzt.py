@@ -827,8 +827,8 @@ def read_trajectory(path: PathLike, *, strict: bool = True) -> Trajectory:
                                                                   cost=codec.budget_cost))
                     if first != steps:
                         raise _Corrupt(f"first_step is {first}, but {steps} steps precede it (a gap or overlap)")
-                    if first + chunk_bits.shape[0] > rule.max_steps:
-                        raise _Corrupt(f"more than {rule.max_steps} steps in the file" +
+                    if first + chunk_bits.shape[0] > MAX_STEPS // rule.perturbations:  # nspsa.md: N t + j < 2^32 - 1
+                        raise _Corrupt(f"more than {MAX_STEPS // rule.perturbations} steps in the file" +
                                        (f" (a file of {rule.perturbations} perturbations a step holds at most "
                                         f"(2^32 - 1) // {rule.perturbations})" if rule.perturbations > 1 else ""))
                     if rule.perturbations > 1:
@@ -1294,8 +1294,8 @@ class TrajectoryWriter:
         if (loss is None) == self._has_losses:
             raise ValueError("a loss is required for every step" if self._has_losses
                              else "the header says records.losses is false: pass no loss")
-        if self.steps >= self._rule.max_steps:
-            raise LimitError(f"a trajectory of {n} perturbations a step holds at most {self._rule.max_steps} steps")
+        if self.steps >= MAX_STEPS // n:
+            raise LimitError(f"a trajectory of {n} perturbations a step holds at most {MAX_STEPS // n} steps")
         row = np.array(values, dtype=np.uint16)
         if (bad := invalid_perturbation_steps(row, self._rule, self.steps)).size:
             raise ValueError(f"gradient bits 0x{int(row[bad[0]]):04x} (perturbation {int(bad[0])}) are not finite, "
