@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -174,8 +175,9 @@ def task_args(task: str, folder: Path) -> list[str]:
 
 def train(task: str, variant: Variant, steps: int, folder: Path, args: argparse.Namespace) -> tuple[Run, str]:
     out = folder / f"{variant.name}.mzt"
+    every = args.eval_every or max(1, steps // 10)  # the baseline's evaluation interval, in its steps
     steps = max(1, steps // variant.perturbations)  # the same training forward passes as the others
-    eval_every = max(1, (args.eval_every or max(1, steps * variant.perturbations // 10)) // variant.perturbations)
+    eval_every = every // math.gcd(every, variant.perturbations)  # evaluated at the others' forward passes
     cmd = [*cli(), "train", *task_args(task, folder), "--steps", str(steps), "--eval-every", str(eval_every),
            "-q", "--overwrite", "-o", out.name, *variant.args]
     rc, text, seconds, rss, _ = run_child(cmd, folder, child_env(args))
