@@ -232,6 +232,29 @@ def test_a_resumed_momentum_run_ends_on_the_bytes_of_an_uninterrupted_one(base: 
         assert all(same_bytes(a, b) for a, b in zip(ref.model.state_dict().values(), again.model.state_dict().values()))
 
 
+def test_a_layerwise_run_resumes_with_the_recorded_exponents_and_rebuilds_with_the_cli(base: Path,
+                                                                                     tmp_path: Path) -> None:
+    """mezo_layerwise: the exponents come from the base weights; a resumed run takes them from the file (the
+    checkpoint's weights would give others) and ends on the uninterrupted run's bytes; the CLI rebuilds it."""
+    rule = {"mezo_layerwise": "perturbation"}
+    ref = resumable(base, tmp_path / "ref", rule)
+    ref.train()
+    want = (tmp_path / "ref" / "trajectory.mzt").read_bytes()
+    header = read_trajectory(tmp_path / "ref" / "trajectory.mzt").header
+    assert header["rule"]["layerwise"] is True and {t.get("perturb_exp", 0) for t in header["tensors"]} != {0}
+    run = tmp_path / "run"
+    cut = resumable(base, run, rule)
+    cut.add_callback(_Cut(5))
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
+    again = resumable(base, run, rule)
+    again.train(resume_from_checkpoint=str(run / "checkpoint-4"))
+    assert (run / "trajectory.mzt").read_bytes() == want
+    r = run_cli("reconstruct", str(base), str(run / "trajectory.mzt"), "-o", str(tmp_path / "rebuilt"), "-q")
+    assert r.returncode == 0, r.stderr
+    assert_weights(again.model, tmp_path / "rebuilt")
+
+
 def test_what_cannot_resume_exactly_is_refused_in_one_line(base: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cut = resumable(base, run, max_steps=4, eval_strategy="no")

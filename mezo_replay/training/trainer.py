@@ -86,7 +86,10 @@ class MeZOTrainer(Trainer):
     `mezo_momentum`, `mezo_momentum_window` the update rule (MeZO's rule/momentum/momentum_window:
     "mezo-sgd", "mezo-momentum", "mezo-momentum-buffer"; spec/momentum.md; or "mezo-adam", "mezo-adam-buffer"
     with `mezo_momentum` as beta1 and `mezo_beta2`, `mezo_adam_eps`: spec/adam.md); `mezo_perturbations` N > 1
-    makes each step n-SPSA (MeZO's perturbations, spec/nspsa.md: 2N forwards a step, N records). `trajectory`
+    makes each step n-SPSA (MeZO's perturbations, spec/nspsa.md: 2N forwards a step, N records);
+    `mezo_layerwise` ("perturbation", "step", "both") and `mezo_layerwise_blocks` ("tensor", "layer") scale
+    each tensor's perturbation and step by powers of two chosen from the base weights (spec/layerwise.md; a
+    resumed run takes the exponents the file recorded). `trajectory`
     defaults to <output_dir>/trajectory.mzt;
     `base_source` (what `reconstruct` will need as its base) defaults to the model's name_or_path.
     Each step runs with the model in eval mode, as the MeZO reference trainer does: dropout would make
@@ -98,13 +101,15 @@ class MeZOTrainer(Trainer):
                  on_nonfinite: Literal["raise", "skip"] = "raise", mezo_grad_codec: str = "bf16",
                  mezo_grad_scale: float | None = None, mezo_rule: str = "mezo-sgd", mezo_momentum: float = 0.9,
                  mezo_momentum_window: int = 16, mezo_perturbations: int = 1, mezo_beta2: float = 0.999,
-                 mezo_adam_eps: float = 1e-8, **kwargs: Any) -> None:
+                 mezo_adam_eps: float = 1e-8, mezo_layerwise: str = "none", mezo_layerwise_blocks: str = "tensor",
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mezo_eps, self.mezo_noise, self.mezo_schedule = mezo_eps, mezo_noise, mezo_schedule
         self.mezo_grad_codec, self.mezo_grad_scale = mezo_grad_codec, mezo_grad_scale
         self.mezo_rule, self.mezo_momentum, self.mezo_momentum_window = mezo_rule, mezo_momentum, mezo_momentum_window
         self.mezo_perturbations = mezo_perturbations
         self.mezo_beta2, self.mezo_adam_eps = mezo_beta2, mezo_adam_eps
+        self.mezo_layerwise, self.mezo_layerwise_blocks = mezo_layerwise, mezo_layerwise_blocks
         self.record_losses, self.overwrite_trajectory = record_losses, overwrite_trajectory
         self.on_nonfinite = on_nonfinite
         self.trajectory_path = Path(trajectory) if trajectory is not None else \
@@ -212,11 +217,20 @@ class MeZOTrainer(Trainer):
                                   f"{self.state.max_steps}): nothing to resume (Trainer would take a step past it)")
         inner = self.accelerator.unwrap_model(model)
         schedule = getattr(self, "_schedule", None) or self.mezo_schedule
+        layerwise: Any = self.mezo_layerwise
+        if layerwise != "none" and self._resuming:  # the base's exponents as the file recorded them: the
+            recorded = None                          # checkpoint's weights are not the base (spec/layerwise.md)
+            with all_or_none(world):
+                if world.main:
+                    recorded = {t["name"]: (t.get("perturb_exp", 0), t.get("step_exp", 0))
+                                for t in read_trajectory(self.trajectory_path).header["tensors"]}
+            layerwise = distributed.broadcast(recorded, world)
         opt = MeZO(inner.named_parameters(), lr=self.args.learning_rate, eps=self.mezo_eps, seed=self.args.seed,
                    noise=self.mezo_noise, schedule=schedule, weight_decay=self.args.weight_decay,
                    on_nonfinite=self.on_nonfinite, grad_codec=self.mezo_grad_codec, grad_scale=self.mezo_grad_scale,
                    rule=self.mezo_rule, momentum=self.mezo_momentum, momentum_window=self.mezo_momentum_window,
-                   perturbations=self.mezo_perturbations, beta2=self.mezo_beta2, adam_eps=self.mezo_adam_eps)
+                   perturbations=self.mezo_perturbations, beta2=self.mezo_beta2, adam_eps=self.mezo_adam_eps,
+                   layerwise=layerwise, layerwise_blocks=self.mezo_layerwise_blocks)
         source, revision = self.base_source, None
         if source is None:
             config = getattr(inner, "config", None)
