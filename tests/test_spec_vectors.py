@@ -279,7 +279,8 @@ def test_training_phases_equal_replay(dtype, backend):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-cosine-decay", "tiny-new-tensor", "tiny-nan",
                                   "tiny-checkpoints", "tiny-fp8", "tiny-sign", "tiny-momentum",
-                                  "tiny-momentum-buffer", "tiny-nspsa", "tiny-nspsa-sign"])
+                                  "tiny-momentum-buffer", "tiny-nspsa", "tiny-nspsa-sign", "tiny-adam",
+                                  "tiny-adam-buffer", "tiny-layerwise", "tiny-layerwise-momentum"])
 def test_tiny_end_to_end_vector(tmp_path, name, backend):
     """spec/vectors/tiny*: the numpy reference and the torch reconstruct both land on expected.json."""
     import hashlib
@@ -298,7 +299,8 @@ def test_tiny_end_to_end_vector(tmp_path, name, backend):
         bits = traj.inits[k] if t.get("init") else base.read_bytes(t["name"])
         w = np.frombuffer(bits, dtype=R.BITS_DTYPE[t["dtype"]]).copy()
         got = R.replay(w, t["dtype"], seed=int(h["generator"]["seed"]), k=k, noise_name=h["noise"]["name"],
-                       rule=h["rule"], grads=traj.grad_bits.tolist(), decayed=bool(t.get("decay")))
+                       rule=h["rule"], grads=traj.grad_bits.tolist(), decayed=bool(t.get("decay")),
+                       perturb_exp=t.get("perturb_exp", 0), step_exp=t.get("step_exp", 0))
         assert hashlib.sha256(got.tobytes()).hexdigest() == expected["tensors"][t["name"]]["sha256"], t["name"]
     out = replay.reconstruct(replay.plan(tiny / "base.safetensors", tiny / "traj.mzt"), tmp_path / "o.safetensors")
     result = BaseCheckpoint.open(out)
