@@ -217,7 +217,8 @@ def _two_defaults(key: str) -> str:
                    "a step (N times the step bytes); --steps counts optimizer steps.")
 @click.option("--layerwise", type=click.Choice(["none", "perturbation", "step", "both"]), default="none",
               show_default=True,
-              help="Layer-wise MeZO (spec/layerwise.md): scale each tuned tensor's perturbation and/or step by a "
+              help="Layer-wise MeZO (spec/layerwise.md; mezo-sgd with one perturbation, and the momentum rules): "
+                   "scale each tuned tensor's perturbation and/or step by a "
                    "power of two 2^e near its base weights' rms (relative to the element-weighted mean exponent, "
                    "so --eps keeps its average meaning; all-zero tensors such as LoRA B get 1). perturbation: "
                    "a tensor of small weights is probed less hard, one of large weights harder, and the update "
