@@ -6,6 +6,8 @@ file was written by someone who read only spec/ (no mezo_replay import, numpy an
 so it checks that the spec's text, not the code, determines the vectors: Philox, noise, generated
 initial values, every rule's arithmetic (mezo-sgd, momentum, n-SPSA, Adam, layer-wise exponents),
 the .mzt records and fingerprints, on every tiny-* trajectory and the host/element vectors.
+A new tiny-* vector of a feature this file lacks fails here on purpose: extend it from the spec's
+text, never from mezo_replay, or it stops being a second reading.
 """
 from __future__ import annotations
 
