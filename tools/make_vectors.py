@@ -1007,11 +1007,11 @@ def main() -> None:
     if sys.argv[1:] == ["momentum"]:  # only spec/vectors/momentum.json and tiny-momentum
         momentum_vectors()
         return
-    if sys.argv[1:] == ["nspsa"]:  # only spec/vectors/nspsa.json, tiny-nspsa and tiny-nspsa-sign
+    if sys.argv[1:] == ["nspsa"]:  # only spec/vectors/nspsa.json and tiny-nspsa*
         nspsa_vectors()
     if sys.argv[1:] == ["adam"]:  # only spec/vectors/adam.json, tiny-adam and tiny-adam-buffer
         adam_vectors()
-    if sys.argv[1:] == ["layerwise"]:  # only spec/vectors/tiny-layerwise*
+    if sys.argv[1:] == ["layerwise"]:  # only spec/vectors/layerwise.json and tiny-layerwise*
         layerwise_vectors()
         return
     SPEC.mkdir(parents=True, exist_ok=True)
