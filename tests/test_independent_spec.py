@@ -455,8 +455,31 @@ def test_adam_vectors() -> None:
                 assert (hexes(m, "F32"), hexes(v, "F32")) == (e["m_after"], e["v_after"])
             w = adam_p3(w, m, v, z(e["step"]), e["eps"], e["alpha"], e["h"], e["adam_eps"], e["d"], True, e["dtype"])
             assert hexes(w, e["dtype"]) == e["p3"]
+    for e in A["record_runs"]:  # whole replays whose records lie below 2^-100 (adam.md: applied as +0)
+        assert hexes(run_vector(e), e["dtype"]) == e["after"], (e["rule"]["name"], e["dtype"], e["grad_bits"])
     assert all(abs(gq_of(b)) >= 2.0 ** 40 for b in A["invalid_grad_bits"])
     assert all(abs(gq_of(b)) < 2.0 ** 40 for b in A["valid_grad_bits"])
+
+
+def run_vector(e: dict) -> np.ndarray:
+    """A run vector (adam.json record_runs, layerwise.json runs): elements start.. of tensor `tensor`, its
+    entry's exponents, replayed from step 0 over grad_bits (one bf16 record a step)."""
+    w = elems(e["w"], e["dtype"])
+    te = {"dtype": e["dtype"], "shape": [len(w)], "decay": e["decay"]}
+    te.update({key: e[key] for key in ("perturb_exp", "step_exp") if key in e})
+    return replay_tensor(dict(e["rule"]), te, e["tensor"], w, [[gq_of(b)] for b in e["grad_bits"]],
+                         vector_noise(e, len(w)), {})
+
+
+def test_layerwise_vectors() -> None:
+    V = load("layerwise")
+    for e in V["coefficients"]:
+        c = flush(RS(e["lr"] * gq_of(e["grad_bits"]), 16))
+        assert abs(c) <= 2.0 ** 100 and c == e["c"]
+        ck = flush(c * 2.0 ** (e["perturb_exp"] + e["step_exp"]))
+        assert (None if abs(ck) > 2.0 ** 100 else ck) == e["c_k"], e
+    for e in V["runs"]:
+        assert hexes(run_vector(e), e["dtype"]) == e["after"], (e["rule"]["name"], e["dtype"], e["perturb_exp"])
 
 
 def test_nspsa_vectors() -> None:

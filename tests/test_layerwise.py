@@ -18,7 +18,7 @@ import torch
 
 from mezo_replay import embedded
 from mezo_replay.arithmetic import reference as R
-from mezo_replay.arithmetic.rule import MezoSGD
+from mezo_replay.arithmetic.rule import MezoSGD, Schedule
 from mezo_replay.errors import TrajectoryError
 from mezo_replay.format.mzt import TrajectoryWriter, invalid_steps, read_trajectory
 from mezo_replay.format.safetensors_io import BaseCheckpoint
@@ -30,10 +30,12 @@ from mezo_replay.training.train import TrainConfig, train
 from tests.test_adapter import with_header
 from tests.test_rebuild_cli import cli, inproc, one_line_error, printed_command
 from tests.test_roundtrip import tensor_bytes
+from tests.test_spec_vectors import bits_to_torch, torch_to_bits
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "spec" / "vectors"
-NAMES = ["tiny-layerwise", "tiny-layerwise-momentum"]
+NAMES = ["tiny-layerwise", "tiny-layerwise-momentum", "tiny-layerwise-buffer"]
+LAYERWISE = json.loads((VECTORS / "layerwise.json").read_text())
 TORCH_DTYPE = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -100,7 +102,10 @@ def test_every_isa_build_gives_the_vectors():
                 w = base.read(t["name"]).clone().reshape(-1)
                 local, cs, _ = steps._for_tensor(rule, k, constants)
                 cs = cs if t.get("decay") else [(c, 0.0) for c, _ in cs]
-                if rule.window:
+                if rule.buffered:
+                    cpu_kernel.apply_buffer_(w, torch.zeros(w.numel()), 0, local, k, 0, cpu_kernel.REPLAY,
+                                             constants=cs, isa=isa)
+                elif rule.window:
                     cpu_kernel.apply_terms_(w, 0, local, k, 0, cpu_kernel.REPLAY, steps=cs, isa=isa)
                 else:
                     cpu_kernel.apply_(w, 0, local, k, 0, cpu_kernel.REPLAY, constants=cs, isa=isa)
@@ -126,7 +131,7 @@ from mezo_replay.training.optimizer import MeZO
 assert triton_kernels.interpreting()
 V = Path("spec/vectors")
 steps.set_backend("triton")
-for name in ("tiny-layerwise", "tiny-layerwise-momentum"):
+for name in ("tiny-layerwise", "tiny-layerwise-momentum", "tiny-layerwise-buffer"):
     exp = json.loads((V / name / "expected.json").read_text())
     out = replay.reconstruct(replay.plan(V / name / "base.safetensors", V / name / "traj.mzt"),
                              Path(tempfile.mkdtemp()) / "o.safetensors")
@@ -154,6 +159,64 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def _case_rule(case: dict) -> MezoSGD:
+    """The MezoSGD of a layerwise.json run: its rule object, its seed and noise, and the run's exponents on
+    tensor `tensor` (every earlier tensor unscaled)."""
+    r = case["rule"]
+    return MezoSGD.create(lr=r["lr"], eps=r["eps"], seed=int(case["seed"]), noise=case["noise"],
+                          schedule=Schedule.from_header(r["schedule"]), weight_decay=r.get("weight_decay", 0.0),
+                          rule=r["name"], momentum=r.get("momentum", 0.9), window=r.get("window", 16),
+                          exponents=[(0, 0)] * case["tensor"] + [(case["perturb_exp"], case["step_exp"])])
+
+
+def run_case(case: dict) -> list[str]:
+    """A layerwise.json run through steps.replay_tensor_ on the current backend: its bits after every step."""
+    rule, dtype = _case_rule(case), case["dtype"]
+    w = bits_to_torch(np.array([int(x, 16) for x in case["w"]], dtype=R.BITS_DTYPE[dtype]), dtype, "cpu")
+    grads = [int(b, 16) for b in case["grad_bits"]]
+    steps.replay_tensor_(w, rule, case["tensor"], steps.step_constants(rule, grads), decay=case["decay"],
+                         start=int(case["start"]))
+    return [f"0x{int(x):0{8 if dtype == 'F32' else 4}x}" for x in torch_to_bits(w, dtype)]
+
+
+def test_coefficient_vectors():
+    """layerwise.json's c_k: the reference and rule.py (tensor_coefficient; the step's validity through
+    coefficient) give each value, the flush below 2^-100 and the 2^100 limit included."""
+    for case in LAYERWISE["coefficients"]:
+        bits, e, f = int(case["grad_bits"], 16), case["perturb_exp"], case["step_exp"]
+        c = R.coefficient(case["lr"], bits)
+        assert c == case["c"]
+        if case["c_k"] is None:
+            with pytest.raises(ValueError):
+                R.layerwise_coefficient(c, e, f)
+        else:
+            assert R.layerwise_coefficient(c, e, f) == case["c_k"]
+        rule = MezoSGD.create(lr=case["lr"], eps=2.0**-20, seed=0, exponents=[(e, f)])
+        if case["c_k"] is None:
+            with pytest.raises(ValueError):
+                rule.coefficient(0, bits)
+        else:
+            assert rule.coefficient(0, bits) == c and rule.tensor_coefficient(c, 0) == case["c_k"]
+    assert any(x["c"] != 0 and x["c_k"] == 0 for x in LAYERWISE["coefficients"])
+
+
+def test_run_vectors_on_the_reference_and_every_backend(backend):
+    """layerwise.json runs (mezo-sgd, mezo-momentum, mezo-momentum-buffer; zero weights where an unflushed
+    c_k would show): the numpy reference and steps.replay_tensor_ on this backend give `after`."""
+    assert sum(c["unflushed_differs"] for c in LAYERWISE["runs"]) >= 6
+    assert {c["rule"]["name"] for c in LAYERWISE["runs"] if c["unflushed_differs"]} == \
+        {"mezo-sgd", "mezo-momentum", "mezo-momentum-buffer"}
+    for case in LAYERWISE["runs"]:
+        dtype = case["dtype"]
+        w = np.array([int(x, 16) for x in case["w"]], dtype=R.BITS_DTYPE[dtype])
+        got = R.replay(w, dtype, seed=int(case["seed"]), k=case["tensor"], noise_name=case["noise"],
+                       rule=case["rule"], grads=[int(b, 16) for b in case["grad_bits"]], decayed=case["decay"],
+                       start=int(case["start"]), perturb_exp=case["perturb_exp"], step_exp=case["step_exp"])
+        width = 8 if dtype == "F32" else 4
+        assert [f"0x{int(x):0{width}x}" for x in got] == case["after"], case["rule"]
+        assert run_case(case) == case["after"], (backend, dtype, case["rule"]["name"])
 
 
 # -- the host arithmetic -----------------------------------------------------------------------------

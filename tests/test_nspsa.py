@@ -139,12 +139,16 @@ def test_every_isa_build_gives_the_vectors():
 
 def test_tiny_nspsa_vectors_record_what_they_are_for():
     """The end-to-end vectors (replayed by test_spec_vectors.test_tiny_end_to_end_vector on every backend):
-    3 perturbations with a zero record, and sign records of 2."""
+    3 perturbations with a zero record, sign records of 2, and sign records of 3 with negative ones."""
     traj = read_trajectory(VECTORS / "tiny-nspsa" / "traj.mzt")
     assert traj.header["rule"]["perturbations"] == 3 and traj.grad_bits.shape == (6, 3)
     assert traj.grad_bits[1, 1] == 0 and traj.losses is not None and traj.losses.shape == (6,)
     sign = read_trajectory(VECTORS / "tiny-nspsa-sign" / "traj.mzt")
     assert sign.header["rule"]["grad_encoding"] == "sign" and sign.grad_bits.shape == (6, 2)
+    neg = read_trajectory(VECTORS / "tiny-nspsa-sign-neg" / "traj.mzt")  # every sign, 12 values in chunk 0
+    assert neg.header["rule"]["grad_encoding"] == "sign" and neg.grad_bits.shape == (6, 3)
+    assert {int(b) for b in neg.grad_bits.reshape(-1)} == {0x3E00, 0xBE00, 0x0000}
+    assert (neg.grad_bits[:4] == 0xBE00).sum() > 0 and (neg.grad_bits[4:] == 0xBE00).sum() > 0
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -280,7 +280,8 @@ def test_training_phases_equal_replay(dtype, backend):
 @pytest.mark.parametrize("name", ["tiny", "tiny-cosine-decay", "tiny-new-tensor", "tiny-nan",
                                   "tiny-checkpoints", "tiny-fp8", "tiny-sign", "tiny-momentum",
                                   "tiny-momentum-buffer", "tiny-nspsa", "tiny-nspsa-sign", "tiny-adam",
-                                  "tiny-adam-buffer", "tiny-layerwise", "tiny-layerwise-momentum"])
+                                  "tiny-adam-buffer", "tiny-layerwise", "tiny-layerwise-momentum",
+                                  "tiny-layerwise-buffer", "tiny-nspsa-sign-neg"])
 def test_tiny_end_to_end_vector(tmp_path, name, backend):
     """spec/vectors/tiny*: the numpy reference and the torch reconstruct both land on expected.json."""
     import hashlib

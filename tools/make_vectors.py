@@ -8,6 +8,7 @@ arithmetic; tests hold every implementation to these files, and the diff shows w
 from __future__ import annotations
 
 import json
+import math
 import struct
 import sys
 from pathlib import Path
@@ -645,6 +646,15 @@ def nspsa_vectors() -> None:
     # sign records, 2 perturbations: 6 steps, 12 values a chunk of 4 steps
     tiny("tiny-nspsa-sign", grad_codec="sign", grad_scale=0.125, perturbations=2,
          loss_values=tuple(losses[:24]))
+    # sign records of 3 perturbations with every sign: chunk 0 holds 12 values (two bytes a bit field), chunk 1
+    # six; records (a row a step) + - 0 / - - + / + 0 - / - + + / 0 - + / - - -
+    signs = [1, -1, 0, -1, -1, 1, 1, 0, -1, -1, 1, 1, 0, -1, 1, -1, -1, -1]
+    neg = []
+    for i, sgn in enumerate(signs):
+        plus = round(1.5 - 0.01 * i, 6)
+        neg += [plus, plus if sgn == 0 else round(plus - 0.002 * sgn, 6)]
+    tiny("tiny-nspsa-sign-neg", schedule=Schedule("cosine", warmup_steps=1, total_steps=6), weight_decay=0.5,
+         grad_codec="sign", grad_scale=0.125, perturbations=3, loss_values=tuple(neg))
 
 
 def adam() -> dict:
@@ -810,11 +820,78 @@ def adam() -> dict:
                      "approximate CPU float32 sqrt or a reciprocal-then-multiply division gives another value "
                      "(shortcut_value) and, for the last two, other weight bits (shortcut_p3); tensors: the P3 of "
                      "step `step` on elements start.. of tensor `tensor` with the generator's noise (buffer form "
-                     "with m, v; window form with terms). NaN results canonical",
+                     "with m, v; window form with terms); record_runs: elements start.. of tensor `tensor` after "
+                     "every step of grad_bits (records below 2^-100 but not zero, applied as +0) under `rule`, "
+                     "from step 0 (m = v = +0); unflushed_differs: whether applying them unflushed changes "
+                     "`after`. NaN results canonical",
             "hosts": hosts, "refusals": refusals, "invalid_grad_bits": ["0x5380", "0xd380", "0x5f00", "0x7f7f"],
             "valid_grad_bits": ["0x537f", "0xd37f", "0x0001", "0x8000"],
             "buffer_elements": buffer_elements, "window_elements": window_elements, "shortcuts": wrong,
-            "tensors": tensors}
+            "tensors": tensors, "record_runs": adam_record_runs()}
+
+
+# Zeros and subnormals first: an F32 (or, with rademacher16, a BF16) zero weight comes back from P1 and P2 as
+# exactly +0 before P3, so a P3 term far below the weights' scale still lands in its bytes.
+RUN_WEIGHTS = {"F32": [0x00000000, 0x80000000, 0x00000001, 0x80000001, 0x00000000, 0x3F800000, 0x0D000000,
+                       0x8D000000],
+               "BF16": [0x0000, 0x8000, 0x0001, 0x8001, 0x0000, 0x3F80, 0x0D00, 0x8D00],
+               "F16": [0x0000, 0x8000, 0x0001, 0x8001, 0x0000, 0x3C00, 0x0400, 0x8400]}
+
+
+def _run_weights(dtype: str, rng: np.random.Generator, n: int = 24) -> np.ndarray:
+    width = 8 if dtype == "F32" else 4
+    extra = [int(v) for v in rng.integers(0, 2**(4 * width), size=n)]
+    return np.array(RUN_WEIGHTS[dtype] + extra, dtype=R.BITS_DTYPE[dtype])
+
+
+def _differs_unflushed(patch: str, fn) -> bool:
+    """Whether `fn()` (a replay) gives other bits when R.<patch> keeps values below 2^-100 (the wrong
+    reading a vector must catch)."""
+    keep = getattr(R, patch)
+    wrong = {"adam_flush": lambda bits: R.grad_value(bits),
+             "layerwise_coefficient": lambda c, e, f: math.ldexp(c, e + f)}[patch]
+    good = fn()
+    setattr(R, patch, wrong)
+    try:
+        bad = fn()
+    finally:
+        setattr(R, patch, keep)
+    return bad.tolist() != good.tolist()
+
+
+def adam_record_runs() -> list[dict]:
+    """adam.md: whole replays whose records are bf16 patterns below 2^-100 but not zero (a subnormal 0x0001,
+    a normal 0x8d00 = -2^-101): applied as +0. In mezo-adam-buffer applying them unflushed gives other bits
+    (m, v and upd nonzero on a weight P1 and P2 bring back to exactly +0); mezo-adam's window terms are
+    flushed below 2^-100 anyway, so its runs only show that such records are valid."""
+    from mezo_replay.arithmetic.rule import adam_beta
+
+    rng = np.random.default_rng(20261204)
+    b9, b999 = adam_beta(0.9), adam_beta(0.999)
+    runs = []
+    for n, (dtype, noise_name) in enumerate((("F32", "gaussian16"), ("BF16", "rademacher16"), ("F16", "gaussian16"))):
+        seed, k, start = [(0, 0, 0), (2**40 + 11, 3, 2**33 + 5), (2**64 - 1, 7, 1000)][n]
+        w = _run_weights(dtype, rng)
+        for name, grads in (("mezo-adam-buffer", [0x0001]), ("mezo-adam-buffer", [0x0000, 0x8d00, 0x0001]),
+                            ("mezo-adam", [0x0001, 0x8d00, 0x3f80])):
+            rule = {"name": name, "eps": 2.0**-60, "lr": 2.0**-4, "schedule": {"name": "constant"},
+                    "grad_encoding": "bf16", "beta1": b9, "beta2": b999, "adam_eps": 2.0**-60}
+            if name == "mezo-adam":
+                rule["window"] = 2
+
+            def run(rule=rule, grads=grads, w=w):
+                return R.replay(w.copy(), dtype, seed=seed, k=k, noise_name=noise_name, rule=rule, grads=grads,
+                                decayed=False, start=start)
+            shows = _differs_unflushed("adam_flush", run)
+            if name == "mezo-adam-buffer" and dtype != "F16":
+                assert shows, (dtype, grads)  # what these runs are for
+            assert not (name == "mezo-adam" and shows)
+            width = 8 if dtype == "F32" else 4
+            runs.append({"dtype": dtype, "noise": noise_name, "seed": str(seed), "tensor": k, "start": str(start),
+                         "rule": rule, "decay": False, "grad_bits": [hx(x, 4) for x in grads],
+                         "w": [hx(int(x), width) for x in w], "after": [hx(int(x), width) for x in run()],
+                         "unflushed_differs": shows})
+    return runs
 
 
 def adam_vectors() -> None:
@@ -835,24 +912,106 @@ LAYERWISE_EXPONENTS = {"a.weight": (3, -2), "b.bias": (-40, -40), "c.scale": (0,
 LAYERWISE_LOSSES = (2.0, 1.9, 1.7, 1.75, 1.0, 1.0 + 2.0**-40, 1.4, 1.3, 1.2, 1.201, 1.0, 1.1)
 
 
+def layerwise() -> dict:
+    """layerwise.md: c_k from c and the exponents (the flush below 2^-100, the 2^100 limit), and whole
+    replays of runs of elements under each rule the exponents apply to, with steps whose c is kept while
+    c_k falls below 2^-100: on the zero weights of an F32 run (and of a BF16 run with rademacher16 noise,
+    whose eps_k z is a power of two) P1 and P2 give back exactly +0, so an unflushed c_k z shows in the bits."""
+    coefficients = []
+    for lr, bits, e, f in ((2.0**-10, 0x3F80, -40, -40),    # c 2^-10: c_k 2^-90
+                           (2.0**-10, 0x3300, -40, -40),    # c 2^-35: c_k 2^-115, +0
+                           (2.0**-10, 0xA400, 0, -40),      # c -2^-65: c_k -2^-105, +0 (step_exp alone)
+                           (2.0**-10, 0x3A80, -40, -40),    # c 2^-20: c_k exactly 2^-100, kept
+                           (2.0**-10, 0xBAC0, -40, -40),    # c -1.5 2^-20: c_k -1.5 2^-100, kept
+                           (2.0**-10, 0x3A7F, -40, -40),    # just below: c_k (2 - 2^-7) 2^-101, +0
+                           (2.0**-10, 0x0D80, 40, 40),      # c 2^-110 is +0 before the scaling: c_k +0
+                           (1.0, 0x0D80, 3, -2),            # c exactly 2^-100: c_k 2^-99
+                           (1.0, 0x0D80, 0, -1),            # c exactly 2^-100: c_k 2^-101, +0
+                           (2.0**-20, 0x3F80, 3, 5),        # c_k 2^-12
+                           (1.0, 0x7100, 5, 5),             # c 2^99 (valid): c_k 2^109, the step is invalid
+                           (1.0, 0x70FF, 1, 0),             # c (2 - 2^-7) 2^98: c_k just below 2^100, valid
+                           (1.0, 0x7180, -40, -40)):        # c 2^100 exactly, valid: c_k 2^20
+        c = R.coefficient(lr, bits)
+        try:
+            ck = R.layerwise_coefficient(c, e, f)
+        except ValueError:
+            ck = None
+        coefficients.append({"lr": lr, "grad_bits": hx(bits, 4), "perturb_exp": e, "step_exp": f, "c": c, "c_k": ck})
+    rng = np.random.default_rng(20261205)
+    runs = []
+    # records: 0x3300 at lr 2^-10 gives c = 2^-35; with e + f = -80, c_k = 2^-115 is +0
+    for n, (dtype, noise_name) in enumerate((("F32", "gaussian16"), ("BF16", "rademacher16"), ("F16", "gaussian16"))):
+        seed, k, start = [(0, 0, 0), (2**40 + 11, 3, 2**33 + 5), (2**64 - 1, 7, 1000)][n]
+        w = _run_weights(dtype, rng)
+        width = 8 if dtype == "F32" else 4
+        for name, e, f, grads, sched, wd in (
+                ("mezo-sgd", -40, -40, [0x3F80, 0xC000, 0x3300], {"name": "constant"}, 0.0),
+                ("mezo-sgd", 0, -40, [0xA400], {"name": "constant"}, 0.0),
+                ("mezo-sgd", 3, -2, [0x3F80, 0xC2F7, 0x0000, 0x4049], {"name": "cosine", "warmup_steps": 1,
+                                                                       "total_steps": 4}, 0.5),
+                ("mezo-momentum", -40, -40, [0x3300, 0xB300, 0x3380], {"name": "constant"}, 0.0),
+                ("mezo-momentum", 0, 5, [0x3F80, 0xC2F7, 0x0000, 0x4049], {"name": "cosine", "warmup_steps": 1,
+                                                                           "total_steps": 4}, 0.5),
+                ("mezo-momentum-buffer", -40, -40, [0x3300, 0xB300, 0x3380], {"name": "constant"}, 0.0),
+                ("mezo-momentum-buffer", 3, -2, [0x3F80, 0xC2F7, 0x0000, 0x4049], {"name": "cosine",
+                                                                                   "warmup_steps": 1,
+                                                                                   "total_steps": 4}, 0.5),
+                ("mezo-momentum-buffer", -40, 40, [0x3F80, 0xC000, 0x3300], {"name": "constant"}, 0.25)):
+            rule = {"name": name, "eps": 2.0**-20, "lr": 2.0**-10, "schedule": sched, "grad_encoding": "bf16",
+                    "layerwise": True}
+            if wd:
+                rule["weight_decay"] = wd
+            if name != "mezo-sgd":
+                rule["momentum"] = 0.75
+            if name == "mezo-momentum":
+                rule["window"] = 3
+
+            def run(rule=rule, grads=grads, w=w, e=e, f=f):
+                return R.replay(w.copy(), dtype, seed=seed, k=k, noise_name=noise_name, rule=rule, grads=grads,
+                                decayed=bool(wd), start=start, perturb_exp=e, step_exp=f)
+            shows = _differs_unflushed("layerwise_coefficient", run)
+            if (e + f == -80 or grads == [0xA400]) and dtype != "F16":  # the last step's c_k is +0
+                assert shows, (name, dtype, e, f)  # what these runs are for
+            runs.append({"dtype": dtype, "noise": noise_name, "seed": str(seed), "tensor": k, "start": str(start),
+                         "rule": rule, "perturb_exp": e, "step_exp": f, "decay": bool(wd),
+                         "grad_bits": [hx(x, 4) for x in grads], "w": [hx(int(x), width) for x in w],
+                         "after": [hx(int(x), width) for x in run()],
+                         "unscaled_after": [hx(int(x), width) for x in R.replay(
+                             w.copy(), dtype, seed=seed, k=k, noise_name=noise_name, rule=rule, grads=grads,
+                             decayed=bool(wd), start=start)],
+                         "unflushed_differs": shows})
+    return {"about": "layerwise.md: coefficients: c (rule.md's, from lr_t and the record grad_bits) and c_k = c * "
+                     "2^(perturb_exp + step_exp), +0 below 2^-100, null where |c_k| > 2^100 makes the step "
+                     "invalid; runs: elements start.. of tensor `tensor` (a tensor entry with perturb_exp, "
+                     "step_exp) after every step of grad_bits under `rule`, from step 0 (mezo-momentum-buffer: "
+                     "m = +0), with the generator's noise; decay: whether the tensor takes weight decay; "
+                     "unscaled_after: the same without the exponents (a replay that ignores them); "
+                     "unflushed_differs: whether keeping a c_k below 2^-100 changes `after`. NaN results canonical",
+            "coefficients": coefficients, "runs": runs}
+
+
 def layerwise_vectors() -> None:
     from mezo_replay.arithmetic.rule import Schedule
 
+    (SPEC / "layerwise.json").write_text(json.dumps(layerwise(), indent=1) + "\n")
+    print("wrote", SPEC / "layerwise.json")
     tiny("tiny-layerwise", schedule=Schedule("cosine", warmup_steps=1, total_steps=6), weight_decay=0.5,
          layerwise=LAYERWISE_EXPONENTS, loss_values=LAYERWISE_LOSSES)
     tiny("tiny-layerwise-momentum", rule="mezo-momentum", momentum=0.75, window=3,
          layerwise=LAYERWISE_EXPONENTS, loss_values=LAYERWISE_LOSSES)
+    tiny("tiny-layerwise-buffer", schedule=Schedule("cosine", warmup_steps=1, total_steps=6), weight_decay=0.5,
+         rule="mezo-momentum-buffer", momentum=0.75, layerwise=LAYERWISE_EXPONENTS, loss_values=LAYERWISE_LOSSES)
 
 
 def main() -> None:
     if sys.argv[1:] == ["momentum"]:  # only spec/vectors/momentum.json and tiny-momentum
         momentum_vectors()
         return
-    if sys.argv[1:] == ["nspsa"]:  # only spec/vectors/nspsa.json, tiny-nspsa and tiny-nspsa-sign
+    if sys.argv[1:] == ["nspsa"]:  # only spec/vectors/nspsa.json and tiny-nspsa*
         nspsa_vectors()
     if sys.argv[1:] == ["adam"]:  # only spec/vectors/adam.json, tiny-adam and tiny-adam-buffer
         adam_vectors()
-    if sys.argv[1:] == ["layerwise"]:  # only spec/vectors/tiny-layerwise*
+    if sys.argv[1:] == ["layerwise"]:  # only spec/vectors/layerwise.json and tiny-layerwise*
         layerwise_vectors()
         return
     SPEC.mkdir(parents=True, exist_ok=True)
