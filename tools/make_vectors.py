@@ -1009,8 +1009,10 @@ def main() -> None:
         return
     if sys.argv[1:] == ["nspsa"]:  # only spec/vectors/nspsa.json and tiny-nspsa*
         nspsa_vectors()
+        return
     if sys.argv[1:] == ["adam"]:  # only spec/vectors/adam.json, tiny-adam and tiny-adam-buffer
         adam_vectors()
+        return
     if sys.argv[1:] == ["layerwise"]:  # only spec/vectors/layerwise.json and tiny-layerwise*
         layerwise_vectors()
         return
