@@ -571,7 +571,6 @@ def make_variant_corpus(folder: Path, header: Callable[..., dict]) -> None:
     with momentum (layerwise.md), and compacted files (format.md: few large STEP/loss chunks, a resumed
     run's FPRT between them)."""
     from mezo_replay.arithmetic.rule import MezoSGD
-    from mezo_replay.format.compact import compact_locked
     from mezo_replay.format.mzt import StepCodec, TrajectoryWriter
 
     fps2 = [t["sha256"] for t in header()["tensors"][:2]]
