@@ -444,3 +444,52 @@ def test_fuzzer_runs_info_on_variant_mutants(tmp_path: Path) -> None:
     stats = fuzz.fuzz(corpus, seconds=4, seed=16, crashes=tmp_path / "crashes", cli=True)
     assert not stats.failures, stats.report()
     assert stats.cases > 50
+
+
+@pytest.mark.parametrize("encoding", ["bf16", "fp8", "sign"])
+def test_compaction_never_writes_a_chunk_over_the_reader_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                encoding: str) -> None:
+    """With the per-chunk limit lowered to 8 values (it stands for 2^20) in the reader, the writer and the
+    compactor: files whose per-flush chunks are at the limit, resumed with other flush sizes, compact into
+    chunks that each hold at most 8 records (count x N with n-SPSA) and 8 losses, and read back the same."""
+    import mezo_replay.format.compact as compact
+    import mezo_replay.format.mzt as mzt
+    from mezo_replay.format.mzt import StepCodec
+
+    fuzz = load_fuzzer()
+    limit = 8
+    monkeypatch.setattr(mzt, "MAX_STEPS_PER_CHUNK", limit)
+    monkeypatch.setattr(compact, "MAX_MERGED", limit)
+    for n in (1, 3, 8):
+        h = make_header()
+        h["rule"] = {**h["rule"], "grad_encoding": encoding, **({"grad_scale": 0.5} if encoding != "bf16" else {}),
+                     **({"perturbations": n} if n > 1 else {})}
+        rule = MezoSGD.from_header(h)
+        codec = StepCodec(rule)
+        rng = np.random.default_rng(n)
+
+        def run(w: TrajectoryWriter, steps: int) -> None:
+            for t in range(steps):
+                row = [int(codec.to_bits[rng.choice([0, 1, 3])]) if encoding == "sign"
+                       else int(rule.encode_grad(float(rng.integers(-4, 5)))) for _ in range(n)]
+                w.append_step(row if n > 1 else row[0], loss=float(t))
+
+        paths = {}
+        for name, compact_it in (("raw", False), ("compacted", True)):
+            rng = np.random.default_rng(n)
+            path = paths[name] = tmp_path / f"{name}-{n}.mzt"
+            with TrajectoryWriter(path, h, steps_per_chunk=limit) as w:
+                run(w, 37)
+                w.write_fingerprint(FPS)
+            with TrajectoryWriter.open_append(path, steps_per_chunk=3, compact=compact_it) as w:
+                run(w, 29)
+                w.write_fingerprint(FPS)
+        raw, small = read_trajectory(paths["raw"]), read_trajectory(paths["compacted"])
+        assert small.steps == 66 and np.array_equal(raw.grad_bits, small.grad_bits)
+        assert raw.losses.tolist() == small.losses.tolist()
+        chunks = fuzz.split_chunks(paths["compacted"].read_bytes())[1]
+        assert len(chunks) < len(fuzz.split_chunks(paths["raw"].read_bytes())[1])
+        for ctype, payload in chunks:
+            if ctype in (b"STEP", b"lsbf"):
+                count = struct.unpack_from("<I", fuzz.content(payload), 4)[0]
+                assert count * (n if ctype == b"STEP" else 1) <= limit, (n, ctype, count)
