@@ -191,7 +191,7 @@ def test_corpus_codec_records_reach_the_edge_cases() -> None:
         traj = read_trajectory(f)
         rule = traj.header["rule"]
         if rule["grad_encoding"] == "fp8":
-            fp8_bits |= {(int(b), rule["grad_scale"]) for b in traj.grad_bits}
+            fp8_bits |= {(int(b), rule["grad_scale"]) for b in traj.grad_bits.reshape(-1)}  # n-SPSA: (steps, N)
         elif rule["grad_encoding"] == "sign":
             for ctype, payload in fuzz.split_chunks(f.read_bytes())[1]:
                 if ctype == b"STEP":

@@ -16,6 +16,7 @@ Two kinds of mutants:
     python tools/fuzz_mzt.py --seconds 120                 # report cases/s and outcome classes
     python tools/fuzz_mzt.py --glob '*sign*' --seconds 300  # only the sign-encoded files
     python tools/fuzz_mzt.py --cli --seconds 300            # and `mezo-replay info` on every mutant
+    python tools/fuzz_mzt.py --glob '*nspsa*' --cli         # the n-SPSA files (also '*adam*', '*compacted*')
     python tools/fuzz_mzt.py --make-corpus tests/corpus/mzt  # rebuild the kept corpus
 """
 from __future__ import annotations
@@ -56,6 +57,11 @@ JSON_TOKENS = [b"[", b"]", b"{", b"}", b'"', b"\\", b",", b":", b"0", b"-", b"1e
                b"[" * 40, b'"\\"' * 50, b"99999999999999999999999", b"-0", b"1.5e308", b"4.9e-324"]
 JSON_ATOMS = [None, True, False, 0, -1, 2**63, 2**64 - 1, -(2**64 - 1), 1e308, -0.0, 5e-324, "", "\ud800", "x" * 300,
               [], {}, [[[[]]]], {"k": {"k": {}}}, "\U0001F600", "\0", 3.5, 2**53 + 1]
+# the edges of the newer rules' keys: perturbations 2..64, exponents -40..40, windows 1..64, betas in
+# [2^-24, 1 - 2^-24], adam_eps in [2^-100, 1], and the values just outside each range
+EDGE_ATOMS = [1, 2, 63, 64, 65, -40, 40, -41, 41, 2.0**-24, 1 - 2.0**-24, 2.0**-25, 1 - 2.0**-25, 2.0**-100, 2.0**-101,
+              1.0, 0.75, 1.0000001, 0.0]
+JSON_ATOMS += EDGE_ATOMS * 2  # drawn about as often as the others together
 
 
 # --- the container, parsed just enough to mutate it ----------------------------------------------------
@@ -174,7 +180,8 @@ def _mutate_json_value(rng: random.Random, obj: object, grow: bool = True) -> ob
             obj.extend([obj[i]] * rng.choice([1, 100, 10_000]))
         return obj
     if isinstance(obj, dict) and rng.random() < 0.5:
-        obj[rng.choice(["future", "init", "decay", "config", "x"])] = rng.choice(JSON_ATOMS)
+        obj[rng.choice(["future", "init", "decay", "config", "x", "perturbations", "layerwise", "perturb_exp",
+                        "step_exp", "beta1", "beta2", "adam_eps", "window", "momentum"])] = rng.choice(JSON_ATOMS)
         return obj
     return rng.choice(JSON_ATOMS)
 
