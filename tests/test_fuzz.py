@@ -191,7 +191,7 @@ def test_corpus_codec_records_reach_the_edge_cases() -> None:
         traj = read_trajectory(f)
         rule = traj.header["rule"]
         if rule["grad_encoding"] == "fp8":
-            fp8_bits |= {(int(b), rule["grad_scale"]) for b in traj.grad_bits}
+            fp8_bits |= {(int(b), rule["grad_scale"]) for b in traj.grad_bits.reshape(-1)}  # n-SPSA: (steps, N)
         elif rule["grad_encoding"] == "sign":
             for ctype, payload in fuzz.split_chunks(f.read_bytes())[1]:
                 if ctype == b"STEP":
@@ -370,3 +370,126 @@ def test_fuzzer_longer(tmp_path: Path) -> None:
     fuzz = load_fuzzer()
     stats = fuzz.fuzz(fuzz.load_corpus(CORPUS), seconds=120, seed=140, crashes=tmp_path / "crashes")
     assert not stats.failures, stats.report()
+
+
+# --- the rules and layouts after the codecs: n-SPSA, Adam, layer-wise, compaction ----------------------
+
+VARIANT_FILES = ["nspsa-bf16.mzt", "nspsa-fp8.mzt", "nspsa-sign.mzt", "adam.mzt", "adam-buffer-fp8.mzt",
+                 "layerwise-momentum.mzt", "compacted.mzt", "resumed-compacted.mzt"]
+
+
+def test_corpus_reaches_the_new_rules_and_layouts() -> None:
+    """n-SPSA with each encoding, both Adam forms, layer-wise exponents with momentum, and compacted files
+    (one of them resumed: its merged STEP chunks on both sides of an FPRT) are in the kept corpus."""
+    fuzz = load_fuzzer()
+    rules = {}
+    for name in VARIANT_FILES:
+        traj = read_trajectory(CORPUS / name)
+        rules[name] = traj.header["rule"]
+        types = [t for t, _ in fuzz.split_chunks((CORPUS / name).read_bytes())[1]]
+        if "compacted" in name:  # one STEP chunk for each run between fingerprints, the losses in one at the end
+            assert types.count(b"STEP") == len(traj.fingerprints) and types[-1] == b"lsbf", types
+    assert {(r["grad_encoding"], r["perturbations"]) for r in rules.values() if "perturbations" in r} == \
+        {("bf16", 3), ("fp8", 2), ("sign", 5), ("sign", 2)}
+    assert {r["name"] for r in rules.values()} >= {"mezo-adam", "mezo-adam-buffer", "mezo-momentum"}
+    assert rules["layerwise-momentum.mzt"]["layerwise"] is True
+
+
+@pytest.mark.parametrize("name", [["mezo-sgd"], {"n": 1}, 3, None, 2.5])
+def test_a_rule_name_that_is_not_a_string_beside_perturbations_fails_in_one_line(tmp_path: Path, name) -> None:
+    """Found by the fuzzer (a `perturbations` key beside a list as the rule name): the check that a known
+    rule other than mezo-sgd takes no perturbations looked the name up in a dict (TypeError: unhashable)."""
+    from tests.test_mzt import crafted, head_chunk
+    from mezo_replay.format.mzt import PREAMBLE, FORMAT_VERSION, MAGIC
+
+    h = make_header()
+    h["rule"] = {**h["rule"], "name": name, "perturbations": 2}
+    path = crafted(tmp_path, PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0), head_chunk(h))
+    with pytest.raises(MezoReplayError, match="string 'name'") as e:
+        read_trajectory(path)
+    assert "\n" not in str(e.value)
+    h["rule"] = 7  # not an object at all
+    path = crafted(tmp_path, PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0), head_chunk(h), name="int.mzt")
+    with pytest.raises(MezoReplayError, match="must be an object"):
+        read_trajectory(path)
+
+
+@pytest.mark.parametrize("encoding", ["bf16", "fp8", "sign"])
+def test_step_counts_whose_product_with_perturbations_wraps_32_bits_are_refused(tmp_path: Path, encoding) -> None:
+    """count * N computed in 32 bits would wrap to a small number that a short payload matches: the
+    reader refuses the count itself (1..2^20), and a count * N over 2^20 values, in one line."""
+    fuzz = load_fuzzer()
+    name = {"bf16": "nspsa-bf16.mzt", "fp8": "nspsa-fp8.mzt", "sign": "nspsa-sign.mzt"}[encoding]
+    data = (CORPUS / name).read_bytes()
+    n = read_trajectory(CORPUS / name).header["rule"]["perturbations"]
+    pre, chunks, tail = fuzz.split_chunks(data)
+    i = next(k for k, (t, _) in enumerate(chunks) if t == b"STEP")
+    for count, words in (((2**32 + 2) // n + 1, "outside 1..1048576"), (2**32 // n + 1, "outside 1..1048576"),
+                         ((1 << 20) // n + 1, f"with {n} perturbations a step is")):
+        wrapped = count * n % 2**32
+        body = {"bf16": 2 * wrapped, "fp8": wrapped, "sign": 2 * ((wrapped + 7) // 8)}[encoding]
+        chunks[i] = (b"STEP", fuzz._CCTX.compress(struct.pack("<II", 0, count) + bytes(min(body, 64))))
+        path = tmp_path / f"{count}.mzt"
+        path.write_bytes(fuzz.join(pre, chunks, tail))
+        with pytest.raises(MezoReplayError, match=words) as e:
+            read_trajectory(path)
+        assert "\n" not in str(e.value)
+        assert read_trajectory(path, strict=False).steps == 0
+
+
+def test_fuzzer_runs_info_on_variant_mutants(tmp_path: Path) -> None:
+    """n-SPSA, Adam, layer-wise and compacted files, `info` on every mutant, a few seconds."""
+    fuzz = load_fuzzer()
+    corpus = [(CORPUS / name).read_bytes() for name in VARIANT_FILES]
+    stats = fuzz.fuzz(corpus, seconds=4, seed=16, crashes=tmp_path / "crashes", cli=True)
+    assert not stats.failures, stats.report()
+    assert stats.cases > 50
+
+
+@pytest.mark.parametrize("encoding", ["bf16", "fp8", "sign"])
+def test_compaction_never_writes_a_chunk_over_the_reader_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                encoding: str) -> None:
+    """With the per-chunk limit lowered to 8 values (it stands for 2^20) in the reader, the writer and the
+    compactor: files whose per-flush chunks are at the limit, resumed with other flush sizes, compact into
+    chunks that each hold at most 8 records (count x N with n-SPSA) and 8 losses, and read back the same."""
+    import mezo_replay.format.compact as compact
+    import mezo_replay.format.mzt as mzt
+    from mezo_replay.format.mzt import StepCodec
+
+    fuzz = load_fuzzer()
+    limit = 8
+    monkeypatch.setattr(mzt, "MAX_STEPS_PER_CHUNK", limit)
+    monkeypatch.setattr(compact, "MAX_MERGED", limit)
+    for n in (1, 3, 8):
+        h = make_header()
+        h["rule"] = {**h["rule"], "grad_encoding": encoding, **({"grad_scale": 0.5} if encoding != "bf16" else {}),
+                     **({"perturbations": n} if n > 1 else {})}
+        rule = MezoSGD.from_header(h)
+        codec = StepCodec(rule)
+        rng = np.random.default_rng(n)
+
+        def run(w: TrajectoryWriter, steps: int) -> None:
+            for t in range(steps):
+                row = [int(codec.to_bits[rng.choice([0, 1, 3])]) if encoding == "sign"
+                       else int(rule.encode_grad(float(rng.integers(-4, 5)))) for _ in range(n)]
+                w.append_step(row if n > 1 else row[0], loss=float(t))
+
+        paths = {}
+        for name, compact_it in (("raw", False), ("compacted", True)):
+            rng = np.random.default_rng(n)
+            path = paths[name] = tmp_path / f"{name}-{n}.mzt"
+            with TrajectoryWriter(path, h, steps_per_chunk=limit) as w:
+                run(w, 37)
+                w.write_fingerprint(FPS)
+            with TrajectoryWriter.open_append(path, steps_per_chunk=3, compact=compact_it) as w:
+                run(w, 29)
+                w.write_fingerprint(FPS)
+        raw, small = read_trajectory(paths["raw"]), read_trajectory(paths["compacted"])
+        assert small.steps == 66 and np.array_equal(raw.grad_bits, small.grad_bits)
+        assert raw.losses.tolist() == small.losses.tolist()
+        chunks = fuzz.split_chunks(paths["compacted"].read_bytes())[1]
+        assert len(chunks) < len(fuzz.split_chunks(paths["raw"].read_bytes())[1])
+        for ctype, payload in chunks:
+            if ctype in (b"STEP", b"lsbf"):
+                count = struct.unpack_from("<I", fuzz.content(payload), 4)[0]
+                assert count * (n if ctype == b"STEP" else 1) <= limit, (n, ctype, count)

@@ -16,6 +16,7 @@ Two kinds of mutants:
     python tools/fuzz_mzt.py --seconds 120                 # report cases/s and outcome classes
     python tools/fuzz_mzt.py --glob '*sign*' --seconds 300  # only the sign-encoded files
     python tools/fuzz_mzt.py --cli --seconds 300            # and `mezo-replay info` on every mutant
+    python tools/fuzz_mzt.py --glob '*nspsa*' --cli         # the n-SPSA files (also '*adam*', '*compacted*')
     python tools/fuzz_mzt.py --make-corpus tests/corpus/mzt  # rebuild the kept corpus
 """
 from __future__ import annotations
@@ -56,6 +57,11 @@ JSON_TOKENS = [b"[", b"]", b"{", b"}", b'"', b"\\", b",", b":", b"0", b"-", b"1e
                b"[" * 40, b'"\\"' * 50, b"99999999999999999999999", b"-0", b"1.5e308", b"4.9e-324"]
 JSON_ATOMS = [None, True, False, 0, -1, 2**63, 2**64 - 1, -(2**64 - 1), 1e308, -0.0, 5e-324, "", "\ud800", "x" * 300,
               [], {}, [[[[]]]], {"k": {"k": {}}}, "\U0001F600", "\0", 3.5, 2**53 + 1]
+# the edges of the newer rules' keys: perturbations 2..64, exponents -40..40, windows 1..64, betas in
+# [2^-24, 1 - 2^-24], adam_eps in [2^-100, 1], and the values just outside each range
+EDGE_ATOMS = [1, 2, 63, 64, 65, -40, 40, -41, 41, 2.0**-24, 1 - 2.0**-24, 2.0**-25, 1 - 2.0**-25, 2.0**-100, 2.0**-101,
+              1.0, 0.75, 1.0000001, 0.0]
+JSON_ATOMS += EDGE_ATOMS * 2  # drawn about as often as the others together
 
 
 # --- the container, parsed just enough to mutate it ----------------------------------------------------
@@ -174,7 +180,8 @@ def _mutate_json_value(rng: random.Random, obj: object, grow: bool = True) -> ob
             obj.extend([obj[i]] * rng.choice([1, 100, 10_000]))
         return obj
     if isinstance(obj, dict) and rng.random() < 0.5:
-        obj[rng.choice(["future", "init", "decay", "config", "x"])] = rng.choice(JSON_ATOMS)
+        obj[rng.choice(["future", "init", "decay", "config", "x", "perturbations", "layerwise", "perturb_exp",
+                        "step_exp", "beta1", "beta2", "adam_eps", "window", "momentum"])] = rng.choice(JSON_ATOMS)
         return obj
     return rng.choice(JSON_ATOMS)
 
@@ -428,7 +435,8 @@ def make_corpus(folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("tiny", "tiny-cosine-decay", "tiny-new-tensor", "tiny-nan", "tiny-checkpoints", "tiny-lora",
-                 "tiny-fp8", "tiny-sign"):
+                 "tiny-fp8", "tiny-sign", "tiny-nspsa", "tiny-nspsa-sign", "tiny-adam", "tiny-adam-buffer",
+                 "tiny-layerwise", "tiny-layerwise-momentum", "tiny-momentum", "tiny-momentum-buffer"):
         shutil.copyfile(ROOT / "spec" / "vectors" / name / "traj.mzt", folder / f"vector-{name}.mzt")
     rng = np.random.default_rng(14)
     fps = ["11" * 32, "22" * 32]
@@ -491,6 +499,7 @@ def make_corpus(folder: Path) -> None:
               if t == b"lsbf" else (t, p) for t, p in chunks]
     (folder / "legacy-f32-losses.mzt").write_bytes(join(pre, legacy))
     make_codec_corpus(folder, header)
+    make_variant_corpus(folder, header)
     for f in sorted(folder.glob("*.mzt")):
         read_trajectory(f)  # every corpus file is valid (torn ones truncated)
         print(f"{f.name}: {f.stat().st_size} bytes")
@@ -561,6 +570,74 @@ def make_codec_corpus(folder: Path, header: Callable[..., dict]) -> None:
             last_step = at + 12 + len(p) // 2
         at += 12 + len(p)
     (folder / "sign-torn.mzt").write_bytes(data[:last_step])
+
+
+def make_variant_corpus(folder: Path, header: Callable[..., dict]) -> None:
+    """The rules and layouts added after the codecs: n-SPSA (nspsa.md: N records a step, with each
+    encoding, chunks not a multiple of N steps apart), Adam in both forms (adam.md), layer-wise exponents
+    with momentum (layerwise.md), and compacted files (format.md: few large STEP/loss chunks, a resumed
+    run's FPRT between them)."""
+    from mezo_replay.arithmetic.rule import MezoSGD
+    from mezo_replay.format.mzt import StepCodec, TrajectoryWriter
+
+    fps2 = [t["sha256"] for t in header()["tensors"][:2]]
+
+    def rule_header(rule: dict, losses: bool = True, tensors: list[dict] | None = None) -> dict:
+        h = header(records={"losses": losses}, tensors=tensors or header()["tensors"][:2])
+        h["rule"] = {"name": "mezo-sgd", "eps": 0.5, "lr": 2.0**-10, "grad_encoding": "bf16",
+                     "schedule": {"name": "linear", "warmup_steps": 2, "total_steps": 30}, **rule}
+        h["base"]["fingerprint"] = header(tensors=h["tensors"])["base"]["fingerprint"]
+        return h
+
+    def write(name: str, h: dict, n_steps: int, spc: int, *, compact: bool = False, fprt: bool = True,
+              append: bool = False, seed: int = 0) -> Path:
+        rule = MezoSGD.from_header(h)
+        codec = StepCodec(rule)
+        n = codec.per_step
+        r = np.random.default_rng(seed)
+        codes = getattr(codec, "to_bits", None)  # fp8, sign: the patterns their codes stand for
+        path = folder / name
+        if not append:
+            path.unlink(missing_ok=True)
+        opened = (TrajectoryWriter.open_append(path, steps_per_chunk=spc) if append
+                  else TrajectoryWriter(path, h, steps_per_chunk=spc))
+        with opened as w:
+            for t in range(n_steps):
+                if codes is not None:
+                    row = [int(codec.to_bits[int(r.integers(len(codec.to_bits)))]) for _ in range(n)]
+                else:
+                    row = [int(rule.encode_grad(float(r.standard_normal() * 4))) for _ in range(n)]
+                w.append_step(row if n > 1 else row[0],
+                              loss=float(r.standard_normal()) if h["records"]["losses"] else None)
+                if t % 5 == 2:
+                    w.add_eval(w.steps, "eval", {"loss": 0.5})
+            if fprt:
+                w.write_fingerprint(fps2)
+            else:
+                w.add_checkpoint(w.steps, "ab" * 32)
+            w.compact = compact
+        return path
+
+    write("nspsa-bf16.mzt", rule_header({"perturbations": 3}), 7, 3)
+    write("nspsa-fp8.mzt", rule_header({"perturbations": 2, "grad_encoding": "fp8", "grad_scale": 2.0**-3},
+                                       losses=False), 9, 4, seed=1)
+    write("nspsa-sign.mzt", rule_header({"perturbations": 5, "grad_encoding": "sign", "grad_scale": 0.25}), 7, 3,
+          seed=2)  # 5 records a step: sign planes of 15 and 10 bits, padding in both
+    adam = {"beta1": 0.75, "beta2": 0.875, "adam_eps": 2.0**-20}
+    write("adam.mzt", rule_header({"name": "mezo-adam", "window": 3, "weight_decay": 0.25, **adam}), 8, 3, seed=3)
+    write("adam-buffer-fp8.mzt", rule_header({"name": "mezo-adam-buffer", "grad_encoding": "fp8", "grad_scale": 4.0,
+                                              **adam}), 8, 5, seed=4)
+    lw = [dict(t) for t in header()["tensors"][:2]]
+    lw[0]["perturb_exp"], lw[0]["step_exp"], lw[1]["step_exp"] = 3, -40, 40
+    write("layerwise-momentum.mzt", rule_header({"name": "mezo-momentum", "momentum": 0.75, "window": 4,
+                                                 "layerwise": True}, tensors=lw), 9, 4, seed=5)
+    write("compacted.mzt", rule_header({"perturbations": 2, "grad_encoding": "sign", "grad_scale": 1.0}), 11, 2,
+          compact=True, seed=6)
+    h = rule_header({"name": "mezo-adam", "window": 2, "grad_encoding": "fp8", "grad_scale": 0.5, **adam})
+    write("resumed-compacted.mzt", h, 5, 2, seed=7)
+    write("resumed-compacted.mzt", h, 6, 2, append=True, fprt=False, seed=8)
+    path = write("resumed-compacted.mzt", h, 4, 3, append=True, compact=True, seed=9)
+    assert sum(1 for t, _ in split_chunks(path.read_bytes())[1] if t == b"STEP") < 9, "compaction merged nothing"
 
 
 def main() -> None:

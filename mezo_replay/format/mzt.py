@@ -220,8 +220,9 @@ def validate_header(header: dict) -> None:
         raise UnsupportedError(f"noise table_sha256 {noise['table_sha256']!r} is not the spec's gaussian16 table "
                                f"({GAUSSIAN16_SHA256})")
     rule_obj = header["rule"]
-    if isinstance(rule_obj, dict) and "perturbations" in rule_obj and rule_obj.get("name") in KNOWN["rule"] and \
-            rule_obj.get("name") != "mezo-sgd":  # a known rule that has no such key: a bad file, not a newer one
+    name = rule_obj.get("name") if isinstance(rule_obj, dict) else None
+    # a known rule that has no such key: a bad file, not a newer one (a name that is not a string: below)
+    if isinstance(name, str) and "perturbations" in rule_obj and name in KNOWN["rule"] and name != "mezo-sgd":
         raise TrajectoryError(f"rule {rule_obj['name']} takes no perturbations (spec/nspsa.md: n-SPSA is "
                               f"defined for mezo-sgd only)")
     _known_object(header, "rule")
