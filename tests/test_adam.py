@@ -438,43 +438,6 @@ def test_the_c_build_has_no_fused_multiply_add_and_no_estimates():
         assert bad not in dump, bad
 
 
-@pytest.mark.parametrize("rule", [
-    pytest.param({"mezo_rule": "mezo-adam", "mezo_momentum": 0.5, "mezo_momentum_window": 3, "mezo_beta2": 0.75},
-                 marks=pytest.mark.slow),  # the CLI resume test covers the window form in the default run
-    {"mezo_rule": "mezo-adam-buffer", "mezo_momentum": 0.5, "mezo_beta2": 0.75, "mezo_adam_eps": 1e-6}],
-    ids=["window", "buffer"])
-def test_a_resumed_trainer_run_ends_on_the_bytes_of_an_uninterrupted_one(tmp_path: Path, rule) -> None:
-    """MeZOTrainer with each Adam form, resumed from checkpoint 4 and 2 of a run cut at 5: the file and
-    weights of the uninterrupted run, byte for byte (m and v replayed from the records; the window's
-    records read from the file)."""
-    pytest.importorskip("transformers")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from mezo_replay.format.mzt import read_trajectory
-    from tests.test_trainer import _Cut, resumable, same_bytes
-
-    torch.manual_seed(0)  # test_trainer's tiny base
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=32)
-    base = tmp_path / "base"
-    LlamaForCausalLM(cfg).save_pretrained(base)
-
-    ref = resumable(base, tmp_path / "ref", rule)
-    ref.train()
-    want = (tmp_path / "ref" / "trajectory.mzt").read_bytes()
-    assert read_trajectory(tmp_path / "ref" / "trajectory.mzt").header["rule"]["name"] == rule["mezo_rule"]
-    run = tmp_path / "run"
-    cut = resumable(base, run, rule)
-    cut.add_callback(_Cut(5))
-    with pytest.raises(KeyboardInterrupt):
-        cut.train()
-    for checkpoint in (True, str(run / "checkpoint-2")):
-        again = resumable(base, run, rule)
-        again.train(resume_from_checkpoint=checkpoint)
-        assert (run / "trajectory.mzt").read_bytes() == want, checkpoint
-        assert all(same_bytes(a, b) for a, b in zip(ref.model.state_dict().values(), again.model.state_dict().values()))
-
-
 @pytest.mark.parametrize("bits", [0x5380, 0xD380])  # |gq| = 2^40: the first invalid Adam magnitude
 def test_a_file_with_a_step_beyond_the_gradient_bound_is_rejected(tmp_path: Path, bits: int) -> None:
     """A reader rejects an Adam file from the STEP chunk holding |gq| >= 2^40 (a mezo-sgd file may hold it);

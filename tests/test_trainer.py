@@ -211,11 +211,15 @@ def test_a_resumed_run_ends_on_the_bytes_of_an_uninterrupted_one(base: Path, tmp
 
 @pytest.mark.parametrize("rule", [
     {"mezo_rule": "mezo-momentum", "mezo_momentum": 0.5, "mezo_momentum_window": 3},
-    {"mezo_rule": "mezo-momentum-buffer", "mezo_momentum": 0.5}], ids=["window", "buffer"])
+    {"mezo_rule": "mezo-momentum-buffer", "mezo_momentum": 0.5},
+    pytest.param({"mezo_rule": "mezo-adam", "mezo_momentum": 0.5, "mezo_momentum_window": 3, "mezo_beta2": 0.75},
+                 marks=pytest.mark.slow),  # test_adam's CLI resume covers the window form in the default run
+    {"mezo_rule": "mezo-adam-buffer", "mezo_momentum": 0.5, "mezo_beta2": 0.75, "mezo_adam_eps": 1e-6}],
+    ids=["window", "buffer", "adam-window", "adam-buffer"])
 def test_a_resumed_momentum_run_ends_on_the_bytes_of_an_uninterrupted_one(base: Path, tmp_path: Path, rule) -> None:
-    """Both momentum forms resume from a Trainer checkpoint mid-window (checkpoint 4, window 3; and 2): the
-    window form takes the records before the checkpoint from the file, the buffer form replays its m from
-    them (m never depends on the weights): the uninterrupted run's file and weights, byte for byte."""
+    """The momentum and Adam forms resume from a Trainer checkpoint mid-window (checkpoint 4, window 3; and 2):
+    the window forms take the records before the checkpoint from the file, the buffer forms replay their state
+    from them (it never depends on the weights): the uninterrupted run's file and weights, byte for byte."""
     ref = resumable(base, tmp_path / "ref", rule)
     ref.train()
     want = (tmp_path / "ref" / "trajectory.mzt").read_bytes()
