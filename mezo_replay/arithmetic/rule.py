@@ -148,28 +148,21 @@ class MezoSGD:
         adam_eps to 24 bits; window is mezo-adam's K."""
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; known: {', '.join(RULES)}")
-        if rule in ADAM_RULES:
-            if grad_encoding != "bf16" and grad_scale is None:
-                grad_scale = 1.0
-            return cls(lr=round_significant(float(lr), 24), eps=round_significant(float(eps), 16), seed=int(seed),
-                       noise=noise, schedule=schedule or Schedule(),
-                       weight_decay=round_significant(float(weight_decay), 24), grad_encoding=grad_encoding,
-                       grad_scale=None if grad_scale is None else float(grad_scale),
-                       momentum=adam_beta(momentum, "beta1 (momentum)"), beta2=adam_beta(beta2, "beta2"),
-                       adam_eps=round_significant(float(adam_eps), 24),
-                       adam_window=window if rule == "mezo-adam" else 0, perturbations=perturbations,
-                       exponents=_normal_exponents(exponents)).validated()
-        momentum_on = rule in ("mezo-momentum", "mezo-momentum-buffer")
-        buffered = rule == "mezo-momentum-buffer"
         if grad_encoding != "bf16" and grad_scale is None:
             grad_scale = 1.0
-        return cls(lr=round_significant(float(lr), 24), eps=round_significant(float(eps), 16), seed=int(seed),
-                   noise=noise, schedule=schedule or Schedule(),
-                   weight_decay=round_significant(float(weight_decay), 24), grad_encoding=grad_encoding,
-                   grad_scale=None if grad_scale is None else float(grad_scale),
-                   momentum=round_significant(float(momentum), 16) if momentum_on else 0.0,
-                   window=window if momentum_on and not buffered else 0, buffered=buffered,
-                   perturbations=perturbations, exponents=_normal_exponents(exponents)).validated()
+        common = dict(lr=round_significant(float(lr), 24), eps=round_significant(float(eps), 16), seed=int(seed),
+                      noise=noise, schedule=schedule or Schedule(),
+                      weight_decay=round_significant(float(weight_decay), 24), grad_encoding=grad_encoding,
+                      grad_scale=None if grad_scale is None else float(grad_scale), perturbations=perturbations,
+                      exponents=_normal_exponents(exponents))
+        if rule in ADAM_RULES:
+            return cls(**common, momentum=adam_beta(momentum, "beta1 (momentum)"), beta2=adam_beta(beta2, "beta2"),
+                       adam_eps=round_significant(float(adam_eps), 24),
+                       adam_window=window if rule == "mezo-adam" else 0).validated()
+        momentum_on = rule in ("mezo-momentum", "mezo-momentum-buffer")
+        buffered = rule == "mezo-momentum-buffer"
+        return cls(**common, momentum=round_significant(float(momentum), 16) if momentum_on else 0.0,
+                   window=window if momentum_on and not buffered else 0, buffered=buffered).validated()
 
     @property
     def name(self) -> str:
