@@ -154,7 +154,12 @@ def test_random_runs_match_the_reference(seed, dtype, beta, window, n, start, gr
     ref_bits = R.round_to(w, dtype)
     want = R.replay(ref_bits, dtype, seed=seed, k=5, noise_name=noise, rule=rule.header_fields()["rule"],
                     grads=bits, decayed=True, start=start)
-    constants = steps.step_constants(rule, bits)
+    assert_cpu_backends_replay(ref_bits, dtype, rule, steps.step_constants(rule, bits), start, want)
+
+
+def assert_cpu_backends_replay(ref_bits: np.ndarray, dtype: str, rule: MezoSGD, constants: list, start: int,
+                               want: np.ndarray) -> None:
+    """The torch path and the compiled kernel (when built) replay tensor 5 from ref_bits to want's bits."""
     for backend in ("torch", "compiled") if cpu_kernel.available() else ("torch",):
         steps.set_backend(backend)
         try:

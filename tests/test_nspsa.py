@@ -25,6 +25,7 @@ from mezo_replay.kernels import cpu_kernel, steps
 from mezo_replay.rebuild import replay
 from mezo_replay.training.optimizer import MeZO, NonFiniteLossError
 from mezo_replay.training.train import TrainConfig, train
+from tests.test_momentum import assert_cpu_backends_replay
 from tests.test_mzt import make_header
 from tests.test_rebuild_cli import cli, inproc, one_line_error, printed_command
 from tests.test_roundtrip import tensor_bytes
@@ -167,14 +168,7 @@ def test_random_runs_match_the_reference(seed, dtype, n_pert, n, start, steps_, 
                     grads=rows, decayed=True, start=start)
     constants = steps.step_constants(rule, rows)
     assert len(constants) == n_pert * steps_
-    for backend in ("torch", "compiled") if cpu_kernel.available() else ("torch",):
-        steps.set_backend(backend)
-        try:
-            x = bits_to_torch(ref_bits, dtype, "cpu")
-            steps.replay_tensor_(x, rule, 5, constants, decay=True, start=start)
-        finally:
-            steps.set_backend("auto")
-        assert torch_to_bits(x, dtype).tolist() == want.tolist(), backend
+    assert_cpu_backends_replay(ref_bits, dtype, rule, constants, start, want)
 
 
 # -- the file ----------------------------------------------------------------------------------------
