@@ -30,6 +30,7 @@ from tests.test_mzt import make_header
 from tests.test_rebuild_cli import cli, inproc, one_line_error, printed_command
 from tests.test_roundtrip import tensor_bytes
 from tests.test_spec_vectors import bits_to_torch, torch_to_bits
+from tests.test_train_cli import assert_rebuild_is_training
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "spec" / "vectors"
@@ -395,11 +396,7 @@ def test_training_bytes_equal_reconstruction(tmp_path, rule, dtype, codec):
                                out=tmp_path / "t.mzt", steps=4, lr=1e-4, eps=1e-3, batch_size=4, dtype=dtype,
                                optimizer=rule, momentum=0.75, momentum_window=3, weight_decay=0.01,
                                grad_codec=codec, grad_scale=None if codec == "bf16" else 4.0))
-    out = replay.reconstruct(replay.plan(result.base, result.trajectory), tmp_path / "out")
-    got = BaseCheckpoint.open(out)
-    tuned = dict(result.model.named_parameters())
-    for name in result.optimizer.names:
-        assert tensor_bytes(got.read(name)) == tensor_bytes(tuned[name]), name
+    assert_rebuild_is_training(result, tmp_path / "out")
 
 
 def test_gpu_kernel_compiles_with_correctly_rounded_division_and_root():

@@ -17,13 +17,11 @@ from mezo_replay.arithmetic.device_grad import device_coefficient
 from mezo_replay.arithmetic.rule import MezoSGD, Schedule
 from mezo_replay.errors import CorruptChunkError, TrajectoryError, UnsupportedError
 from mezo_replay.format.mzt import TrajectoryWriter, read_trajectory
-from mezo_replay.format.safetensors_io import BaseCheckpoint
-from mezo_replay.rebuild import replay
 from mezo_replay.training.optimizer import MeZO
 from mezo_replay.training.train import TrainConfig, train
 from tests.test_mzt import chunk, head_chunk, make_header, PREAMBLE, zframe
 from tests.test_rebuild_cli import cli, inproc, one_line_error, printed_command
-from tests.test_roundtrip import tensor_bytes
+from tests.test_train_cli import assert_rebuild_is_training
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CODECS = ("fp8", "sign")
@@ -207,19 +205,13 @@ def _config(tmp_path: Path, codec: str, dtype: str = "fp32", steps: int = 4, **k
                        dtype=dtype, grad_codec=codec, **kw)
 
 
-def _assert_rebuild_is_training(tmp_path: Path, result) -> None:
-    out = replay.reconstruct(replay.plan(result.base, result.trajectory), tmp_path / "out")
-    got = BaseCheckpoint.open(out)
-    tuned = dict(result.model.named_parameters())
-    for name in result.optimizer.names:
-        assert tensor_bytes(got.read(name)) == tensor_bytes(tuned[name]), name
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("codec", CODECS)
 def test_training_bytes_equal_reconstruction(tmp_path, codec, dtype):
     """train() in process with each codec and model dtype: its final in-memory weights against reconstruct."""
-    _assert_rebuild_is_training(tmp_path, train(_config(tmp_path, codec, dtype)))
+    assert_rebuild_is_training(train(_config(tmp_path, codec, dtype)), tmp_path / "out")
 
 
 @pytest.mark.parametrize("name, other", [("fp8", "sign"), ("sign", "bf16")])

@@ -31,6 +31,7 @@ from tests.test_adapter import with_header
 from tests.test_rebuild_cli import cli, inproc, one_line_error, printed_command
 from tests.test_roundtrip import tensor_bytes
 from tests.test_spec_vectors import bits_to_torch, torch_to_bits
+from tests.test_train_cli import assert_rebuild_is_training
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "spec" / "vectors"
@@ -413,11 +414,7 @@ def _config(tmp_path: Path, steps: int = 4, **kw) -> TrainConfig:
 def test_training_bytes_equal_reconstruction(tmp_path, mode, optimizer, dtype):
     """train() in process on tiny Llama with each choice: its final in-memory weights against reconstruct's."""
     result = train(_config(tmp_path, layerwise=mode, optimizer=optimizer, dtype=dtype, weight_decay=0.01))
-    out = replay.reconstruct(replay.plan(result.base, result.trajectory), tmp_path / "out")
-    got = BaseCheckpoint.open(out)
-    tuned = dict(result.model.named_parameters())
-    for name in result.optimizer.names:
-        assert tensor_bytes(got.read(name)) == tensor_bytes(tuned[name]), name
+    assert_rebuild_is_training(result, tmp_path / "out")
 
 
 @pytest.mark.slow

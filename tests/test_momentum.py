@@ -26,6 +26,7 @@ from tests.test_mzt import make_header
 from tests.test_rebuild_cli import cli, inproc, one_line_error, printed_command
 from tests.test_roundtrip import tensor_bytes
 from tests.test_spec_vectors import bits_to_torch, torch_to_bits
+from tests.test_train_cli import assert_rebuild_is_training
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 MOMENTUM = json.loads((VECTORS / "momentum.json").read_text())
@@ -363,11 +364,7 @@ def _config(tmp_path: Path, dtype: str = "fp32", steps: int = 4, **kw) -> TrainC
 def test_training_bytes_equal_reconstruction(tmp_path, rule, dtype):
     """train() in process on tiny Llama: its final in-memory weights against reconstruct's bytes."""
     result = train(_config(tmp_path, dtype, optimizer=rule))
-    out = replay.reconstruct(replay.plan(result.base, result.trajectory), tmp_path / "out")
-    got = BaseCheckpoint.open(out)
-    tuned = dict(result.model.named_parameters())
-    for name in result.optimizer.names:
-        assert tensor_bytes(got.read(name)) == tensor_bytes(tuned[name]), name
+    assert_rebuild_is_training(result, tmp_path / "out")
 
 
 def test_resume_mid_window_equals_the_uninterrupted_run(tmp_path):

@@ -20,9 +20,7 @@ from mezo_replay.arithmetic.rule import MezoSGD, Schedule
 from mezo_replay.errors import CorruptChunkError, MezoReplayError, TrajectoryError
 from mezo_replay.format import mzt
 from mezo_replay.format.mzt import TrajectoryWriter, read_trajectory
-from mezo_replay.format.safetensors_io import BaseCheckpoint
 from mezo_replay.kernels import cpu_kernel, steps
-from mezo_replay.rebuild import replay
 from mezo_replay.training.optimizer import MeZO, NonFiniteLossError
 from mezo_replay.training.train import TrainConfig, train
 from tests.test_momentum import assert_cpu_backends_replay
@@ -30,6 +28,7 @@ from tests.test_mzt import make_header
 from tests.test_rebuild_cli import cli, inproc, one_line_error, printed_command
 from tests.test_roundtrip import tensor_bytes
 from tests.test_spec_vectors import bits_to_torch, torch_to_bits
+from tests.test_train_cli import assert_rebuild_is_training
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 NSPSA = json.loads((VECTORS / "nspsa.json").read_text())
@@ -384,11 +383,7 @@ def _config(tmp_path: Path, dtype: str = "fp32", steps: int = 3, **kw) -> TrainC
 def test_training_bytes_equal_reconstruction(tmp_path, dtype):
     """train() in process on tiny Llama in bf16 and fp16: final in-memory weights against reconstruct's bytes."""
     result = train(_config(tmp_path, dtype))
-    out = replay.reconstruct(replay.plan(result.base, result.trajectory), tmp_path / "out")
-    got = BaseCheckpoint.open(out)
-    tuned = dict(result.model.named_parameters())
-    for name in result.optimizer.names:
-        assert tensor_bytes(got.read(name)) == tensor_bytes(tuned[name]), name
+    assert_rebuild_is_training(result, tmp_path / "out")
 
 
 def test_resume_mid_run_equals_the_uninterrupted_run(tmp_path):

@@ -54,10 +54,14 @@ def test_training_code_path_bytes_equal_reconstruction(tmp_path, dtype):
     cfg = TrainConfig(model=embedded.MODEL_DIR, train_examples=tr[:64], eval_examples=ev[:16], out=tmp_path / "t.mzt",
                       steps=5, lr=embedded.DEFAULTS["lr"], eps=1e-3, batch_size=4, dtype=dtype)
     result = train(cfg)
-    out = replay.reconstruct(replay.plan(result.base, result.trajectory), tmp_path / "out")
-    got = BaseCheckpoint.open(out)
-    tuned = dict(result.model.named_parameters())
     assert result.optimizer.names
+    assert_rebuild_is_training(result, tmp_path / "out")
+
+
+def assert_rebuild_is_training(result, out: Path) -> None:
+    """reconstruct of a train() result's trajectory gives its final in-memory weights, byte for byte."""
+    got = BaseCheckpoint.open(replay.reconstruct(replay.plan(result.base, result.trajectory), out))
+    tuned = dict(result.model.named_parameters())
     for name in result.optimizer.names:
         assert tensor_bytes(got.read(name)) == tensor_bytes(tuned[name]), name
 
